@@ -1,0 +1,775 @@
+//! The reference interpreter: the single oracle for every kernel kiln generates.
+//!
+//! Executes each op of [`crate::op::Op`] on the CPU, in f32 with f64 accumulation for sums
+//! (dot products, norms, softmax), and rounds every result to its node's dtype, which models
+//! reduced-precision storage. It is deliberately plain: loops over indices, no tiling, no
+//! cleverness, so that it is obviously correct. It must stay that way; fast CPU code belongs
+//! to the Cranelift backend, which is tested against this file.
+
+use crate::graph::{Graph, Node};
+use crate::op::{InputKind, Op, QuantScheme};
+use crate::shape::Bindings;
+use crate::tensor::{strides, Tensor};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+
+/// Why a graph could not be executed, naming the input or node at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InterpError {
+    #[error("graph `{graph}`: missing input `{name}` ({kind:?})")]
+    MissingInput {
+        graph: String,
+        name: String,
+        kind: InputKind,
+    },
+    #[error("graph `{graph}`: input `{name}`: {message}")]
+    BadInput {
+        graph: String,
+        name: String,
+        message: String,
+    },
+    #[error("graph `{graph}`: node %{node} `{label}` ({op}): {message}")]
+    Node {
+        graph: String,
+        node: usize,
+        label: String,
+        op: &'static str,
+        message: String,
+    },
+}
+
+/// Runs `graph` on named inputs (activations, weights and state alike) and returns its named
+/// outputs. Symbolic dimensions are bound from the input shapes.
+pub fn run(
+    graph: &Graph,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>, InterpError> {
+    run_with(graph, |name| inputs.get(name))
+}
+
+/// Like [`run`], with inputs found by `lookup` (for example weights in one map and per-call
+/// activations in another, without copying either).
+pub fn run_with<'t>(
+    graph: &Graph,
+    lookup: impl Fn(&str) -> Option<&'t Tensor>,
+) -> Result<BTreeMap<String, Tensor>, InterpError> {
+    let mut bindings = Bindings::new();
+    // Last node that reads each value; graph outputs are kept to the end.
+    let mut last_use: HashMap<(usize, usize), usize> = HashMap::new();
+    for (index, node) in graph.nodes.iter().enumerate() {
+        for value in &node.inputs {
+            last_use.insert((value.node, value.output), index);
+        }
+    }
+    for (_, value) in &graph.outputs {
+        last_use.insert((value.node, value.output), usize::MAX);
+    }
+
+    let mut owned: HashMap<(usize, usize), Tensor> = HashMap::new();
+    let mut borrowed: HashMap<(usize, usize), &'t Tensor> = HashMap::new();
+    for (index, node) in graph.nodes.iter().enumerate() {
+        let node_error = |message: String| InterpError::Node {
+            graph: graph.name.clone(),
+            node: index,
+            label: node.label.clone(),
+            op: node.op.name(),
+            message,
+        };
+        if let Op::Input { name, kind, .. } = &node.op {
+            let tensor = lookup(name).ok_or_else(|| InterpError::MissingInput {
+                graph: graph.name.clone(),
+                name: name.clone(),
+                kind: *kind,
+            })?;
+            let expected = &node.outputs[0];
+            let bad = |message: String| InterpError::BadInput {
+                graph: graph.name.clone(),
+                name: name.clone(),
+                message,
+            };
+            if tensor.dtype != expected.dtype {
+                return Err(bad(format!(
+                    "expected dtype {}, got {}",
+                    expected.dtype, tensor.dtype
+                )));
+            }
+            bindings
+                .unify(&expected.shape, &tensor.shape)
+                .map_err(|m| bad(format!("expected shape {}: {m}", expected.shape)))?;
+            borrowed.insert((index, 0), tensor);
+            continue;
+        }
+        let operands: Vec<&Tensor> = node
+            .inputs
+            .iter()
+            .map(|v| {
+                let key = (v.node, v.output);
+                owned
+                    .get(&key)
+                    .or_else(|| borrowed.get(&key).copied())
+                    .ok_or_else(|| node_error(format!("operand {v} has not been computed")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut results = eval(node, &operands, &bindings).map_err(node_error)?;
+        for (output, (tensor, ty)) in results.iter_mut().zip(&node.outputs).enumerate() {
+            if tensor.dtype != ty.dtype || ty.dtype.is_int() {
+                *tensor = tensor.cast(ty.dtype);
+            }
+            bindings.unify(&ty.shape, &tensor.shape).map_err(|m| {
+                node_error(format!(
+                    "result {output} does not have its declared type: {m}"
+                ))
+            })?;
+        }
+        for value in &node.inputs {
+            let key = (value.node, value.output);
+            if last_use.get(&key) == Some(&index) {
+                owned.remove(&key);
+            }
+        }
+        for (output, tensor) in results.into_iter().enumerate() {
+            if last_use.contains_key(&(index, output)) {
+                owned.insert((index, output), tensor);
+            }
+        }
+    }
+    let mut outputs = BTreeMap::new();
+    for (name, value) in &graph.outputs {
+        let key = (value.node, value.output);
+        let tensor = match owned.get(&key) {
+            Some(t) => t.clone(),
+            None => (*borrowed.get(&key).expect("inputs are kept")).clone(),
+        };
+        outputs.insert(name.clone(), tensor);
+    }
+    Ok(outputs)
+}
+
+/// Evaluates one node on its operand values. Results are in f32 with the node's dtype set;
+/// `run` rounds them.
+pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Vec<Tensor>, String> {
+    let dtype = node.outputs[0].dtype;
+    let one = |shape: Vec<usize>, data: Vec<f32>| Ok(vec![Tensor { dtype, shape, data }]);
+    match &node.op {
+        Op::Input { .. } => Err("inputs are bound by `run`, not evaluated".to_string()),
+        Op::Constant { value, .. } => one(vec![], vec![*value]),
+        Op::Embedding => {
+            let (table, ids) = (operands[0], operands[1]);
+            let (vocab, hidden) = (table.shape[0], table.shape[1]);
+            let mut data = Vec::with_capacity(ids.len() * hidden);
+            for (position, &id) in ids.data.iter().enumerate() {
+                if id < 0.0 || id as usize >= vocab {
+                    return Err(format!(
+                        "token id {id} at position {position} is outside the vocabulary of {vocab}"
+                    ));
+                }
+                let row = id as usize * hidden;
+                data.extend_from_slice(&table.data[row..row + hidden]);
+            }
+            let mut shape = ids.shape.clone();
+            shape.push(hidden);
+            one(shape, data)
+        }
+        Op::RmsNorm { eps } => {
+            let (x, weight) = (operands[0], operands[1]);
+            let hidden = weight.len();
+            let mut data = Vec::with_capacity(x.len());
+            for row in x.data.chunks(hidden) {
+                let mean_square =
+                    row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / hidden as f64;
+                let inverse = 1.0 / (mean_square + *eps as f64).sqrt();
+                data.extend(
+                    row.iter()
+                        .zip(&weight.data)
+                        .map(|(&v, &w)| (v as f64 * inverse * w as f64) as f32),
+                );
+            }
+            one(x.shape.clone(), data)
+        }
+        Op::Linear => {
+            let (x, weight) = (operands[0], operands[1]);
+            let (n, k) = (weight.shape[0], weight.shape[1]);
+            let data: Vec<f32> = x
+                .data
+                .par_chunks(k.max(1))
+                .flat_map_iter(|row| {
+                    (0..n).map(move |j| dot(row, &weight.data[j * k..(j + 1) * k]) as f32)
+                })
+                .collect();
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank ≥ 1") = n;
+            one(shape, data)
+        }
+        Op::MatMul => {
+            let (a, b) = (operands[0], operands[1]);
+            let r = a.shape.len();
+            let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
+            let batches: usize = a.shape[..r - 2].iter().product();
+            let mut data = vec![0.0f32; batches * m * n];
+            for batch in 0..batches {
+                let a_base = batch * m * k;
+                let b_base = batch * k * n;
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut sum = 0.0f64;
+                        for l in 0..k {
+                            sum += a.data[a_base + i * k + l] as f64
+                                * b.data[b_base + l * n + j] as f64;
+                        }
+                        data[batch * m * n + i * n + j] = sum as f32;
+                    }
+                }
+            }
+            let mut shape = a.shape.clone();
+            shape[r - 1] = n;
+            one(shape, data)
+        }
+        Op::Rope { theta } => {
+            let (x, positions) = (operands[0], operands[1]);
+            let (heads, head_dim) = (x.shape[2], x.shape[3]);
+            let half = head_dim / 2;
+            let mut data = x.data.clone();
+            for (token, &position) in positions.data.iter().enumerate() {
+                for head in 0..heads {
+                    let base = (token * heads + head) * head_dim;
+                    for i in 0..half {
+                        let frequency = (*theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
+                        let (sin, cos) = (position as f64 * frequency).sin_cos();
+                        let x1 = x.data[base + i] as f64;
+                        let x2 = x.data[base + i + half] as f64;
+                        data[base + i] = (x1 * cos - x2 * sin) as f32;
+                        data[base + i + half] = (x2 * cos + x1 * sin) as f32;
+                    }
+                }
+            }
+            one(x.shape.clone(), data)
+        }
+        Op::Attention { causal, scale } => {
+            let (q, k, v) = (operands[0], operands[1], operands[2]);
+            let (s, t) = (q.shape[1], k.shape[1]);
+            if *causal && t < s {
+                return Err(format!(
+                    "causal attention needs at least as many keys ({t}) as queries ({s})"
+                ));
+            }
+            let visible = |_batch: usize, i: usize| if *causal { i + t - s + 1 } else { t };
+            Ok(vec![attention(q, k, v, *scale, visible, dtype)])
+        }
+        Op::AttentionDecode { scale } => {
+            let (q, k, v, lengths) = (operands[0], operands[1], operands[2], operands[3]);
+            let (s, capacity) = (q.shape[1], k.shape[1]);
+            for (batch, &length) in lengths.data.iter().enumerate() {
+                if length < s as f32 || length > capacity as f32 {
+                    return Err(format!(
+                        "sequence {batch} has length {length}, expected {s}..={capacity} \
+                         (at least the {s} new tokens, at most the cache capacity)"
+                    ));
+                }
+            }
+            let visible = |batch: usize, i: usize| lengths.data[batch] as usize - (s - 1 - i);
+            Ok(vec![attention(q, k, v, *scale, visible, dtype)])
+        }
+        Op::KvAppend => {
+            let (cache, new, start) = (operands[0], operands[1], operands[2]);
+            let (capacity, s) = (cache.shape[1], new.shape[1]);
+            let row = cache.shape[2] * cache.shape[3];
+            let mut data = cache.data.clone();
+            for (batch, &first) in start.data.iter().enumerate() {
+                if first < 0.0 || first as usize + s > capacity {
+                    return Err(format!(
+                        "sequence {batch}: appending {s} tokens at {first} overflows the cache capacity {capacity}"
+                    ));
+                }
+                let destination = (batch * capacity + first as usize) * row;
+                let source = batch * s * row;
+                data[destination..destination + s * row]
+                    .copy_from_slice(&new.data[source..source + s * row]);
+            }
+            one(cache.shape.clone(), data)
+        }
+        Op::Silu => one(
+            operands[0].shape.clone(),
+            operands[0]
+                .data
+                .iter()
+                .map(|&x| x / (1.0 + (-x).exp()))
+                .collect(),
+        ),
+        Op::Sigmoid => one(
+            operands[0].shape.clone(),
+            operands[0]
+                .data
+                .iter()
+                .map(|&x| 1.0 / (1.0 + (-x).exp()))
+                .collect(),
+        ),
+        Op::Add => broadcast_binary(operands[0], operands[1], dtype, |a, b| a + b).map(|t| vec![t]),
+        Op::Mul => broadcast_binary(operands[0], operands[1], dtype, |a, b| a * b).map(|t| vec![t]),
+        Op::Softmax => {
+            let x = operands[0];
+            let n = *x.shape.last().expect("rank ≥ 1");
+            let data = x.data.chunks(n.max(1)).flat_map(softmax).collect();
+            one(x.shape.clone(), data)
+        }
+        Op::TopK { k } => {
+            let x = operands[0];
+            let n = *x.shape.last().expect("rank ≥ 1");
+            if *k > n {
+                return Err(format!("k = {k} exceeds the last dimension {n}"));
+            }
+            let mut values = Vec::new();
+            let mut indices = Vec::new();
+            for row in x.data.chunks(n) {
+                for index in top_k(row, *k) {
+                    values.push(row[index]);
+                    indices.push(index as f32);
+                }
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank ≥ 1") = *k;
+            Ok(vec![
+                Tensor {
+                    dtype,
+                    shape: shape.clone(),
+                    data: values,
+                },
+                Tensor {
+                    dtype: crate::dtype::DType::I32,
+                    shape,
+                    data: indices,
+                },
+            ])
+        }
+        Op::MoeRouter {
+            top_k: k,
+            normalize,
+        } => {
+            let logits = operands[0];
+            let experts = *logits.shape.last().expect("rank ≥ 1");
+            let mut weights = Vec::new();
+            let mut chosen = Vec::new();
+            for row in logits.data.chunks(experts) {
+                let probabilities = softmax(row);
+                let picked = top_k(&probabilities, *k);
+                let total: f64 = picked.iter().map(|&e| probabilities[e] as f64).sum();
+                for e in picked {
+                    let p = probabilities[e] as f64;
+                    weights.push(if *normalize {
+                        (p / total) as f32
+                    } else {
+                        p as f32
+                    });
+                    chosen.push(e as f32);
+                }
+            }
+            let mut shape = logits.shape.clone();
+            *shape.last_mut().expect("rank ≥ 1") = *k;
+            Ok(vec![
+                Tensor {
+                    dtype: crate::dtype::DType::F32,
+                    shape: shape.clone(),
+                    data: weights,
+                },
+                Tensor {
+                    dtype: crate::dtype::DType::I32,
+                    shape,
+                    data: chosen,
+                },
+            ])
+        }
+        Op::MoeDispatch { num_experts } => {
+            let experts = operands[0];
+            let mut counts = vec![0usize; *num_experts];
+            for (slot, &e) in experts.data.iter().enumerate() {
+                if e < 0.0 || e as usize >= *num_experts {
+                    return Err(format!(
+                        "slot {slot} routes to expert {e}, outside 0..{num_experts}"
+                    ));
+                }
+                counts[e as usize] += 1;
+            }
+            let mut order: Vec<usize> = (0..experts.len()).collect();
+            order.sort_by_key(|&slot| experts.data[slot] as usize); // stable
+            let mut offsets = vec![0f32];
+            let mut running = 0usize;
+            for count in counts {
+                running += count;
+                offsets.push(running as f32);
+            }
+            Ok(vec![
+                Tensor {
+                    dtype: crate::dtype::DType::I32,
+                    shape: experts.shape.clone(),
+                    data: order.iter().map(|&s| s as f32).collect(),
+                },
+                Tensor {
+                    dtype: crate::dtype::DType::I32,
+                    shape: vec![num_experts + 1],
+                    data: offsets,
+                },
+            ])
+        }
+        Op::MoeExpertFfn { num_experts } => {
+            let (x, order, offsets) = (operands[0], operands[1], operands[2]);
+            let hidden = *x.shape.last().expect("rank ≥ 1");
+            let k = *order.shape.last().expect("rank ≥ 1");
+            let slots = order.len();
+            check_dispatch(order, offsets, *num_experts)?;
+            let mut data = vec![0.0f32; slots * hidden];
+            data.par_chunks_mut(hidden.max(1))
+                .enumerate()
+                .for_each(|(p, out)| {
+                    let expert = (0..*num_experts)
+                        .find(|&e| (p as f32) < offsets.data[e + 1])
+                        .expect("offsets checked to cover every slot");
+                    let token = order.data[p] as usize / k;
+                    let (gate, up, down) = (
+                        operands[3 + 3 * expert],
+                        operands[4 + 3 * expert],
+                        operands[5 + 3 * expert],
+                    );
+                    let row = &x.data[token * hidden..(token + 1) * hidden];
+                    out.copy_from_slice(&swiglu_ffn(row, gate, up, down));
+                });
+            let mut shape = order.shape.clone();
+            shape.push(hidden);
+            one(shape, data)
+        }
+        Op::MoeCombine => {
+            let (y, order, weights) = (operands[0], operands[1], operands[2]);
+            let hidden = *y.shape.last().expect("rank ≥ 2");
+            let k = *order.shape.last().expect("rank ≥ 1");
+            let tokens = order.len() / k.max(1);
+            let mut seen = vec![false; order.len()];
+            let mut sums = vec![0.0f64; tokens * hidden];
+            for (p, &slot) in order.data.iter().enumerate() {
+                let slot = slot as usize;
+                if slot >= order.len() || std::mem::replace(&mut seen[slot], true) {
+                    return Err(format!(
+                        "order is not a permutation of the slots (position {p})"
+                    ));
+                }
+                let token = slot / k;
+                let weight = weights.data[slot] as f64;
+                for h in 0..hidden {
+                    sums[token * hidden + h] += weight * y.data[p * hidden + h] as f64;
+                }
+            }
+            let mut shape = order.shape[..order.shape.len() - 1].to_vec();
+            shape.push(hidden);
+            one(shape, sums.into_iter().map(|v| v as f32).collect())
+        }
+        Op::Reshape { shape } => {
+            let x = operands[0];
+            let shape = shape.resolve(bindings)?;
+            if shape.iter().product::<usize>() != x.len() {
+                return Err(format!("cannot reshape {x} into {shape:?}"));
+            }
+            one(shape, x.data.clone())
+        }
+        Op::Transpose { perm } => {
+            let x = operands[0];
+            let in_strides = x.strides();
+            let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+            let mut data = Vec::with_capacity(x.len());
+            for flat in 0..x.len() {
+                let index = unravel(flat, &out_shape);
+                let source: usize = index
+                    .iter()
+                    .zip(perm)
+                    .map(|(&i, &p)| i * in_strides[p])
+                    .sum();
+                data.push(x.data[source]);
+            }
+            one(out_shape, data)
+        }
+        Op::Slice { axis, start, end } => {
+            let x = operands[0];
+            let size = x.shape[*axis] as i64;
+            let fix = |v: i64| if v < 0 { v + size } else { v };
+            let (first, last) = (fix(*start), fix(end.unwrap_or(size)));
+            if first < 0 || last > size || first > last {
+                return Err(format!(
+                    "slice {start}..{end:?} is out of range for size {size}"
+                ));
+            }
+            let outer: usize = x.shape[..*axis].iter().product();
+            let inner: usize = x.shape[axis + 1..].iter().product();
+            let mut data = Vec::new();
+            for o in 0..outer {
+                let base = o * x.shape[*axis] * inner;
+                data.extend_from_slice(
+                    &x.data[base + first as usize * inner..base + last as usize * inner],
+                );
+            }
+            let mut shape = x.shape.clone();
+            shape[*axis] = (last - first) as usize;
+            one(shape, data)
+        }
+        Op::Concat { axis } => {
+            let outer: usize = operands[0].shape[..*axis].iter().product();
+            let mut data = Vec::new();
+            for o in 0..outer {
+                for x in operands {
+                    let chunk: usize = x.shape[*axis..].iter().product();
+                    data.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
+                }
+            }
+            let mut shape = operands[0].shape.clone();
+            shape[*axis] = operands.iter().map(|x| x.shape[*axis]).sum();
+            one(shape, data)
+        }
+        Op::Cast { to } => Ok(vec![operands[0].cast(*to)]),
+        Op::Quantize { scheme } => Ok(quantize(operands[0], scheme)),
+        Op::Dequantize { scheme, .. } => {
+            let mut out = dequantize(operands[0], operands[1], operands.get(2).copied(), scheme);
+            out.dtype = dtype;
+            Ok(vec![out])
+        }
+    }
+}
+
+/// Dot product accumulated in f64.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Softmax of one row, computed in f64 with the maximum subtracted.
+fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let exps: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+    let total: f64 = exps.iter().sum();
+    exps.iter().map(|&e| (e / total) as f32).collect()
+}
+
+/// Indices of the `k` largest values, descending; ties go to the lower index.
+fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut indices: Vec<usize> = (0..row.len()).collect();
+    indices.sort_by(|&a, &b| row[b].total_cmp(&row[a])); // stable: ties keep index order
+    indices.truncate(k);
+    indices
+}
+
+/// `down · (silu(gate · x) ⊙ (up · x))` for one token.
+fn swiglu_ffn(x: &[f32], gate: &Tensor, up: &Tensor, down: &Tensor) -> Vec<f32> {
+    let (width, hidden) = (gate.shape[0], gate.shape[1]);
+    let activated: Vec<f32> = (0..width)
+        .map(|i| {
+            let g = dot(x, &gate.data[i * hidden..(i + 1) * hidden]) as f32;
+            let u = dot(x, &up.data[i * hidden..(i + 1) * hidden]) as f32;
+            let g = gate.dtype.round(g);
+            let u = gate.dtype.round(u);
+            gate.dtype.round(g / (1.0 + (-g).exp()) * u)
+        })
+        .collect();
+    (0..hidden)
+        .map(|h| dot(&activated, &down.data[h * width..(h + 1) * width]) as f32)
+        .collect()
+}
+
+/// Checks that `offsets` partitions the slots and `order` is a permutation of them.
+fn check_dispatch(order: &Tensor, offsets: &Tensor, num_experts: usize) -> Result<(), String> {
+    let slots = order.len() as f32;
+    if offsets.data[0] != 0.0 || offsets.data[num_experts] != slots {
+        return Err(format!(
+            "offsets must start at 0 and end at the slot count {slots}, got {:?}",
+            offsets.data
+        ));
+    }
+    if offsets.data.windows(2).any(|w| w[0] > w[1]) {
+        return Err(format!("offsets must not decrease, got {:?}", offsets.data));
+    }
+    let mut seen = vec![false; order.len()];
+    for (p, &slot) in order.data.iter().enumerate() {
+        if slot < 0.0 || slot >= slots || std::mem::replace(&mut seen[slot as usize], true) {
+            return Err(format!(
+                "order is not a permutation of the slots (position {p})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Softmax attention, grouped-query; `visible(b, i)` is how many leading keys query `i` of
+/// sequence `b` sees.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    visible: impl Fn(usize, usize) -> usize,
+    dtype: crate::dtype::DType,
+) -> Tensor {
+    let (batch, s, heads, head_dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (t, kv_heads) = (k.shape[1], k.shape[2]);
+    let group = heads / kv_heads;
+    let mut data = vec![0.0f32; q.len()];
+    for b in 0..batch {
+        for i in 0..s {
+            let seen = visible(b, i);
+            for h in 0..heads {
+                let kv = h / group;
+                let q_base = ((b * s + i) * heads + h) * head_dim;
+                let query = &q.data[q_base..q_base + head_dim];
+                let key_row = |j: usize| ((b * t + j) * kv_heads + kv) * head_dim;
+                let scores: Vec<f64> = (0..seen)
+                    .map(|j| scale as f64 * dot(query, &k.data[key_row(j)..key_row(j) + head_dim]))
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim {
+                    let mut sum = 0.0f64;
+                    for (j, w) in weights.iter().enumerate() {
+                        sum += w * v.data[key_row(j) + d] as f64;
+                    }
+                    data[q_base + d] = (sum / total) as f32;
+                }
+            }
+        }
+    }
+    Tensor {
+        dtype,
+        shape: q.shape.clone(),
+        data,
+    }
+}
+
+/// The multi-index of row-major position `flat` in `shape`.
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for axis in (0..shape.len()).rev() {
+        index[axis] = flat % shape[axis];
+        flat /= shape[axis];
+    }
+    index
+}
+
+/// Applies `f` elementwise with numpy broadcasting.
+fn broadcast_binary(
+    a: &Tensor,
+    b: &Tensor,
+    dtype: crate::dtype::DType,
+    f: impl Fn(f32, f32) -> f32,
+) -> Result<Tensor, String> {
+    let rank = a.shape.len().max(b.shape.len());
+    let padded = |shape: &[usize]| {
+        let mut out = vec![1; rank - shape.len()];
+        out.extend_from_slice(shape);
+        out
+    };
+    let (sa, sb) = (padded(&a.shape), padded(&b.shape));
+    let mut shape = Vec::with_capacity(rank);
+    for (&x, &y) in sa.iter().zip(&sb) {
+        if x != y && x != 1 && y != 1 {
+            return Err(format!(
+                "shapes {:?} and {:?} do not broadcast",
+                a.shape, b.shape
+            ));
+        }
+        shape.push(x.max(y));
+    }
+    let broadcast_strides = |padded_shape: &[usize]| -> Vec<usize> {
+        strides(padded_shape)
+            .into_iter()
+            .zip(padded_shape)
+            .map(|(stride, &dim)| if dim == 1 { 0 } else { stride })
+            .collect()
+    };
+    let (ta, tb) = (broadcast_strides(&sa), broadcast_strides(&sb));
+    let count: usize = shape.iter().product();
+    let mut data = Vec::with_capacity(count);
+    for flat in 0..count {
+        let index = unravel(flat, &shape);
+        let ia: usize = index.iter().zip(&ta).map(|(i, s)| i * s).sum();
+        let ib: usize = index.iter().zip(&tb).map(|(i, s)| i * s).sum();
+        data.push(f(a.data[ia], b.data[ib]));
+    }
+    Ok(Tensor { dtype, shape, data })
+}
+
+/// Quantises along the last axis per [`QuantScheme`]: values, scales and (asymmetric) zeros.
+fn quantize(x: &Tensor, scheme: &QuantScheme) -> Vec<Tensor> {
+    use crate::dtype::DType;
+    let group = scheme.group_size;
+    let levels = (1u32 << scheme.bits) as f64;
+    let qmax = levels / 2.0 - 1.0;
+    let mut values = Vec::with_capacity(x.len());
+    let mut scales = Vec::new();
+    let mut zeros = Vec::new();
+    for chunk in x.data.chunks(group) {
+        if scheme.symmetric {
+            let absmax = chunk.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+            let mut scale = DType::F16.round((scheme.clip as f64 * absmax / qmax) as f32) as f64;
+            if scale == 0.0 {
+                scale = 1.0;
+            }
+            scales.push(scale as f32);
+            values.extend(chunk.iter().map(|&v| {
+                ((v as f64 / scale)
+                    .round_ties_even()
+                    .clamp(-qmax - 1.0, qmax)) as f32
+            }));
+        } else {
+            let min = chunk.iter().fold(f64::INFINITY, |m, &v| m.min(v as f64));
+            let max = chunk
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let min = DType::F16.round(min as f32) as f64;
+            let mut scale = DType::F16.round(((max - min) / (levels - 1.0)) as f32) as f64;
+            if scale == 0.0 {
+                scale = 1.0;
+            }
+            scales.push(scale as f32);
+            zeros.push(min as f32);
+            values.extend(chunk.iter().map(|&v| {
+                (((v as f64 - min) / scale)
+                    .round_ties_even()
+                    .clamp(0.0, levels - 1.0)
+                    - levels / 2.0) as f32
+            }));
+        }
+    }
+    let mut scale_shape = x.shape.clone();
+    *scale_shape.last_mut().expect("rank ≥ 1") /= group;
+    let mut out = vec![
+        Tensor {
+            dtype: scheme.value_dtype(),
+            shape: x.shape.clone(),
+            data: values,
+        },
+        Tensor {
+            dtype: DType::F16,
+            shape: scale_shape.clone(),
+            data: scales,
+        },
+    ];
+    if !scheme.symmetric {
+        out.push(Tensor {
+            dtype: DType::F16,
+            shape: scale_shape,
+            data: zeros,
+        });
+    }
+    out
+}
+
+/// The inverse map of [`quantize`].
+fn dequantize(q: &Tensor, scale: &Tensor, zero: Option<&Tensor>, scheme: &QuantScheme) -> Tensor {
+    let group = scheme.group_size;
+    let half_levels = (1u32 << (scheme.bits - 1)) as f32;
+    let data = q
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| match zero {
+            None => v * scale.data[i / group],
+            Some(zero) => (v + half_levels) * scale.data[i / group] + zero.data[i / group],
+        })
+        .collect();
+    Tensor {
+        dtype: crate::dtype::DType::F32,
+        shape: q.shape.clone(),
+        data,
+    }
+}

@@ -1,0 +1,29 @@
+//! # kiln-ir — the tensor IR of kiln
+//!
+//! Everything the compiler knows about a model before code generation: element types
+//! ([`dtype`]), symbolic shapes ([`shape`]), the op set ([`op`]), typed graphs ([`graph`]) and
+//! their verifier ([`verify`]), host tensors ([`tensor`]), the reference interpreter
+//! ([`interp`]) that is the oracle for every generated kernel, model definitions and the graph
+//! builder ([`model`]), and weights ([`weights`]).
+//!
+//! It must not generate code or touch a device: those are `kiln-codegen`, `kiln-kernels` and
+//! `kiln-runtime`, which depend on this crate and never the other way round.
+//!
+//! ```
+//! use kiln_ir::{dtype::DType, graph::Graph, op::{InputKind, Op}, shape};
+//! let mut g = Graph::new("example");
+//! let x = g.input("x", InputKind::Activation, DType::F32, shape!["tokens", 64]).unwrap();
+//! let w = g.input("w", InputKind::Weight, DType::F32, shape![128, 64]).unwrap();
+//! let y = g.add1("proj", Op::Linear, &[x, w]).unwrap();
+//! assert_eq!(g.value_type(y).unwrap().to_string(), "f32[tokens, 128]");
+//! ```
+
+pub mod dtype;
+pub mod graph;
+pub mod interp;
+pub mod model;
+pub mod op;
+pub mod shape;
+pub mod tensor;
+pub mod verify;
+pub mod weights;

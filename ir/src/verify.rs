@@ -1,0 +1,617 @@
+//! Type inference and graph verification.
+//!
+//! Owns the type rule of every op ([`infer`]: operand types in, result types out, or a message
+//! saying what was expected) and [`verify_graph`], which re-checks a whole graph and reports
+//! the node, its label and its op. It must not execute anything.
+
+use crate::dtype::DType;
+use crate::graph::{Graph, TensorType};
+use crate::op::Op;
+use crate::shape::{Dim, Shape};
+use std::collections::HashSet;
+use std::fmt;
+
+/// A graph that is not well formed: which node, which op, what was expected.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub struct VerifyError {
+    pub node: usize,
+    pub label: String,
+    pub op: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node %{} `{}` ({}): {}",
+            self.node, self.label, self.op, self.message
+        )
+    }
+}
+
+type Rule = Result<Vec<TensorType>, String>;
+
+fn expect_count(operands: &[TensorType], count: usize) -> Result<(), String> {
+    if operands.len() != count {
+        return Err(format!("expected {count} operands, got {}", operands.len()));
+    }
+    Ok(())
+}
+
+fn expect_float(what: &str, ty: &TensorType) -> Result<(), String> {
+    if !ty.dtype.is_float() {
+        return Err(format!("{what} must be a float tensor, got {ty}"));
+    }
+    Ok(())
+}
+
+fn expect_dtype(what: &str, ty: &TensorType, dtype: DType) -> Result<(), String> {
+    if ty.dtype != dtype {
+        return Err(format!("{what} must be {dtype}, got {ty}"));
+    }
+    Ok(())
+}
+
+fn expect_rank(what: &str, ty: &TensorType, rank: usize) -> Result<(), String> {
+    if ty.shape.rank() != rank {
+        return Err(format!("{what} must have rank {rank}, got {ty}"));
+    }
+    Ok(())
+}
+
+fn expect_min_rank(what: &str, ty: &TensorType, rank: usize) -> Result<(), String> {
+    if ty.shape.rank() < rank {
+        return Err(format!("{what} must have rank at least {rank}, got {ty}"));
+    }
+    Ok(())
+}
+
+fn expect_same_dtype(
+    a_name: &str,
+    a: &TensorType,
+    b_name: &str,
+    b: &TensorType,
+) -> Result<(), String> {
+    if a.dtype != b.dtype {
+        return Err(format!(
+            "{a_name} ({a}) and {b_name} ({b}) must have the same dtype"
+        ));
+    }
+    Ok(())
+}
+
+fn expect_dim(what: &str, found: &Dim, expected: &Dim) -> Result<(), String> {
+    if found != expected {
+        return Err(format!("{what} is {found}, expected {expected}"));
+    }
+    Ok(())
+}
+
+fn dims(ty: &TensorType) -> &[Dim] {
+    ty.shape.dims()
+}
+
+fn with_last(shape: &Shape, last: Dim) -> Shape {
+    let mut dims = shape.0.clone();
+    *dims.last_mut().expect("rank checked") = last;
+    Shape(dims)
+}
+
+fn append(shape: &Shape, extra: &[Dim]) -> Shape {
+    let mut dims = shape.0.clone();
+    dims.extend_from_slice(extra);
+    Shape(dims)
+}
+
+fn leading(shape: &Shape) -> Shape {
+    Shape(shape.0[..shape.rank() - 1].to_vec())
+}
+
+/// Broadcasts two shapes numpy-style: dimensions align from the right; equal or `1` match.
+pub fn broadcast(a: &Shape, b: &Shape) -> Result<Shape, String> {
+    let rank = a.rank().max(b.rank());
+    let mut out = Vec::with_capacity(rank);
+    for i in 0..rank {
+        let da = (i + a.rank()).checked_sub(rank).map(|j| &a.0[j]);
+        let db = (i + b.rank()).checked_sub(rank).map(|j| &b.0[j]);
+        let dim = match (da, db) {
+            (Some(x), None) | (None, Some(x)) => x.clone(),
+            (Some(x), Some(y)) if x == y => x.clone(),
+            (Some(Dim::Const(1)), Some(y)) => y.clone(),
+            (Some(x), Some(Dim::Const(1))) => x.clone(),
+            (Some(x), Some(y)) => {
+                return Err(format!(
+                    "shapes {a} and {b} do not broadcast: dimension {x} against {y}"
+                ))
+            }
+            (None, None) => unreachable!("i < rank of one of them"),
+        };
+        out.push(dim);
+    }
+    Ok(Shape(out))
+}
+
+fn resolve_slice(dim: &Dim, start: i64, end: Option<i64>) -> Result<Dim, String> {
+    match dim {
+        Dim::Const(n) => {
+            let n = *n as i64;
+            let fix = |v: i64| if v < 0 { v + n } else { v };
+            let (s, e) = (fix(start), fix(end.unwrap_or(n)));
+            if s < 0 || e > n || s > e {
+                return Err(format!(
+                    "slice {start}..{} is out of range for a dimension of {n}",
+                    end.map_or("end".to_string(), |e| e.to_string())
+                ));
+            }
+            Ok(Dim::Const((e - s) as usize))
+        }
+        Dim::Sym(name) => match (start, end) {
+            (0, None) => Ok(dim.clone()),
+            (s, None) if s < 0 => Ok(Dim::Const((-s) as usize)),
+            (s, Some(e)) if s >= 0 && e >= s => Ok(Dim::Const((e - s) as usize)),
+            (s, Some(e)) if s < 0 && e < 0 && e >= s => Ok(Dim::Const((e - s) as usize)),
+            _ => Err(format!(
+                "slice {start}..{end:?} of symbolic dimension `{name}` has no fixed length"
+            )),
+        },
+    }
+}
+
+/// The result types of `op` applied to operands of types `operands`, or what was expected.
+pub fn infer(op: &Op, operands: &[TensorType]) -> Rule {
+    match op {
+        Op::Input { dtype, shape, .. } => {
+            expect_count(operands, 0)?;
+            Ok(vec![TensorType::new(*dtype, shape.clone())])
+        }
+        Op::Constant { dtype, .. } => {
+            expect_count(operands, 0)?;
+            Ok(vec![TensorType::new(*dtype, Shape::default())])
+        }
+        Op::Embedding => {
+            expect_count(operands, 2)?;
+            let (table, ids) = (&operands[0], &operands[1]);
+            expect_float("embedding table", table)?;
+            expect_rank("embedding table", table, 2)?;
+            expect_dtype("token ids", ids, DType::I32)?;
+            Ok(vec![TensorType::new(
+                table.dtype,
+                append(&ids.shape, &dims(table)[1..]),
+            )])
+        }
+        Op::RmsNorm { eps } => {
+            expect_count(operands, 2)?;
+            let (x, weight) = (&operands[0], &operands[1]);
+            expect_float("input", x)?;
+            expect_min_rank("input", x, 1)?;
+            expect_same_dtype("input", x, "weight", weight)?;
+            expect_rank("weight", weight, 1)?;
+            expect_dim(
+                "weight length",
+                &dims(weight)[0],
+                x.shape.last().expect("rank ≥ 1"),
+            )?;
+            if !(*eps > 0.0 && eps.is_finite()) {
+                return Err(format!("eps must be positive and finite, got {eps}"));
+            }
+            Ok(vec![x.clone()])
+        }
+        Op::Linear => {
+            expect_count(operands, 2)?;
+            let (x, weight) = (&operands[0], &operands[1]);
+            expect_float("input", x)?;
+            expect_min_rank("input", x, 1)?;
+            expect_rank("weight", weight, 2)?;
+            expect_same_dtype("input", x, "weight", weight)?;
+            expect_dim(
+                "weight [N, K]: K",
+                &dims(weight)[1],
+                x.shape.last().expect("rank ≥ 1"),
+            )?;
+            Ok(vec![TensorType::new(
+                x.dtype,
+                with_last(&x.shape, dims(weight)[0].clone()),
+            )])
+        }
+        Op::MatMul => {
+            expect_count(operands, 2)?;
+            let (a, b) = (&operands[0], &operands[1]);
+            expect_float("a", a)?;
+            expect_same_dtype("a", a, "b", b)?;
+            expect_min_rank("a", a, 2)?;
+            expect_rank("b", b, a.shape.rank())?;
+            let r = a.shape.rank();
+            if dims(a)[..r - 2] != dims(b)[..r - 2] {
+                return Err(format!("batch dimensions of a ({a}) and b ({b}) differ"));
+            }
+            expect_dim("b's rows (K)", &dims(b)[r - 2], &dims(a)[r - 1])?;
+            let mut out = dims(a)[..r - 1].to_vec();
+            out.push(dims(b)[r - 1].clone());
+            Ok(vec![TensorType::new(a.dtype, Shape(out))])
+        }
+        Op::Rope { theta } => {
+            expect_count(operands, 2)?;
+            let (x, positions) = (&operands[0], &operands[1]);
+            expect_float("input", x)?;
+            expect_rank("input [B, S, heads, D]", x, 4)?;
+            expect_dtype("positions", positions, DType::I32)?;
+            expect_rank("positions [B, S]", positions, 2)?;
+            if dims(positions) != &dims(x)[..2] {
+                return Err(format!(
+                    "positions {} must match the input's [B, S] = [{}, {}]",
+                    positions.shape,
+                    dims(x)[0],
+                    dims(x)[1]
+                ));
+            }
+            if dims(x)[3].as_const().is_none_or(|d| d % 2 != 0) {
+                return Err(format!(
+                    "head_dim must be a known even size, got {}",
+                    dims(x)[3]
+                ));
+            }
+            if !(*theta > 1.0 && theta.is_finite()) {
+                return Err(format!("theta must be finite and > 1, got {theta}"));
+            }
+            Ok(vec![x.clone()])
+        }
+        Op::Attention { scale, .. } | Op::AttentionDecode { scale } => {
+            let decode = matches!(op, Op::AttentionDecode { .. });
+            expect_count(operands, if decode { 4 } else { 3 })?;
+            let (q, k, v) = (&operands[0], &operands[1], &operands[2]);
+            expect_float("q", q)?;
+            for (name, ty) in [("q", q), ("k", k), ("v", v)] {
+                expect_rank(&format!("{name} [B, tokens, heads, D]"), ty, 4)?;
+                expect_same_dtype("q", q, name, ty)?;
+            }
+            if k.shape != v.shape {
+                return Err(format!("k ({k}) and v ({v}) must have the same shape"));
+            }
+            expect_dim("k's batch", &dims(k)[0], &dims(q)[0])?;
+            expect_dim("k's head_dim", &dims(k)[3], &dims(q)[3])?;
+            match (dims(q)[2].as_const(), dims(k)[2].as_const()) {
+                (Some(hq), Some(hkv)) if hkv > 0 && hq % hkv == 0 => {}
+                _ => {
+                    return Err(format!(
+                        "query heads ({}) must be a known multiple of KV heads ({})",
+                        dims(q)[2],
+                        dims(k)[2]
+                    ))
+                }
+            }
+            if decode {
+                let lengths = &operands[3];
+                expect_dtype("lengths", lengths, DType::I32)?;
+                expect_rank("lengths [B]", lengths, 1)?;
+                expect_dim("lengths' batch", &dims(lengths)[0], &dims(q)[0])?;
+            }
+            if !(*scale > 0.0 && scale.is_finite()) {
+                return Err(format!("scale must be positive and finite, got {scale}"));
+            }
+            Ok(vec![q.clone()])
+        }
+        Op::KvAppend => {
+            expect_count(operands, 3)?;
+            let (cache, new, start) = (&operands[0], &operands[1], &operands[2]);
+            expect_rank("cache [B, C, Hkv, D]", cache, 4)?;
+            expect_rank("new [B, S, Hkv, D]", new, 4)?;
+            expect_same_dtype("cache", cache, "new", new)?;
+            expect_dim("new's batch", &dims(new)[0], &dims(cache)[0])?;
+            expect_dim("new's KV heads", &dims(new)[2], &dims(cache)[2])?;
+            expect_dim("new's head_dim", &dims(new)[3], &dims(cache)[3])?;
+            expect_dtype("start", start, DType::I32)?;
+            expect_rank("start [B]", start, 1)?;
+            expect_dim("start's batch", &dims(start)[0], &dims(cache)[0])?;
+            Ok(vec![cache.clone()])
+        }
+        Op::Silu | Op::Sigmoid | Op::Softmax => {
+            expect_count(operands, 1)?;
+            expect_float("input", &operands[0])?;
+            if matches!(op, Op::Softmax) {
+                expect_min_rank("input", &operands[0], 1)?;
+            }
+            Ok(vec![operands[0].clone()])
+        }
+        Op::Add | Op::Mul => {
+            expect_count(operands, 2)?;
+            let (a, b) = (&operands[0], &operands[1]);
+            expect_same_dtype("a", a, "b", b)?;
+            Ok(vec![TensorType::new(
+                a.dtype,
+                broadcast(&a.shape, &b.shape)?,
+            )])
+        }
+        Op::TopK { k } => {
+            expect_count(operands, 1)?;
+            let x = &operands[0];
+            expect_min_rank("input", x, 1)?;
+            if let Some(n) = x.shape.last().and_then(Dim::as_const) {
+                if *k == 0 || *k > n {
+                    return Err(format!("k = {k} must be in 1..={n} (the last dimension)"));
+                }
+            }
+            let shape = with_last(&x.shape, Dim::Const(*k));
+            Ok(vec![
+                TensorType::new(x.dtype, shape.clone()),
+                TensorType::new(DType::I32, shape),
+            ])
+        }
+        Op::MoeRouter { top_k, .. } => {
+            expect_count(operands, 1)?;
+            let logits = &operands[0];
+            expect_float("router logits", logits)?;
+            expect_min_rank("router logits [.., E]", logits, 1)?;
+            let experts = logits.shape.last().and_then(Dim::as_const).unwrap_or(0);
+            if *top_k == 0 || *top_k > experts {
+                return Err(format!(
+                    "top_k = {top_k} must be in 1..={experts} (the number of experts)"
+                ));
+            }
+            let shape = with_last(&logits.shape, Dim::Const(*top_k));
+            Ok(vec![
+                TensorType::new(DType::F32, shape.clone()),
+                TensorType::new(DType::I32, shape),
+            ])
+        }
+        Op::MoeDispatch { num_experts } => {
+            expect_count(operands, 1)?;
+            let experts = &operands[0];
+            expect_dtype("experts", experts, DType::I32)?;
+            expect_min_rank("experts [.., k]", experts, 1)?;
+            if *num_experts == 0 {
+                return Err("num_experts must be at least 1".to_string());
+            }
+            Ok(vec![
+                TensorType::new(DType::I32, experts.shape.clone()),
+                TensorType::new(DType::I32, Shape::of(&[num_experts + 1])),
+            ])
+        }
+        Op::MoeExpertFfn { num_experts } => {
+            expect_count(operands, 3 + 3 * num_experts)?;
+            let (x, order, offsets) = (&operands[0], &operands[1], &operands[2]);
+            expect_float("x", x)?;
+            expect_min_rank("x [.., H]", x, 1)?;
+            expect_dtype("order", order, DType::I32)?;
+            if leading(&order.shape) != leading(&x.shape) {
+                return Err(format!(
+                    "order ({order}) must have x's leading dimensions ({x}) and a last dimension k"
+                ));
+            }
+            expect_dtype("offsets", offsets, DType::I32)?;
+            if offsets.shape != Shape::of(&[num_experts + 1]) {
+                return Err(format!(
+                    "offsets must be i32[{}], got {offsets}",
+                    num_experts + 1
+                ));
+            }
+            let hidden = x.shape.last().expect("rank ≥ 1").clone();
+            let width = dims(&operands[3]).first().cloned().unwrap_or(Dim::Const(0));
+            for expert in 0..*num_experts {
+                let base = 3 + 3 * expert;
+                let expected = [
+                    ("gate", Shape(vec![width.clone(), hidden.clone()])),
+                    ("up", Shape(vec![width.clone(), hidden.clone()])),
+                    ("down", Shape(vec![hidden.clone(), width.clone()])),
+                ];
+                for (offset, (name, shape)) in expected.iter().enumerate() {
+                    let ty = &operands[base + offset];
+                    expect_same_dtype("x", x, &format!("expert {expert} {name}"), ty)?;
+                    if &ty.shape != shape {
+                        return Err(format!(
+                            "expert {expert} {name} weight must be {shape}, got {ty}"
+                        ));
+                    }
+                }
+            }
+            Ok(vec![TensorType::new(
+                x.dtype,
+                append(&order.shape, std::slice::from_ref(&hidden)),
+            )])
+        }
+        Op::MoeCombine => {
+            expect_count(operands, 3)?;
+            let (y, order, weights) = (&operands[0], &operands[1], &operands[2]);
+            expect_float("y", y)?;
+            expect_min_rank("y [.., k, H]", y, 2)?;
+            expect_dtype("order", order, DType::I32)?;
+            if leading(&y.shape) != order.shape {
+                return Err(format!("y ({y}) must be order's shape ({order}) plus H"));
+            }
+            expect_float("weights", weights)?;
+            if weights.shape != order.shape {
+                return Err(format!(
+                    "weights ({weights}) must have order's shape ({order})"
+                ));
+            }
+            let mut out = leading(&order.shape);
+            out.0.push(y.shape.last().expect("rank ≥ 2").clone());
+            Ok(vec![TensorType::new(y.dtype, out)])
+        }
+        Op::Reshape { shape } => {
+            expect_count(operands, 1)?;
+            let x = &operands[0];
+            if x.shape.symbolic_product() != shape.symbolic_product() {
+                return Err(format!(
+                    "cannot reshape {} into {shape}: element counts differ",
+                    x.shape
+                ));
+            }
+            Ok(vec![TensorType::new(x.dtype, shape.clone())])
+        }
+        Op::Transpose { perm } => {
+            expect_count(operands, 1)?;
+            let x = &operands[0];
+            let mut seen = vec![false; x.shape.rank()];
+            if perm.len() != x.shape.rank()
+                || perm
+                    .iter()
+                    .any(|&p| p >= seen.len() || std::mem::replace(&mut seen[p], true))
+            {
+                return Err(format!(
+                    "perm {perm:?} is not a permutation of the {} axes of {x}",
+                    x.shape.rank()
+                ));
+            }
+            let out = perm.iter().map(|&p| dims(x)[p].clone()).collect();
+            Ok(vec![TensorType::new(x.dtype, Shape(out))])
+        }
+        Op::Slice { axis, start, end } => {
+            expect_count(operands, 1)?;
+            let x = &operands[0];
+            if *axis >= x.shape.rank() {
+                return Err(format!("axis {axis} is out of range for {x}"));
+            }
+            let mut out = x.shape.clone();
+            out.0[*axis] = resolve_slice(&dims(x)[*axis], *start, *end)?;
+            Ok(vec![TensorType::new(x.dtype, out)])
+        }
+        Op::Concat { axis } => {
+            if operands.is_empty() {
+                return Err("expected at least one operand".to_string());
+            }
+            let first = &operands[0];
+            if *axis >= first.shape.rank() {
+                return Err(format!("axis {axis} is out of range for {first}"));
+            }
+            let mut total = 0usize;
+            for (i, ty) in operands.iter().enumerate() {
+                expect_same_dtype("operand 0", first, &format!("operand {i}"), ty)?;
+                expect_rank(&format!("operand {i}"), ty, first.shape.rank())?;
+                for d in 0..first.shape.rank() {
+                    if d != *axis && dims(ty)[d] != dims(first)[d] {
+                        return Err(format!(
+                            "operand {i} ({ty}) differs from operand 0 ({first}) off the concat axis"
+                        ));
+                    }
+                }
+                match dims(ty)[*axis].as_const() {
+                    Some(n) => total += n,
+                    None if operands.len() == 1 => {}
+                    None => {
+                        return Err(format!(
+                            "operand {i} ({ty}) has a symbolic size on the concat axis"
+                        ))
+                    }
+                }
+            }
+            let mut out = first.shape.clone();
+            if operands.len() > 1 {
+                out.0[*axis] = Dim::Const(total);
+            }
+            Ok(vec![TensorType::new(first.dtype, out)])
+        }
+        Op::Cast { to } => {
+            expect_count(operands, 1)?;
+            Ok(vec![TensorType::new(*to, operands[0].shape.clone())])
+        }
+        Op::Quantize { scheme } => {
+            expect_count(operands, 1)?;
+            let x = &operands[0];
+            expect_float("input", x)?;
+            let groups = check_scheme(scheme, &x.shape)?;
+            let scale = TensorType::new(DType::F16, with_last(&x.shape, Dim::Const(groups)));
+            let mut out = vec![
+                TensorType::new(scheme.value_dtype(), x.shape.clone()),
+                scale.clone(),
+            ];
+            if !scheme.symmetric {
+                out.push(scale);
+            }
+            Ok(out)
+        }
+        Op::Dequantize { scheme, to } => {
+            expect_count(operands, if scheme.symmetric { 2 } else { 3 })?;
+            let q = &operands[0];
+            expect_dtype("quantized values", q, scheme.value_dtype())?;
+            let groups = check_scheme(scheme, &q.shape)?;
+            let expected = TensorType::new(DType::F16, with_last(&q.shape, Dim::Const(groups)));
+            for (name, ty) in ["scale", "zero"].iter().zip(&operands[1..]) {
+                if *ty != expected {
+                    return Err(format!("{name} must be {expected}, got {ty}"));
+                }
+            }
+            if !to.is_float() {
+                return Err(format!("dequantize must produce a float dtype, not {to}"));
+            }
+            Ok(vec![TensorType::new(*to, q.shape.clone())])
+        }
+    }
+}
+
+/// Checks a quantisation scheme against the shape it applies to; returns the group count.
+fn check_scheme(scheme: &crate::op::QuantScheme, shape: &Shape) -> Result<usize, String> {
+    if scheme.bits != 4 && scheme.bits != 8 {
+        return Err(format!("bits must be 4 or 8, got {}", scheme.bits));
+    }
+    if !(scheme.clip > 0.0 && scheme.clip <= 1.0) {
+        return Err(format!("clip must be in (0, 1], got {}", scheme.clip));
+    }
+    let last = shape.last().and_then(Dim::as_const).ok_or_else(|| {
+        format!("the quantized axis must be the known last dimension, got {shape}")
+    })?;
+    if scheme.group_size == 0 || last % scheme.group_size != 0 {
+        return Err(format!(
+            "group size {} must divide the last dimension {last}",
+            scheme.group_size
+        ));
+    }
+    Ok(last / scheme.group_size)
+}
+
+/// Re-checks every node of `graph`: operands refer to earlier values, recorded types match
+/// the type rules, input names and output names are unique.
+pub fn verify_graph(graph: &Graph) -> Result<(), VerifyError> {
+    let mut input_names = HashSet::new();
+    for (index, node) in graph.nodes.iter().enumerate() {
+        let error = |message: String| VerifyError {
+            node: index,
+            label: node.label.clone(),
+            op: node.op.name(),
+            message,
+        };
+        let mut operand_types = Vec::with_capacity(node.inputs.len());
+        for value in &node.inputs {
+            if value.node >= index {
+                return Err(error(format!(
+                    "operand {value} does not come before this node"
+                )));
+            }
+            operand_types.push(graph.value_type(*value).map_err(error)?.clone());
+        }
+        if let Op::Input { name, .. } = &node.op {
+            if !input_names.insert(name.clone()) {
+                return Err(error(format!("input name `{name}` is used twice")));
+            }
+        }
+        let inferred = infer(&node.op, &operand_types).map_err(error)?;
+        if inferred != node.outputs {
+            let show = |types: &[TensorType]| {
+                types
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(error(format!(
+                "records result types ({}) but its operands give ({})",
+                show(&node.outputs),
+                show(&inferred)
+            )));
+        }
+    }
+    let mut output_names = HashSet::new();
+    for (name, value) in &graph.outputs {
+        let error = |message: String| VerifyError {
+            node: value.node,
+            label: format!("output {name}"),
+            op: "output",
+            message,
+        };
+        graph.value_type(*value).map_err(error)?;
+        if !output_names.insert(name.clone()) {
+            return Err(error(format!("output name `{name}` is used twice")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Greedy generation on the reference interpreter: prefill a prompt, then decode token by
+//! token with a KV cache.
+//!
+//! This is kiln's end-to-end reference path: it runs the prefill and decode graphs of
+//! `kiln_ir::model::builder` with `kiln_ir::interp`, so compiled kernels can be checked
+//! against it token for token. It owns the cache tensors and the step loop, nothing else.
+
+use anyhow::{bail, Context, Result};
+use kiln_ir::interp;
+use kiln_ir::model::{build_model, ModelConfig, Phase};
+use kiln_ir::tensor::Tensor;
+use kiln_ir::weights::Weights;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// The result of a generation run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub model: String,
+    pub prompt: Vec<i32>,
+    /// The generated tokens (not including the prompt).
+    pub tokens: Vec<i32>,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Prompt tokens per second of prefill.
+    pub prefill_tokens_per_second: f64,
+    /// Generated tokens per second of decode (the first token comes from prefill).
+    pub decode_tokens_per_second: f64,
+    /// The last token's logits at every step, kept when asked for (for comparisons).
+    #[serde(skip)]
+    pub step_logits: Vec<Vec<f32>>,
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub prompt: Vec<i32>,
+    /// Tokens to generate, at least 1.
+    pub new_tokens: usize,
+    /// Keep each step's logits in [`Generation::step_logits`].
+    pub keep_logits: bool,
+}
+
+/// The index of the largest value; ties go to the lowest index. NaN logits are an error.
+pub fn argmax(logits: &[f32]) -> Result<i32> {
+    let mut best = 0usize;
+    for (i, &v) in logits.iter().enumerate() {
+        if v.is_nan() {
+            bail!("logit {i} is NaN");
+        }
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    Ok(best as i32)
+}
+
+/// Runs prefill then greedy decode on the reference interpreter, calling `on_token` after each
+/// generated token.
+pub fn generate_reference(
+    config: &ModelConfig,
+    weights: &Weights,
+    options: &GenerateOptions,
+    mut on_token: impl FnMut(i32),
+) -> Result<Generation> {
+    let prompt = &options.prompt;
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give at least one token id");
+    }
+    if options.new_tokens == 0 {
+        bail!("the number of tokens to generate must be at least 1");
+    }
+    if let Some((i, &id)) = prompt
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || id as usize >= config.vocab_size)
+    {
+        bail!(
+            "prompt token {i} is {id}, outside the vocabulary of {} (0..{})",
+            config.vocab_size,
+            config.vocab_size
+        );
+    }
+    let prefill = build_model(config, Phase::Prefill)?;
+    let decode = build_model(config, Phase::Decode)?;
+    let capacity = prompt.len() + options.new_tokens;
+    let cache_shape = [1, capacity, config.num_kv_heads, config.head_dim];
+    let mut state: HashMap<String, Tensor> = HashMap::new();
+    for layer in 0..config.num_layers {
+        for which in ["k_cache", "v_cache"] {
+            let name = format!("model.layers.{layer}.{which}");
+            state.insert(name, Tensor::zeros(config.dtype, &cache_shape));
+        }
+    }
+
+    let mut generation = Generation {
+        model: config.name.clone(),
+        prompt: prompt.clone(),
+        tokens: Vec::new(),
+        prefill_seconds: 0.0,
+        decode_seconds: 0.0,
+        prefill_tokens_per_second: 0.0,
+        decode_tokens_per_second: 0.0,
+        step_logits: Vec::new(),
+    };
+    let started = Instant::now();
+    let positions: Vec<i32> = (0..prompt.len() as i32).collect();
+    state.insert("input_ids".into(), Tensor::i32(&[1, prompt.len()], prompt));
+    state.insert(
+        "positions".into(),
+        Tensor::i32(&[1, prompt.len()], &positions),
+    );
+    state.insert("cache_start".into(), Tensor::i32(&[1], &[0]));
+    let step = |graph, state: &mut HashMap<String, Tensor>| -> Result<Vec<f32>> {
+        let mut outputs =
+            interp::run_with(graph, |name| state.get(name).or_else(|| weights.get(name)))?;
+        let logits = outputs
+            .remove("logits")
+            .context("the graph has no `logits` output")?;
+        state.extend(outputs);
+        Ok(logits.data)
+    };
+    let logits = step(&prefill, &mut state)?;
+    generation.prefill_seconds = started.elapsed().as_secs_f64();
+    let mut token = argmax(&logits).context("after prefill")?;
+    if options.keep_logits {
+        generation.step_logits.push(logits);
+    }
+    generation.tokens.push(token);
+    on_token(token);
+
+    let started = Instant::now();
+    for index in 1..options.new_tokens {
+        let position = (prompt.len() + index - 1) as i32;
+        state.insert("input_ids".into(), Tensor::i32(&[1, 1], &[token]));
+        state.insert("positions".into(), Tensor::i32(&[1, 1], &[position]));
+        state.insert("cache_start".into(), Tensor::i32(&[1], &[position]));
+        let logits = step(&decode, &mut state)?;
+        token = argmax(&logits).with_context(|| format!("at decode step {index}"))?;
+        if options.keep_logits {
+            generation.step_logits.push(logits);
+        }
+        generation.tokens.push(token);
+        on_token(token);
+    }
+    generation.decode_seconds = started.elapsed().as_secs_f64();
+    generation.prefill_tokens_per_second = prompt.len() as f64 / generation.prefill_seconds;
+    let decoded = (options.new_tokens - 1) as f64;
+    generation.decode_tokens_per_second = if decoded > 0.0 {
+        decoded / generation.decode_seconds
+    } else {
+        0.0
+    };
+    Ok(generation)
+}

@@ -1,0 +1,168 @@
+//! The `kiln` command line: a thin layer of argument parsing and printing over the `kiln`
+//! library. Everything it does is available from the library; it must not grow logic of its
+//! own beyond presentation.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln::generate::{generate_reference, GenerateOptions};
+use kiln::inspect::{inspect, render, Workload};
+use kiln::model_source::{load_config, load_weights};
+use kiln_ir::model::{build_model, Phase};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// kiln compiles LLM model definitions into fused GPU and CPU kernels.
+///
+/// With no command, `kiln` runs `kiln run`: the tiny-mixtral preset with random weights
+/// (seed 0) on the reference interpreter.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Prefill a prompt and greedily decode tokens, printing the tokens and tokens/s.
+    Run(RunArgs),
+    /// Report a model's layers, parameters, weight bytes and per-op FLOPs and bytes per token.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Model: a preset (tiny-llama, tiny-mixtral, llama-2-7b, llama-3-8b, mixtral-8x7b,
+    /// qwen3-30b-a3b) or a path to a Hugging Face config.json or its directory.
+    #[arg(long, short, default_value = "tiny-mixtral")]
+    model: String,
+    /// Weights: a .safetensors file, a model.safetensors.index.json, or a directory holding
+    /// them. Without it, weights are random from --seed.
+    #[arg(long, short)]
+    weights: Option<PathBuf>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prompt token ids, comma-separated (for example 1,15043,3186).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
+    prompt: Vec<i32>,
+    /// Number of tokens to generate (the first comes from prefill).
+    #[arg(long, short = 'n', default_value_t = 16)]
+    tokens: usize,
+    /// Print the result as JSON on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// Model: a preset name or a path to a Hugging Face config.json or its directory.
+    model: String,
+    /// Sequences per call for the per-token figures.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Prompt length for the prefill figures.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Tokens already in the KV cache for the decode figures.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let config = load_config(&args.model)?;
+    let graph = build_model(&config, Phase::Prefill)?;
+    let weights = load_weights(&graph, args.weights.as_deref(), args.seed)?;
+    let progress = ProgressBar::new(args.tokens as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} decoding {pos}/{len} tokens [{elapsed}] {msg}")
+            .expect("the template is valid"),
+    );
+    let options = GenerateOptions {
+        prompt: args.prompt.clone(),
+        new_tokens: args.tokens,
+        keep_logits: false,
+    };
+    let generation = generate_reference(&config, &weights, &options, |_| progress.inc(1))
+        .with_context(|| format!("running {} on the reference interpreter", config.name))?;
+    progress.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&generation)?);
+        return Ok(());
+    }
+    let show = |ids: &[i32]| {
+        ids.iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("model   {} (reference interpreter, cpu)", config.name);
+    println!("prompt  {}", show(&generation.prompt));
+    println!("tokens  {}", show(&generation.tokens));
+    println!(
+        "prefill {} tokens in {:.1} ms ({:.1} tokens/s)",
+        generation.prompt.len(),
+        generation.prefill_seconds * 1e3,
+        generation.prefill_tokens_per_second
+    );
+    println!(
+        "decode  {} tokens in {:.1} ms ({:.1} tokens/s)",
+        generation.tokens.len() - 1,
+        generation.decode_seconds * 1e3,
+        generation.decode_tokens_per_second
+    );
+    Ok(())
+}
+
+fn inspect_command(args: InspectArgs) -> Result<()> {
+    let config = load_config(&args.model)?;
+    for (name, value) in [("--batch", args.batch), ("--prompt-len", args.prompt_len)] {
+        anyhow::ensure!(value > 0, "{name} must be at least 1");
+    }
+    let workload = Workload {
+        batch: args.batch,
+        prompt_len: args.prompt_len,
+        context: args.context,
+    };
+    let report = inspect(&config, workload)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Run(RunArgs::parse_from_defaults()));
+    let result = match command {
+        Command::Run(args) => run(args),
+        Command::Inspect(args) => inspect_command(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl RunArgs {
+    /// The `run` arguments with every default, for `kiln` without a command.
+    fn parse_from_defaults() -> RunArgs {
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        Defaults::parse_from(["kiln"]).run
+    }
+}
