@@ -1,0 +1,242 @@
+//! End-to-end tests of the `kiln` binary: the default job, `inspect`, and the error messages
+//! users see for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("the kiln binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn no_arguments_runs_tiny_mixtral_and_reports_tokens_per_second() {
+    let output = kiln(&[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("tiny-mixtral"), "{text}");
+    let tokens_line = text
+        .lines()
+        .find(|l| l.starts_with("tokens"))
+        .expect("a tokens line");
+    let tokens: Vec<u32> = tokens_line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().expect("token ids are numbers"))
+        .collect();
+    assert_eq!(tokens.len(), 16);
+    assert!(
+        tokens.iter().all(|&t| t < 512),
+        "ids inside the vocabulary: {tokens:?}"
+    );
+    assert!(text.contains("tokens/s"), "{text}");
+}
+
+#[test]
+fn run_is_deterministic_and_json_matches_text() {
+    let a = kiln(&["run", "--json", "-n", "6", "--model", "tiny-llama"]);
+    let b = kiln(&["run", "--json", "-n", "6", "--model", "tiny-llama"]);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let parse = |o: &Output| -> serde_json::Value { serde_json::from_slice(&o.stdout).unwrap() };
+    let (ja, jb) = (parse(&a), parse(&b));
+    assert_eq!(ja["tokens"], jb["tokens"]);
+    assert_eq!(ja["tokens"].as_array().unwrap().len(), 6);
+    let other_seed = parse(&kiln(&[
+        "run",
+        "--json",
+        "-n",
+        "6",
+        "--model",
+        "tiny-llama",
+        "--seed",
+        "1",
+    ]));
+    assert_ne!(
+        ja["tokens"], other_seed["tokens"],
+        "the seed changes the weights"
+    );
+}
+
+fn parameters(model: &str) -> f64 {
+    let output = kiln(&["inspect", model, "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    report["parameters"]["total"].as_f64().unwrap()
+}
+
+#[test]
+fn inspect_reports_published_parameter_counts() {
+    let mixtral = parameters("mixtral-8x7b") / 1e9;
+    assert!(
+        (mixtral / 46.7 - 1.0).abs() < 0.01,
+        "mixtral-8x7b: {mixtral} B"
+    );
+    let llama = parameters("llama-3-8b") / 1e9;
+    assert!((llama / 8.0 - 1.0).abs() < 0.01, "llama-3-8b: {llama} B");
+}
+
+#[test]
+fn inspect_table_lists_per_op_costs_for_both_phases() {
+    let output = kiln(&["inspect", "tiny-mixtral"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    for needle in [
+        "parameters",
+        "prefill (",
+        "decode (",
+        "moe_expert_ffn",
+        "attention_decode",
+        "total",
+    ] {
+        assert!(text.contains(needle), "missing {needle}:\n{text}");
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn bad_config_errors_name_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 heads do not divide a hidden size of 64.
+    let inconsistent = write(
+        dir.path(),
+        "inconsistent.json",
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 5,
+            "num_key_value_heads": 5, "vocab_size": 32}"#,
+    );
+    let output = kiln(&["inspect", &inconsistent]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("inconsistent.json"), "{message}");
+    assert!(message.contains("num_attention_heads"), "{message}");
+
+    let missing = write(
+        dir.path(),
+        "missing.json",
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}"#,
+    );
+    let output = kiln(&["inspect", &missing]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("missing.json") && message.contains("missing field"),
+        "{message}"
+    );
+
+    let unknown = write(
+        dir.path(),
+        "unknown.json",
+        r#"{"architectures": ["GPT2LMHeadModel"]}"#,
+    );
+    let message = stderr(&kiln(&["inspect", &unknown]));
+    assert!(message.contains("GPT2LMHeadModel"), "{message}");
+
+    let output = kiln(&["inspect", "no-such-model"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("tiny-mixtral"),
+        "lists the presets: {}",
+        stderr(&output)
+    );
+}
+
+/// Saves random weights of `model` (built for `phase` prefill) into `path`.
+fn save_weights(model: &str, path: &Path) {
+    use kiln::ir::model::{build_model, ModelConfig, Phase};
+    let config = ModelConfig::preset(model).unwrap();
+    let graph = build_model(&config, Phase::Prefill).unwrap();
+    let weights = kiln::model_source::load_weights(&graph, None, 3).unwrap();
+    weights.save(path).unwrap();
+}
+
+#[test]
+fn bad_weights_errors_name_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "model.safetensors",
+        "not a safetensors file at all",
+    );
+    let output = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--weights",
+        &path,
+        "-n",
+        "1",
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("model.safetensors"),
+        "{}",
+        stderr(&output)
+    );
+
+    // tiny-llama's weights lack tiny-mixtral's experts.
+    let llama = dir.path().join("llama.safetensors");
+    save_weights("tiny-llama", &llama);
+    let llama = llama.to_string_lossy().into_owned();
+    let output = kiln(&[
+        "run",
+        "--model",
+        "tiny-mixtral",
+        "--weights",
+        &llama,
+        "-n",
+        "1",
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("model.embed_tokens.weight") || message.contains("block_sparse_moe"),
+        "{message}"
+    );
+    assert!(message.contains("llama.safetensors"), "{message}");
+
+    // The right weights load and run.
+    let output = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--weights",
+        &llama,
+        "-n",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+#[test]
+fn bad_prompt_is_a_clear_error() {
+    let output = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--prompt",
+        "1,99999",
+        "-n",
+        "1",
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("99999") && message.contains("vocabulary"),
+        "{message}"
+    );
+}

@@ -1,0 +1,92 @@
+//! The reference generation loop: decoding with the KV cache must give the same logits as
+//! prefilling the whole sequence again, step after step.
+
+use kiln::generate::{argmax, generate_reference, GenerateOptions};
+use kiln::ir::interp;
+use kiln::ir::model::{build_model, ModelConfig, Phase};
+use kiln::ir::tensor::Tensor;
+use kiln::model_source::load_weights;
+use std::collections::HashMap;
+
+/// Logits of the last token after a fresh prefill of `tokens`.
+fn prefill_logits(
+    config: &ModelConfig,
+    weights: &kiln::ir::weights::Weights,
+    tokens: &[i32],
+) -> Vec<f32> {
+    let graph = build_model(config, Phase::Prefill).unwrap();
+    let n = tokens.len();
+    let mut inputs: HashMap<String, Tensor> = HashMap::new();
+    let positions: Vec<i32> = (0..n as i32).collect();
+    inputs.insert("input_ids".into(), Tensor::i32(&[1, n], tokens));
+    inputs.insert("positions".into(), Tensor::i32(&[1, n], &positions));
+    inputs.insert("cache_start".into(), Tensor::i32(&[1], &[0]));
+    for layer in 0..config.num_layers {
+        for which in ["k_cache", "v_cache"] {
+            let shape = [1, n, config.num_kv_heads, config.head_dim];
+            inputs.insert(
+                format!("model.layers.{layer}.{which}"),
+                Tensor::full(config.dtype, &shape, f32::NAN),
+            );
+        }
+    }
+    let outputs = interp::run_with(&graph, |name| {
+        inputs.get(name).or_else(|| weights.get(name))
+    })
+    .unwrap();
+    outputs["logits"].data.clone()
+}
+
+fn check_cache_consistency(model: &str) {
+    let config = ModelConfig::preset(model).unwrap();
+    let graph = build_model(&config, Phase::Prefill).unwrap();
+    let weights = load_weights(&graph, None, 11).unwrap();
+    let prompt = vec![5, 17, 300, 42, 7];
+    let options = GenerateOptions {
+        prompt: prompt.clone(),
+        new_tokens: 5,
+        keep_logits: true,
+    };
+    let generation = generate_reference(&config, &weights, &options, |_| {}).unwrap();
+    assert_eq!(generation.tokens.len(), 5);
+    let mut sequence = prompt;
+    for (step, logits) in generation.step_logits.iter().enumerate() {
+        let fresh = prefill_logits(&config, &weights, &sequence);
+        let a = Tensor::f32(&[fresh.len()], logits.clone());
+        let b = Tensor::f32(&[fresh.len()], fresh);
+        let error = a.relative_error(&b);
+        assert!(error < 1e-4, "{model} step {step}: relative error {error}");
+        assert_eq!(argmax(logits).unwrap(), generation.tokens[step]);
+        sequence.push(generation.tokens[step]);
+    }
+}
+
+#[test]
+fn decode_with_the_cache_matches_a_fresh_prefill_tiny_llama() {
+    check_cache_consistency("tiny-llama");
+}
+
+#[test]
+fn decode_with_the_cache_matches_a_fresh_prefill_tiny_mixtral() {
+    check_cache_consistency("tiny-mixtral");
+}
+
+#[test]
+fn empty_prompt_and_zero_tokens_are_errors() {
+    let config = ModelConfig::preset("tiny-llama").unwrap();
+    let graph = build_model(&config, Phase::Prefill).unwrap();
+    let weights = load_weights(&graph, None, 0).unwrap();
+    let empty = GenerateOptions {
+        prompt: vec![],
+        new_tokens: 3,
+        keep_logits: false,
+    };
+    let err = generate_reference(&config, &weights, &empty, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("prompt is empty"), "{err}");
+    let zero = GenerateOptions {
+        prompt: vec![1],
+        new_tokens: 0,
+        keep_logits: false,
+    };
+    assert!(generate_reference(&config, &weights, &zero, |_| {}).is_err());
+}
