@@ -112,7 +112,9 @@ pub fn run_with<'t>(
             .collect::<Result<_, _>>()?;
         let mut results = eval(node, &operands, &bindings).map_err(node_error)?;
         for (output, (tensor, ty)) in results.iter_mut().zip(&node.outputs).enumerate() {
-            if tensor.dtype != ty.dtype || ty.dtype.is_int() {
+            // `eval` sets the node's dtype but leaves the values unrounded: round every
+            // result that is not plain f32.
+            if tensor.dtype != ty.dtype || ty.dtype != crate::dtype::DType::F32 {
                 *tensor = tensor.cast(ty.dtype);
             }
             bindings.unify(&ty.shape, &tensor.shape).map_err(|m| {
@@ -545,7 +547,9 @@ fn softmax(row: &[f32]) -> Vec<f32> {
 /// Indices of the `k` largest values, descending; ties go to the lower index.
 fn top_k(row: &[f32], k: usize) -> Vec<usize> {
     let mut indices: Vec<usize> = (0..row.len()).collect();
-    indices.sort_by(|&a, &b| row[b].total_cmp(&row[a])); // stable: ties keep index order
+    // −0 and +0 are equal (a tie), which `total_cmp` alone would order.
+    let key = |v: f32| if v == 0.0 { 0.0 } else { v };
+    indices.sort_by(|&a, &b| key(row[b]).total_cmp(&key(row[a]))); // stable: ties keep index order
     indices.truncate(k);
     indices
 }

@@ -368,6 +368,9 @@ pub fn infer(op: &Op, operands: &[TensorType]) -> Rule {
             ])
         }
         Op::MoeExpertFfn { num_experts } => {
+            if *num_experts == 0 {
+                return Err("num_experts must be at least 1".to_string());
+            }
             expect_count(operands, 3 + 3 * num_experts)?;
             let (x, order, offsets) = (&operands[0], &operands[1], &operands[2]);
             expect_float("x", x)?;
