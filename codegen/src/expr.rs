@@ -178,7 +178,10 @@ mod tests {
         let e = (Expr::input(0) / Expr::input(1) - Expr::constant(1.0)).clamp(0.0, 2.0);
         assert_eq!(e.evaluate(&[9.0, 3.0]), 2.0);
         assert_eq!(e.evaluate(&[1.0, 4.0]), 0.0);
-        assert_eq!((-Expr::input(0)).unary(UnaryOp::Rsqrt).evaluate(&[-4.0]), 0.5);
+        assert_eq!(
+            (-Expr::input(0)).unary(UnaryOp::Rsqrt).evaluate(&[-4.0]),
+            0.5
+        );
         assert!((Expr::input(0).sigmoid().evaluate(&[0.0]) - 0.5).abs() < 1e-15);
     }
 }

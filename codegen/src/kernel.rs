@@ -113,7 +113,10 @@ impl LaunchRule {
     }
 
     /// `(grid, block)` for the given scalar values.
-    pub fn evaluate(&self, scalars: &BTreeMap<String, u64>) -> Result<([u32; 3], [u32; 3]), String> {
+    pub fn evaluate(
+        &self,
+        scalars: &BTreeMap<String, u64>,
+    ) -> Result<([u32; 3], [u32; 3]), String> {
         let mut grid = [0u32; 3];
         for (slot, extent) in grid.iter_mut().zip(&self.grid) {
             *slot = extent.evaluate(scalars)?;

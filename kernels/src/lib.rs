@@ -1,11 +1,15 @@
 //! # kiln-kernels — one generator per kernel family
 //!
-//! This crate will own the kernel generators, each parameterised by a serialisable spec
-//! (dtype, head_dim, page size, tile sizes, GQA group, …) and emitting code through
-//! `kiln-codegen`'s builders: `gemm`, `attention`, `quest`, `atom`, `moe`, `cpu` (experts and
-//! elementwise maps on the CPU) and `admm` (the near-isometric-embedding operators).
+//! Each family lives in its own module and turns a serialisable spec (dtype, sizes, tile
+//! shapes, epilogue, …) into a [`GpuKernel`](kiln_codegen::kernel::GpuKernel) through
+//! `kiln-codegen`'s PTX builder. Every generated kernel is tested against `kiln_ir::interp`,
+//! the project's single reference, on a GPU (root `tests/gpu_*.rs`), and assembled by ptxas
+//! for sm_80 and sm_90 in CI (`kernels/tests/`).
 //!
-//! It must not touch a device: loading and launching belong to `kiln-runtime`. Every kernel a
-//! generator emits is tested against `kiln_ir::interp`, the project's single reference.
-//!
-//! Nothing is implemented yet; see the PTX/runtime and CPU-backend issues.
+//! This crate must not touch a device: loading and launching belong to `kiln-runtime`.
+
+pub mod epilogue;
+pub mod error;
+
+pub use epilogue::Epilogue;
+pub use error::SpecError;
