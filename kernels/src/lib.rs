@@ -8,8 +8,14 @@
 //!
 //! This crate must not touch a device: loading and launching belong to `kiln-runtime`.
 
+pub mod elementwise;
 pub mod epilogue;
 pub mod error;
+pub mod rms_norm;
+pub mod rope;
 
 pub use epilogue::Epilogue;
 pub use error::SpecError;
+
+mod reduce;
+mod vector;

@@ -311,6 +311,10 @@ impl KernelBuilder {
 
     /// Emits a `// text` line (one per line of `text`) naming the stage that follows.
     pub fn comment(&mut self, text: &str) {
+        assert!(
+            text.is_ascii(),
+            "PTX comments must be ASCII (ptxas rejects other characters): {text:?}"
+        );
         if matches!(
             self.lines.last(),
             Some(Line::Instruction { .. } | Line::Label(_))
