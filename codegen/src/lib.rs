@@ -14,6 +14,7 @@
 //! It must not know what attention or a MoE layer is: kernel families live in `kiln-kernels`,
 //! and nothing here touches a device (that is `kiln-runtime`).
 
+pub mod cpu;
 pub mod expr;
 pub mod kernel;
 pub mod ptx;

@@ -12,4 +12,5 @@
 //! - [`cuda`]: CUDA devices, typed buffers, the PTX module cache, launches bound by parameter
 //!   name, and CUDA-event timing.
 
+pub mod cpu;
 pub mod cuda;

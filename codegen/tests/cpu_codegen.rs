@@ -1,0 +1,250 @@
+//! The Cranelift CPU generators without a JIT: every spec builds a function that passes the
+//! verifier and compiles for the host, with and without FMA; output is deterministic; the
+//! signature follows the documented ABI; specs round-trip through JSON and invalid ones are
+//! refused.
+
+use cranelift_codegen::control::ControlPlane;
+use cranelift_codegen::isa::OwnedTargetIsa;
+use cranelift_codegen::{settings, verify_function, Context};
+use kiln_codegen::cpu::spec::AbiType;
+use kiln_codegen::cpu::{
+    build_function, signature, CpuCodegenError, CpuKernelSpec, CpuTarget, DotSpec, ElemType,
+    ElementFormat, MapSpec,
+};
+use kiln_codegen::expr::{BinaryOp, Expr, UnaryOp};
+
+fn host() -> OwnedTargetIsa {
+    let mut flags = settings::builder();
+    settings::Configurable::set(&mut flags, "opt_level", "speed").unwrap();
+    cranelift_native::builder()
+        .unwrap()
+        .finish(settings::Flags::new(flags))
+        .unwrap()
+}
+
+const UNARY: [UnaryOp; 8] = [
+    UnaryOp::Neg,
+    UnaryOp::Abs,
+    UnaryOp::Exp,
+    UnaryOp::Sqrt,
+    UnaryOp::Rsqrt,
+    UnaryOp::Recip,
+    UnaryOp::Sigmoid,
+    UnaryOp::Silu,
+];
+const BINARY: [BinaryOp; 6] = [
+    BinaryOp::Add,
+    BinaryOp::Sub,
+    BinaryOp::Mul,
+    BinaryOp::Div,
+    BinaryOp::Max,
+    BinaryOp::Min,
+];
+
+fn all_specs() -> Vec<CpuKernelSpec> {
+    let mut specs = Vec::new();
+    for elem in [ElemType::F32, ElemType::F64] {
+        for op in UNARY {
+            specs.push(MapSpec::new(Expr::input(0).unary(op), 1, elem).into());
+        }
+        for op in BINARY {
+            specs.push(MapSpec::new(Expr::input(0).binary(op, Expr::input(1)), 2, elem).into());
+        }
+        for unroll in 1..=8 {
+            let e = Expr::input(0).silu() * Expr::input(2) + Expr::constant(0.5);
+            specs.push(MapSpec::new(e, 3, elem).with_unroll(unroll).into());
+        }
+        for rows in 1..=4 {
+            for cols in 1..=4 {
+                if rows * cols <= 12 {
+                    specs.push(DotSpec::new(elem).with_tile(rows, cols).into());
+                }
+            }
+        }
+        specs.push(
+            DotSpec::new(elem)
+                .with_scale(true)
+                .with_accumulate(true)
+                .into(),
+        );
+    }
+    specs.push(
+        MapSpec::new(Expr::input(0) * Expr::input(1), 2, ElemType::F32)
+            .with_input_formats(vec![ElementFormat::Bf16, ElementFormat::F32])
+            .into(),
+    );
+    specs.push(
+        DotSpec::new(ElemType::F32)
+            .with_formats(ElementFormat::Bf16, ElementFormat::Bf16)
+            .into(),
+    );
+    specs
+}
+
+#[test]
+fn every_spec_verifies_and_compiles_for_the_host_with_and_without_fma() {
+    let isa = host();
+    for fma in [false, true] {
+        let mut target = CpuTarget::from_isa(&*isa);
+        target.fma &= fma;
+        for spec in all_specs() {
+            let function = build_function(&spec, &target).unwrap();
+            if let Err(errors) = verify_function(&function, &*isa) {
+                panic!("{spec:?}: {errors}\n{}", function.display());
+            }
+            let text = function.display().to_string();
+            assert_eq!(
+                text.contains(" fma "),
+                target.fma && needs_multiply_add(&spec),
+                "{spec:?}"
+            );
+            let mut context = Context::for_function(function);
+            context
+                .compile(&*isa, &mut ControlPlane::default())
+                .unwrap_or_else(|e| panic!("{spec:?}: {:?}", e.inner));
+        }
+    }
+}
+
+/// Whether a spec's code multiplies and adds (a dot, or a map with an exponential).
+fn needs_multiply_add(spec: &CpuKernelSpec) -> bool {
+    match spec {
+        CpuKernelSpec::Dot(_) => true,
+        CpuKernelSpec::Map(m) => {
+            let text = format!("{:?}", m.expr);
+            text.contains("Exp") || text.contains("Sigmoid") || text.contains("Silu")
+        }
+    }
+}
+
+#[test]
+fn maps_use_128_bit_vectors_and_a_scalar_tail() {
+    let isa = host();
+    let target = CpuTarget::from_isa(&*isa);
+    for (elem, vector, scalar) in [
+        (ElemType::F32, "f32x4", "f32"),
+        (ElemType::F64, "f64x2", "f64"),
+    ] {
+        let spec = MapSpec::new(Expr::input(0) + Expr::input(1), 2, elem).with_unroll(4);
+        let text = build_function(&spec.into(), &target)
+            .unwrap()
+            .display()
+            .to_string();
+        // two inputs: four vectors each in the main loop, one in the one-vector loop, then one
+        // scalar each in the tail
+        let vector_loads = text
+            .lines()
+            .filter(|l| l.contains(&format!("load.{vector}")))
+            .count();
+        let scalar_loads = text
+            .lines()
+            .filter(|l| l.contains(&format!("load.{scalar} ")))
+            .count();
+        assert_eq!(vector_loads, 2 * 5, "{text}");
+        assert_eq!(scalar_loads, 2, "{text}");
+    }
+}
+
+#[test]
+fn output_is_deterministic() {
+    let isa = host();
+    let target = CpuTarget::from_isa(&*isa);
+    for spec in all_specs() {
+        let first = build_function(&spec, &target)
+            .unwrap()
+            .display()
+            .to_string();
+        let second = build_function(&spec, &target)
+            .unwrap()
+            .display()
+            .to_string();
+        assert_eq!(first, second);
+    }
+}
+
+#[test]
+fn signatures_follow_the_documented_abi() {
+    let isa = host();
+    let target = CpuTarget::from_isa(&*isa);
+    for spec in all_specs() {
+        let sig = signature(&spec, &target);
+        let abi = spec.abi();
+        assert_eq!(sig.params.len(), abi.len());
+        assert!(sig.returns.is_empty());
+        for (param, (name, ty)) in sig.params.iter().zip(abi) {
+            let want = match ty {
+                AbiType::Pointer | AbiType::Usize => target.pointer_type(),
+                AbiType::F64 => cranelift_codegen::ir::types::F64,
+            };
+            assert_eq!(param.value_type, want, "{name}");
+        }
+        assert_eq!(build_function(&spec, &target).unwrap().signature, sig);
+    }
+    assert_eq!(
+        MapSpec::abi().iter().map(|p| p.0).collect::<Vec<_>>(),
+        ["inputs", "out", "start", "end"]
+    );
+    assert_eq!(DotSpec::abi()[11].0, "alpha");
+}
+
+#[test]
+fn specs_round_trip_through_json_and_key_the_cache_exactly() {
+    for spec in all_specs() {
+        let json = serde_json::to_string(&spec).unwrap();
+        let back: CpuKernelSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec);
+        assert_eq!(back.cache_key(), spec.cache_key());
+    }
+    let key = |c: f64| {
+        CpuKernelSpec::from(MapSpec::new(
+            Expr::input(0) * Expr::constant(c),
+            1,
+            ElemType::F32,
+        ))
+        .cache_key()
+    };
+    assert_ne!(key(0.0), key(-0.0));
+    assert_ne!(key(0.1), key(0.1 + 1e-17 * 2.0));
+    assert_eq!(key(0.1), key(0.1));
+    let keys: std::collections::HashSet<String> =
+        all_specs().iter().map(CpuKernelSpec::cache_key).collect();
+    assert_eq!(keys.len(), all_specs().len());
+}
+
+#[test]
+fn invalid_specs_are_refused() {
+    let isa = host();
+    let target = CpuTarget::from_isa(&*isa);
+    let refused = |spec: CpuKernelSpec| match build_function(&spec, &target) {
+        Err(CpuCodegenError::InvalidSpec(message)) => message,
+        Ok(_) => panic!("{spec:?} was accepted"),
+    };
+    assert!(
+        refused(MapSpec::new(Expr::input(1), 1, ElemType::F32).into()).contains("reads 2 inputs")
+    );
+    assert!(
+        refused(MapSpec::new(Expr::constant(f64::NAN), 0, ElemType::F32).into())
+            .contains("not finite")
+    );
+    assert!(refused(MapSpec::new(Expr::input(0), 33, ElemType::F32).into()).contains("at most 32"));
+    assert!(refused(
+        MapSpec::new(Expr::input(0), 1, ElemType::F32)
+            .with_unroll(9)
+            .into()
+    )
+    .contains("unroll"));
+    assert!(refused(
+        MapSpec::new(Expr::input(0), 1, ElemType::F32)
+            .with_input_formats(vec![ElementFormat::F64])
+            .into()
+    )
+    .contains("input 0"));
+    assert!(refused(DotSpec::new(ElemType::F64).with_tile(0, 1).into()).contains("tile"));
+    assert!(refused(DotSpec::new(ElemType::F64).with_tile(4, 4).into()).contains("tile"));
+    assert!(refused(
+        DotSpec::new(ElemType::F64)
+            .with_formats(ElementFormat::F64, ElementFormat::Bf16)
+            .into()
+    )
+    .contains("operand b"));
+}

@@ -1,0 +1,25 @@
+//! The CPU runtime: JIT compilation of `kiln_codegen::cpu` kernel specs with cranelift-jit, a
+//! compiled-function cache keyed by spec (with a compilation counter), and safe, threaded
+//! wrappers that check every operand before calling generated code.
+//!
+//! - [`jit`]: [`CpuJit`] — native ISA, `opt_level = speed`, cache, [`CpuJit::compilations`];
+//! - [`map`]: [`MapKernel`], elementwise maps over element chunks;
+//! - [`dot`]: [`DotKernel`], `C = alpha·A·Bᵀ + beta·C` over row × column blocks;
+//! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`].
+//!
+//! It must not build kernel IR (that is `kiln_codegen::cpu`). A length, format or count
+//! mismatch is a [`CpuError`] naming the operand, never undefined behaviour.
+
+pub mod dot;
+pub mod element;
+pub mod error;
+pub mod jit;
+pub mod map;
+pub mod parallel;
+
+pub use dot::{DotKernel, DotShape};
+pub use element::{Element, Float};
+pub use error::CpuError;
+pub use jit::{CompiledFn, CpuJit};
+pub use map::MapKernel;
+pub use parallel::Parallelism;
