@@ -8,8 +8,27 @@
 //! `kiln-codegen` (PTX and Cranelift builders), `kiln-kernels` (kernel generators) and
 //! `kiln-runtime` (devices, plans, execution).
 
+pub mod bench;
 pub mod generate;
 pub mod inspect;
 pub mod model_source;
 
 pub use kiln_ir as ir;
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
+/// that `path` is never left half-written.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let directory = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut temporary = tempfile::NamedTempFile::new_in(&directory)
+        .with_context(|| format!("creating a temporary file in {}", directory.display()))?;
+    std::io::Write::write_all(&mut temporary, bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    temporary
+        .persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -29,6 +29,25 @@ enum Command {
     Run(RunArgs),
     /// Report a model's layers, parameters, weight bytes and per-op FLOPs and bytes per token.
     Inspect(InspectArgs),
+    /// Time generated kernels on the GPU (CUDA events, median of many, L2-busting rotation).
+    ///
+    /// Needs a CUDA device; without one it exits with an error. Compare with the PyTorch
+    /// baseline of the same run: `python3 bench/torch_baselines.py --suite SUITE --out t.json`
+    /// then `python3 bench/compare.py kiln.json t.json`.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// The suite: `gemm` (GEMV/GEMM at K=4096, N=14336 and 4096, M=1..4096, f16 and bf16).
+    #[arg(value_parser = ["gemm"])]
+    suite: String,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +156,35 @@ fn inspect_command(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_command(args: BenchArgs) -> Result<()> {
+    let device = kiln_runtime::cuda::CudaDevice::open(args.device)?;
+    eprintln!("{}", device.info());
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
+    );
+    let report = match args.suite.as_str() {
+        "gemm" => kiln::bench::bench_gemm(&device, |r| {
+            progress.set_message(format!(
+                "{} {} M={} N={}: {:.1} µs",
+                r.implementation,
+                r.dtype,
+                r.m,
+                r.n,
+                r.median_ms * 1e3
+            ));
+            progress.tick();
+        })?,
+        other => anyhow::bail!("unknown suite `{other}` (suites: gemm)"),
+    };
+    progress.finish_and_clear();
+    print!("{}", kiln::bench::render(&report));
+    if let Some(path) = args.json {
+        kiln::write_atomically(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli
@@ -145,6 +193,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run(args) => run(args),
         Command::Inspect(args) => inspect_command(args),
+        Command::Bench(args) => bench_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

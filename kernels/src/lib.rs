@@ -11,6 +11,8 @@
 pub mod elementwise;
 pub mod epilogue;
 pub mod error;
+pub mod gemm;
+pub mod gemv;
 pub mod rms_norm;
 pub mod rope;
 

@@ -48,7 +48,7 @@ impl RmsNormSpec {
 /// Generates the RMSNorm kernel for `spec`.
 pub fn generate(spec: &RmsNormSpec) -> Result<GpuKernel, SpecError> {
     check_half(FAMILY, spec.dtype)?;
-    if spec.hidden == 0 || spec.hidden % HALVES_PER_CHUNK != 0 {
+    if spec.hidden == 0 || !spec.hidden.is_multiple_of(HALVES_PER_CHUNK) {
         return Err(SpecError::new(
             FAMILY,
             format!(

@@ -43,7 +43,7 @@ impl RopeSpec {
 /// Generates the RoPE kernel for `spec`.
 pub fn generate(spec: &RopeSpec) -> Result<GpuKernel, SpecError> {
     check_half(FAMILY, spec.dtype)?;
-    if spec.head_dim == 0 || spec.head_dim % (2 * HALVES_PER_CHUNK) != 0 {
+    if spec.head_dim == 0 || !spec.head_dim.is_multiple_of(2 * HALVES_PER_CHUNK) {
         return Err(SpecError::new(
             FAMILY,
             format!(

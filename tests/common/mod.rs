@@ -43,10 +43,16 @@ pub fn random(dtype: DType, shape: &[usize], std: f32, rng: &mut ChaCha8Rng) -> 
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {
     assert_eq!(got.shape, want.shape, "{what}: shape");
     if let Some(i) = got.data.iter().position(|v| !v.is_finite()) {
-        panic!("{what}: element {i} is {} (unwritten or overflowed)", got.data[i]);
+        panic!(
+            "{what}: element {i} is {} (unwritten or overflowed)",
+            got.data[i]
+        );
     }
     let error = got.relative_error(want);
-    assert!(error <= tolerance, "{what}: relative error {error:.3e} > {tolerance:.1e}");
+    assert!(
+        error <= tolerance,
+        "{what}: relative error {error:.3e} > {tolerance:.1e}"
+    );
     eprintln!("{what}: relative error {error:.3e}");
 }
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU session on the GPU machine, over a dist/ built by scripts/build_gpu_dist.sh:
+# GPU tests (--ignored), `kiln bench`, the PyTorch baselines in the same run, and the
+# side-by-side table. Writes logs and JSON under $OUT; prints the table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/kiln-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+status=0
+for t in dist/tests/*; do
+  echo "== $t"
+  if ! "$t" --ignored --test-threads=1 >"$out/$(basename "$t").log" 2>&1; then
+    status=1
+    echo "FAILED: $t (see $(basename "$t").log)"
+  fi
+  grep -E "^test |test result" "$out/$(basename "$t").log" | grep -v "ok$" || true
+  grep -E "test result" "$out/$(basename "$t").log"
+done
+for suite in ${KILN_BENCH_SUITES:-gemm}; do
+  dist/kiln bench "$suite" --json "$out/kiln_$suite.json" >"$out/kiln_$suite.txt" 2>&1 || { status=1; tail -5 "$out/kiln_$suite.txt"; }
+  python3 bench/torch_baselines.py --suite "$suite" --out "$out/torch_$suite.json" >"$out/torch_$suite.txt" 2>&1 || { status=1; tail -5 "$out/torch_$suite.txt"; }
+  python3 bench/compare.py "$out/kiln_$suite.json" "$out/torch_$suite.json" | tee "$out/table_$suite.md"
+done
+exit $status

@@ -1,0 +1,866 @@
+//! Tensor-core GEMM for M ≥ 16 (prefill, batched decode):
+//! `out[M, N] = epilogue(x[M, K] · weight[N, K]ᵀ)` in f16 or bf16 with f32 accumulation,
+//! the output in the input dtype.
+//!
+//! One block computes a `block_m × block_n` output tile with `mma.sync.m16n8k16`; each of
+//! its `warps_m × warps_n` warps owns a `(block_m / warps_m) × (block_n / warps_n)` sub-tile.
+//! The K loop streams `block_k`-wide slices of `x` and `weight` into a ring of `stages`
+//! shared-memory buffers with `cp.async` (a slice is requested `stages − 1` iterations
+//! before it is used), and one barrier per slice guards the ring. Fragments come from
+//! shared memory through `ldmatrix`; both operands are K-contiguous, so neither needs
+//! `.trans`.
+//!
+//! **Shared-memory layout.** A stage holds the `x` slice (`block_m` rows) then the weight
+//! slice (`block_n · accumulators` rows), each row `block_k · 2` bytes, cut into 16-byte
+//! chunks. Chunk `i` (row-major over the slice) is stored at chunk `i ^ ((i >> 3) & 7)`: the
+//! XOR permutes the eight chunks of every 128-byte line, so the eight row addresses of one
+//! `ldmatrix` 8×8 matrix (eight consecutive rows, one chunk column) and the eight chunks a
+//! group of eight `cp.async`s writes land in eight different bank groups — no conflicts for
+//! `block_k` = 32 (two rows per line) or 64 (one row per line).
+//!
+//! **Bounds.** `m` is any value ≥ 1: rows of `x` past `m` are zero-filled by `cp.async` with
+//! a source size of 0 (nothing is read from them) and their outputs are not stored. `n` is a
+//! run-time value that must be a multiple of 8 (the runtime caller's contract; not checked
+//! in the kernel): weight rows past `n` are zero-filled the same way and output columns past
+//! `n` are not stored, so `n` need not be a multiple of `block_n`. `k` is part of the spec
+//! and must be a multiple of `block_k` ([`SpecError`] otherwise).
+//!
+//! **SwiGLU.** `weight` is `[2N, K]`, gate rows `0..N` then up rows `N..2N`. A block loads
+//! `block_n` gate rows and the matching `block_n` up rows into one weight slice, each warp
+//! keeps a gate and an up accumulator per output element, and the epilogue computes
+//! `silu(gate) · up`; the output is `[M, N]`.
+//!
+//! **Tiles.** [`GemmTile::h100`] (128×256, 8 warps of 64×64, 3 stages of 64-wide K slices)
+//! for large M; [`GemmTile::small`] (64×128, 4 warps of 32×64, 4 stages, two blocks per SM)
+//! below 1024 rows; [`GemmSpec::for_rows`] picks between them.
+//!
+//! **Parameters** (bound by name): pointers `x` `[M, K]`, `weight` `[N, K]` (`[2N, K]` for
+//! SwiGLU), the epilogue's extra pointer (`bias` `[N]` or `residual` `[M, N]`, see
+//! [`Epilogue::extra_param`]), `out` `[M, N]`; scalars `m`, `n` (`u32`). Launch: grid
+//! `(ceil(m / block_m), ceil(n / block_n))` — blocks along M vary fastest, so the blocks
+//! running together share weight tiles and the (smaller) activations stay in L2 — with
+//! `warps_m · warps_n · 32` threads and `stages · stage_bytes` of dynamic shared memory.
+
+use kiln_codegen::kernel::{Access, Extent, GpuKernel, LaunchRule};
+use kiln_codegen::ptx::{
+    lower_expr, Axis, BF16x2, Cmp, F16x2, KernelBuilder, Pred, Reg, Special, Store, Target, B32,
+    F32, U32, U64,
+};
+use kiln_ir::dtype::DType;
+use serde::{Deserialize, Serialize};
+
+use crate::epilogue::Epilogue;
+use crate::error::SpecError;
+
+const FAMILY: &str = "gemm";
+
+/// Bytes of one f16/bf16 element.
+const ELEMENT_BYTES: u32 = 2;
+/// Bytes of one `cp.async` / one `ldmatrix` row.
+const CHUNK_BYTES: u32 = 16;
+/// The most dynamic shared memory a block may use on sm_80 / sm_90 (227 KiB).
+const MAX_SHARED_BYTES: u32 = 227 * 1024;
+/// The most f32 accumulators per thread before register spills become likely.
+const MAX_ACCUMULATORS_PER_THREAD: u32 = 128;
+
+/// The blocking of a GEMM: block tile, warp grid, K slice and pipeline depth.
+///
+/// `block_n` counts *output* columns; under SwiGLU a block reads `2 · block_n` weight rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GemmTile {
+    /// Output rows per block.
+    pub block_m: usize,
+    /// Output columns per block.
+    pub block_n: usize,
+    /// K elements per shared-memory stage: 32 or 64.
+    pub block_k: usize,
+    /// Warps along M; each owns `block_m / warps_m` rows (a multiple of 16).
+    pub warps_m: usize,
+    /// Warps along N; each owns `block_n / warps_n` columns (a multiple of 16).
+    pub warps_n: usize,
+    /// Shared-memory stages of the `cp.async` ring (2..=8).
+    pub stages: usize,
+    /// Blocks per SM that ptxas must fit (`.minnctapersm`, caps registers); 1 leaves
+    /// registers uncapped.
+    pub min_blocks_per_sm: usize,
+}
+
+impl GemmTile {
+    /// The large-M tile for H100/A100: 128×256 outputs (128×128 under SwiGLU, which reads
+    /// 256 weight rows), 8 warps of 64×64 (mma) each, 64-wide K slices, 3 stages (144 KiB of
+    /// shared memory, one block per SM). 64×64 warp tiles keep `ldmatrix` traffic under the
+    /// tensor cores' rate; smaller warp tiles make shared-memory bandwidth the limit.
+    pub fn h100(epilogue: Epilogue) -> GemmTile {
+        let block_n = match epilogue {
+            Epilogue::SwiGlu => 128,
+            _ => 256,
+        };
+        GemmTile {
+            block_m: 128,
+            block_n,
+            block_k: 64,
+            warps_m: 2,
+            warps_n: 4,
+            stages: 3,
+            min_blocks_per_sm: 1,
+        }
+    }
+
+    /// A smaller tile for M of a few hundred rows or less (more blocks to fill the SMs):
+    /// 64×128 outputs (64×64 under SwiGLU), 4 warps of 32×64 (mma), 64-wide K slices,
+    /// 4 stages (96 KiB), two blocks per SM.
+    pub fn small(epilogue: Epilogue) -> GemmTile {
+        let block_n = match epilogue {
+            Epilogue::SwiGlu => 64,
+            _ => 128,
+        };
+        GemmTile {
+            block_m: 64,
+            block_n,
+            block_k: 64,
+            warps_m: 2,
+            warps_n: 2,
+            stages: 4,
+            min_blocks_per_sm: 2,
+        }
+    }
+
+    /// The tile for `m` rows: [`GemmTile::h100`] from 1024 rows on, where it gives enough
+    /// blocks to fill an H100; [`GemmTile::small`] below (and down to 16 rows, where the
+    /// weights' bandwidth rules and the extra blocks matter more than the wasted rows).
+    pub fn for_rows(m: usize, epilogue: Epilogue) -> GemmTile {
+        if m >= 1024 {
+            GemmTile::h100(epilogue)
+        } else {
+            GemmTile::small(epilogue)
+        }
+    }
+
+    /// Threads per block.
+    pub fn threads(&self) -> usize {
+        self.warps_m * self.warps_n * 32
+    }
+}
+
+/// [`GemmTile`] in `u32`, for generation (after validation bounded every field).
+#[derive(Clone, Copy)]
+struct Tile {
+    block_m: u32,
+    block_n: u32,
+    block_k: u32,
+    warps_m: u32,
+    warps_n: u32,
+    stages: u32,
+    min_blocks_per_sm: u32,
+}
+
+impl Tile {
+    fn of(t: &GemmTile) -> Tile {
+        let c = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        Tile {
+            block_m: c(t.block_m),
+            block_n: c(t.block_n),
+            block_k: c(t.block_k),
+            warps_m: c(t.warps_m),
+            warps_n: c(t.warps_n),
+            stages: c(t.stages),
+            min_blocks_per_sm: c(t.min_blocks_per_sm),
+        }
+    }
+
+    fn threads(&self) -> u32 {
+        self.warps_m * self.warps_n * 32
+    }
+}
+
+/// A GEMM kernel: dtype, the (fixed) reduction length `k`, the tiling and the epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GemmSpec {
+    /// `F16` or `BF16`: inputs, weights, extra operand and output.
+    pub dtype: DType,
+    /// The reduction length K, a multiple of `tile.block_k`.
+    pub k: usize,
+    pub tile: GemmTile,
+    pub epilogue: Epilogue,
+}
+
+impl GemmSpec {
+    /// A spec with the default large-M tile [`GemmTile::h100`].
+    pub fn new(dtype: DType, k: usize, epilogue: Epilogue) -> GemmSpec {
+        GemmSpec {
+            dtype,
+            k,
+            tile: GemmTile::h100(epilogue),
+            epilogue,
+        }
+    }
+
+    /// A spec with the tile [`GemmTile::for_rows`] picks for `m` rows (the kernel still
+    /// takes any `m` at run time).
+    pub fn for_rows(dtype: DType, m: usize, k: usize, epilogue: Epilogue) -> GemmSpec {
+        GemmSpec {
+            tile: GemmTile::for_rows(m, epilogue),
+            ..GemmSpec::new(dtype, k, epilogue)
+        }
+    }
+
+    /// The kernel's entry name, unique per spec.
+    pub fn entry_name(&self) -> String {
+        let t = &self.tile;
+        format!(
+            "gemm_{}_{}_k{}_{}x{}x{}_w{}x{}_s{}",
+            self.dtype.name(),
+            self.epilogue.name(),
+            self.k,
+            t.block_m,
+            t.block_n,
+            t.block_k,
+            t.warps_m,
+            t.warps_n,
+            t.stages
+        )
+    }
+
+    /// Dynamic shared memory per block, in bytes.
+    pub fn shared_bytes(&self) -> usize {
+        self.tile.stages * self.stage_bytes()
+    }
+
+    fn stage_bytes(&self) -> usize {
+        let t = &self.tile;
+        let rows = t.block_m + t.block_n * self.epilogue.accumulators();
+        rows * t.block_k * ELEMENT_BYTES as usize
+    }
+
+    fn accumulators(&self) -> u32 {
+        self.epilogue.accumulators() as u32
+    }
+
+    /// Checks everything the generator relies on; the error says what to change.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let err = |message: String| Err(SpecError::new(FAMILY, message));
+        let t = &self.tile;
+        let fields = [
+            t.block_m,
+            t.block_n,
+            t.block_k,
+            t.warps_m,
+            t.warps_n,
+            t.stages,
+            t.min_blocks_per_sm,
+        ];
+        if fields.iter().any(|&v| v > 1024) || self.k > 1 << 24 {
+            return err(format!("tile {t:?} or k = {} out of range", self.k));
+        }
+        if !matches!(self.dtype, DType::F16 | DType::BF16) {
+            return err(format!(
+                "dtype {} is not supported (f16 or bf16)",
+                self.dtype
+            ));
+        }
+        if !matches!(t.block_k, 32 | 64) {
+            return err(format!("block_k {} must be 32 or 64", t.block_k));
+        }
+        if self.k == 0 || !self.k.is_multiple_of(t.block_k) {
+            return err(format!(
+                "k = {} must be a positive multiple of block_k = {}",
+                self.k, t.block_k
+            ));
+        }
+        let warps = t.warps_m * t.warps_n;
+        if warps == 0 || !warps.is_multiple_of(2) || warps > 16 {
+            return err(format!(
+                "{} × {} warps: the block needs an even number of warps, at most 16",
+                t.warps_m, t.warps_n
+            ));
+        }
+        if t.block_m == 0 || !t.block_m.is_multiple_of(16 * t.warps_m) {
+            return err(format!(
+                "block_m = {} must be a positive multiple of 16 · warps_m = {}",
+                t.block_m,
+                16 * t.warps_m
+            ));
+        }
+        if t.block_n == 0 || !t.block_n.is_multiple_of(16 * t.warps_n) {
+            return err(format!(
+                "block_n = {} must be a positive multiple of 16 · warps_n = {}",
+                t.block_n,
+                16 * t.warps_n
+            ));
+        }
+        if !(2..=8).contains(&t.stages) {
+            return err(format!("stages = {} must be in 2..=8", t.stages));
+        }
+        if !(1..=8).contains(&t.min_blocks_per_sm) {
+            return err(format!(
+                "min_blocks_per_sm = {} must be in 1..=8",
+                t.min_blocks_per_sm
+            ));
+        }
+        let g = Geometry::of(self);
+        if !(g.a_chunks).is_multiple_of(g.threads) || !(g.b_chunks).is_multiple_of(g.threads) {
+            return err(format!(
+                "the {} threads cannot split the stage evenly: {} x chunks and {} weight chunks \
+                 of 16 bytes",
+                g.threads, g.a_chunks, g.b_chunks
+            ));
+        }
+        if self.epilogue == Epilogue::SwiGlu && !t.block_n.is_multiple_of(g.rows_per_pass as usize)
+        {
+            return err(format!(
+                "SwiGLU: block_n = {} must be a multiple of the {} rows one copy pass covers",
+                t.block_n, g.rows_per_pass
+            ));
+        }
+        let accumulators = g.m_tiles * g.n_tiles * 4 * self.accumulators();
+        if accumulators > MAX_ACCUMULATORS_PER_THREAD {
+            return err(format!(
+                "a warp tile of {}×{} outputs needs {accumulators} f32 accumulators per thread \
+                 (at most {MAX_ACCUMULATORS_PER_THREAD})",
+                16 * g.m_tiles,
+                8 * g.n_tiles
+            ));
+        }
+        if self.shared_bytes() > MAX_SHARED_BYTES as usize {
+            return err(format!(
+                "{} stages of {} bytes exceed the {MAX_SHARED_BYTES} bytes of shared memory a \
+                 block may use",
+                t.stages,
+                self.stage_bytes()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Constants derived from a valid spec.
+struct Geometry {
+    threads: u32,
+    /// 16-byte chunks per stage row.
+    chunks_per_row: u32,
+    /// Rows one pass of all threads' `cp.async` covers.
+    rows_per_pass: u32,
+    a_chunks: u32,
+    b_chunks: u32,
+    /// Rows of `x` / of the weight per stage.
+    a_rows: u32,
+    b_rows: u32,
+    a_bytes: u32,
+    stage_bytes: u32,
+    /// The warp tile in 16-row m tiles and 8-column n tiles (per accumulator set).
+    m_tiles: u32,
+    n_tiles: u32,
+    warp_rows: u32,
+    warp_cols: u32,
+    k_tiles: u32,
+    k_steps: u32,
+    row_bytes: u32,
+}
+
+impl Geometry {
+    fn of(spec: &GemmSpec) -> Geometry {
+        let t = Tile::of(&spec.tile);
+        let k = spec.k as u32;
+        let threads = t.threads();
+        let chunks_per_row = t.block_k * ELEMENT_BYTES / CHUNK_BYTES;
+        let a_rows = t.block_m;
+        let b_rows = t.block_n * spec.accumulators();
+        let a_bytes = a_rows * t.block_k * ELEMENT_BYTES;
+        let warp_rows = t.block_m / t.warps_m.max(1);
+        let warp_cols = t.block_n / t.warps_n.max(1);
+        Geometry {
+            threads,
+            chunks_per_row,
+            rows_per_pass: (threads / chunks_per_row).max(1),
+            a_chunks: a_rows * chunks_per_row,
+            b_chunks: b_rows * chunks_per_row,
+            a_rows,
+            b_rows,
+            a_bytes,
+            stage_bytes: (a_rows + b_rows) * t.block_k * ELEMENT_BYTES,
+            m_tiles: warp_rows / 16,
+            n_tiles: warp_cols / 8,
+            warp_rows,
+            warp_cols,
+            k_tiles: k / t.block_k.max(1),
+            k_steps: t.block_k / 16,
+            row_bytes: k * ELEMENT_BYTES,
+        }
+    }
+}
+
+/// Generates the GEMM kernel of `spec` (target sm_80, runs on sm_80 and newer).
+pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
+    spec.validate()?;
+    let g = Geometry::of(spec);
+    let t = Tile::of(&spec.tile);
+    let mut k = KernelBuilder::new(&spec.entry_name(), Target::Sm80);
+    if t.min_blocks_per_sm > 1 {
+        k.min_blocks_per_sm(t.min_blocks_per_sm);
+    }
+    let x = k.param_pointer("x", Access::Read);
+    let weight = k.param_pointer("weight", Access::Read);
+    let extra = spec
+        .epilogue
+        .extra_param()
+        .map(|name| k.param_pointer(name, Access::Read));
+    let out = k.param_pointer("out", Access::Write);
+    let m = k.param_u32("m");
+    let n = k.param_u32("n");
+    let smem = k.dynamic_shared("smem", 128);
+
+    k.comment("block (bm, bn) computes out[bm*BM .., bn*BN ..]; warp (wm, wn) a sub-tile");
+    let tid = k.tid_x();
+    let lane = k.and(tid, 31u32);
+    let warp = k.shr(tid, 5u32);
+    let warp_n = k.rem(warp, t.warps_n);
+    let warp_m = k.div(warp, t.warps_n);
+    let block_m = k.special(Special::Ctaid(Axis::X));
+    let block_n = k.special(Special::Ctaid(Axis::Y));
+    let row0 = k.mul(block_m, t.block_m);
+    let col0 = k.mul(block_n, t.block_n);
+    let smem_base = k.shared_address(&smem);
+
+    let copy = emit_copy_setup(
+        &mut k, spec, &g, x, weight, tid, row0, col0, m, n, smem_base,
+    );
+    let frag = emit_fragment_setup(&mut k, &g, lane, warp_m, warp_n, smem_base);
+
+    k.comment("f32 accumulators: [set][m tile][n tile][4] (set 1 = SwiGLU up)");
+    let sets = spec.accumulators() as usize;
+    let mut acc: Vec<Vec<Vec<[Reg<F32>; 4]>>> = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        let mut per_set = Vec::new();
+        for _ in 0..g.m_tiles {
+            let row: Vec<[Reg<F32>; 4]> = (0..g.n_tiles).map(|_| k.splat::<F32, 4>(0.0)).collect();
+            per_set.push(row);
+        }
+        acc.push(per_set);
+    }
+
+    k.comment(&format!(
+        "prologue: request K slices 0 to {} into stages 0 to {} (one commit group each)",
+        t.stages - 2,
+        t.stages - 2
+    ));
+    for stage in 0..t.stages - 1 {
+        if stage < g.k_tiles {
+            copy.emit_load(&mut k, &g, None, stage * g.stage_bytes);
+        }
+        k.cp_async_commit();
+    }
+    let read_offset = k.mov::<U32>(0u32);
+    let write_offset = k.mov::<U32>((t.stages - 1) * g.stage_bytes);
+
+    k.comment(&format!(
+        "main loop over {} K slices: wait for slice kt, refill the stage freed by slice kt - 1 \
+         with slice kt + {}, multiply slice kt",
+        g.k_tiles,
+        t.stages - 1
+    ));
+    k.for_range(0u32, g.k_tiles, 1u32, |k, kt| {
+        k.cp_async_wait(t.stages - 2);
+        k.bar_sync(0);
+        if g.k_tiles >= t.stages {
+            let refill = k.setp(Cmp::Lt, kt, g.k_tiles - (t.stages - 1));
+            k.if_then(refill, |k| {
+                copy.emit_load(k, &g, Some(write_offset), 0);
+            });
+        }
+        k.cp_async_commit();
+        advance_stage(k, write_offset, &g, t.stages);
+        emit_slice_product(k, spec, &g, &frag, read_offset, &acc);
+        advance_stage(k, read_offset, &g, t.stages);
+    });
+    k.cp_async_wait(0);
+
+    emit_epilogue(
+        &mut k, spec, &g, &acc, lane, warp_m, warp_n, row0, col0, m, n, out, extra,
+    );
+
+    let launch = LaunchRule {
+        grid: [
+            Extent::ceil_div("m", t.block_m),
+            Extent::ceil_div("n", t.block_n),
+            Extent::fixed(1),
+        ],
+        block: [g.threads, 1, 1],
+        shared_bytes: t.stages * g.stage_bytes,
+    };
+    Ok(k.finish(launch))
+}
+
+/// `offset = (offset + stage_bytes) mod (stages · stage_bytes)`.
+fn advance_stage(k: &mut KernelBuilder, offset: Reg<U32>, g: &Geometry, stages: u32) {
+    let next = k.add(offset, g.stage_bytes);
+    let wrapped = k.setp(Cmp::Eq, next, stages * g.stage_bytes);
+    let value = k.select(wrapped, 0u32, next);
+    k.assign(offset, value);
+}
+
+/// The swizzled byte offset of 16-byte chunk `chunk` of a stage slice:
+/// `(chunk ^ ((chunk >> 3) & 7)) · 16`.
+fn swizzled_chunk_bytes(k: &mut KernelBuilder, chunk: Reg<U32>) -> Reg<U32> {
+    let line = k.shr(chunk, 3u32);
+    let line = k.and(line, 7u32);
+    let physical = k.xor(chunk, line);
+    k.shl(physical, 4u32)
+}
+
+/// One weight copy pass: which pointer it reads through and at what offset.
+struct WeightPass {
+    /// Index into [`CopySetup::weight_sources`].
+    source: usize,
+    global_offset: i64,
+    bytes: Reg<U32>,
+}
+
+/// Per-thread state of the global → shared copies.
+struct CopySetup {
+    /// Shared address of this thread's first chunk in stage 0.
+    shared: Reg<U32>,
+    /// Global address of this thread's first `x` chunk of the next slice.
+    x_source: Reg<U64>,
+    /// Source bytes (16 or 0) of each `x` pass.
+    x_bytes: Vec<Reg<U32>>,
+    /// Global addresses of the weight chunks (gate, and up under SwiGLU) of the next slice.
+    weight_sources: Vec<Reg<U64>>,
+    weight_passes: Vec<WeightPass>,
+}
+
+impl CopySetup {
+    /// Requests the next K slice into the stage at `offset + constant` bytes, then moves the
+    /// global addresses one slice on.
+    fn emit_load(
+        &self,
+        k: &mut KernelBuilder,
+        g: &Geometry,
+        offset: Option<Reg<U32>>,
+        constant: u32,
+    ) {
+        let base = match offset {
+            Some(offset) => k.add(self.shared, offset),
+            None => self.shared,
+        };
+        let pass_shared = g.threads * CHUNK_BYTES;
+        let pass_global = (g.rows_per_pass * g.row_bytes) as i64;
+        for (j, bytes) in self.x_bytes.iter().enumerate() {
+            let shared = base.at((constant + j as u32 * pass_shared) as i64);
+            let global = self.x_source.at(j as i64 * pass_global);
+            k.cp_async_16_zero_fill(shared, global, *bytes);
+        }
+        for (j, pass) in self.weight_passes.iter().enumerate() {
+            let shared = base.at((constant + g.a_bytes + j as u32 * pass_shared) as i64);
+            let global = self.weight_sources[pass.source].at(pass.global_offset);
+            k.cp_async_16_zero_fill(shared, global, pass.bytes);
+        }
+        let step = (g.chunks_per_row * CHUNK_BYTES) as u64;
+        let next = k.add(self.x_source, step);
+        k.assign(self.x_source, next);
+        for source in &self.weight_sources {
+            let next = k.add(*source, step);
+            k.assign(*source, next);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit_copy_setup(
+    k: &mut KernelBuilder,
+    spec: &GemmSpec,
+    g: &Geometry,
+    x: Reg<U64>,
+    weight: Reg<U64>,
+    tid: Reg<U32>,
+    row0: Reg<U32>,
+    col0: Reg<U32>,
+    m: Reg<U32>,
+    n: Reg<U32>,
+    smem_base: Reg<U32>,
+) -> CopySetup {
+    k.comment(&format!(
+        "copies: thread t moves chunk (t % {cpr}) of row t / {cpr} (+{rpp} rows per pass) of \
+         each slice; rows past m / n are zero-filled",
+        cpr = g.chunks_per_row,
+        rpp = g.rows_per_pass
+    ));
+    let log_cpr = g.chunks_per_row.trailing_zeros();
+    let row_in_slice = k.shr(tid, log_cpr);
+    let chunk_in_row = k.and(tid, g.chunks_per_row - 1);
+    let chunk_bytes = k.shl(chunk_in_row, 4u32);
+    let chunk_bytes = k.cvt::<U64>(chunk_bytes);
+    let swizzled = swizzled_chunk_bytes(k, tid);
+    let shared = k.add(smem_base, swizzled);
+
+    let x_row = k.add(row0, row_in_slice);
+    let x_offset = k.mad_wide(x_row, g.row_bytes, chunk_bytes);
+    let x_source = k.add(x, x_offset);
+    let x_bytes = (0..g.a_rows / g.rows_per_pass)
+        .map(|j| {
+            let row = k.add(x_row, j * g.rows_per_pass);
+            let inside = k.setp(Cmp::Lt, row, m);
+            k.select(inside, CHUNK_BYTES, 0u32)
+        })
+        .collect();
+
+    let column = k.add(col0, row_in_slice);
+    let gate_offset = k.mad_wide(column, g.row_bytes, chunk_bytes);
+    let gate_source = k.add(weight, gate_offset);
+    let mut weight_sources = vec![gate_source];
+    if spec.epilogue == Epilogue::SwiGlu {
+        k.comment("SwiGLU: up rows start n rows after the gate rows");
+        let up_source = k.mad_wide(n, g.row_bytes, gate_source);
+        weight_sources.push(up_source);
+    }
+    let block_n = Tile::of(&spec.tile).block_n;
+    let weight_passes = (0..g.b_rows / g.rows_per_pass)
+        .map(|j| {
+            let slice_row = j * g.rows_per_pass;
+            let (source, row) = if slice_row < block_n {
+                (0, slice_row)
+            } else {
+                (1, slice_row - block_n)
+            };
+            let output_column = k.add(column, row);
+            let inside = k.setp(Cmp::Lt, output_column, n);
+            let bytes = k.select(inside, CHUNK_BYTES, 0u32);
+            WeightPass {
+                source,
+                global_offset: (row * g.row_bytes) as i64,
+                bytes,
+            }
+        })
+        .collect();
+    CopySetup {
+        shared,
+        x_source,
+        x_bytes,
+        weight_sources,
+        weight_passes,
+    }
+}
+
+/// Per-lane `ldmatrix` addresses (stage 0) for each 16-wide K step of a slice.
+struct FragmentSetup {
+    /// `x` fragments of the warp's first m tile, per K step; m tile `i` is `+i·16` rows.
+    a: Vec<Reg<U32>>,
+    /// Weight fragments of the warp's first 16 weight rows, per K step.
+    b: Vec<Reg<U32>>,
+}
+
+fn emit_fragment_setup(
+    k: &mut KernelBuilder,
+    g: &Geometry,
+    lane: Reg<U32>,
+    warp_m: Reg<U32>,
+    warp_n: Reg<U32>,
+    smem_base: Reg<U32>,
+) -> FragmentSetup {
+    k.comment(
+        "ldmatrix addresses: x matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15); weight matrices \
+         (k 0-7 | 8-15) x (rows 0-7 | 8-15)",
+    );
+    let cpr = g.chunks_per_row;
+    let row_bytes_in_slice = cpr * CHUNK_BYTES;
+    // x: lane l points at row l % 16, chunk l / 16.
+    let a_row = k.and(lane, 15u32);
+    let a_half = k.shr(lane, 4u32);
+    // weight: lane l points at row (l % 8) + 8·(l / 16), chunk (l / 8) % 2.
+    let b_low = k.and(lane, 7u32);
+    let b_high = k.shr(lane, 4u32);
+    let b_row = k.mul_add(b_high, 8u32, b_low);
+    let b_eighth = k.shr(lane, 3u32);
+    let b_half = k.and(b_eighth, 1u32);
+
+    let a_warp = k.mul(warp_m, g.warp_rows * row_bytes_in_slice);
+    let a_base = k.add(smem_base, a_warp);
+    let b_warp = k.mul(warp_n, g.warp_cols * row_bytes_in_slice);
+    let b_warp = k.add(b_warp, g.a_bytes);
+    let b_base = k.add(smem_base, b_warp);
+
+    let a_first = k.mul(a_row, cpr);
+    let a_first = k.add(a_first, a_half);
+    let b_first = k.mul(b_row, cpr);
+    let b_first = k.add(b_first, b_half);
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for step in 0..g.k_steps {
+        let a_chunk = k.add(a_first, 2 * step);
+        let a_bytes = swizzled_chunk_bytes(k, a_chunk);
+        a.push(k.add(a_base, a_bytes));
+        let b_chunk = k.add(b_first, 2 * step);
+        let b_bytes = swizzled_chunk_bytes(k, b_chunk);
+        b.push(k.add(b_base, b_bytes));
+    }
+    FragmentSetup { a, b }
+}
+
+/// Multiplies the slice in the stage at `read_offset` into the accumulators.
+fn emit_slice_product(
+    k: &mut KernelBuilder,
+    spec: &GemmSpec,
+    g: &Geometry,
+    frag: &FragmentSetup,
+    read_offset: Reg<U32>,
+    acc: &[Vec<Vec<[Reg<F32>; 4]>>],
+) {
+    let row_bytes_in_slice = (g.chunks_per_row * CHUNK_BYTES) as i64;
+    for step in 0..g.k_steps as usize {
+        k.comment(&format!(
+            "K step {step}: fragments, then the warp tile's mma"
+        ));
+        let a_address = k.add(frag.a[step], read_offset);
+        let b_address = k.add(frag.b[step], read_offset);
+        let a: Vec<[Reg<B32>; 4]> = (0..g.m_tiles as i64)
+            .map(|i| k.ldmatrix::<4>(a_address.at(i * 16 * row_bytes_in_slice)))
+            .collect();
+        // b[set][n tile] = two registers; one ldmatrix.x4 gives two n tiles.
+        let mut b: Vec<Vec<[Reg<B32>; 2]>> = Vec::new();
+        for set in 0..acc.len() as i64 {
+            let set_rows = set * spec.tile.block_n as i64;
+            let mut tiles = Vec::new();
+            for pair in 0..(g.n_tiles / 2) as i64 {
+                let row = set_rows + pair * 16;
+                let r = k.ldmatrix::<4>(b_address.at(row * row_bytes_in_slice));
+                tiles.push([r[0], r[1]]);
+                tiles.push([r[2], r[3]]);
+            }
+            b.push(tiles);
+        }
+        for (set, per_set) in acc.iter().enumerate() {
+            for (i, row) in per_set.iter().enumerate() {
+                for step_j in 0..row.len() {
+                    // Serpentine order over n tiles: consecutive mma share an operand.
+                    let j = if i % 2 == 0 {
+                        step_j
+                    } else {
+                        row.len() - 1 - step_j
+                    };
+                    match spec.dtype {
+                        DType::BF16 => k.mma_m16n8k16_bf16(row[j], a[i], b[set][j]),
+                        _ => k.mma_m16n8k16_f16(row[j], a[i], b[set][j]),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Two packed 16-bit values of `dtype` as f32, low half first.
+fn unpack_to_f32(k: &mut KernelBuilder, dtype: DType, bits: Reg<B32>) -> [Reg<F32>; 2] {
+    match dtype {
+        DType::BF16 => {
+            let pair = k.bitcast::<BF16x2>(bits);
+            let (lo, hi) = k.unpack(pair);
+            [k.cvt::<F32>(lo), k.cvt::<F32>(hi)]
+        }
+        _ => {
+            let pair = k.bitcast::<F16x2>(bits);
+            let (lo, hi) = k.unpack(pair);
+            [k.cvt::<F32>(lo), k.cvt::<F32>(hi)]
+        }
+    }
+}
+
+/// Two f32 rounded to `dtype` and packed, `lo` in the low half.
+fn pack_from_f32(k: &mut KernelBuilder, dtype: DType, lo: Reg<F32>, hi: Reg<F32>) -> Reg<B32> {
+    match dtype {
+        DType::BF16 => {
+            let pair = k.cvt_pack_bf16x2(lo, hi);
+            k.bitcast::<B32>(pair)
+        }
+        _ => {
+            let pair = k.cvt_pack_f16x2(lo, hi);
+            k.bitcast::<B32>(pair)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn emit_epilogue(
+    k: &mut KernelBuilder,
+    spec: &GemmSpec,
+    g: &Geometry,
+    acc: &[Vec<Vec<[Reg<F32>; 4]>>],
+    lane: Reg<U32>,
+    warp_m: Reg<U32>,
+    warp_n: Reg<U32>,
+    row0: Reg<U32>,
+    col0: Reg<U32>,
+    m: Reg<U32>,
+    n: Reg<U32>,
+    out: Reg<U64>,
+    extra: Option<Reg<U64>>,
+) {
+    k.comment(&format!(
+        "epilogue ({}): lane (g, t) = (lane / 4, lane % 4) owns rows g, g + 8 and columns \
+         2t, 2t + 1 of each 16x8 tile; rows >= m and columns >= n are not stored",
+        spec.epilogue.name()
+    ));
+    let expr = spec.epilogue.expr();
+    let group = k.shr(lane, 2u32);
+    let quad = k.and(lane, 3u32);
+    let warp_row = k.mul_add(warp_m, g.warp_rows, row0);
+    let row_first = k.add(warp_row, group);
+    let warp_col = k.mul_add(warp_n, g.warp_cols, col0);
+    let quad_col = k.shl(quad, 1u32);
+    let col_first = k.add(warp_col, quad_col);
+    let col_bytes = k.mul_wide(col_first, ELEMENT_BYTES);
+    let out_base = k.add(out, col_bytes);
+    let extra_base = extra.map(|p| k.add(p, col_bytes));
+    let out_row_bytes = k.shl(n, 1u32);
+    let column_inside: Vec<Reg<Pred>> = (0..g.n_tiles)
+        .map(|j| {
+            let col = k.add(col_first, 8 * j);
+            k.setp(Cmp::Lt, col, n)
+        })
+        .collect();
+
+    let bias: Vec<[Reg<F32>; 2]> = match (spec.epilogue, extra_base) {
+        (Epilogue::Bias, Some(base)) => {
+            k.comment("bias[col], bias[col + 1] per n tile");
+            (0..g.n_tiles as usize)
+                .map(|j| {
+                    let bits = k.guard(column_inside[j], |k| {
+                        k.ld_global::<B32>(base.at(16 * j as i64))
+                    });
+                    unpack_to_f32(k, spec.dtype, bits)
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+
+    for i in 0..g.m_tiles as usize {
+        for half in 0..2usize {
+            let row = k.add(row_first, (16 * i + 8 * half) as u32);
+            let row_inside = k.setp(Cmp::Lt, row, m);
+            let out_row = k.mad_wide(row, out_row_bytes, out_base);
+            let residual_row = match (spec.epilogue, extra_base) {
+                (Epilogue::Residual, Some(base)) => Some(k.mad_wide(row, out_row_bytes, base)),
+                _ => None,
+            };
+            for j in 0..g.n_tiles as usize {
+                let inside = k.and(row_inside, column_inside[j]);
+                let offset = 16 * j as i64;
+                // The epilogue's second input per element: up, bias or residual.
+                let second: Option<[Reg<F32>; 2]> = match spec.epilogue {
+                    Epilogue::None => None,
+                    Epilogue::SwiGlu => Some([acc[1][i][j][2 * half], acc[1][i][j][2 * half + 1]]),
+                    Epilogue::Bias => Some(bias[j]),
+                    Epilogue::Residual => residual_row.map(|base| {
+                        let bits = k.guard(inside, |k| k.ld_global::<B32>(base.at(offset)));
+                        unpack_to_f32(k, spec.dtype, bits)
+                    }),
+                };
+                let results: [Reg<F32>; 2] = std::array::from_fn(|e| {
+                    let mut inputs = vec![acc[0][i][j][2 * half + e]];
+                    inputs.extend(second.map(|s| s[e]));
+                    lower_expr(k, &expr, &inputs)
+                });
+                let packed = pack_from_f32(k, spec.dtype, results[0], results[1]);
+                k.guard(inside, |k| k.st(Store::GLOBAL, out_row.at(offset), packed));
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The tensor-core GEMM generator: PTX snapshots at representative specs, ptxas assembly
+//! for sm_80 and sm_90 with zero spills, determinism and spec errors. Numerics run on a GPU
+//! (root `tests/gpu_gemm.rs`).
+//!
+//! ptxas must be installed (`bash scripts/test.sh`); these tests fail, never skip, without it.
+
+use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
+use kiln_codegen::ptxas::{self, PtxasReport};
+use kiln_ir::dtype::DType;
+use kiln_kernels::gemm::{generate, GemmSpec, GemmTile};
+use kiln_kernels::Epilogue;
+
+const EPILOGUES: [Epilogue; 4] = [
+    Epilogue::None,
+    Epilogue::Bias,
+    Epilogue::Residual,
+    Epilogue::SwiGlu,
+];
+
+/// Assembles `kernel` for `arch`, failing on any ptxas error, warning, spill or stack use.
+fn assemble(kernel: &GpuKernel, arch: &str) -> PtxasReport {
+    let report = ptxas::assemble(&kernel.ptx, arch)
+        .unwrap_or_else(|e| panic!("{e}\n--- PTX ---\n{}", kernel.ptx));
+    assert_eq!(report.entry, kernel.entry);
+    assert!(
+        !report.spills(),
+        "{} spills on {arch}: {} / {} bytes\n{}",
+        kernel.entry,
+        report.spill_store_bytes,
+        report.spill_load_bytes,
+        report.log
+    );
+    assert_eq!(report.stack_frame_bytes, 0, "{}", report.log);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    eprintln!(
+        "{:<52} {:<6} {:>3} registers, {:>6} bytes dynamic shared, spills {}/{} bytes",
+        kernel.entry,
+        arch,
+        report.registers,
+        kernel.launch.shared_bytes,
+        report.spill_store_bytes,
+        report.spill_load_bytes
+    );
+    report
+}
+
+/// The snapshotted specs: Llama-3-8B shapes (K = 4096) plain f16, Mixtral's SwiGLU up/gate
+/// in bf16 (K = 4096), the bias and residual epilogues, and the small-M tile.
+fn snapshot_specs() -> Vec<(&'static str, GemmSpec)> {
+    vec![
+        (
+            "gemm_f16_plain_k4096",
+            GemmSpec::new(DType::F16, 4096, Epilogue::None),
+        ),
+        (
+            "gemm_bf16_swiglu_k4096",
+            GemmSpec::new(DType::BF16, 4096, Epilogue::SwiGlu),
+        ),
+        (
+            "gemm_f16_bias_k4096",
+            GemmSpec::new(DType::F16, 4096, Epilogue::Bias),
+        ),
+        (
+            "gemm_bf16_residual_k14336_small",
+            GemmSpec {
+                tile: GemmTile::small(Epilogue::Residual),
+                ..GemmSpec::new(DType::BF16, 14336, Epilogue::Residual)
+            },
+        ),
+    ]
+}
+
+#[test]
+fn gemm_ptx_snapshots() {
+    for (name, spec) in snapshot_specs() {
+        let kernel = generate(&spec).unwrap();
+        insta::assert_snapshot!(name, kernel.ptx);
+    }
+}
+
+#[test]
+fn every_dtype_epilogue_and_tile_assembles_without_spills() {
+    for dtype in [DType::F16, DType::BF16] {
+        for epilogue in EPILOGUES {
+            for tile in [GemmTile::h100(epilogue), GemmTile::small(epilogue)] {
+                let spec = GemmSpec {
+                    tile,
+                    ..GemmSpec::new(dtype, 4096, epilogue)
+                };
+                let kernel = generate(&spec).unwrap();
+                assert_eq!(kernel.target, "sm_80");
+                for arch in ["sm_80", "sm_90"] {
+                    let report = assemble(&kernel, arch);
+                    assert_eq!(report.barriers, 1, "{}", kernel.entry);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn other_tiles_assemble_without_spills() {
+    let tiles = [
+        // 128×128, 8 warps of 64×32, two blocks per SM.
+        GemmTile {
+            block_m: 128,
+            block_n: 128,
+            block_k: 32,
+            warps_m: 2,
+            warps_n: 4,
+            stages: 4,
+            min_blocks_per_sm: 2,
+        },
+        // 128×128, 4 warps of 64×64, two blocks per SM.
+        GemmTile {
+            block_m: 128,
+            block_n: 128,
+            block_k: 32,
+            warps_m: 2,
+            warps_n: 2,
+            stages: 4,
+            min_blocks_per_sm: 2,
+        },
+        // 128×256 with 32-wide K slices, 4 stages.
+        GemmTile {
+            block_k: 32,
+            stages: 4,
+            ..GemmTile::h100(Epilogue::None)
+        },
+    ];
+    for tile in tiles {
+        let spec = GemmSpec {
+            tile,
+            ..GemmSpec::new(DType::F16, 4096, Epilogue::None)
+        };
+        let kernel = generate(&spec).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            assemble(&kernel, arch);
+        }
+    }
+}
+
+#[test]
+fn the_kernel_declares_its_parameters_and_launch_rule() {
+    for epilogue in EPILOGUES {
+        let spec = GemmSpec::new(DType::F16, 4096, epilogue);
+        let kernel = generate(&spec).unwrap();
+        let names: Vec<&str> = kernel.params.iter().map(|p| p.name.as_str()).collect();
+        let mut expected = vec!["x", "weight"];
+        expected.extend(epilogue.extra_param());
+        expected.extend(["out", "m", "n"]);
+        assert_eq!(names, expected, "{epilogue:?}");
+        assert_eq!(
+            kernel.param("out").map(|(_, p)| p.kind),
+            Some(ParamKind::Pointer(Access::Write))
+        );
+        assert_eq!(kernel.param("m").map(|(_, p)| p.kind), Some(ParamKind::U32));
+        let scalars = std::collections::BTreeMap::from([
+            ("m".to_string(), 300u64),
+            ("n".to_string(), 14336u64),
+        ]);
+        let (grid, block) = kernel.launch.evaluate(&scalars).unwrap();
+        let tile = spec.tile;
+        let grid = grid.map(|v| v as usize);
+        assert_eq!(
+            grid,
+            [300usize.div_ceil(tile.block_m), 14336 / tile.block_n, 1]
+        );
+        assert_eq!(block, [tile.threads() as u32, 1, 1]);
+        assert_eq!(kernel.launch.shared_bytes as usize, spec.shared_bytes());
+        assert!(kernel.launch.shared_bytes > 48 * 1024);
+        assert!(kernel.ptx.contains("mma.sync.aligned.m16n8k16"));
+        assert!(kernel
+            .ptx
+            .contains("ldmatrix.sync.aligned.m8n8.x4.shared.b16"));
+        assert!(kernel.ptx.contains("cp.async.cg.shared.global"));
+    }
+    assert_eq!(
+        GemmSpec::for_rows(DType::F16, 256, 4096, Epilogue::SwiGlu).tile,
+        GemmTile::small(Epilogue::SwiGlu)
+    );
+    assert_eq!(
+        GemmSpec::for_rows(DType::F16, 4096, 4096, Epilogue::None).tile,
+        GemmTile::h100(Epilogue::None)
+    );
+    let bf16 = generate(&GemmSpec::new(DType::BF16, 4096, Epilogue::None)).unwrap();
+    assert!(bf16
+        .ptx
+        .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    assert!(bf16.ptx.contains("cvt.rn.bf16x2.f32"));
+}
+
+#[test]
+fn generating_twice_gives_identical_kernels() {
+    for dtype in [DType::F16, DType::BF16] {
+        for epilogue in EPILOGUES {
+            let spec = GemmSpec::new(dtype, 4096, epilogue);
+            assert_eq!(generate(&spec).unwrap(), generate(&spec).unwrap());
+        }
+    }
+}
+
+#[test]
+fn invalid_specs_are_rejected_with_a_reason() {
+    let base = GemmSpec::new(DType::F16, 4096, Epilogue::None);
+    let cases: Vec<(GemmSpec, &str)> = vec![
+        (
+            GemmSpec {
+                dtype: DType::F32,
+                ..base
+            },
+            "dtype",
+        ),
+        (GemmSpec { k: 4000, ..base }, "multiple of block_k"),
+        (GemmSpec { k: 0, ..base }, "multiple of block_k"),
+        (
+            GemmSpec {
+                tile: GemmTile {
+                    block_k: 48,
+                    ..base.tile
+                },
+                ..base
+            },
+            "block_k",
+        ),
+        (
+            GemmSpec {
+                tile: GemmTile {
+                    block_m: 100,
+                    ..base.tile
+                },
+                ..base
+            },
+            "block_m",
+        ),
+        (
+            GemmSpec {
+                tile: GemmTile {
+                    block_n: 200,
+                    ..base.tile
+                },
+                ..base
+            },
+            "block_n",
+        ),
+        (
+            GemmSpec {
+                tile: GemmTile {
+                    stages: 1,
+                    ..base.tile
+                },
+                ..base
+            },
+            "stages",
+        ),
+        (
+            GemmSpec {
+                tile: GemmTile {
+                    warps_m: 3,
+                    warps_n: 1,
+                    ..base.tile
+                },
+                ..base
+            },
+            "warps",
+        ),
+        (
+            GemmSpec {
+                tile: GemmTile {
+                    stages: 5,
+                    ..base.tile
+                },
+                ..base
+            },
+            "shared memory",
+        ),
+        (
+            GemmSpec {
+                tile: GemmTile {
+                    warps_m: 1,
+                    warps_n: 2,
+                    ..base.tile
+                },
+                ..base
+            },
+            "accumulators",
+        ),
+    ];
+    for (spec, needle) in cases {
+        let error = generate(&spec).unwrap_err();
+        assert_eq!(error.family, "gemm");
+        assert!(
+            error.message.contains(needle),
+            "{spec:?}: `{}` does not mention `{needle}`",
+            error.message
+        );
+    }
+}
