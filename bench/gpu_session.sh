@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 status=0
 for t in dist/tests/*; do
   echo "== $t"
-  if ! "$t" --ignored --test-threads=1 >"$out/$(basename "$t").log" 2>&1; then
+  if ! "$t" --ignored --test-threads=1 --nocapture >"$out/$(basename "$t").log" 2>&1; then
     status=1
     echo "FAILED: $t (see $(basename "$t").log)"
   fi
@@ -23,4 +23,12 @@ for suite in ${KILN_BENCH_SUITES:-gemm}; do
   python3 bench/torch_baselines.py --suite "$suite" --out "$out/torch_$suite.json" >"$out/torch_$suite.txt" 2>&1 || { status=1; tail -5 "$out/torch_$suite.txt"; }
   python3 bench/compare.py "$out/kiln_$suite.json" "$out/torch_$suite.json" | tee "$out/table_$suite.md"
 done
+# At most 8 files come back from the GPU machine: fold the logs into one.
+for f in "$out"/*.log "$out"/*.txt; do
+  [ -f "$f" ] || continue
+  echo "===== $(basename "$f")" >>"$out/all_logs.txt.tmp"
+  cat "$f" >>"$out/all_logs.txt.tmp"
+  rm -f "$f"
+done
+mv "$out/all_logs.txt.tmp" "$out/logs.txt"
 exit $status

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 rm -rf dist && mkdir -p dist/tests
 cargo build --release --locked --bin kiln
 cp target/release/kiln dist/kiln
-cargo test --release --locked --no-run --message-format=json 2>/dev/null \
+cargo test --workspace --release --locked --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys, shutil, os
 for line in sys.stdin:

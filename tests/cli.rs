@@ -240,3 +240,16 @@ fn bad_prompt_is_a_clear_error() {
         "{message}"
     );
 }
+
+#[test]
+fn bench_without_a_gpu_is_a_clear_error() {
+    let output = kiln(&["bench", "gemm"]);
+    if kiln_runtime::cuda::driver_present() {
+        // On a GPU machine the suite runs; its numbers belong in bench/RESULTS.md.
+        return;
+    }
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("no CUDA driver found"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+}

@@ -77,11 +77,18 @@ impl Problem {
 
     /// The reference output through the interpreter: `Linear` (+ `Add` for bias and
     /// residual; two `Linear`s over the weight's halves, `Silu` and `Mul` for SwiGLU).
+    ///
+    /// The graph runs in f32 on the (already rounded) inputs and only the result is rounded
+    /// to the dtype: that is the fused kernel's contract (f32 accumulators, epilogue in f32,
+    /// one rounding at the store). A graph in bf16 would also round the gate and up products
+    /// before the activation, an error of its own that per-column checks would charge to the
+    /// kernel.
     fn reference(&self) -> Tensor {
         let (n, k) = (self.n, self.k);
         let mut g = Graph::new("gemm");
         let mut inputs: HashMap<String, Tensor> = HashMap::new();
         let mut input = |g: &mut Graph, name: &str, kind: InputKind, t: Tensor| -> ValueId {
+            let t = t.cast(DType::F32);
             let v = g.input(name, kind, t.dtype, Shape::of(&t.shape)).unwrap();
             inputs.insert(name.to_string(), t);
             v
@@ -113,7 +120,8 @@ impl Problem {
             }
         };
         g.output("out", out);
-        interp::run(&g, &inputs).unwrap().remove("out").unwrap()
+        let exact = interp::run(&g, &inputs).unwrap().remove("out").unwrap();
+        exact.cast(self.dtype)
     }
 
     /// Uploads the inputs, launches `kernel` on a poisoned output and downloads it.
