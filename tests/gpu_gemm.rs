@@ -1,5 +1,6 @@
 //! GPU tests of the tensor-core GEMM generator (`kiln_kernels::gemm`) against
-//! `kiln_ir::interp`: every dtype and epilogue, both stock tiles, M not a multiple of the
+//! `kiln_ir::interp`: every dtype and epilogue, both stock tiles and the first version's
+//! main loop (`Pipeline::Basic`), M not a multiple of the
 //! block tile, N not a multiple of it, K shorter than the pipeline; fresh random inputs with
 //! planted large rows and columns (a mis-indexed tile shows in the per-row and per-column
 //! errors), outputs poisoned before each launch, relative error ≤ 1e-2. One test times the
@@ -15,7 +16,7 @@ use kiln::ir::interp;
 use kiln::ir::op::{InputKind, Op};
 use kiln::ir::shape::Shape;
 use kiln::ir::tensor::Tensor;
-use kiln_kernels::gemm::{generate, GemmSpec, GemmTile};
+use kiln_kernels::gemm::{generate, GemmSpec, GemmTile, Pipeline};
 use kiln_kernels::Epilogue;
 use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor, LoadedKernel};
 use rand_chacha::ChaCha8Rng;
@@ -196,7 +197,11 @@ const SHAPES: [(usize, usize, usize); 6] = [
 fn check(dtype: DType, epilogue: Epilogue, test: &str) {
     let device = device();
     let mut rng = rng(fresh_seed(test));
-    for tile in [GemmTile::h100(epilogue), GemmTile::small(epilogue)] {
+    let basic = GemmTile {
+        pipeline: Pipeline::Basic,
+        ..GemmTile::h100(epilogue)
+    };
+    for tile in [GemmTile::h100(epilogue), GemmTile::small(epilogue), basic] {
         for (m, n, k) in SHAPES {
             let spec = GemmSpec {
                 dtype,
@@ -283,20 +288,36 @@ fn gemm_at_the_llama_ffn_shape_matches_the_interpreter() {
     }
 }
 
-/// Times M = 4096, K = 4096, N = 14336 (f16, plain and SwiGLU) for a few tiles and prints
-/// TFLOP/s (cuBLAS: ~736 on the lent H100); checks a band of rows of each result against
-/// the interpreter.
+/// Times M = 4096, K = 4096, N = 14336 (f16, plain and SwiGLU) for a few tiles and both
+/// main-loop pipelines and prints TFLOP/s, then the fastest per epilogue (cuBLAS: ~736 on
+/// the lent H100, ~710 on the H200); checks a band of rows of each result against the
+/// interpreter.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gemm_throughput_at_m4096_k4096_n14336() {
     let device = device();
     let mut rng = rng(fresh_seed("gemm_throughput"));
     let (m, n, k) = (4096usize, 14336usize, 4096usize);
+    // The first version's schedule (the default before the pipelined main loop), for a
+    // side-by-side comparison in the same run.
+    let basic = |epilogue| GemmTile {
+        pipeline: Pipeline::Basic,
+        ..GemmTile::h100(epilogue)
+    };
     let big = |epilogue| GemmTile {
         block_k: 32,
         stages: 4,
         ..GemmTile::h100(epilogue)
     };
+    // 256×128 (plain only), 8 warps of 64×64, 64-wide K slices, 3 stages (144 KiB).
+    let tall = GemmTile {
+        block_m: 256,
+        block_n: 128,
+        warps_m: 4,
+        warps_n: 2,
+        ..GemmTile::h100(Epilogue::None)
+    };
+    // Two blocks per SM: 128×128, 4 warps of 64×64.
     let square = GemmTile {
         block_m: 128,
         block_n: 128,
@@ -305,6 +326,12 @@ fn gemm_throughput_at_m4096_k4096_n14336() {
         warps_n: 2,
         stages: 4,
         min_blocks_per_sm: 2,
+        pipeline: Pipeline::Fragments,
+    };
+    let square_k64 = GemmTile {
+        block_k: 64,
+        stages: 3,
+        ..square
     };
     let mut table = Vec::new();
     for epilogue in [Epilogue::None, Epilogue::SwiGlu] {
@@ -312,12 +339,13 @@ fn gemm_throughput_at_m4096_k4096_n14336() {
         let x = DeviceTensor::upload(&device, &problem.x).unwrap();
         let weight = DeviceTensor::upload(&device, &problem.weight).unwrap();
         let mut tiles = vec![
+            basic(epilogue),
             GemmTile::h100(epilogue),
             big(epilogue),
             GemmTile::small(epilogue),
         ];
         if epilogue == Epilogue::None {
-            tiles.push(square);
+            tiles.extend([tall, square, square_k64]);
         }
         for tile in tiles {
             let spec = GemmSpec {
@@ -337,11 +365,16 @@ fn gemm_throughput_at_m4096_k4096_n14336() {
                 .unwrap();
             let flops = 2.0 * (m * n * k * epilogue.accumulators()) as f64;
             let tflops = flops / (timing.median_ms * 1e-3) / 1e12;
-            table.push(format!(
-                "{:<52} {:>8.3} ms {:>7.1} TFLOP/s",
+            table.push((
+                epilogue,
+                format!(
+                    "{:<58} {:>8.3} ms {:>7.1} TFLOP/s",
+                    spec.entry_name(),
+                    timing.median_ms,
+                    tflops
+                ),
+                tflops,
                 spec.entry_name(),
-                timing.median_ms,
-                tflops
             ));
 
             // Rows 2000..2016 of the result against the interpreter on those rows of x.
@@ -370,7 +403,18 @@ fn gemm_throughput_at_m4096_k4096_n14336() {
         }
     }
     eprintln!("gemm M={m} K={k} N={n} on {}", device.info());
-    for line in table {
+    for (_, line, _, _) in &table {
         eprintln!("{line}");
+    }
+    for epilogue in [Epilogue::None, Epilogue::SwiGlu] {
+        let rows = table.iter().filter(|row| row.0 == epilogue);
+        if let Some(best) = rows.max_by(|a, b| a.2.total_cmp(&b.2)) {
+            eprintln!(
+                "fastest ({}): {} at {:.1} TFLOP/s",
+                epilogue.name(),
+                best.3,
+                best.2
+            );
+        }
     }
 }

@@ -18,8 +18,16 @@
 //! group of eight `cp.async`s writes land in eight different bank groups — no conflicts for
 //! `block_k` = 32 (two rows per line) or 64 (one row per line).
 //!
-//! **Bounds.** `m` is any value ≥ 1: rows of `x` past `m` are zero-filled by `cp.async` with
-//! a source size of 0 (nothing is read from them) and their outputs are not stored. `n` is a
+//! **Main loop.** [`Pipeline::Fragments`] (the default) keeps the `ldmatrix` fragments one
+//! K step ahead of the `mma`, across slice boundaries too: the barrier for slice `kt + 1`
+//! sits before the last step's `mma` of slice `kt`, so the tensor cores have work while the
+//! next slice's first fragments load; the refill is predicated (no branch) and issued at
+//! the start of a slice. [`Pipeline::Basic`] is the first version's loop, kept for
+//! comparison.
+//!
+//! **Bounds.** `m` is any value ≥ 1: rows of `x` past `m` are zeroed in shared memory (once
+//! per stage by the prologue, their copies predicated off; [`Pipeline::Basic`]: `cp.async`
+//! with a source size of 0), nothing is read from them and their outputs are not stored. `n` is a
 //! run-time value that must be a multiple of 8 (the runtime caller's contract; not checked
 //! in the kernel): weight rows past `n` are zero-filled the same way and output columns past
 //! `n` are not stored, so `n` need not be a multiple of `block_n`. `k` is part of the spec
@@ -63,6 +71,26 @@ const MAX_SHARED_BYTES: u32 = 227 * 1024;
 /// The most f32 accumulators per thread before register spills become likely.
 const MAX_ACCUMULATORS_PER_THREAD: u32 = 128;
 
+/// How the main loop overlaps shared-memory fragment loads, `cp.async` refills and `mma`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Pipeline {
+    /// The first version: per slice, wait and barrier, refill the freed stage (behind a
+    /// branch, zero-filling rows past `m` / `n` with a source size of 0), then per 16-wide K
+    /// step its `ldmatrix` fragments followed by its `mma`. Every slice starts with the
+    /// tensor cores idle until the barrier and the first fragments are through.
+    Basic,
+    /// Fragments software-pipelined across K steps *and* slices: two fragment buffers; the
+    /// `ldmatrix` of step `s + 1` is issued before the `mma` of step `s`, and the wait and
+    /// barrier for slice `kt + 1` sit before the `mma` of slice `kt`'s last step, whose
+    /// fragments are already in registers — so the first fragments of the next slice load
+    /// while the last `mma` of this one run. The refill is issued right after the step-0
+    /// fragments of a slice and predicated (no branch, so ptxas interleaves it with the
+    /// `mma`); chunks of rows past `m` / `n` are zeroed once in every stage by the prologue
+    /// and never copied, so no out-of-range address is ever formed.
+    #[default]
+    Fragments,
+}
+
 /// The blocking of a GEMM: block tile, warp grid, K slice and pipeline depth.
 ///
 /// `block_n` counts *output* columns; under SwiGLU a block reads `2 · block_n` weight rows.
@@ -83,6 +111,8 @@ pub struct GemmTile {
     /// Blocks per SM that ptxas must fit (`.minnctapersm`, caps registers); 1 leaves
     /// registers uncapped.
     pub min_blocks_per_sm: usize,
+    /// The main-loop schedule.
+    pub pipeline: Pipeline,
 }
 
 impl GemmTile {
@@ -103,6 +133,7 @@ impl GemmTile {
             warps_n: 4,
             stages: 3,
             min_blocks_per_sm: 1,
+            pipeline: Pipeline::Fragments,
         }
     }
 
@@ -122,6 +153,7 @@ impl GemmTile {
             warps_n: 2,
             stages: 4,
             min_blocks_per_sm: 2,
+            pipeline: Pipeline::Fragments,
         }
     }
 
@@ -218,7 +250,10 @@ impl GemmSpec {
             t.warps_m,
             t.warps_n,
             t.stages
-        )
+        ) + match t.pipeline {
+            Pipeline::Basic => "_basic",
+            Pipeline::Fragments => "",
+        }
     }
 
     /// Dynamic shared memory per block, in bytes.
@@ -421,8 +456,9 @@ pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
     let col0 = k.mul(block_n, t.block_n);
     let smem_base = k.shared_address(&smem);
 
+    let zero_fill = spec.tile.pipeline == Pipeline::Basic;
     let copy = emit_copy_setup(
-        &mut k, spec, &g, x, weight, tid, row0, col0, m, n, smem_base,
+        &mut k, spec, &g, x, weight, tid, row0, col0, m, n, smem_base, zero_fill,
     );
     let frag = emit_fragment_setup(&mut k, &g, lane, warp_m, warp_n, smem_base);
 
@@ -438,6 +474,37 @@ pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
         acc.push(per_set);
     }
 
+    match spec.tile.pipeline {
+        Pipeline::Basic => emit_basic_loop(&mut k, spec, &g, &copy, &frag, &acc),
+        Pipeline::Fragments => emit_pipelined_loop(&mut k, spec, &g, &copy, &frag, &acc),
+    }
+
+    emit_epilogue(
+        &mut k, spec, &g, &acc, lane, warp_m, warp_n, row0, col0, m, n, out, extra,
+    );
+
+    let launch = LaunchRule {
+        grid: [
+            Extent::ceil_div("m", t.block_m),
+            Extent::ceil_div("n", t.block_n),
+            Extent::fixed(1),
+        ],
+        block: [g.threads, 1, 1],
+        shared_bytes: t.stages * g.stage_bytes,
+    };
+    Ok(k.finish(launch))
+}
+
+/// The [`Pipeline::Basic`] prologue and main loop.
+fn emit_basic_loop(
+    k: &mut KernelBuilder,
+    spec: &GemmSpec,
+    g: &Geometry,
+    copy: &CopySetup,
+    frag: &FragmentSetup,
+    acc: &[Vec<Vec<[Reg<F32>; 4]>>],
+) {
+    let t = Tile::of(&spec.tile);
     k.comment(&format!(
         "prologue: request K slices 0 to {} into stages 0 to {} (one commit group each)",
         t.stages - 2,
@@ -445,7 +512,7 @@ pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
     ));
     for stage in 0..t.stages - 1 {
         if stage < g.k_tiles {
-            copy.emit_load(&mut k, &g, None, stage * g.stage_bytes);
+            copy.emit_load(k, g, None, stage * g.stage_bytes);
         }
         k.cp_async_commit();
     }
@@ -464,30 +531,189 @@ pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
         if g.k_tiles >= t.stages {
             let refill = k.setp(Cmp::Lt, kt, g.k_tiles - (t.stages - 1));
             k.if_then(refill, |k| {
-                copy.emit_load(k, &g, Some(write_offset), 0);
+                copy.emit_load(k, g, Some(write_offset), 0);
             });
         }
         k.cp_async_commit();
-        advance_stage(k, write_offset, &g, t.stages);
-        emit_slice_product(k, spec, &g, &frag, read_offset, &acc);
-        advance_stage(k, read_offset, &g, t.stages);
+        advance_stage(k, write_offset, g, t.stages);
+        emit_slice_product(k, spec, g, frag, read_offset, acc);
+        advance_stage(k, read_offset, g, t.stages);
     });
     k.cp_async_wait(0);
+}
 
-    emit_epilogue(
-        &mut k, spec, &g, &acc, lane, warp_m, warp_n, row0, col0, m, n, out, extra,
-    );
+/// The [`Pipeline::Fragments`] prologue and main loop. Per slice `kt` with K steps
+/// `0..steps`, in program order:
+///
+/// ```text
+/// step 0:        ldmatrix step 1 | refill slice kt + S − 1 (predicated), commit | mma step 0
+/// step s:        ldmatrix step s + 1                                           | mma step s
+/// step steps−1:  wait slice kt + 1, barrier | ldmatrix step 0 of slice kt + 1  | mma step steps−1
+/// ```
+///
+/// The refill at step 0 of slice `kt` writes the stage of slice `kt − 1`, whose last
+/// fragments every warp loaded before the barrier that ends slice `kt − 1`. The barrier at
+/// the last step of slice `kt` waits for slice `kt + 1` (`S − 2` younger groups may stay
+/// pending: one group is committed per slice, empty once nothing is left to request). The
+/// fragments loaded after the last barrier (a slice past K) are never used.
+fn emit_pipelined_loop(
+    k: &mut KernelBuilder,
+    spec: &GemmSpec,
+    g: &Geometry,
+    copy: &CopySetup,
+    frag: &FragmentSetup,
+    acc: &[Vec<Vec<[Reg<F32>; 4]>>],
+) {
+    let t = Tile::of(&spec.tile);
+    k.comment(&format!(
+        "prologue: zero the chunks of rows past m / n in all {} stages (they are never \
+         copied), request K slices 0 to {} into stages 0 to {} (one commit group each)",
+        t.stages,
+        t.stages - 2,
+        t.stages - 2
+    ));
+    copy.emit_zero_outside(k, g, t.stages);
+    for stage in 0..t.stages - 1 {
+        if stage < g.k_tiles {
+            copy.emit_load_predicated(k, g, None, stage * g.stage_bytes, None);
+        }
+        k.cp_async_commit();
+    }
+    let read_offset = k.mov::<U32>(0u32);
+    let write_offset = k.mov::<U32>((t.stages - 1) * g.stage_bytes);
+    k.comment("wait for slice 0, load its step-0 fragments (carried across the loop)");
+    k.cp_async_wait(t.stages - 2);
+    k.bar_sync(0);
+    let carried = load_fragments(k, spec, g, frag, read_offset, 0);
 
-    let launch = LaunchRule {
-        grid: [
-            Extent::ceil_div("m", t.block_m),
-            Extent::ceil_div("n", t.block_n),
-            Extent::fixed(1),
-        ],
-        block: [g.threads, 1, 1],
-        shared_bytes: t.stages * g.stage_bytes,
+    k.comment(&format!(
+        "main loop over {} K slices of {} K steps: fragments one step ahead, refill of slice \
+         kt + {} at step 0, barrier for slice kt + 1 before the last step's mma",
+        g.k_tiles,
+        g.k_steps,
+        t.stages - 1
+    ));
+    k.for_range(0u32, g.k_tiles, 1u32, |k, kt| {
+        let refill =
+            (g.k_tiles >= t.stages).then(|| k.setp(Cmp::Lt, kt, g.k_tiles - (t.stages - 1)));
+        let mut current = carried.clone();
+        for step in 0..g.k_steps {
+            let last = step + 1 == g.k_steps;
+            if last {
+                k.comment("slice kt + 1 is needed next: wait for it and free slice kt's stage");
+                k.cp_async_wait(t.stages - 2);
+                k.bar_sync(0);
+                advance_stage(k, read_offset, g, t.stages);
+            }
+            let next_step = if last { 0 } else { step + 1 };
+            k.comment(&format!(
+                "K step {step}: fragments of step {next_step}{}, then step {step}'s mma",
+                if last { " of slice kt + 1" } else { "" }
+            ));
+            let next = load_fragments(k, spec, g, frag, read_offset, next_step);
+            if step == 0 {
+                if let Some(refill) = refill {
+                    copy.emit_load_predicated(k, g, Some(write_offset), 0, Some(refill));
+                }
+                k.cp_async_commit();
+                advance_stage(k, write_offset, g, t.stages);
+            }
+            mma_step(k, spec, acc, &current);
+            current = next;
+        }
+        k.comment("carry slice kt + 1's step-0 fragments to the next iteration");
+        carried.assign_from(k, &current);
+    });
+    k.cp_async_wait(0);
+}
+
+/// The `ldmatrix` fragments of one 16-wide K step of a warp tile.
+#[derive(Clone)]
+struct Fragments {
+    /// `x`, per m tile: four registers.
+    a: Vec<[Reg<B32>; 4]>,
+    /// Weight, per accumulator set and n tile: two registers.
+    b: Vec<Vec<[Reg<B32>; 2]>>,
+}
+
+impl Fragments {
+    /// `self = other`, register by register.
+    fn assign_from(&self, k: &mut KernelBuilder, other: &Fragments) {
+        for (d, s) in self.a.iter().zip(&other.a) {
+            for (d, s) in d.iter().zip(s) {
+                k.assign(*d, *s);
+            }
+        }
+        for (d, s) in self.b.iter().zip(&other.b) {
+            for (d, s) in d.iter().zip(s) {
+                for (d, s) in d.iter().zip(s) {
+                    k.assign(*d, *s);
+                }
+            }
+        }
+    }
+}
+
+/// Loads K step `step` of the slice in the stage at `read_offset`.
+fn load_fragments(
+    k: &mut KernelBuilder,
+    spec: &GemmSpec,
+    g: &Geometry,
+    frag: &FragmentSetup,
+    read_offset: Reg<U32>,
+    step: u32,
+) -> Fragments {
+    let row_bytes_in_slice = (g.chunks_per_row * CHUNK_BYTES) as i64;
+    let (a_address, b_address) = {
+        let a = k.add(frag.a, read_offset);
+        let b = k.add(frag.b, read_offset);
+        match step {
+            0 => (a, b),
+            _ => (k.xor(a, 32 * step), k.xor(b, 32 * step)),
+        }
     };
-    Ok(k.finish(launch))
+    let a: Vec<[Reg<B32>; 4]> = (0..g.m_tiles as i64)
+        .map(|i| k.ldmatrix::<4>(a_address.at(i * 16 * row_bytes_in_slice)))
+        .collect();
+    // b[set][n tile] = two registers; one ldmatrix.x4 gives two n tiles.
+    let mut b: Vec<Vec<[Reg<B32>; 2]>> = Vec::new();
+    for set in 0..spec.accumulators() as i64 {
+        let set_rows = set * spec.tile.block_n as i64;
+        let mut tiles = Vec::new();
+        for pair in 0..(g.n_tiles / 2) as i64 {
+            let row = set_rows + pair * 16;
+            let r = k.ldmatrix::<4>(b_address.at(row * row_bytes_in_slice));
+            tiles.push([r[0], r[1]]);
+            tiles.push([r[2], r[3]]);
+        }
+        b.push(tiles);
+    }
+    Fragments { a, b }
+}
+
+/// The warp tile's `mma` for one K step.
+fn mma_step(
+    k: &mut KernelBuilder,
+    spec: &GemmSpec,
+    acc: &[Vec<Vec<[Reg<F32>; 4]>>],
+    f: &Fragments,
+) {
+    for (set, per_set) in acc.iter().enumerate() {
+        for (i, row) in per_set.iter().enumerate() {
+            for step_j in 0..row.len() {
+                // Serpentine order over n tiles: consecutive mma share an operand.
+                let j = if i % 2 == 0 {
+                    step_j
+                } else {
+                    row.len() - 1 - step_j
+                };
+                match spec.dtype {
+                    DType::BF16 => k.mma_m16n8k16_bf16(row[j], f.a[i], f.b[set][j]),
+                    _ => k.mma_m16n8k16_f16(row[j], f.a[i], f.b[set][j]),
+                }
+            }
+        }
+    }
 }
 
 /// `offset = (offset + stage_bytes) mod (stages · stage_bytes)`.
@@ -512,7 +738,10 @@ struct WeightPass {
     /// Index into [`CopySetup::weight_sources`].
     source: usize,
     global_offset: i64,
-    bytes: Reg<U32>,
+    /// Whether the pass's weight row is below `n` (its output column exists).
+    inside: Reg<Pred>,
+    /// Source bytes (16 or 0; [`Pipeline::Basic`] only).
+    bytes: Option<Reg<U32>>,
 }
 
 /// Per-thread state of the global → shared copies.
@@ -521,7 +750,9 @@ struct CopySetup {
     shared: Reg<U32>,
     /// Global address of this thread's first `x` chunk of the next slice.
     x_source: Reg<U64>,
-    /// Source bytes (16 or 0) of each `x` pass.
+    /// Whether each `x` pass's row is below `m`.
+    x_inside: Vec<Reg<Pred>>,
+    /// Source bytes (16 or 0) of each `x` pass ([`Pipeline::Basic`] only).
     x_bytes: Vec<Reg<U32>>,
     /// Global addresses of the weight chunks (gate, and up under SwiGLU) of the next slice.
     weight_sources: Vec<Reg<U64>>,
@@ -552,14 +783,82 @@ impl CopySetup {
         for (j, pass) in self.weight_passes.iter().enumerate() {
             let shared = base.at((constant + g.a_bytes + j as u32 * pass_shared) as i64);
             let global = self.weight_sources[pass.source].at(pass.global_offset);
-            k.cp_async_16_zero_fill(shared, global, pass.bytes);
+            let bytes = pass.bytes.expect("Basic pipeline source bytes");
+            k.cp_async_16_zero_fill(shared, global, bytes);
         }
+        self.advance_sources(k, g);
+    }
+
+    /// Moves the global addresses one slice on.
+    fn advance_sources(&self, k: &mut KernelBuilder, g: &Geometry) {
         let step = (g.chunks_per_row * CHUNK_BYTES) as u64;
         let next = k.add(self.x_source, step);
         k.assign(self.x_source, next);
         for source in &self.weight_sources {
             let next = k.add(*source, step);
             k.assign(*source, next);
+        }
+    }
+
+    /// Like [`emit_load`](CopySetup::emit_load), but each copy is predicated on its row
+    /// being inside (and on `refill` where given) instead of zero-filled: a row past `m` /
+    /// `n` forms no address at all. Its chunk keeps the zeros of
+    /// [`emit_zero_outside`](CopySetup::emit_zero_outside).
+    fn emit_load_predicated(
+        &self,
+        k: &mut KernelBuilder,
+        g: &Geometry,
+        offset: Option<Reg<U32>>,
+        constant: u32,
+        refill: Option<Reg<Pred>>,
+    ) {
+        let base = match offset {
+            Some(offset) => k.add(self.shared, offset),
+            None => self.shared,
+        };
+        let pass_shared = g.threads * CHUNK_BYTES;
+        let pass_global = (g.rows_per_pass * g.row_bytes) as i64;
+        let when = |k: &mut KernelBuilder, inside: Reg<Pred>| match refill {
+            Some(refill) => k.and(refill, inside),
+            None => inside,
+        };
+        for (j, inside) in self.x_inside.iter().enumerate() {
+            let shared = base.at((constant + j as u32 * pass_shared) as i64);
+            let global = self.x_source.at(j as i64 * pass_global);
+            let p = when(k, *inside);
+            k.guard(p, |k| k.cp_async_16(shared, global));
+        }
+        for (j, pass) in self.weight_passes.iter().enumerate() {
+            let shared = base.at((constant + g.a_bytes + j as u32 * pass_shared) as i64);
+            let global = self.weight_sources[pass.source].at(pass.global_offset);
+            let p = when(k, pass.inside);
+            k.guard(p, |k| k.cp_async_16(shared, global));
+        }
+        self.advance_sources(k, g);
+    }
+
+    /// Zeroes this thread's chunks of rows past `m` / `n` in every one of `stages` stages
+    /// (plain shared stores, ordered before the first `ldmatrix` by the prologue's barrier).
+    fn emit_zero_outside(&self, k: &mut KernelBuilder, g: &Geometry, stages: u32) {
+        let zero = k.mov::<U32>(0u32);
+        let pass_shared = g.threads * CHUNK_BYTES;
+        for stage in 0..stages {
+            let stage_base = stage * g.stage_bytes;
+            let x = self
+                .x_inside
+                .iter()
+                .enumerate()
+                .map(|(j, inside)| (stage_base + j as u32 * pass_shared, *inside));
+            let w =
+                self.weight_passes.iter().enumerate().map(|(j, pass)| {
+                    (stage_base + g.a_bytes + j as u32 * pass_shared, pass.inside)
+                });
+            for (offset, inside) in x.chain(w).collect::<Vec<_>>() {
+                let address = self.shared.at(offset as i64);
+                k.guard(!inside, |k| {
+                    k.st_vector(Store::SHARED, address, [zero; 4]);
+                });
+            }
         }
     }
 }
@@ -577,6 +876,7 @@ fn emit_copy_setup(
     m: Reg<U32>,
     n: Reg<U32>,
     smem_base: Reg<U32>,
+    zero_fill: bool,
 ) -> CopySetup {
     k.comment(&format!(
         "copies: thread t moves chunk (t % {cpr}) of row t / {cpr} (+{rpp} rows per pass) of \
@@ -595,13 +895,19 @@ fn emit_copy_setup(
     let x_row = k.add(row0, row_in_slice);
     let x_offset = k.mad_wide(x_row, g.row_bytes, chunk_bytes);
     let x_source = k.add(x, x_offset);
-    let x_bytes = (0..g.a_rows / g.rows_per_pass)
+    let x_inside: Vec<Reg<Pred>> = (0..g.a_rows / g.rows_per_pass)
         .map(|j| {
             let row = k.add(x_row, j * g.rows_per_pass);
-            let inside = k.setp(Cmp::Lt, row, m);
-            k.select(inside, CHUNK_BYTES, 0u32)
+            k.setp(Cmp::Lt, row, m)
         })
         .collect();
+    let x_bytes = match zero_fill {
+        true => x_inside
+            .iter()
+            .map(|inside| k.select(*inside, CHUNK_BYTES, 0u32))
+            .collect(),
+        false => Vec::new(),
+    };
 
     let column = k.add(col0, row_in_slice);
     let gate_offset = k.mad_wide(column, g.row_bytes, chunk_bytes);
@@ -623,10 +929,11 @@ fn emit_copy_setup(
             };
             let output_column = k.add(column, row);
             let inside = k.setp(Cmp::Lt, output_column, n);
-            let bytes = k.select(inside, CHUNK_BYTES, 0u32);
+            let bytes = zero_fill.then(|| k.select(inside, CHUNK_BYTES, 0u32));
             WeightPass {
                 source,
                 global_offset: (row * g.row_bytes) as i64,
+                inside,
                 bytes,
             }
         })
@@ -634,18 +941,27 @@ fn emit_copy_setup(
     CopySetup {
         shared,
         x_source,
+        x_inside,
         x_bytes,
         weight_sources,
         weight_passes,
     }
 }
 
-/// Per-lane `ldmatrix` addresses (stage 0) for each 16-wide K step of a slice.
+/// Per-lane `ldmatrix` addresses (stage 0) of the first 16-wide K step of a slice.
+///
+/// K step `s` of a slice is chunk `2s` further along the row, and its swizzled address is
+/// that of step 0 XOR `32·s` bytes: the chunk is `row · cpr + h + 2s` with `h` ∈ {0, 1}
+/// and `h + 2s < cpr`, so `h + 2s = h | 2s`, and the swizzle's XOR term
+/// `(chunk >> 3) & 7` does not depend on `s` (it is `row & 7` for `cpr` = 8 and
+/// `(row >> 1) & 7` for `cpr` = 4). Every base added to these offsets (shared window,
+/// warp rows, the weight's start, stages, m-tile rows) is a multiple of 128 bytes, so the
+/// XOR commutes with those additions: one `xor` per step replaces a register per step.
 struct FragmentSetup {
-    /// `x` fragments of the warp's first m tile, per K step; m tile `i` is `+i·16` rows.
-    a: Vec<Reg<U32>>,
-    /// Weight fragments of the warp's first 16 weight rows, per K step.
-    b: Vec<Reg<U32>>,
+    /// `x` fragments of the warp's first m tile; m tile `i` is `+i·16` rows.
+    a: Reg<U32>,
+    /// Weight fragments of the warp's first 16 weight rows.
+    b: Reg<U32>,
 }
 
 fn emit_fragment_setup(
@@ -682,20 +998,16 @@ fn emit_fragment_setup(
     let a_first = k.add(a_first, a_half);
     let b_first = k.mul(b_row, cpr);
     let b_first = k.add(b_first, b_half);
-    let mut a = Vec::new();
-    let mut b = Vec::new();
-    for step in 0..g.k_steps {
-        let a_chunk = k.add(a_first, 2 * step);
-        let a_bytes = swizzled_chunk_bytes(k, a_chunk);
-        a.push(k.add(a_base, a_bytes));
-        let b_chunk = k.add(b_first, 2 * step);
-        let b_bytes = swizzled_chunk_bytes(k, b_chunk);
-        b.push(k.add(b_base, b_bytes));
+    let a_bytes = swizzled_chunk_bytes(k, a_first);
+    let b_bytes = swizzled_chunk_bytes(k, b_first);
+    FragmentSetup {
+        a: k.add(a_base, a_bytes),
+        b: k.add(b_base, b_bytes),
     }
-    FragmentSetup { a, b }
 }
 
-/// Multiplies the slice in the stage at `read_offset` into the accumulators.
+/// Multiplies the slice in the stage at `read_offset` into the accumulators
+/// ([`Pipeline::Basic`]: per K step, its fragments then its `mma`).
 fn emit_slice_product(
     k: &mut KernelBuilder,
     spec: &GemmSpec,
@@ -704,45 +1016,12 @@ fn emit_slice_product(
     read_offset: Reg<U32>,
     acc: &[Vec<Vec<[Reg<F32>; 4]>>],
 ) {
-    let row_bytes_in_slice = (g.chunks_per_row * CHUNK_BYTES) as i64;
-    for step in 0..g.k_steps as usize {
+    for step in 0..g.k_steps {
         k.comment(&format!(
             "K step {step}: fragments, then the warp tile's mma"
         ));
-        let a_address = k.add(frag.a[step], read_offset);
-        let b_address = k.add(frag.b[step], read_offset);
-        let a: Vec<[Reg<B32>; 4]> = (0..g.m_tiles as i64)
-            .map(|i| k.ldmatrix::<4>(a_address.at(i * 16 * row_bytes_in_slice)))
-            .collect();
-        // b[set][n tile] = two registers; one ldmatrix.x4 gives two n tiles.
-        let mut b: Vec<Vec<[Reg<B32>; 2]>> = Vec::new();
-        for set in 0..acc.len() as i64 {
-            let set_rows = set * spec.tile.block_n as i64;
-            let mut tiles = Vec::new();
-            for pair in 0..(g.n_tiles / 2) as i64 {
-                let row = set_rows + pair * 16;
-                let r = k.ldmatrix::<4>(b_address.at(row * row_bytes_in_slice));
-                tiles.push([r[0], r[1]]);
-                tiles.push([r[2], r[3]]);
-            }
-            b.push(tiles);
-        }
-        for (set, per_set) in acc.iter().enumerate() {
-            for (i, row) in per_set.iter().enumerate() {
-                for step_j in 0..row.len() {
-                    // Serpentine order over n tiles: consecutive mma share an operand.
-                    let j = if i % 2 == 0 {
-                        step_j
-                    } else {
-                        row.len() - 1 - step_j
-                    };
-                    match spec.dtype {
-                        DType::BF16 => k.mma_m16n8k16_bf16(row[j], a[i], b[set][j]),
-                        _ => k.mma_m16n8k16_f16(row[j], a[i], b[set][j]),
-                    }
-                }
-            }
-        }
+        let f = load_fragments(k, spec, g, frag, read_offset, step);
+        mma_step(k, spec, acc, &f);
     }
 }
 

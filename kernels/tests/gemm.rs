@@ -7,7 +7,7 @@
 use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
 use kiln_codegen::ptxas::{self, PtxasReport};
 use kiln_ir::dtype::DType;
-use kiln_kernels::gemm::{generate, GemmSpec, GemmTile};
+use kiln_kernels::gemm::{generate, GemmSpec, GemmTile, Pipeline};
 use kiln_kernels::Epilogue;
 
 const EPILOGUES: [Epilogue; 4] = [
@@ -82,7 +82,11 @@ fn gemm_ptx_snapshots() {
 fn every_dtype_epilogue_and_tile_assembles_without_spills() {
     for dtype in [DType::F16, DType::BF16] {
         for epilogue in EPILOGUES {
-            for tile in [GemmTile::h100(epilogue), GemmTile::small(epilogue)] {
+            let basic = GemmTile {
+                pipeline: Pipeline::Basic,
+                ..GemmTile::h100(epilogue)
+            };
+            for tile in [GemmTile::h100(epilogue), GemmTile::small(epilogue), basic] {
                 let spec = GemmSpec {
                     tile,
                     ..GemmSpec::new(dtype, 4096, epilogue)
@@ -110,6 +114,7 @@ fn other_tiles_assemble_without_spills() {
             warps_n: 4,
             stages: 4,
             min_blocks_per_sm: 2,
+            pipeline: Pipeline::Fragments,
         },
         // 128×128, 4 warps of 64×64, two blocks per SM.
         GemmTile {
@@ -120,11 +125,36 @@ fn other_tiles_assemble_without_spills() {
             warps_n: 2,
             stages: 4,
             min_blocks_per_sm: 2,
+            pipeline: Pipeline::Fragments,
         },
         // 128×256 with 32-wide K slices, 4 stages.
         GemmTile {
             block_k: 32,
             stages: 4,
+            ..GemmTile::h100(Epilogue::None)
+        },
+        // 128×128 with 64-wide K slices, 3 stages, two blocks per SM.
+        GemmTile {
+            block_m: 128,
+            block_n: 128,
+            block_k: 64,
+            warps_m: 2,
+            warps_n: 2,
+            stages: 3,
+            min_blocks_per_sm: 2,
+            pipeline: Pipeline::Fragments,
+        },
+        // 256×128, 8 warps of 64×64.
+        GemmTile {
+            block_m: 256,
+            block_n: 128,
+            warps_m: 4,
+            warps_n: 2,
+            ..GemmTile::h100(Epilogue::None)
+        },
+        // Two stages (the shallowest ring the pipelined loop supports).
+        GemmTile {
+            stages: 2,
             ..GemmTile::h100(Epilogue::None)
         },
     ];
@@ -188,6 +218,51 @@ fn the_kernel_declares_its_parameters_and_launch_rule() {
         .ptx
         .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
     assert!(bf16.ptx.contains("cvt.rn.bf16x2.f32"));
+}
+
+/// The pipelined main loop: one barrier per slice, placed after the fragments of the slice's
+/// second-to-last step and before the `ldmatrix` of the next slice's first; the refill is
+/// predicated (no branch inside the loop) and no copy zero-fills through an address.
+/// `Pipeline::Basic` keeps the first version's loop under its own entry name.
+#[test]
+fn the_pipelined_loop_has_one_barrier_per_slice_and_no_refill_branch() {
+    let spec = GemmSpec::new(DType::F16, 4096, Epilogue::None);
+    let kernel = generate(&spec).unwrap();
+    let body = kernel
+        .ptx
+        .split("$L_for_0:")
+        .nth(1)
+        .and_then(|rest| rest.split("$L_for_0_end:").next())
+        .unwrap();
+    assert_eq!(body.matches("bar.sync").count(), 1);
+    assert_eq!(
+        body.matches("bra ").count(),
+        2,
+        "loop test and back edge only"
+    );
+    let barrier = body.find("bar.sync").unwrap();
+    let before = &body[..barrier];
+    let after = &body[barrier..];
+    assert_eq!(before.matches("ldmatrix").count(), 3 * 8);
+    assert_eq!(after.matches("ldmatrix").count(), 8);
+    assert_eq!(before.matches("mma.sync").count(), 3 * 32);
+    assert_eq!(after.matches("mma.sync").count(), 32);
+    assert!(!kernel.ptx.contains("], 16, "), "no source-size zero fill");
+
+    let basic = GemmSpec {
+        tile: GemmTile {
+            pipeline: Pipeline::Basic,
+            ..spec.tile
+        },
+        ..spec
+    };
+    let basic = generate(&basic).unwrap();
+    assert_eq!(basic.entry, format!("{}_basic", kernel.entry));
+    assert!(
+        basic.ptx.contains("], 16, %r"),
+        "Basic zero-fills through the source size"
+    );
+    assert_ne!(basic.ptx, kernel.ptx);
 }
 
 #[test]
