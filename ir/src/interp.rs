@@ -528,7 +528,167 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             out.dtype = dtype;
             Ok(vec![out])
         }
+        // Fused forms are evaluated as the plain ops they stand for (see `op`), through
+        // `eval_plain`, so each keeps the plain ops' single implementation.
+        Op::FusedMap { steps } => Ok(vec![fused_map(steps, operands, dtype)?]),
+        Op::SwiGluLinear => {
+            // One product against [gate; up], each half rounded, then silu(g) · u in f32.
+            let both = eval_plain(Op::Linear, operands, dtype, bindings)?;
+            let width = *both.shape.last().expect("rank ≥ 1") / 2;
+            let data = both
+                .data
+                .chunks(2 * width.max(1))
+                .flat_map(|row| {
+                    (0..width).map(move |j| {
+                        let (g, u) = (row[j], row[width + j]);
+                        g / (1.0 + (-g).exp()) * u
+                    })
+                })
+                .collect();
+            let mut shape = both.shape.clone();
+            *shape.last_mut().expect("rank ≥ 1") = width;
+            one(shape, data)
+        }
+        Op::LinearAdd => {
+            let product = eval_plain(Op::Linear, &operands[..2], dtype, bindings)?;
+            Ok(vec![eval_plain(
+                Op::Add,
+                &[&product, operands[2]],
+                dtype,
+                bindings,
+            )?])
+        }
+        Op::AddRmsNorm { eps } => {
+            let sum = eval_plain(Op::Add, &operands[..2], dtype, bindings)?;
+            let normed = eval_plain(
+                Op::RmsNorm { eps: *eps },
+                &[&sum, operands[2]],
+                dtype,
+                bindings,
+            )?;
+            Ok(vec![sum, normed])
+        }
+        Op::QuantizedLinear { scheme } => {
+            let weight = eval_plain(
+                Op::Dequantize {
+                    scheme: *scheme,
+                    to: dtype,
+                },
+                &operands[1..],
+                dtype,
+                bindings,
+            )?;
+            Ok(vec![eval_plain(
+                Op::Linear,
+                &[operands[0], &weight],
+                dtype,
+                bindings,
+            )?])
+        }
+        Op::CausalMask => {
+            let scores = operands[0];
+            let (batch, s, t) = (scores.shape[0], scores.shape[2], scores.shape[3]);
+            let mut data = Vec::with_capacity(batch * s * t);
+            for b in 0..batch {
+                let length = match operands.get(1) {
+                    Some(lengths) => {
+                        let length = lengths.data[b];
+                        if length < s as f32 || length > t as f32 {
+                            return Err(format!(
+                                "sequence {b} has length {length}, expected {s}..={t}"
+                            ));
+                        }
+                        length as usize
+                    }
+                    None if t < s => {
+                        return Err(format!(
+                            "a causal mask needs at least as many keys ({t}) as queries ({s})"
+                        ))
+                    }
+                    None => t,
+                };
+                for i in 0..s {
+                    let seen = length - (s - 1 - i);
+                    data.extend((0..t).map(|j| if j < seen { 0.0 } else { f32::NEG_INFINITY }));
+                }
+            }
+            one(vec![batch, 1, s, t], data)
+        }
     }
+}
+
+/// Evaluates plain `op` on `operands` as a node of `dtype` would, rounding its (single) result
+/// to `dtype` as `run` rounds node results.
+fn eval_plain(
+    op: Op,
+    operands: &[&Tensor],
+    dtype: crate::dtype::DType,
+    bindings: &Bindings,
+) -> Result<Tensor, String> {
+    let node = Node {
+        op,
+        inputs: Vec::new(),
+        outputs: vec![crate::graph::TensorType::new(
+            dtype,
+            crate::shape::Shape::default(),
+        )],
+        label: String::new(),
+    };
+    let result = eval(&node, operands, bindings)?.remove(0);
+    Ok(result.cast(dtype))
+}
+
+/// Runs a fused elementwise program step by step on whole tensors, in f32, with the plain
+/// ops' broadcasting and formulas; only the result carries `dtype` (and is rounded by `run`).
+fn fused_map(
+    steps: &[crate::op::MapStep],
+    operands: &[&Tensor],
+    dtype: crate::dtype::DType,
+) -> Result<Tensor, String> {
+    use crate::dtype::DType;
+    use crate::op::MapStep;
+    let mut values: Vec<Tensor> = Vec::with_capacity(steps.len());
+    for step in steps {
+        let value = match *step {
+            MapStep::Operand { index } => {
+                let x = operands
+                    .get(index)
+                    .ok_or_else(|| format!("operand {index} does not exist"))?;
+                Tensor {
+                    dtype: DType::F32,
+                    shape: x.shape.clone(),
+                    data: x.data.clone(),
+                }
+            }
+            MapStep::Constant { value } => Tensor::f32(&[], vec![value]),
+            MapStep::Add { a, b } => {
+                broadcast_binary(&values[a], &values[b], DType::F32, |a, b| a + b)?
+            }
+            MapStep::Mul { a, b } => {
+                broadcast_binary(&values[a], &values[b], DType::F32, |a, b| a * b)?
+            }
+            MapStep::Silu { x } => {
+                let v = &values[x];
+                Tensor {
+                    dtype: DType::F32,
+                    shape: v.shape.clone(),
+                    data: v.data.iter().map(|&x| x / (1.0 + (-x).exp())).collect(),
+                }
+            }
+            MapStep::Sigmoid { x } => {
+                let v = &values[x];
+                Tensor {
+                    dtype: DType::F32,
+                    shape: v.shape.clone(),
+                    data: v.data.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+                }
+            }
+        };
+        values.push(value);
+    }
+    let mut result = values.pop().ok_or("a fused map needs at least one step")?;
+    result.dtype = dtype;
+    Ok(result)
 }
 
 /// Dot product accumulated in f64.

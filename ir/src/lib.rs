@@ -23,6 +23,7 @@ pub mod graph;
 pub mod interp;
 pub mod model;
 pub mod op;
+pub mod rewrite;
 pub mod shape;
 pub mod tensor;
 pub mod verify;

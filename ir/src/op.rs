@@ -150,6 +150,57 @@ pub enum Op {
     Quantize { scheme: QuantScheme },
     /// `(q, scale[, zero]) → [.., K] float of dtype `to``, the inverse map of `Quantize`.
     Dequantize { scheme: QuantScheme, to: DType },
+
+    // Fused forms. The rewriter (`rewrite`) produces them from the plain ops above; each is
+    // defined as the plain computation it replaces, with intermediates kept in f32 (a kernel
+    // keeps them in registers) and the result rounded once to its dtype.
+    /// `(x₀, x₁, …) → y`: an elementwise program over operands of one float dtype, each
+    /// broadcast numpy-style to `y`'s shape (the broadcast of all operand shapes). `steps` are
+    /// evaluated in order per element in f32 exactly as the plain ops compute them (`Add`,
+    /// `Mul`, `Silu` = `v / (1 + e^(−v))`, `Sigmoid`); a step reads operands or earlier steps,
+    /// every operand and every step but the last is used, and the last step is the result,
+    /// rounded to the dtype. Intermediates are not rounded.
+    FusedMap { steps: Vec<MapStep> },
+    /// `(x [.., H], w [2I, H]) → [.., I]`: a SwiGLU MLP's first half as one GEMM over the gate
+    /// and up weights concatenated (`w = [gate; up]`): `g = x · w[..I]ᵀ`, `u = x · w[I..]ᵀ`
+    /// (f64 accumulation, each rounded to the dtype), then `silu(g) · u` in f32.
+    SwiGluLinear,
+    /// `(x [.., K], w [N, K], addend) → [.., N]`: `x · wᵀ` (f64 accumulation, rounded to the
+    /// dtype) `+ addend`, a linear with its epilogue fused: a bias `[N]` or a residual
+    /// `[.., N]`. The addend broadcasts to the result's shape and must not enlarge it.
+    LinearAdd,
+    /// `(x [.., H], residual [.., H], weight [H]) → (sum [.., H], normed [.., H])`: a residual
+    /// add and the RMSNorm that reads it: `sum = x + residual` (rounded to the dtype) and
+    /// `normed = RmsNorm { eps }(sum, weight)`.
+    AddRmsNorm { eps: f32 },
+    /// `(x [.., K] float, q [N, K] i4|i8, scale [N, K/g] f16[, zero [N, K/g] f16]) → [.., N]`:
+    /// `x · wᵀ` with `w = Dequantize { scheme, to: x's dtype }(q, scale[, zero])` (rounded to
+    /// the dtype), accumulated in f64; a dequantize fused into its matmul.
+    QuantizedLinear { scheme: QuantScheme },
+    /// `(scores [B, H, S, T] float[, lengths [B] i32]) → [B, 1, S, T]`: the additive mask of
+    /// causal attention, 0 where query `i` of sequence `b` sees key `j` and −∞ elsewhere. It
+    /// sees `j < L − (S − 1 − i)` with `L = lengths[b]` (the rule of `AttentionDecode`; needs
+    /// `S ≤ L ≤ T`), or `L = T` without lengths (the rule of causal `Attention`). Only the
+    /// shape of `scores` is read.
+    CausalMask,
+}
+
+/// One step of a [`Op::FusedMap`] program; steps refer to operands and earlier steps by index.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum MapStep {
+    /// Operand `index` of the node, broadcast to the result shape.
+    Operand { index: usize },
+    /// A scalar constant (already rounded to the dtype).
+    Constant { value: f32 },
+    /// `a + b`.
+    Add { a: usize, b: usize },
+    /// `a · b`.
+    Mul { a: usize, b: usize },
+    /// `x · sigmoid(x)`.
+    Silu { x: usize },
+    /// `1 / (1 + e^(−x))`.
+    Sigmoid { x: usize },
 }
 
 impl Op {
@@ -183,11 +234,17 @@ impl Op {
             Op::Cast { .. } => "cast",
             Op::Quantize { .. } => "quantize",
             Op::Dequantize { .. } => "dequantize",
+            Op::FusedMap { .. } => "fused_map",
+            Op::SwiGluLinear => "swiglu_linear",
+            Op::LinearAdd => "linear_add",
+            Op::AddRmsNorm { .. } => "add_rms_norm",
+            Op::QuantizedLinear { .. } => "quantized_linear",
+            Op::CausalMask => "causal_mask",
         }
     }
 
     /// Every op name, for documentation and coverage tests.
-    pub const NAMES: [&'static str; 27] = [
+    pub const NAMES: [&'static str; 33] = [
         "input",
         "constant",
         "embedding",
@@ -215,5 +272,11 @@ impl Op {
         "cast",
         "quantize",
         "dequantize",
+        "fused_map",
+        "swiglu_linear",
+        "linear_add",
+        "add_rms_norm",
+        "quantized_linear",
+        "causal_mask",
     ];
 }

@@ -539,7 +539,155 @@ pub fn infer(op: &Op, operands: &[TensorType]) -> Rule {
             }
             Ok(vec![TensorType::new(*to, q.shape.clone())])
         }
+        Op::FusedMap { steps } => {
+            let first = operands
+                .first()
+                .ok_or_else(|| "expected at least one operand".to_string())?;
+            expect_float("operand 0", first)?;
+            let mut shape = first.shape.clone();
+            for (i, ty) in operands.iter().enumerate() {
+                expect_same_dtype("operand 0", first, &format!("operand {i}"), ty)?;
+                shape = broadcast(&shape, &ty.shape)?;
+            }
+            check_map_steps(steps, operands.len())?;
+            Ok(vec![TensorType::new(first.dtype, shape)])
+        }
+        Op::SwiGluLinear => {
+            expect_count(operands, 2)?;
+            let (x, weight) = (&operands[0], &operands[1]);
+            expect_float("input", x)?;
+            expect_min_rank("input", x, 1)?;
+            expect_rank("weight [2I, H]", weight, 2)?;
+            expect_same_dtype("input", x, "weight", weight)?;
+            expect_dim(
+                "weight [2I, H]: H",
+                &dims(weight)[1],
+                x.shape.last().expect("rank ≥ 1"),
+            )?;
+            let width = match dims(weight)[0].as_const() {
+                Some(rows) if rows % 2 == 0 && rows > 0 => rows / 2,
+                _ => {
+                    return Err(format!(
+                        "weight rows must be a known even size (gate and up stacked), got {weight}"
+                    ))
+                }
+            };
+            Ok(vec![TensorType::new(
+                x.dtype,
+                with_last(&x.shape, Dim::Const(width)),
+            )])
+        }
+        Op::LinearAdd => {
+            expect_count(operands, 3)?;
+            let out = infer(&Op::Linear, &operands[..2])?.remove(0);
+            let addend = &operands[2];
+            expect_same_dtype("input", &operands[0], "addend", addend)?;
+            if broadcast(&out.shape, &addend.shape)? != out.shape {
+                return Err(format!(
+                    "addend {addend} must broadcast to the product {out} without enlarging it"
+                ));
+            }
+            Ok(vec![out])
+        }
+        Op::AddRmsNorm { eps } => {
+            expect_count(operands, 3)?;
+            let (x, residual) = (&operands[0], &operands[1]);
+            if x != residual {
+                return Err(format!(
+                    "input ({x}) and residual ({residual}) must have the same type"
+                ));
+            }
+            let normed = infer(
+                &Op::RmsNorm { eps: *eps },
+                &[x.clone(), operands[2].clone()],
+            )?
+            .remove(0);
+            Ok(vec![normed.clone(), normed])
+        }
+        Op::QuantizedLinear { scheme } => {
+            expect_count(operands, if scheme.symmetric { 3 } else { 4 })?;
+            let x = &operands[0];
+            expect_float("input", x)?;
+            expect_rank("quantized weight [N, K]", &operands[1], 2)?;
+            let weight = infer(
+                &Op::Dequantize {
+                    scheme: *scheme,
+                    to: x.dtype,
+                },
+                &operands[1..],
+            )?
+            .remove(0);
+            infer(&Op::Linear, &[x.clone(), weight])
+        }
+        Op::CausalMask => {
+            if operands.is_empty() || operands.len() > 2 {
+                return Err(format!(
+                    "expected 1 or 2 operands (scores[, lengths]), got {}",
+                    operands.len()
+                ));
+            }
+            let scores = &operands[0];
+            expect_float("scores", scores)?;
+            expect_rank("scores [B, H, S, T]", scores, 4)?;
+            if let Some(lengths) = operands.get(1) {
+                expect_dtype("lengths", lengths, DType::I32)?;
+                expect_rank("lengths [B]", lengths, 1)?;
+                expect_dim("lengths' batch", &dims(lengths)[0], &dims(scores)[0])?;
+            }
+            let d = dims(scores);
+            Ok(vec![TensorType::new(
+                scores.dtype,
+                Shape(vec![
+                    d[0].clone(),
+                    Dim::Const(1),
+                    d[2].clone(),
+                    d[3].clone(),
+                ]),
+            )])
+        }
     }
+}
+
+/// Checks a [`crate::op::MapStep`] program over `operands` operands: indices in range, steps
+/// reading only earlier steps, every operand and every step but the last used.
+fn check_map_steps(steps: &[crate::op::MapStep], operands: usize) -> Result<(), String> {
+    use crate::op::MapStep;
+    if steps.is_empty() {
+        return Err("a fused map needs at least one step".to_string());
+    }
+    let mut operand_used = vec![false; operands];
+    let mut step_used = vec![false; steps.len()];
+    for (k, step) in steps.iter().enumerate() {
+        let reads: &[usize] = match step {
+            MapStep::Operand { index } => {
+                if *index >= operands {
+                    return Err(format!(
+                        "step {k} reads operand {index}, but there are {operands}"
+                    ));
+                }
+                operand_used[*index] = true;
+                &[]
+            }
+            MapStep::Constant { .. } => &[],
+            MapStep::Add { a, b } | MapStep::Mul { a, b } => &[*a, *b],
+            MapStep::Silu { x } | MapStep::Sigmoid { x } => std::slice::from_ref(x),
+        };
+        for &r in reads {
+            if r >= k {
+                return Err(format!(
+                    "step {k} reads step {r}, which does not come before it"
+                ));
+            }
+            step_used[r] = true;
+        }
+    }
+    if let Some(i) = operand_used.iter().position(|used| !used) {
+        return Err(format!("operand {i} is not read by any step"));
+    }
+    if let Some(k) = step_used[..steps.len() - 1].iter().position(|used| !used) {
+        return Err(format!("step {k} is computed but never used"));
+    }
+    Ok(())
 }
 
 /// Checks a quantisation scheme against the shape it applies to; returns the group count.

@@ -202,6 +202,23 @@ const OP_TESTS: &[(&str, fn())] = &[
         "quantize_round_trip_error_is_bounded",
         quantize_round_trip_error_is_bounded,
     ),
+    ("fused_map_by_hand", fused_map_by_hand),
+    (
+        "fused_map_matches_the_unfused_chain",
+        fused_map_matches_the_unfused_chain,
+    ),
+    ("swiglu_linear_by_hand", swiglu_linear_by_hand),
+    (
+        "swiglu_linear_matches_gate_and_up",
+        swiglu_linear_matches_gate_and_up,
+    ),
+    ("linear_add_by_hand", linear_add_by_hand),
+    ("add_rms_norm_by_hand", add_rms_norm_by_hand),
+    (
+        "quantized_linear_matches_dequantize_then_linear",
+        quantized_linear_matches_dequantize_then_linear,
+    ),
+    ("causal_mask_by_hand", causal_mask_by_hand),
 ];
 
 #[test]
@@ -1859,6 +1876,250 @@ fn quantize_round_trip_error_is_bounded() {
             assert!(e8 * 8.0 < e4, "8-bit error {e8} vs 4-bit {e4}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused forms (produced by `rewrite`)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn fused_map_by_hand() {
+    use kiln_ir::op::MapStep::*;
+    let mut g = Graph::new("fused_map");
+    let x = act(&mut g, "x", DType::F32, &[2, 2]);
+    let y = act(&mut g, "y", DType::F32, &[2]);
+    // (x · y + 1) · y, with y broadcast along rows.
+    let steps = vec![
+        Operand { index: 0 },
+        Operand { index: 1 },
+        Mul { a: 0, b: 1 },
+        Constant { value: 1.0 },
+        Add { a: 2, b: 3 },
+        Mul { a: 4, b: 1 },
+    ];
+    let z = g.add1("z", Op::FusedMap { steps }, &[x, y]).unwrap();
+    g.output("z", z);
+    let out = run(
+        &g,
+        vec![
+            ("x", Tensor::f32(&[2, 2], vec![1., 2., 3., 4.])),
+            ("y", Tensor::f32(&[2], vec![0.5, -1.])),
+        ],
+    );
+    // x · y = [[0.5, −2], [1.5, −4]]; + 1 = [[1.5, −1], [2.5, −3]]; · y = [[0.75, 1], [1.25, 3]].
+    assert_values(&out["z"], &[2, 2], &[0.75, 1.0, 1.25, 3.0], 0.0);
+}
+
+#[test]
+fn fused_map_matches_the_unfused_chain() {
+    use kiln_ir::op::MapStep::*;
+    let mut r = rng(91);
+    let xt = Tensor::normal(DType::F32, &[3, 4], 2.0, &mut r);
+    let yt = Tensor::normal(DType::F32, &[4], 2.0, &mut r);
+    let zt = Tensor::normal(DType::F32, &[3, 1], 2.0, &mut r);
+    let mut g = Graph::new("chain");
+    let x = act(&mut g, "x", DType::F32, &[3, 4]);
+    let y = act(&mut g, "y", DType::F32, &[4]);
+    let z = act(&mut g, "z", DType::F32, &[3, 1]);
+    // silu(x) · y + sigmoid(z), as plain ops and as one map.
+    let a = g.add1("silu", Op::Silu, &[x]).unwrap();
+    let b = g.add1("mul", Op::Mul, &[a, y]).unwrap();
+    let c = g.add1("sigmoid", Op::Sigmoid, &[z]).unwrap();
+    let plain = g.add1("add", Op::Add, &[b, c]).unwrap();
+    let steps = vec![
+        Operand { index: 0 },
+        Silu { x: 0 },
+        Operand { index: 1 },
+        Mul { a: 1, b: 2 },
+        Operand { index: 2 },
+        Sigmoid { x: 4 },
+        Add { a: 3, b: 5 },
+    ];
+    let fused = g.add1("fused", Op::FusedMap { steps }, &[x, y, z]).unwrap();
+    g.output("plain", plain);
+    g.output("fused", fused);
+    let out = run(&g, vec![("x", xt), ("y", yt), ("z", zt)]);
+    // In f32 the map does the plain ops' arithmetic in the same order: bit for bit equal.
+    assert_eq!(out["fused"], out["plain"]);
+}
+
+#[test]
+fn swiglu_linear_by_hand() {
+    let mut g = Graph::new("swiglu");
+    let x = act(&mut g, "x", DType::F32, &[1, 2]);
+    let w = weight(&mut g, "w", DType::F32, &[2, 2]);
+    let y = g.add1("y", Op::SwiGluLinear, &[x, w]).unwrap();
+    g.output("y", y);
+    let out = run(
+        &g,
+        vec![
+            ("x", Tensor::f32(&[1, 2], vec![1., 2.])),
+            ("w", Tensor::f32(&[2, 2], vec![1., 0., 0., 1.])),
+        ],
+    );
+    // gate row [1, 0] gives g = 1, up row [0, 1] gives u = 2:
+    // silu(1) · 2 = 2 / (1 + e⁻¹) = 1.4621172.
+    assert_values(&out["y"], &[1, 1], &[1.462_117_2], TOL);
+}
+
+#[test]
+fn swiglu_linear_matches_gate_and_up() {
+    let mut r = rng(92);
+    let (hidden, width) = (8, 6);
+    let xt = Tensor::normal(DType::F32, &[2, 3, hidden], 1.0, &mut r);
+    let gate_t = Tensor::normal(DType::F32, &[width, hidden], 0.5, &mut r);
+    let up_t = Tensor::normal(DType::F32, &[width, hidden], 0.5, &mut r);
+    let mut g = Graph::new("swiglu");
+    let x = act(&mut g, "x", DType::F32, &[2, 3, hidden]);
+    let gate = weight(&mut g, "gate", DType::F32, &[width, hidden]);
+    let up = weight(&mut g, "up", DType::F32, &[width, hidden]);
+    let gx = g.add1("gate_x", Op::Linear, &[x, gate]).unwrap();
+    let ux = g.add1("up_x", Op::Linear, &[x, up]).unwrap();
+    let act_ = g.add1("silu", Op::Silu, &[gx]).unwrap();
+    let plain = g.add1("mul", Op::Mul, &[act_, ux]).unwrap();
+    let stacked = g
+        .add1("stack", Op::Concat { axis: 0 }, &[gate, up])
+        .unwrap();
+    let fused = g.add1("fused", Op::SwiGluLinear, &[x, stacked]).unwrap();
+    g.output("plain", plain);
+    g.output("fused", fused);
+    let out = run(&g, vec![("x", xt), ("gate", gate_t), ("up", up_t)]);
+    assert_eq!(out["fused"].shape, vec![2, 3, width]);
+    assert_eq!(out["fused"], out["plain"]);
+}
+
+#[test]
+fn linear_add_by_hand() {
+    let mut g = Graph::new("linear_add");
+    let x = act(&mut g, "x", DType::F32, &[2, 2]);
+    let w = weight(&mut g, "w", DType::F32, &[2, 2]);
+    let bias = weight(&mut g, "bias", DType::F32, &[2]);
+    let residual = act(&mut g, "residual", DType::F32, &[2, 2]);
+    let with_bias = g.add1("bias", Op::LinearAdd, &[x, w, bias]).unwrap();
+    let with_residual = g
+        .add1("residual", Op::LinearAdd, &[x, w, residual])
+        .unwrap();
+    g.output("with_bias", with_bias);
+    g.output("with_residual", with_residual);
+    let out = run(
+        &g,
+        vec![
+            ("x", Tensor::f32(&[2, 2], vec![1., 2., 3., 4.])),
+            ("w", Tensor::f32(&[2, 2], vec![1., 1., 2., 0.])),
+            ("bias", Tensor::f32(&[2], vec![10., 20.])),
+            ("residual", Tensor::f32(&[2, 2], vec![-1., -2., -3., -4.])),
+        ],
+    );
+    // x · wᵀ = [[1+2, 2], [3+4, 6]] = [[3, 2], [7, 6]].
+    assert_values(&out["with_bias"], &[2, 2], &[13., 22., 17., 26.], 0.0);
+    assert_values(&out["with_residual"], &[2, 2], &[2., 0., 4., 2.], 0.0);
+}
+
+#[test]
+fn add_rms_norm_by_hand() {
+    let mut g = Graph::new("add_rms_norm");
+    let x = act(&mut g, "x", DType::F32, &[1, 2]);
+    let residual = act(&mut g, "residual", DType::F32, &[1, 2]);
+    let w = weight(&mut g, "w", DType::F32, &[2]);
+    let both = g
+        .add("fused", Op::AddRmsNorm { eps: 1e-6 }, &[x, residual, w])
+        .unwrap();
+    g.output("sum", both[0]);
+    g.output("normed", both[1]);
+    let out = run(
+        &g,
+        vec![
+            ("x", Tensor::f32(&[1, 2], vec![1., 2.])),
+            ("residual", Tensor::f32(&[1, 2], vec![2., 2.])),
+            ("w", Tensor::f32(&[2], vec![1., 0.5])),
+        ],
+    );
+    // sum = [3, 4]; rms = sqrt((9 + 16) / 2) = sqrt(12.5) = 3.5355339;
+    // normed = [3, 4] / 3.5355339 · [1, 0.5] = [0.8485281, 0.5656854].
+    assert_values(&out["sum"], &[1, 2], &[3., 4.], 0.0);
+    assert_values(&out["normed"], &[1, 2], &[0.848_528_1, 0.565_685_4], TOL);
+}
+
+#[test]
+fn quantized_linear_matches_dequantize_then_linear() {
+    let mut r = rng(93);
+    let (n, k) = (5, 64);
+    for (bits, symmetric) in [(4, true), (8, false)] {
+        let s = scheme(bits, 32, symmetric, 1.0);
+        let mut g = Graph::new("qlinear");
+        let x = act(&mut g, "x", DType::F32, &[3, k]);
+        let w = weight(&mut g, "w", DType::F32, &[n, k]);
+        let q = g.add("q", Op::Quantize { scheme: s }, &[w]).unwrap();
+        let dq = g
+            .add1(
+                "dq",
+                Op::Dequantize {
+                    scheme: s,
+                    to: DType::F32,
+                },
+                &q,
+            )
+            .unwrap();
+        let plain = g.add1("plain", Op::Linear, &[x, dq]).unwrap();
+        let mut operands = vec![x];
+        operands.extend(&q);
+        let fused = g
+            .add1("fused", Op::QuantizedLinear { scheme: s }, &operands)
+            .unwrap();
+        g.output("plain", plain);
+        g.output("fused", fused);
+        let out = run(
+            &g,
+            vec![
+                ("x", Tensor::normal(DType::F32, &[3, k], 1.0, &mut r)),
+                ("w", Tensor::normal(DType::F32, &[n, k], 0.2, &mut r)),
+            ],
+        );
+        assert_eq!(out["fused"].shape, vec![3, n]);
+        assert_eq!(out["fused"], out["plain"], "{bits}-bit sym={symmetric}");
+    }
+}
+
+#[test]
+fn causal_mask_by_hand() {
+    let mut g = Graph::new("mask");
+    let prefill = act(&mut g, "prefill", DType::F32, &[1, 3, 2, 3]);
+    let decode = act(&mut g, "decode", DType::F32, &[2, 1, 1, 4]);
+    let lengths = act(&mut g, "lengths", DType::I32, &[2]);
+    let causal = g.add1("causal", Op::CausalMask, &[prefill]).unwrap();
+    let by_length = g
+        .add1("by_length", Op::CausalMask, &[decode, lengths])
+        .unwrap();
+    g.output("causal", causal);
+    g.output("by_length", by_length);
+    let out = run(
+        &g,
+        vec![
+            ("prefill", Tensor::zeros(DType::F32, &[1, 3, 2, 3])),
+            ("decode", Tensor::zeros(DType::F32, &[2, 1, 1, 4])),
+            ("lengths", Tensor::i32(&[2], &[2, 4])),
+        ],
+    );
+    let inf = f32::NEG_INFINITY;
+    // S = 2 queries, T = 3 keys: query i sees j ≤ i + T − S = i + 1.
+    assert_eq!(out["causal"].shape, vec![1, 1, 2, 3]);
+    assert_eq!(out["causal"].data, vec![0., 0., inf, 0., 0., 0.]);
+    // One query per sequence sees j < length: 2 and 4 keys.
+    assert_eq!(out["by_length"].shape, vec![2, 1, 1, 4]);
+    assert_eq!(
+        out["by_length"].data,
+        vec![0., 0., inf, inf, 0., 0., 0., 0.]
+    );
+    // A length below the query count is an error that names the node.
+    let err = run_err(
+        &g,
+        vec![
+            ("prefill", Tensor::zeros(DType::F32, &[1, 3, 2, 3])),
+            ("decode", Tensor::zeros(DType::F32, &[2, 1, 1, 4])),
+            ("lengths", Tensor::i32(&[2], &[0, 4])),
+        ],
+    );
+    assert!(err.to_string().contains("by_length"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -46,9 +46,31 @@ impl Phase {
     }
 }
 
+/// Choices about the form of the graphs the builder emits; the default is the form above.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildOptions {
+    /// Emit attention as a framework exporter would, in plain ops, instead of `Attention` /
+    /// `AttentionDecode`: heads moved forward by `Transpose`, grouped-query K/V heads repeated
+    /// (`Reshape` + `Concat` + `Reshape`), `softmax(scale · QKᵀ + mask) · V` with `MatMul`,
+    /// `Mul` by a constant, `Add` of a `CausalMask` (with the decode lengths) and `Softmax`,
+    /// and the heads moved back. It computes the same values; the rewriter recovers the
+    /// attention op from it.
+    pub decompose_attention: bool,
+}
+
 /// Builds the whole model: embedding, every decoder layer, final norm and LM head.
 pub fn build_model(config: &ModelConfig, phase: Phase) -> Result<Graph, VerifyError> {
+    build_model_with(config, phase, &BuildOptions::default())
+}
+
+/// [`build_model`] with [`BuildOptions`].
+pub fn build_model_with(
+    config: &ModelConfig,
+    phase: Phase,
+    options: &BuildOptions,
+) -> Result<Graph, VerifyError> {
     let mut b = Builder::new(config, phase, &format!("{}.{}", config.name, phase.name()));
+    b.options = options.clone();
     let ids = b.activation("input_ids", DType::I32, b.tokens_shape(&[]))?;
     let table = b.weight(
         "model.embed_tokens.weight",
@@ -89,8 +111,19 @@ pub fn build_model(config: &ModelConfig, phase: Phase) -> Result<Graph, VerifyEr
 /// Builds one decoder layer: input `hidden` `[batch, seq, hidden]` → output `hidden`, with the
 /// layer's KV cache in and out.
 pub fn build_layer(config: &ModelConfig, layer: usize, phase: Phase) -> Result<Graph, VerifyError> {
+    build_layer_with(config, layer, phase, &BuildOptions::default())
+}
+
+/// [`build_layer`] with [`BuildOptions`].
+pub fn build_layer_with(
+    config: &ModelConfig,
+    layer: usize,
+    phase: Phase,
+    options: &BuildOptions,
+) -> Result<Graph, VerifyError> {
     let name = format!("{}.layer{layer}.{}", config.name, phase.name());
     let mut b = Builder::new(config, phase, &name);
+    b.options = options.clone();
     let hidden = b.activation(
         "hidden",
         b.config.dtype,
@@ -114,6 +147,7 @@ struct Builder<'a> {
     config: &'a ModelConfig,
     phase: Phase,
     graph: Graph,
+    options: BuildOptions,
 }
 
 impl<'a> Builder<'a> {
@@ -122,6 +156,7 @@ impl<'a> Builder<'a> {
             config,
             phase,
             graph: Graph::new(name),
+            options: BuildOptions::default(),
         }
     }
 
@@ -315,6 +350,13 @@ impl<'a> Builder<'a> {
 
         let scale = 1.0 / (head_dim as f32).sqrt();
         let attended = match common.lengths {
+            _ if self.options.decompose_attention => {
+                let (k, v) = match common.lengths {
+                    None => (k, v),
+                    Some(_) => (k_cache, v_cache),
+                };
+                self.decomposed_attention(&p, [q, k, v], common.lengths, scale)?
+            }
             None => self.graph.add1(
                 &format!("{p}.attention"),
                 Op::Attention {
@@ -343,6 +385,73 @@ impl<'a> Builder<'a> {
             heads * head_dim,
             false,
         )
+    }
+
+    /// `softmax(scale · QKᵀ + mask) · V` in plain ops (see [`BuildOptions`]); `q`, `k`, `v`
+    /// and the result are `[B, tokens, heads, D]`.
+    fn decomposed_attention(
+        &mut self,
+        p: &str,
+        [q, k, v]: [ValueId; 3],
+        lengths: Option<ValueId>,
+        scale: f32,
+    ) -> Result<ValueId, VerifyError> {
+        let c = self.config;
+        let heads_first = Op::Transpose {
+            perm: vec![0, 2, 1, 3],
+        };
+        let g = &mut self.graph;
+        let q = g.add1(&format!("{p}.q_t"), heads_first.clone(), &[q])?;
+        let mut kv = Vec::new();
+        for (name, x) in [("k", k), ("v", v)] {
+            let mut x = g.add1(&format!("{p}.{name}_t"), heads_first.clone(), &[x])?;
+            let group = c.num_attention_heads / c.num_kv_heads;
+            if group > 1 {
+                // repeat_kv: [B, Hkv, T, D] → [B, Hkv, 1, T, D] → G copies → [B, Hq, T, D].
+                let dims = g.value_type(x).expect("added above").shape.0.clone();
+                let mut unsqueezed = dims.clone();
+                unsqueezed.insert(2, Dim::Const(1));
+                let one = g.add1(
+                    &format!("{p}.{name}_unsqueeze"),
+                    Op::Reshape {
+                        shape: Shape(unsqueezed),
+                    },
+                    &[x],
+                )?;
+                let copies = g.add1(
+                    &format!("{p}.{name}_repeat"),
+                    Op::Concat { axis: 2 },
+                    &vec![one; group],
+                )?;
+                let mut repeated = dims;
+                repeated[1] = Dim::Const(c.num_attention_heads);
+                x = g.add1(
+                    &format!("{p}.{name}_repeat_kv"),
+                    Op::Reshape {
+                        shape: Shape(repeated),
+                    },
+                    &[copies],
+                )?;
+            }
+            kv.push(x);
+        }
+        let k_t = g.add1(
+            &format!("{p}.k_transposed"),
+            Op::Transpose {
+                perm: vec![0, 1, 3, 2],
+            },
+            &[kv[0]],
+        )?;
+        let scores = g.add1(&format!("{p}.scores"), Op::MatMul, &[q, k_t])?;
+        let scale = g.constant(&format!("{p}.scale"), scale, c.dtype)?;
+        let scaled = g.add1(&format!("{p}.scaled"), Op::Mul, &[scores, scale])?;
+        let mut mask_operands = vec![scaled];
+        mask_operands.extend(lengths);
+        let mask = g.add1(&format!("{p}.mask"), Op::CausalMask, &mask_operands)?;
+        let masked = g.add1(&format!("{p}.masked"), Op::Add, &[scaled, mask])?;
+        let probs = g.add1(&format!("{p}.probs"), Op::Softmax, &[masked])?;
+        let out = g.add1(&format!("{p}.context"), Op::MatMul, &[probs, kv[1]])?;
+        g.add1(&format!("{p}.context_t"), heads_first, &[out])
     }
 
     fn split_heads(

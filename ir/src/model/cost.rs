@@ -177,6 +177,21 @@ pub fn node_cost(graph: &Graph, node: &Node, bindings: &Bindings) -> Result<(f64
         Op::TopK { .. } | Op::MoeDispatch { .. } => (0.0, read_all + written),
         Op::Reshape { .. } => (0.0, 0.0),
         Op::Transpose { .. } | Op::Slice { .. } | Op::Concat { .. } => (0.0, 2.0 * written),
+        Op::FusedMap { steps } => (steps.len() as f64 * out_elements, read_all + written),
+        Op::SwiGluLinear => {
+            // Two products of K per result element, then the activation.
+            let k = *dims(operand(0)?)?.last().expect("rank ≥ 1") as f64;
+            (
+                4.0 * out_elements * k + 5.0 * out_elements,
+                read_all + written,
+            )
+        }
+        Op::LinearAdd | Op::QuantizedLinear { .. } => {
+            let k = *dims(operand(0)?)?.last().expect("rank ≥ 1") as f64;
+            (2.0 * out_elements * k + out_elements, read_all + written)
+        }
+        Op::AddRmsNorm { .. } => (6.0 * out_elements, read_all + written),
+        Op::CausalMask => (0.0, written),
     })
 }
 

@@ -8,5 +8,7 @@ pub mod builder;
 pub mod config;
 pub mod cost;
 
-pub use builder::{build_layer, build_model, Phase};
+pub use builder::{
+    build_layer, build_layer_with, build_model, build_model_with, BuildOptions, Phase,
+};
 pub use config::{Architecture, ModelConfig, ModelError, MoeConfig};
