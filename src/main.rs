@@ -35,6 +35,9 @@ enum Command {
     /// baseline of the same run: `python3 bench/torch_baselines.py --suite SUITE --out t.json`
     /// then `python3 bench/compare.py kiln.json t.json`.
     Bench(BenchArgs),
+    /// Learn a near-isometric linear embedding of a point set (NuMax, FroMax or NILE-Pro) on
+    /// the Cranelift CPU backend, writing Φ as CSV and a JSON report.
+    Embed(kiln::embed::cli::EmbedArgs),
 }
 
 #[derive(Args, Debug)]
@@ -194,6 +197,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Inspect(args) => inspect_command(args),
         Command::Bench(args) => bench_command(args),
+        Command::Embed(args) => kiln::embed::cli::embed_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

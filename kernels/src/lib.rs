@@ -8,6 +8,7 @@
 //!
 //! This crate must not touch a device: loading and launching belong to `kiln-runtime`.
 
+pub mod admm;
 pub mod elementwise;
 pub mod epilogue;
 pub mod error;
