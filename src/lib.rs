@@ -9,6 +9,7 @@
 //! `kiln-runtime` (devices, plans, execution).
 
 pub mod bench;
+pub mod compile;
 pub mod embed;
 pub mod generate;
 pub mod inspect;

@@ -38,6 +38,33 @@ enum Command {
     /// Learn a near-isometric linear embedding of a point set (NuMax, FroMax or NILE-Pro) on
     /// the Cranelift CPU backend, writing Φ as CSV and a JSON report.
     Embed(kiln::embed::cli::EmbedArgs),
+    /// Compile a model phase into a plan (plan.json), PTX per GPU kernel and a report.
+    Compile(CompileArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompileArgs {
+    /// Model: a preset name or a path to a Hugging Face config.json or its directory.
+    #[arg(long, short)]
+    model: String,
+    /// Phase to compile.
+    #[arg(long, value_parser = ["prefill", "decode"], default_value = "decode")]
+    phase: String,
+    /// What to write: any of plan, ptx, report.
+    #[arg(long, value_delimiter = ',', default_value = "plan,ptx,report")]
+    emit: Vec<String>,
+    /// Output directory (replaced only once everything is written).
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+    /// Sequences per call (for the memory plan, the cost model and GEMV/GEMM choice).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Prompt length (prefill).
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// KV cache capacity.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +215,26 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn compile_command(args: CompileArgs) -> Result<()> {
+    let config = load_config(&args.model)?;
+    let phase = if args.phase == "prefill" {
+        Phase::Prefill
+    } else {
+        Phase::Decode
+    };
+    let emit = kiln::compile::Emit::parse(&args.emit)?;
+    let bindings = kiln_ir::shape::Bindings::from_pairs(&[
+        ("batch", args.batch),
+        ("seq", args.prompt_len),
+        ("ctx", args.context),
+    ]);
+    let options = kiln::compile::CompileOptions::with_bindings(bindings);
+    let model = kiln::compile::compile(&config, phase, &options)?;
+    kiln::compile::write_output(&model, emit, &args.out)?;
+    print!("{}", model.report);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli
@@ -198,6 +245,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect_command(args),
         Command::Bench(args) => bench_command(args),
         Command::Embed(args) => kiln::embed::cli::embed_command(args),
+        Command::Compile(args) => compile_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,7 @@ pub mod interp;
 pub mod model;
 pub mod op;
 pub mod rewrite;
+pub mod schedule;
 pub mod shape;
 pub mod tensor;
 pub mod verify;

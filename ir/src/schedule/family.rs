@@ -1,0 +1,235 @@
+//! Kernel families: what one scheduled kernel computes, described at the IR level.
+//!
+//! Owns [`Family`] and [`classify`], which maps one kernel-like graph node to its family and
+//! parameters (sizes, dtype, epilogue). A family is what a generator needs to pick a spec;
+//! which generator (GEMV or GEMM, tile shapes) is the lowering's choice, not this file's.
+//! Every op without a dedicated family is [`Family::Interpreted`]: it runs through
+//! `ir::interp`. This file must not know about PTX or devices.
+
+use super::size::SymExpr;
+use crate::dtype::DType;
+use crate::graph::{Graph, Node};
+use crate::op::{MapStep, Op};
+use crate::shape::Dim;
+use serde::{Deserialize, Serialize};
+
+/// What a fused linear does after the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearEpilogue {
+    /// `x · wᵀ`.
+    None,
+    /// `x · wᵀ + bias[N]` (a `linear_add` whose addend is one row).
+    Bias,
+    /// `x · wᵀ + residual[.., N]` (a `linear_add` whose addend has the result's shape).
+    Residual,
+    /// `silu(x · gateᵀ) · (x · upᵀ)` over concatenated `[gate; up]` weights (`swiglu_linear`).
+    SwiGlu,
+}
+
+/// The family of a scheduled kernel and its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "snake_case")]
+pub enum Family {
+    /// `[rows, k] · [n, k]ᵀ` with an epilogue; `n` counts output columns (for SwiGLU the
+    /// weight has `2n` rows).
+    Linear {
+        rows: SymExpr,
+        n: usize,
+        k: usize,
+        dtype: DType,
+        epilogue: LinearEpilogue,
+    },
+    /// RMSNorm over rows of `hidden`, with the residual add fused when `residual`.
+    RmsNorm {
+        rows: SymExpr,
+        hidden: usize,
+        residual: bool,
+        eps: f32,
+        dtype: DType,
+    },
+    /// Rotary embedding of `tokens` rows of `heads × head_dim`.
+    Rope {
+        tokens: SymExpr,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
+        dtype: DType,
+    },
+    /// An elementwise program (`fused_map` or a plain `add`/`mul`/`silu`/`sigmoid`);
+    /// `broadcast` when some operand is smaller than the result (and must be broadcast).
+    Map {
+        elements: SymExpr,
+        inputs: usize,
+        steps: Vec<MapStep>,
+        broadcast: bool,
+        dtype: DType,
+    },
+    /// Any other op, run by the reference interpreter.
+    Interpreted { op: String },
+}
+
+impl Family {
+    /// The family's short name, as used in reports and placement capabilities.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::Linear { .. } => "linear",
+            Family::RmsNorm { .. } => "rms_norm",
+            Family::Rope { .. } => "rope",
+            Family::Map { .. } => "map",
+            Family::Interpreted { .. } => "interpreted",
+        }
+    }
+
+    /// The dtype the family computes in, if it has one.
+    pub fn dtype(&self) -> Option<DType> {
+        match self {
+            Family::Linear { dtype, .. }
+            | Family::RmsNorm { dtype, .. }
+            | Family::Rope { dtype, .. }
+            | Family::Map { dtype, .. } => Some(*dtype),
+            Family::Interpreted { .. } => None,
+        }
+    }
+
+    /// A short description for reports: `linear swiglu bf16 n=14336 k=4096`.
+    pub fn describe(&self) -> String {
+        match self {
+            Family::Linear {
+                rows,
+                n,
+                k,
+                dtype,
+                epilogue,
+            } => format!("linear {epilogue:?} {dtype} rows={rows} n={n} k={k}").to_lowercase(),
+            Family::RmsNorm {
+                hidden,
+                residual,
+                dtype,
+                ..
+            } => format!(
+                "rms_norm{} {dtype} hidden={hidden}",
+                if *residual { "+residual" } else { "" }
+            ),
+            Family::Rope {
+                heads,
+                head_dim,
+                dtype,
+                ..
+            } => format!("rope {dtype} heads={heads} head_dim={head_dim}"),
+            Family::Map {
+                inputs,
+                steps,
+                broadcast,
+                dtype,
+                ..
+            } => format!(
+                "map {dtype} inputs={inputs} steps={}{}",
+                steps.len(),
+                if *broadcast { " broadcast" } else { "" }
+            ),
+            Family::Interpreted { op } => format!("interpreted {op}"),
+        }
+    }
+}
+
+fn const_dim(dim: Option<&Dim>) -> Option<usize> {
+    dim.and_then(Dim::as_const)
+}
+
+/// The family of kernel-like node `node` of `graph`.
+pub fn classify(graph: &Graph, node: &Node) -> Family {
+    classify_known(graph, node).unwrap_or_else(|| Family::Interpreted {
+        op: node.op.name().to_string(),
+    })
+}
+
+fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
+    let operand = |i: usize| graph.value_type(*node.inputs.get(i)?).ok();
+    let out = node.outputs.first()?;
+    let dtype = out.dtype;
+    let leading = |dims: &[Dim]| SymExpr::product(&dims[..dims.len().saturating_sub(1)]);
+    match &node.op {
+        Op::Linear | Op::LinearAdd | Op::SwiGluLinear => {
+            let x = operand(0)?;
+            let w = operand(1)?;
+            let k = const_dim(x.shape.last())?;
+            let n = const_dim(out.shape.last())?;
+            let epilogue = match &node.op {
+                Op::Linear => LinearEpilogue::None,
+                Op::SwiGluLinear => LinearEpilogue::SwiGlu,
+                _ if operand(2)?.shape.rank() <= 1 => LinearEpilogue::Bias,
+                _ if operand(2)?.shape == out.shape => LinearEpilogue::Residual,
+                _ => return None,
+            };
+            if w.dtype != dtype || x.dtype != dtype {
+                return None;
+            }
+            Some(Family::Linear {
+                rows: leading(x.shape.dims()),
+                n,
+                k,
+                dtype,
+                epilogue,
+            })
+        }
+        Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => Some(Family::RmsNorm {
+            rows: leading(out.shape.dims()),
+            hidden: const_dim(out.shape.last())?,
+            residual: matches!(node.op, Op::AddRmsNorm { .. }),
+            eps: *eps,
+            dtype,
+        }),
+        Op::Rope { theta } => {
+            let dims = out.shape.dims();
+            if dims.len() != 4 {
+                return None;
+            }
+            Some(Family::Rope {
+                tokens: SymExpr::product(&dims[..2]),
+                heads: dims[2].as_const()?,
+                head_dim: dims[3].as_const()?,
+                theta: *theta,
+                dtype,
+            })
+        }
+        Op::FusedMap { .. } | Op::Add | Op::Mul | Op::Silu | Op::Sigmoid => {
+            let steps = match &node.op {
+                Op::FusedMap { steps } => steps.clone(),
+                Op::Add => binary_steps(true),
+                Op::Mul => binary_steps(false),
+                Op::Silu => vec![MapStep::Operand { index: 0 }, MapStep::Silu { x: 0 }],
+                _ => vec![MapStep::Operand { index: 0 }, MapStep::Sigmoid { x: 0 }],
+            };
+            let mut broadcast = false;
+            for v in &node.inputs {
+                let ty = graph.value_type(*v).ok()?;
+                if ty.dtype != dtype {
+                    return None;
+                }
+                broadcast |= ty.shape != out.shape;
+            }
+            Some(Family::Map {
+                elements: SymExpr::elements(&out.shape),
+                inputs: node.inputs.len(),
+                steps,
+                broadcast,
+                dtype,
+            })
+        }
+        _ => None,
+    }
+}
+
+fn binary_steps(add: bool) -> Vec<MapStep> {
+    let combine = if add {
+        MapStep::Add { a: 0, b: 1 }
+    } else {
+        MapStep::Mul { a: 0, b: 1 }
+    };
+    vec![
+        MapStep::Operand { index: 0 },
+        MapStep::Operand { index: 1 },
+        combine,
+    ]
+}

@@ -1,0 +1,224 @@
+//! # ir::schedule — from a (rewritten) graph to a plan of kernels
+//!
+//! [`schedule`] partitions a verified graph into [`ScheduledKernel`]s, one per kernel-like
+//! node (reshapes are views: their values alias the buffer they reshape), each with its
+//! [`Family`] (`family`), its [`Device`] (`placement`: a family without a GPU generator
+//! runs on the CPU through `ir::interp`, with explicit [`Transfer`]s), its buffers and a
+//! symbolic launch extent. Subgraphs that read only weights and constants (such as the
+//! concatenated SwiGLU weights) are hoisted to load time (`load_time`), not kernels. Buffers
+//! carry symbolic sizes and lifetimes; the [`memory::PlanMemory`] pass assigns arena offsets
+//! that reuse dead buffers. Every later change is a [`Pass`] and is recorded in
+//! `passes_run`.
+//!
+//! The plan serialises to JSON deterministically ([`Schedule::to_json`]): only `Vec`s and
+//! `BTreeMap`s, no timings. This module must not generate code or touch a device.
+//!
+//! ```
+//! use kiln_ir::model::{build_layer, ModelConfig, Phase};
+//! use kiln_ir::schedule::{schedule, ScheduleOptions};
+//! let config = ModelConfig::preset("tiny-llama").unwrap();
+//! let layer = build_layer(&config, 0, Phase::Decode).unwrap();
+//! let plan = schedule(&layer, &ScheduleOptions::default()).unwrap();
+//! assert!(!plan.kernels.is_empty());
+//! ```
+
+pub mod family;
+pub mod memory;
+pub mod partition;
+pub mod pass;
+pub mod placement;
+pub mod size;
+
+pub use family::{classify, Family, LinearEpilogue};
+pub use memory::{MemoryPlan, PlanMemory};
+pub use pass::{Pass, PassRecord, PassReport};
+pub use placement::{recompute_transfers, ForceCpu, GpuCapabilities};
+pub use size::SymExpr;
+
+use crate::dtype::DType;
+use crate::graph::Graph;
+use crate::shape::{Bindings, Shape};
+use crate::verify::VerifyError;
+use serde::{Deserialize, Serialize};
+
+/// Where a kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Gpu,
+    Cpu,
+}
+
+/// An index into `Schedule::buffers`.
+pub type BufferId = usize;
+
+/// What a buffer holds, which decides who owns its memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BufferKind {
+    /// A per-call graph input (token ids, positions, …).
+    Input,
+    /// A state input such as a KV cache.
+    State,
+    /// A model weight.
+    Weight,
+    /// A scalar constant.
+    Constant { value: f32 },
+    /// The result of a load-time computation over weights.
+    LoadTime,
+    /// A kernel result read only by later kernels: planned in the arena.
+    Intermediate,
+    /// A kernel result that is a graph output.
+    Output,
+}
+
+/// One buffer: a graph value that is not a view.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub id: BufferId,
+    /// The label of the node that defines it (with `.N` for output `N > 0`).
+    pub name: String,
+    pub kind: BufferKind,
+    pub dtype: DType,
+    pub shape: Shape,
+    /// Storage size in bytes.
+    pub bytes: SymExpr,
+    /// First and last kernel index that touch it (`None` when no kernel does).
+    pub lifetime: Option<(usize, usize)>,
+}
+
+/// A reshape: a view of `buffer` with another shape, no copy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alias {
+    pub node: usize,
+    pub name: String,
+    pub buffer: BufferId,
+    pub shape: Shape,
+}
+
+/// A copy of `buffer` to `to` before kernel `before_kernel` (`kernels.len()` = at the end).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub before_kernel: usize,
+    pub buffer: BufferId,
+    pub to: Device,
+}
+
+/// A computation over weights and constants only, run once when the weights are loaded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadTimeOp {
+    pub node: usize,
+    pub name: String,
+    pub op: String,
+    pub inputs: Vec<BufferId>,
+    pub outputs: Vec<BufferId>,
+}
+
+/// A symbolic launch extent: the grid in units of work the family's generator tiles, for
+/// reports and the runtime's sanity checks (the generator's own launch rule is exact).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    pub grid: [SymExpr; 3],
+    pub block: [u32; 3],
+}
+
+/// One kernel of the plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduledKernel {
+    /// Unique in the plan: `k{index}.{label}`.
+    pub name: String,
+    pub family: Family,
+    pub device: Device,
+    /// The graph nodes it computes (one today; fusing passes may merge more).
+    pub graph_nodes: Vec<usize>,
+    pub inputs: Vec<BufferId>,
+    pub outputs: Vec<BufferId>,
+    pub launch: Launch,
+    /// The generated entry point, filled in by the lowering (`None` for CPU kernels).
+    pub entry: Option<String>,
+}
+
+/// A named graph output and the buffer that holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedBuffer {
+    pub name: String,
+    pub buffer: BufferId,
+}
+
+/// The plan of one graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub graph: String,
+    pub kernels: Vec<ScheduledKernel>,
+    pub load_time: Vec<LoadTimeOp>,
+    pub buffers: Vec<Buffer>,
+    pub aliases: Vec<Alias>,
+    pub transfers: Vec<Transfer>,
+    pub outputs: Vec<NamedBuffer>,
+    pub memory: Option<MemoryPlan>,
+    pub passes_run: Vec<PassRecord>,
+}
+
+/// How to schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleOptions {
+    /// Concrete sizes for the memory plan; unbound symbols of the graph count as 1.
+    pub bindings: Bindings,
+    /// What may run on the GPU.
+    pub gpu: GpuCapabilities,
+    /// Arena offset alignment in bytes.
+    pub alignment: u64,
+}
+
+impl Default for ScheduleOptions {
+    /// Batch 1, 128 prompt tokens, a 4096-token context; today's GPU generators; 256-byte
+    /// alignment.
+    fn default() -> ScheduleOptions {
+        ScheduleOptions {
+            bindings: Bindings::from_pairs(&[("batch", 1), ("seq", 128), ("ctx", 4096)]),
+            gpu: GpuCapabilities::default(),
+            alignment: 256,
+        }
+    }
+}
+
+/// Why a graph could not be scheduled.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("the graph to schedule does not verify: {0}")]
+    InvalidGraph(VerifyError),
+}
+
+/// Schedules `graph`: partition, placement, transfers, then the [`PlanMemory`] pass.
+pub fn schedule(graph: &Graph, options: &ScheduleOptions) -> Result<Schedule, ScheduleError> {
+    graph.verify().map_err(ScheduleError::InvalidGraph)?;
+    let mut plan = partition::partition(graph, &options.gpu);
+    recompute_transfers(&mut plan);
+    let mut bindings = options.bindings.clone();
+    for buffer in &plan.buffers {
+        for name in &buffer.bytes.symbols {
+            if bindings.get(name).is_none() {
+                bindings.set(name, 1);
+            }
+        }
+    }
+    plan.apply(&PlanMemory {
+        bindings,
+        alignment: options.alignment,
+    });
+    Ok(plan)
+}
+
+impl Schedule {
+    /// The plan as pretty JSON with a final newline; the same plan gives the same bytes.
+    pub fn to_json(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("plans serialise");
+        text.push('\n');
+        text
+    }
+
+    /// Kernels per device.
+    pub fn count_on(&self, device: Device) -> usize {
+        self.kernels.iter().filter(|k| k.device == device).count()
+    }
+}

@@ -1,0 +1,449 @@
+//! `kiln compile`: a model definition in, a plan and its PTX out.
+//!
+//! [`compile`] runs the pipeline for one phase: `build_model` → `rewrite::optimize` →
+//! `schedule` → one `kiln_kernels` generator per GPU kernel (GEMV for at most 8 rows, else
+//! GEMM; RMSNorm; RoPE; elementwise maps). A kernel whose spec a generator rejects moves to
+//! the CPU through the `force_cpu` pass, with the reason recorded in the plan. [`write_output`]
+//! writes `plan.json`, one `<entry>.ptx` per distinct GPU kernel and `report.txt` into a
+//! temporary directory beside the target and renames it into place only when all succeeded.
+//! Everything written is deterministic (no timings in the files).
+
+use anyhow::{Context, Result};
+use kiln_codegen::expr::Expr;
+use kiln_ir::model::{build_model, ModelConfig, Phase};
+use kiln_ir::op::MapStep;
+use kiln_ir::rewrite::{optimize, RewriteOptions, RewriteReport};
+use kiln_ir::schedule::{
+    schedule, Device, Family, ForceCpu, LinearEpilogue, PlanMemory, Schedule, ScheduleOptions,
+};
+use kiln_ir::shape::Bindings;
+use kiln_kernels::{elementwise, gemm, gemv, rms_norm, rope, Epilogue};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// What to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Emit {
+    pub plan: bool,
+    pub ptx: bool,
+    pub report: bool,
+}
+
+impl Default for Emit {
+    fn default() -> Emit {
+        Emit {
+            plan: true,
+            ptx: true,
+            report: true,
+        }
+    }
+}
+
+impl Emit {
+    /// Parses `plan,ptx,report` (any subset).
+    pub fn parse(items: &[String]) -> Result<Emit> {
+        let mut emit = Emit {
+            plan: false,
+            ptx: false,
+            report: false,
+        };
+        for item in items {
+            match item.trim() {
+                "plan" => emit.plan = true,
+                "ptx" => emit.ptx = true,
+                "report" => emit.report = true,
+                other => anyhow::bail!("unknown --emit item `{other}` (items: plan, ptx, report)"),
+            }
+        }
+        Ok(emit)
+    }
+}
+
+/// How to compile.
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    pub rewrite: RewriteOptions,
+    pub schedule: ScheduleOptions,
+}
+
+impl CompileOptions {
+    /// Options whose rewrite cost model and memory plan use the same `bindings`.
+    pub fn with_bindings(bindings: Bindings) -> CompileOptions {
+        let mut options = CompileOptions::default();
+        options.rewrite.bindings = bindings.clone();
+        options.schedule.bindings = bindings;
+        options
+    }
+}
+
+/// The result of [`compile`].
+#[derive(Debug)]
+pub struct CompiledModel {
+    pub plan: Schedule,
+    /// PTX per distinct entry name.
+    pub ptx: BTreeMap<String, String>,
+    pub rewrite: RewriteReport,
+    /// Kernels of the schedule of the graph before rewriting (same partition rules).
+    pub kernels_before: usize,
+    /// The human report (deterministic).
+    pub report: String,
+}
+
+/// Compiles one phase of `config`.
+pub fn compile(
+    config: &ModelConfig,
+    phase: Phase,
+    options: &CompileOptions,
+) -> Result<CompiledModel> {
+    let graph = build_model(config, phase).context("building the model graph")?;
+    let (rewritten, rewrite) = optimize(&graph, &options.rewrite).context("rewriting")?;
+    let before = schedule(&graph, &options.schedule).context("scheduling the unrewritten graph")?;
+    let mut plan = schedule(&rewritten, &options.schedule).context("scheduling")?;
+    let bindings = &options.schedule.bindings;
+
+    let mut ptx = BTreeMap::new();
+    let mut generated: BTreeMap<String, Result<String, String>> = BTreeMap::new();
+    let mut rejected = ForceCpu::default();
+    let mut entries = Vec::with_capacity(plan.kernels.len());
+    for kernel in &plan.kernels {
+        if kernel.device != Device::Gpu {
+            entries.push(None);
+            continue;
+        }
+        let lowered = generate_kernel(&kernel.family, bindings, &mut generated);
+        match lowered {
+            Ok((entry, text)) => {
+                ptx.insert(entry.clone(), text);
+                entries.push(Some(entry));
+            }
+            Err(reason) => {
+                rejected.kernels.insert(kernel.name.clone(), reason);
+                entries.push(None);
+            }
+        }
+    }
+    for (kernel, entry) in plan.kernels.iter_mut().zip(entries) {
+        kernel.entry = entry;
+    }
+    if !rejected.kernels.is_empty() {
+        plan.apply(&rejected);
+        let memory = plan.memory.clone().unwrap_or_default();
+        plan.apply(&PlanMemory {
+            bindings: memory.bindings,
+            alignment: memory.alignment.max(1),
+        });
+    }
+    let report = render_report(
+        config,
+        phase,
+        &plan,
+        &rewrite,
+        before.kernels.len(),
+        &ptx,
+        bindings,
+    );
+    Ok(CompiledModel {
+        plan,
+        ptx,
+        rewrite,
+        kernels_before: before.kernels.len(),
+        report,
+    })
+}
+
+/// The expression of a map program.
+fn map_expr(steps: &[MapStep]) -> Expr {
+    let mut values: Vec<Expr> = Vec::with_capacity(steps.len());
+    for step in steps {
+        let value = match step {
+            MapStep::Operand { index } => Expr::input(*index),
+            MapStep::Constant { value } => Expr::constant(*value as f64),
+            MapStep::Add { a, b } => values[*a].clone() + values[*b].clone(),
+            MapStep::Mul { a, b } => values[*a].clone() * values[*b].clone(),
+            MapStep::Silu { x } => values[*x].clone().silu(),
+            MapStep::Sigmoid { x } => values[*x].clone().sigmoid(),
+        };
+        values.push(value);
+    }
+    values.pop().unwrap_or_else(|| Expr::constant(0.0))
+}
+
+/// A deferred generator call: `(entry, ptx)` or why the spec was rejected.
+type Generator = dyn Fn() -> Result<(String, String), String>;
+
+/// Generates (or reuses) the kernel of `family`: `(entry, ptx)` or why not.
+fn generate_kernel(
+    family: &Family,
+    bindings: &Bindings,
+    cache: &mut BTreeMap<String, Result<String, String>>,
+) -> Result<(String, String), String> {
+    // A spec's JSON identifies it; each distinct spec is generated once.
+    let (key, run): (String, Box<Generator>) = match family {
+        Family::Linear {
+            rows,
+            k,
+            dtype,
+            epilogue,
+            ..
+        } => {
+            let m = rows.resolve(bindings)? as usize;
+            let epilogue = match epilogue {
+                LinearEpilogue::None => Epilogue::None,
+                LinearEpilogue::Bias => Epilogue::Bias,
+                LinearEpilogue::Residual => Epilogue::Residual,
+                LinearEpilogue::SwiGlu => Epilogue::SwiGlu,
+            };
+            if m <= 8 {
+                let spec = gemv::GemvSpec::new(*dtype, m, *k, epilogue);
+                let key = format!("gemv {}", serde_json::to_string(&spec).unwrap_or_default());
+                (
+                    key,
+                    Box::new(move || {
+                        gemv::generate(&spec)
+                            .map(|g| (g.entry, g.ptx))
+                            .map_err(|e| e.to_string())
+                    }),
+                )
+            } else {
+                let spec = gemm::GemmSpec::for_rows(*dtype, m, *k, epilogue);
+                let key = format!("gemm {}", serde_json::to_string(&spec).unwrap_or_default());
+                (
+                    key,
+                    Box::new(move || {
+                        gemm::generate(&spec)
+                            .map(|g| (g.entry, g.ptx))
+                            .map_err(|e| e.to_string())
+                    }),
+                )
+            }
+        }
+        Family::RmsNorm {
+            hidden,
+            residual,
+            dtype,
+            ..
+        } => {
+            let spec = rms_norm::RmsNormSpec {
+                dtype: *dtype,
+                hidden: *hidden,
+                residual: *residual,
+            };
+            (
+                format!("rms {spec:?}"),
+                Box::new(move || {
+                    rms_norm::generate(&spec)
+                        .map(|g| (g.entry, g.ptx))
+                        .map_err(|e| e.to_string())
+                }),
+            )
+        }
+        Family::Rope {
+            heads,
+            head_dim,
+            theta,
+            dtype,
+            ..
+        } => {
+            let spec = rope::RopeSpec {
+                dtype: *dtype,
+                heads: *heads,
+                head_dim: *head_dim,
+                theta: *theta,
+            };
+            (
+                format!("rope {spec:?}"),
+                Box::new(move || {
+                    rope::generate(&spec)
+                        .map(|g| (g.entry, g.ptx))
+                        .map_err(|e| e.to_string())
+                }),
+            )
+        }
+        Family::Map {
+            inputs,
+            steps,
+            dtype,
+            ..
+        } => {
+            let spec = elementwise::ElementwiseSpec {
+                dtype: *dtype,
+                inputs: *inputs,
+                expr: map_expr(steps),
+            };
+            let key = format!("map {}", serde_json::to_string(&spec).unwrap_or_default());
+            (
+                key,
+                Box::new(move || {
+                    elementwise::generate(&spec)
+                        .map(|g| (g.entry, g.ptx))
+                        .map_err(|e| e.to_string())
+                }),
+            )
+        }
+        Family::Interpreted { op } => return Err(format!("no GPU generator for `{op}`")),
+    };
+    // The cache stores "entry\nptx" so the map stays one string per spec.
+    let stored = cache
+        .entry(key)
+        .or_insert_with(|| run().map(|(e, p)| format!("{e}\n{p}")));
+    match stored {
+        Ok(text) => {
+            let (entry, ptx) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+            Ok((entry.to_string(), ptx.to_string()))
+        }
+        Err(e) => Err(e.clone()),
+    }
+}
+
+fn render_report(
+    config: &ModelConfig,
+    phase: Phase,
+    plan: &Schedule,
+    rewrite: &RewriteReport,
+    kernels_before: usize,
+    ptx: &BTreeMap<String, String>,
+    bindings: &Bindings,
+) -> String {
+    let mut out = String::new();
+    let b: Vec<String> = bindings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(
+        out,
+        "kiln compile: {} ({}), target {}",
+        config.name,
+        phase.name(),
+        rewrite.target
+    );
+    let _ = writeln!(out, "bindings: {}", b.join(", "));
+    let _ = writeln!(out);
+    let _ = writeln!(out, "launches per {} step:", phase.name());
+    let _ = writeln!(
+        out,
+        "  before rewriting: {} (cost model), {} scheduled kernels",
+        rewrite.before.launches, kernels_before
+    );
+    let _ = writeln!(
+        out,
+        "  after rewriting:  {} (cost model), {} scheduled kernels ({} gpu, {} cpu), {} at load time",
+        rewrite.after.launches,
+        plan.kernels.len(),
+        plan.count_on(Device::Gpu),
+        plan.count_on(Device::Cpu),
+        plan.load_time.len()
+    );
+    let _ = writeln!(out, "  host<->device transfers: {}", plan.transfers.len());
+    let _ = writeln!(out);
+    let _ = writeln!(out, "fusions applied (rule: applications):");
+    for (rule, count) in &rewrite.applied {
+        if *count > 0 {
+            let _ = writeln!(out, "  {rule}: {count}");
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "kernels per family (device):");
+    let mut families: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for k in &plan.kernels {
+        let name = match &k.family {
+            Family::Interpreted { op } => format!("interpreted {op}"),
+            f => f.name().to_string(),
+        };
+        *families
+            .entry((name, format!("{:?}", k.device).to_lowercase()))
+            .or_default() += 1;
+    }
+    for ((family, device), count) in &families {
+        let _ = writeln!(out, "  {family:<28} {device:<4} {count}");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "distinct GPU kernels (ptx): {}", ptx.len());
+    for entry in ptx.keys() {
+        let _ = writeln!(out, "  {entry}");
+    }
+    let tokens = bindings.get("batch").unwrap_or(1)
+        * match phase {
+            Phase::Prefill => bindings.get("seq").unwrap_or(1),
+            Phase::Decode => 1,
+        };
+    let _ = writeln!(out);
+    let _ = writeln!(out, "cost model ({} tokens per call):", tokens);
+    for (name, s) in [("before", &rewrite.before), ("after", &rewrite.after)] {
+        let _ = writeln!(
+            out,
+            "  {name:<6} {:>10.3} MB/token {:>10.3} GFLOP/token  est. {:.1} µs per call",
+            s.bytes / 1e6 / tokens as f64,
+            s.flops / 1e9 / tokens as f64,
+            s.seconds * 1e6
+        );
+    }
+    if let Some(memory) = &plan.memory {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "memory plan:");
+        for arena in &memory.arenas {
+            let _ = writeln!(
+                out,
+                "  {:?} arena: {} bytes ({} without reuse, {} buffers)",
+                arena.device,
+                arena.bytes,
+                arena.naive_bytes,
+                arena.slots.len()
+            );
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "passes run:");
+    for pass in &plan.passes_run {
+        let _ = writeln!(out, "  {}", pass.name);
+    }
+    out
+}
+
+/// Writes the emitted files of `model` into `dir`, atomically: everything goes into a
+/// temporary directory beside `dir`, which replaces `dir` only once complete.
+pub fn write_output(model: &CompiledModel, emit: Emit, dir: &Path) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp"))
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
+    let write = |file: &str, bytes: &[u8]| -> Result<()> {
+        let path = staging.path().join(file);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    if emit.plan {
+        write("plan.json", model.plan.to_json().as_bytes())?;
+    }
+    if emit.ptx {
+        for (entry, text) in &model.ptx {
+            write(&format!("{entry}.ptx"), text.as_bytes())?;
+        }
+    }
+    if emit.report {
+        write("report.txt", model.report.as_bytes())?;
+    }
+    let staged = staging.keep();
+    if dir.exists() {
+        let old = tempfile::Builder::new()
+            .prefix(&format!(".{name}.old"))
+            .tempdir_in(&parent)?
+            .keep();
+        std::fs::remove_dir(&old)?;
+        std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+        if let Err(e) = std::fs::rename(&staged, dir) {
+            let _ = std::fs::rename(&old, dir);
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(e).with_context(|| format!("replacing {}", dir.display()));
+        }
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else {
+        std::fs::rename(&staged, dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}

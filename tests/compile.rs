@@ -1,0 +1,105 @@
+//! `kiln compile`: plan snapshots, determinism, atomic output and the launch reduction.
+
+use kiln::compile::{compile, write_output, CompileOptions, CompiledModel, Emit};
+use kiln_ir::model::{ModelConfig, Phase};
+use std::fmt::Write as _;
+
+fn compiled(preset: &str, phase: Phase) -> CompiledModel {
+    let config = ModelConfig::preset(preset).unwrap();
+    compile(&config, phase, &CompileOptions::default()).unwrap()
+}
+
+/// The kernel list with families and devices, for plans too large to snapshot whole.
+fn summary(model: &CompiledModel) -> String {
+    let mut out = String::new();
+    let plan = &model.plan;
+    let _ = writeln!(
+        out,
+        "{}: {} kernels, {} load-time ops, {} buffers, {} transfers",
+        plan.graph,
+        plan.kernels.len(),
+        plan.load_time.len(),
+        plan.buffers.len(),
+        plan.transfers.len()
+    );
+    for kernel in &plan.kernels {
+        let _ = writeln!(
+            out,
+            "{} {:?} {} {}",
+            kernel.name,
+            kernel.device,
+            kernel.family.describe(),
+            kernel.entry.as_deref().unwrap_or("-")
+        );
+    }
+    out
+}
+
+#[test]
+fn tiny_plans_snapshot() {
+    for preset in ["tiny-llama", "tiny-mixtral"] {
+        for phase in [Phase::Decode, Phase::Prefill] {
+            let model = compiled(preset, phase);
+            insta::assert_snapshot!(format!("{preset}_{}", phase.name()), model.plan.to_json());
+        }
+    }
+}
+
+#[test]
+fn large_plans_snapshot() {
+    for preset in ["llama-3-8b", "mixtral-8x7b"] {
+        for phase in [Phase::Decode, Phase::Prefill] {
+            let model = compiled(preset, phase);
+            insta::assert_snapshot!(format!("{preset}_{}", phase.name()), summary(&model));
+        }
+    }
+}
+
+#[test]
+fn compiling_twice_gives_identical_bytes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut listings = Vec::new();
+    for attempt in 0..2 {
+        let model = compiled("llama-3-8b", Phase::Decode);
+        let dir = root.path().join(format!("out{attempt}"));
+        write_output(&model, Emit::default(), &dir).unwrap();
+        // Writing again over an existing directory replaces it whole.
+        write_output(&model, Emit::default(), &dir).unwrap();
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        assert!(files.iter().any(|(n, _)| n == "plan.json"));
+        assert!(files.iter().any(|(n, _)| n.ends_with(".ptx")));
+        assert!(files.iter().any(|(n, _)| n == "report.txt"));
+        listings.push(files);
+    }
+    assert_eq!(listings[0], listings[1]);
+    // Nothing but the two outputs is left beside them (no temporary directories).
+    let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+    assert_eq!(left.len(), 2);
+}
+
+#[test]
+fn fusion_reduces_llama_3_8b_decode_launches() {
+    let model = compiled("llama-3-8b", Phase::Decode);
+    let before = model.kernels_before;
+    let after = model.plan.kernels.len();
+    assert!(
+        after < before,
+        "{after} kernels after rewriting, {before} before"
+    );
+    assert_eq!(model.rewrite.after.launches, after);
+    assert!(model.report.contains(&format!(
+        "before rewriting: {}",
+        model.rewrite.before.launches
+    )));
+    assert!(model.report.contains("after rewriting:  "));
+}
