@@ -56,6 +56,20 @@ pub fn argmax(logits: &[f32]) -> Result<i32> {
     Ok(best as i32)
 }
 
+/// The per-layer KV-cache state inputs of the model graphs (`model.layers.{i}.k_cache` /
+/// `v_cache`, batch 1, `capacity` rows), every element `fill`.
+pub fn kv_cache_state(config: &ModelConfig, capacity: usize, fill: f32) -> HashMap<String, Tensor> {
+    let shape = [1, capacity, config.num_kv_heads, config.head_dim];
+    let mut state = HashMap::new();
+    for layer in 0..config.num_layers {
+        for which in ["k_cache", "v_cache"] {
+            let name = format!("model.layers.{layer}.{which}");
+            state.insert(name, Tensor::full(config.dtype, &shape, fill));
+        }
+    }
+    state
+}
+
 /// Runs prefill then greedy decode on the reference interpreter, calling `on_token` after each
 /// generated token.
 pub fn generate_reference(
@@ -85,14 +99,7 @@ pub fn generate_reference(
     let prefill = build_model(config, Phase::Prefill)?;
     let decode = build_model(config, Phase::Decode)?;
     let capacity = prompt.len() + options.new_tokens;
-    let cache_shape = [1, capacity, config.num_kv_heads, config.head_dim];
-    let mut state: HashMap<String, Tensor> = HashMap::new();
-    for layer in 0..config.num_layers {
-        for which in ["k_cache", "v_cache"] {
-            let name = format!("model.layers.{layer}.{which}");
-            state.insert(name, Tensor::zeros(config.dtype, &cache_shape));
-        }
-    }
+    let mut state = kv_cache_state(config, capacity, 0.0);
 
     let mut generation = Generation {
         model: config.name.clone(),

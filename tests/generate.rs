@@ -1,12 +1,11 @@
 //! The reference generation loop: decoding with the KV cache must give the same logits as
 //! prefilling the whole sequence again, step after step.
 
-use kiln::generate::{argmax, generate_reference, GenerateOptions};
+use kiln::generate::{argmax, generate_reference, kv_cache_state, GenerateOptions};
 use kiln::ir::interp;
 use kiln::ir::model::{build_model, ModelConfig, Phase};
 use kiln::ir::tensor::Tensor;
 use kiln::model_source::load_weights;
-use std::collections::HashMap;
 
 /// Logits of the last token after a fresh prefill of `tokens`.
 fn prefill_logits(
@@ -16,20 +15,12 @@ fn prefill_logits(
 ) -> Vec<f32> {
     let graph = build_model(config, Phase::Prefill).unwrap();
     let n = tokens.len();
-    let mut inputs: HashMap<String, Tensor> = HashMap::new();
+    // Poisoned caches: prefill must not read a row it did not write.
+    let mut inputs = kv_cache_state(config, n, f32::NAN);
     let positions: Vec<i32> = (0..n as i32).collect();
     inputs.insert("input_ids".into(), Tensor::i32(&[1, n], tokens));
     inputs.insert("positions".into(), Tensor::i32(&[1, n], &positions));
     inputs.insert("cache_start".into(), Tensor::i32(&[1], &[0]));
-    for layer in 0..config.num_layers {
-        for which in ["k_cache", "v_cache"] {
-            let shape = [1, n, config.num_kv_heads, config.head_dim];
-            inputs.insert(
-                format!("model.layers.{layer}.{which}"),
-                Tensor::full(config.dtype, &shape, f32::NAN),
-            );
-        }
-    }
     let outputs = interp::run_with(&graph, |name| {
         inputs.get(name).or_else(|| weights.get(name))
     })
