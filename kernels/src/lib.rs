@@ -9,11 +9,14 @@
 //! This crate must not touch a device: loading and launching belong to `kiln-runtime`.
 
 pub mod admm;
+pub mod attention;
 pub mod elementwise;
 pub mod epilogue;
 pub mod error;
 pub mod gemm;
 pub mod gemv;
+pub mod kv_append;
+pub mod quest;
 pub mod rms_norm;
 pub mod rope;
 
