@@ -1,23 +1,22 @@
 //! `kiln compile`: a model definition in, a plan and its PTX out.
 //!
 //! [`compile`] runs the pipeline for one phase: `build_model` → `rewrite::optimize` →
-//! `schedule` → one `kiln_kernels` generator per GPU kernel (GEMV for at most 8 rows, else
-//! GEMM; RMSNorm; RoPE; elementwise maps). A kernel whose spec a generator rejects moves to
+//! `schedule` → one `kiln_kernels` generator per GPU kernel through `kiln_kernels::lower`
+//! (GEMV for at most 8 rows, else GEMM; RMSNorm; RoPE; elementwise maps). A kernel whose spec a generator rejects moves to
 //! the CPU through the `force_cpu` pass, with the reason recorded in the plan. [`write_output`]
 //! writes `plan.json`, one `<entry>.ptx` per distinct GPU kernel and `report.txt` into a
 //! temporary directory beside the target and renames it into place only when all succeeded.
 //! Everything written is deterministic (no timings in the files).
 
 use anyhow::{Context, Result};
-use kiln_codegen::expr::Expr;
+use kiln_ir::graph::Graph;
 use kiln_ir::model::{build_model, ModelConfig, Phase};
-use kiln_ir::op::MapStep;
 use kiln_ir::rewrite::{optimize, RewriteOptions, RewriteReport};
 use kiln_ir::schedule::{
-    schedule, Device, Family, ForceCpu, LinearEpilogue, PlanMemory, Schedule, ScheduleOptions,
+    schedule, Device, Family, ForceCpu, PlanMemory, Schedule, ScheduleOptions,
 };
 use kiln_ir::shape::Bindings;
-use kiln_kernels::{elementwise, gemm, gemv, rms_norm, rope, Epilogue};
+use kiln_kernels::lower::Lowering;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -80,6 +79,8 @@ impl CompileOptions {
 /// The result of [`compile`].
 #[derive(Debug)]
 pub struct CompiledModel {
+    /// The rewritten graph the plan was scheduled from (the executor evaluates its nodes).
+    pub graph: Graph,
     pub plan: Schedule,
     /// PTX per distinct entry name.
     pub ptx: BTreeMap<String, String>,
@@ -103,7 +104,7 @@ pub fn compile(
     let bindings = &options.schedule.bindings;
 
     let mut ptx = BTreeMap::new();
-    let mut generated: BTreeMap<String, Result<String, String>> = BTreeMap::new();
+    let mut lowering = Lowering::default();
     let mut rejected = ForceCpu::default();
     let mut entries = Vec::with_capacity(plan.kernels.len());
     for kernel in &plan.kernels {
@@ -111,11 +112,10 @@ pub fn compile(
             entries.push(None);
             continue;
         }
-        let lowered = generate_kernel(&kernel.family, bindings, &mut generated);
-        match lowered {
-            Ok((entry, text)) => {
-                ptx.insert(entry.clone(), text);
-                entries.push(Some(entry));
+        match lowering.lower(&kernel.family, bindings) {
+            Ok((_, generated)) => {
+                entries.push(Some(generated.entry.clone()));
+                ptx.insert(generated.entry, generated.ptx);
             }
             Err(reason) => {
                 rejected.kernels.insert(kernel.name.clone(), reason);
@@ -144,156 +144,13 @@ pub fn compile(
         bindings,
     );
     Ok(CompiledModel {
+        graph: rewritten,
         plan,
         ptx,
         rewrite,
         kernels_before: before.kernels.len(),
         report,
     })
-}
-
-/// The expression of a map program.
-fn map_expr(steps: &[MapStep]) -> Expr {
-    let mut values: Vec<Expr> = Vec::with_capacity(steps.len());
-    for step in steps {
-        let value = match step {
-            MapStep::Operand { index } => Expr::input(*index),
-            MapStep::Constant { value } => Expr::constant(*value as f64),
-            MapStep::Add { a, b } => values[*a].clone() + values[*b].clone(),
-            MapStep::Mul { a, b } => values[*a].clone() * values[*b].clone(),
-            MapStep::Silu { x } => values[*x].clone().silu(),
-            MapStep::Sigmoid { x } => values[*x].clone().sigmoid(),
-        };
-        values.push(value);
-    }
-    values.pop().unwrap_or_else(|| Expr::constant(0.0))
-}
-
-/// A deferred generator call: `(entry, ptx)` or why the spec was rejected.
-type Generator = dyn Fn() -> Result<(String, String), String>;
-
-/// Generates (or reuses) the kernel of `family`: `(entry, ptx)` or why not.
-fn generate_kernel(
-    family: &Family,
-    bindings: &Bindings,
-    cache: &mut BTreeMap<String, Result<String, String>>,
-) -> Result<(String, String), String> {
-    // A spec's JSON identifies it; each distinct spec is generated once.
-    let (key, run): (String, Box<Generator>) = match family {
-        Family::Linear {
-            rows,
-            k,
-            dtype,
-            epilogue,
-            ..
-        } => {
-            let m = rows.resolve(bindings)? as usize;
-            let epilogue = match epilogue {
-                LinearEpilogue::None => Epilogue::None,
-                LinearEpilogue::Bias => Epilogue::Bias,
-                LinearEpilogue::Residual => Epilogue::Residual,
-                LinearEpilogue::SwiGlu => Epilogue::SwiGlu,
-            };
-            if m <= 8 {
-                let spec = gemv::GemvSpec::new(*dtype, m, *k, epilogue);
-                let key = format!("gemv {}", serde_json::to_string(&spec).unwrap_or_default());
-                (
-                    key,
-                    Box::new(move || {
-                        gemv::generate(&spec)
-                            .map(|g| (g.entry, g.ptx))
-                            .map_err(|e| e.to_string())
-                    }),
-                )
-            } else {
-                let spec = gemm::GemmSpec::for_rows(*dtype, m, *k, epilogue);
-                let key = format!("gemm {}", serde_json::to_string(&spec).unwrap_or_default());
-                (
-                    key,
-                    Box::new(move || {
-                        gemm::generate(&spec)
-                            .map(|g| (g.entry, g.ptx))
-                            .map_err(|e| e.to_string())
-                    }),
-                )
-            }
-        }
-        Family::RmsNorm {
-            hidden,
-            residual,
-            dtype,
-            ..
-        } => {
-            let spec = rms_norm::RmsNormSpec {
-                dtype: *dtype,
-                hidden: *hidden,
-                residual: *residual,
-            };
-            (
-                format!("rms {spec:?}"),
-                Box::new(move || {
-                    rms_norm::generate(&spec)
-                        .map(|g| (g.entry, g.ptx))
-                        .map_err(|e| e.to_string())
-                }),
-            )
-        }
-        Family::Rope {
-            heads,
-            head_dim,
-            theta,
-            dtype,
-            ..
-        } => {
-            let spec = rope::RopeSpec {
-                dtype: *dtype,
-                heads: *heads,
-                head_dim: *head_dim,
-                theta: *theta,
-            };
-            (
-                format!("rope {spec:?}"),
-                Box::new(move || {
-                    rope::generate(&spec)
-                        .map(|g| (g.entry, g.ptx))
-                        .map_err(|e| e.to_string())
-                }),
-            )
-        }
-        Family::Map {
-            inputs,
-            steps,
-            dtype,
-            ..
-        } => {
-            let spec = elementwise::ElementwiseSpec {
-                dtype: *dtype,
-                inputs: *inputs,
-                expr: map_expr(steps),
-            };
-            let key = format!("map {}", serde_json::to_string(&spec).unwrap_or_default());
-            (
-                key,
-                Box::new(move || {
-                    elementwise::generate(&spec)
-                        .map(|g| (g.entry, g.ptx))
-                        .map_err(|e| e.to_string())
-                }),
-            )
-        }
-        Family::Interpreted { op } => return Err(format!("no GPU generator for `{op}`")),
-    };
-    // The cache stores "entry\nptx" so the map stays one string per spec.
-    let stored = cache
-        .entry(key)
-        .or_insert_with(|| run().map(|(e, p)| format!("{e}\n{p}")));
-    match stored {
-        Ok(text) => {
-            let (entry, ptx) = text.split_once('\n').unwrap_or((text.as_str(), ""));
-            Ok((entry.to_string(), ptx.to_string()))
-        }
-        Err(e) => Err(e.clone()),
-    }
 }
 
 fn render_report(

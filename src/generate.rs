@@ -1,9 +1,10 @@
 //! Greedy generation on the reference interpreter: prefill a prompt, then decode token by
 //! token with a KV cache.
 //!
-//! This is kiln's end-to-end reference path: it runs the prefill and decode graphs of
-//! `kiln_ir::model::builder` with `kiln_ir::interp`, so compiled kernels can be checked
-//! against it token for token. It owns the cache tensors and the step loop, nothing else.
+//! [`generate`] owns the cache tensors and the step loop, and runs each phase through a step
+//! function: [`generate_reference`] runs the prefill and decode graphs of
+//! `kiln_ir::model::builder` with `kiln_ir::interp` (kiln's end-to-end reference, against
+//! which compiled plans are checked token for token); `crate::plan_runner` runs compiled plans.
 
 use anyhow::{bail, Context, Result};
 use kiln_ir::interp;
@@ -11,13 +12,15 @@ use kiln_ir::model::{build_model, ModelConfig, Phase};
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 /// The result of a generation run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Generation {
     pub model: String,
+    /// Where it ran (the reference interpreter, or the compiled plans and their device).
+    pub device: String,
     pub prompt: Vec<i32>,
     /// The generated tokens (not including the prompt).
     pub tokens: Vec<i32>,
@@ -76,6 +79,29 @@ pub fn generate_reference(
     config: &ModelConfig,
     weights: &Weights,
     options: &GenerateOptions,
+    on_token: impl FnMut(i32),
+) -> Result<Generation> {
+    let prefill = build_model(config, Phase::Prefill)?;
+    let decode = build_model(config, Phase::Decode)?;
+    let step = |phase: Phase, state: &HashMap<String, Tensor>| {
+        let graph = match phase {
+            Phase::Prefill => &prefill,
+            Phase::Decode => &decode,
+        };
+        Ok(interp::run_with(graph, |name| {
+            state.get(name).or_else(|| weights.get(name))
+        })?)
+    };
+    generate(config, options, step, on_token)
+}
+
+/// Runs prefill then greedy decode with `step`, which runs one phase's graph on the per-call
+/// tensors (`input_ids`, `positions`, `cache_start` and the KV-cache state) and returns the
+/// graph's outputs (`logits` and the updated caches). Calls `on_token` after each token.
+pub fn generate(
+    config: &ModelConfig,
+    options: &GenerateOptions,
+    mut step: impl FnMut(Phase, &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>>,
     mut on_token: impl FnMut(i32),
 ) -> Result<Generation> {
     let prompt = &options.prompt;
@@ -96,13 +122,12 @@ pub fn generate_reference(
             config.vocab_size
         );
     }
-    let prefill = build_model(config, Phase::Prefill)?;
-    let decode = build_model(config, Phase::Decode)?;
     let capacity = prompt.len() + options.new_tokens;
     let mut state = kv_cache_state(config, capacity, 0.0);
 
     let mut generation = Generation {
         model: config.name.clone(),
+        device: "reference interpreter, cpu".to_string(),
         prompt: prompt.clone(),
         tokens: Vec::new(),
         prefill_seconds: 0.0,
@@ -119,16 +144,15 @@ pub fn generate_reference(
         Tensor::i32(&[1, prompt.len()], &positions),
     );
     state.insert("cache_start".into(), Tensor::i32(&[1], &[0]));
-    let step = |graph, state: &mut HashMap<String, Tensor>| -> Result<Vec<f32>> {
-        let mut outputs =
-            interp::run_with(graph, |name| state.get(name).or_else(|| weights.get(name)))?;
+    let mut run_step = |phase, state: &mut HashMap<String, Tensor>| -> Result<Vec<f32>> {
+        let mut outputs = step(phase, state)?;
         let logits = outputs
             .remove("logits")
             .context("the graph has no `logits` output")?;
         state.extend(outputs);
         Ok(logits.data)
     };
-    let logits = step(&prefill, &mut state)?;
+    let logits = run_step(Phase::Prefill, &mut state)?;
     generation.prefill_seconds = started.elapsed().as_secs_f64();
     let mut token = argmax(&logits).context("after prefill")?;
     if options.keep_logits {
@@ -143,7 +167,7 @@ pub fn generate_reference(
         state.insert("input_ids".into(), Tensor::i32(&[1, 1], &[token]));
         state.insert("positions".into(), Tensor::i32(&[1, 1], &[position]));
         state.insert("cache_start".into(), Tensor::i32(&[1], &[position]));
-        let logits = step(&decode, &mut state)?;
+        let logits = run_step(Phase::Decode, &mut state)?;
         token = argmax(&logits).with_context(|| format!("at decode step {index}"))?;
         if options.keep_logits {
             generation.step_logits.push(logits);

@@ -14,6 +14,7 @@ pub mod embed;
 pub mod generate;
 pub mod inspect;
 pub mod model_source;
+pub mod plan_runner;
 
 pub use kiln_ir as ir;
 

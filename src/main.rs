@@ -5,9 +5,11 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln::generate::{generate_reference, GenerateOptions};
+use kiln::generate::{generate, generate_reference, GenerateOptions};
 use kiln::inspect::{inspect, render, Workload};
 use kiln::model_source::{load_config, load_weights};
+use kiln::plan_runner::{PlanRunner, RunDevice};
+use kiln_ir::dtype::DType;
 use kiln_ir::model::{build_model, Phase};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use std::process::ExitCode;
 /// kiln compiles LLM model definitions into fused GPU and CPU kernels.
 ///
 /// With no command, `kiln` runs `kiln run`: the tiny-mixtral preset with random weights
-/// (seed 0) on the reference interpreter.
+/// (seed 0), compiled and run on the GPU when one is present, else on the CPU.
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, about, long_about)]
 struct Cli {
@@ -102,6 +104,19 @@ struct RunArgs {
     /// Print the result as JSON on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Where to run the compiled prefill and decode plans: `cuda` (generated GPU kernels, the
+    /// kernels without a GPU generator on the host), `cpu` (every kernel on the host) or
+    /// `auto` (`cuda` when a CUDA device is present, else `cpu`). `reference` skips
+    /// compilation and runs the model graphs on the reference interpreter.
+    #[arg(long, value_parser = ["auto", "cuda", "cpu", "reference"], default_value = "auto")]
+    device: String,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    ordinal: usize,
+    /// Run in this dtype instead of the model's (`f16`, `bf16` or `f32`); random weights are
+    /// drawn in it. The GPU generators take f16 and bf16; the tiny presets are f32.
+    #[arg(long, value_parser = ["f16", "bf16", "f32"])]
+    dtype: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -123,7 +138,10 @@ struct InspectArgs {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let config = load_config(&args.model)?;
+    let mut config = load_config(&args.model)?;
+    if let Some(dtype) = &args.dtype {
+        config.dtype = DType::parse(dtype).context("--dtype takes f16, bf16 or f32")?;
+    }
     let graph = build_model(&config, Phase::Prefill)?;
     let weights = load_weights(&graph, args.weights.as_deref(), args.seed)?;
     let progress = ProgressBar::new(args.tokens as u64);
@@ -136,9 +154,43 @@ fn run(args: RunArgs) -> Result<()> {
         new_tokens: args.tokens,
         keep_logits: false,
     };
-    let generation = generate_reference(&config, &weights, &options, |_| progress.inc(1))
-        .with_context(|| format!("running {} on the reference interpreter", config.name))?;
+    let device = match args.device.as_str() {
+        "reference" => None,
+        other => Some(other.parse::<RunDevice>().map_err(anyhow::Error::msg)?),
+    };
+    let (mut generation, ran_on) = match device {
+        None => (
+            generate_reference(&config, &weights, &options, |_| progress.inc(1))
+                .with_context(|| format!("running {} on the reference interpreter", config.name))?,
+            "reference interpreter, cpu".to_string(),
+        ),
+        Some(device) => {
+            let capacity = args.prompt.len() + args.tokens;
+            let mut runner = PlanRunner::new(
+                &config,
+                &weights,
+                device,
+                args.ordinal,
+                args.prompt.len(),
+                capacity,
+            )?;
+            let generation = generate(
+                &config,
+                &options,
+                |phase, state| runner.step(phase, state),
+                |_| progress.inc(1),
+            )
+            .with_context(|| format!("running {} on {}", config.name, runner.device))?;
+            let (p_gpu, p_cpu, d_gpu, d_cpu) = runner.placement;
+            let ran_on = format!(
+                "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu kernels, decode {d_gpu} gpu + {d_cpu} cpu",
+                runner.device
+            );
+            (generation, ran_on)
+        }
+    };
     progress.finish_and_clear();
+    generation.device = ran_on.clone();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&generation)?);
         return Ok(());
@@ -149,7 +201,7 @@ fn run(args: RunArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!("model   {} (reference interpreter, cpu)", config.name);
+    println!("model   {} {} ({ran_on})", config.name, config.dtype);
     println!("prompt  {}", show(&generation.prompt));
     println!("tokens  {}", show(&generation.tokens));
     println!(

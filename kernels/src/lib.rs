@@ -16,6 +16,7 @@ pub mod error;
 pub mod gemm;
 pub mod gemv;
 pub mod kv_append;
+pub mod lower;
 pub mod quest;
 pub mod rms_norm;
 pub mod rope;

@@ -14,3 +14,4 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod exec;

@@ -70,7 +70,7 @@ impl PagedKv {
         if !matches!(self.head_dim, 64 | 128) {
             return fail(format!("head_dim must be 64 or 128, got {}", self.head_dim));
         }
-        if self.kv_heads == 0 || self.q_heads == 0 || self.q_heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return fail(format!(
                 "q_heads ({}) must be a positive multiple of kv_heads ({})",
                 self.q_heads, self.kv_heads

@@ -149,6 +149,50 @@ impl<T: Element> DeviceBuffer<T> {
         Ok(())
     }
 
+    /// Copies elements `range` into `out` (of the range's length), after all work queued
+    /// before it on the device.
+    pub fn copy_range_to_host(&self, range: Range<usize>, out: &mut [T]) -> Result<(), CudaError> {
+        self.check_range(&range)?;
+        check_len("copy device range to host", range.len(), out.len())?;
+        if let (Some(slice), false) = (&self.slice, range.is_empty()) {
+            let call = copy_call::<T>("device range to host", out.len());
+            self.stream
+                .memcpy_dtoh(&slice.slice(range), out)
+                .map_err(CudaError::driver(call.clone()))?;
+            self.stream.synchronize().map_err(CudaError::driver(call))?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites elements `range` with `data` (of the range's length).
+    pub fn copy_range_from_host(
+        &mut self,
+        range: Range<usize>,
+        data: &[T],
+    ) -> Result<(), CudaError> {
+        self.check_range(&range)?;
+        check_len("copy host to device range", range.len(), data.len())?;
+        if let (Some(slice), false) = (&mut self.slice, range.is_empty()) {
+            self.stream
+                .memcpy_htod(data, &mut slice.slice_mut(range))
+                .map_err(CudaError::driver(copy_call::<T>(
+                    "host to device range",
+                    data.len(),
+                )))?;
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, range: &Range<usize>) -> Result<(), CudaError> {
+        if range.start > range.end || range.end > self.len() {
+            return Err(CudaError::InvalidRequest(format!(
+                "buffer range {range:?} is outside a buffer of {} elements; pass a range within it",
+                self.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Sets every element to `value`.
     pub fn fill(&mut self, value: T) -> Result<(), CudaError> {
         self.copy_from_host(&vec![value; self.len()])
@@ -204,12 +248,7 @@ impl<T: Element> DeviceBuffer<T> {
 
     /// Elements `range` of this buffer as a launch argument.
     pub fn arg_range(&self, range: Range<usize>) -> Result<BufferArg<'_>, CudaError> {
-        if range.start > range.end || range.end > self.len() {
-            return Err(CudaError::InvalidRequest(format!(
-                "buffer range {range:?} is outside a buffer of {} elements; pass a range within it",
-                self.len()
-            )));
-        }
+        self.check_range(&range)?;
         let size = T::ELEM.size_bytes();
         let ptr = self.device_ptr() + (range.start * size) as u64;
         // SAFETY: a sub-range of this live allocation, borrowed as in `arg`.

@@ -1,0 +1,381 @@
+//! Lowering: from a scheduled kernel's [`Family`] (an IR-level description) to the generator
+//! spec that builds it, and from the kernel's operands to the generated kernel's parameters.
+//!
+//! Owns [`KernelSpec`] (which generator, with which spec), [`KernelSpec::for_family`] (the
+//! choice: GEMV for at most [`GEMV_MAX_ROWS`] rows, GEMM above; RMSNorm; RoPE; elementwise
+//! maps), the parameter names a plan kernel's inputs and outputs bind to
+//! ([`KernelSpec::operand_params`]) and its scalar arguments ([`KernelSpec::scalars`]).
+//! Both `kiln compile` and the runtime's plan executor lower through here, so the PTX a plan
+//! lists is the PTX that runs. This file must not touch a device.
+//!
+//! ```
+//! use kiln_ir::dtype::DType;
+//! use kiln_ir::schedule::{Family, LinearEpilogue, SymExpr};
+//! use kiln_ir::shape::Bindings;
+//! use kiln_kernels::lower::KernelSpec;
+//! let family = Family::Linear {
+//!     rows: SymExpr::constant(1),
+//!     n: 256,
+//!     k: 512,
+//!     dtype: DType::F16,
+//!     epilogue: LinearEpilogue::Residual,
+//! };
+//! let spec = KernelSpec::for_family(&family, &Bindings::new()).unwrap();
+//! assert_eq!(spec.operand_params(), (vec!["x", "weight", "residual"], vec!["out"]));
+//! let kernel = spec.generate().unwrap();
+//! assert!(kernel.ptx.contains(&kernel.entry));
+//! ```
+
+use crate::elementwise::{self, ElementwiseSpec};
+use crate::gemm::{self, GemmSpec};
+use crate::gemv::{self, GemvSpec};
+use crate::rms_norm::{self, RmsNormSpec};
+use crate::rope::{self, RopeSpec};
+use crate::{Epilogue, SpecError};
+use kiln_codegen::expr::Expr;
+use kiln_codegen::kernel::GpuKernel;
+use kiln_ir::op::MapStep;
+use kiln_ir::schedule::{Family, LinearEpilogue};
+use kiln_ir::shape::Bindings;
+use std::collections::BTreeMap;
+
+/// Linear kernels with at most this many rows use the GEMV generator (the rows are a spec
+/// constant there); more rows use GEMM.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// A generator and its spec.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KernelSpec {
+    Gemv(GemvSpec),
+    Gemm(GemmSpec),
+    RmsNorm(RmsNormSpec),
+    Rope(RopeSpec),
+    Elementwise(ElementwiseSpec),
+}
+
+/// A scalar kernel argument.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scalar {
+    U32(u32),
+    F32(f32),
+}
+
+fn epilogue_of(epilogue: LinearEpilogue) -> Epilogue {
+    match epilogue {
+        LinearEpilogue::None => Epilogue::None,
+        LinearEpilogue::Bias => Epilogue::Bias,
+        LinearEpilogue::Residual => Epilogue::Residual,
+        LinearEpilogue::SwiGlu => Epilogue::SwiGlu,
+    }
+}
+
+/// The expression of a map program (its last step is the result).
+pub fn map_expr(steps: &[MapStep]) -> Expr {
+    let mut values: Vec<Expr> = Vec::with_capacity(steps.len());
+    for step in steps {
+        let value = match step {
+            MapStep::Operand { index } => Expr::input(*index),
+            MapStep::Constant { value } => Expr::constant(*value as f64),
+            MapStep::Add { a, b } => values[*a].clone() + values[*b].clone(),
+            MapStep::Mul { a, b } => values[*a].clone() * values[*b].clone(),
+            MapStep::Silu { x } => values[*x].clone().silu(),
+            MapStep::Sigmoid { x } => values[*x].clone().sigmoid(),
+        };
+        values.push(value);
+    }
+    values.pop().unwrap_or_else(|| Expr::constant(0.0))
+}
+
+fn u32_of(name: &str, value: u64) -> Result<u32, String> {
+    u32::try_from(value).map_err(|_| format!("{name} = {value} does not fit a u32 kernel scalar"))
+}
+
+impl KernelSpec {
+    /// The spec that computes `family` under `bindings` (which resolve its symbolic row
+    /// counts), or why no generator can.
+    pub fn for_family(family: &Family, bindings: &Bindings) -> Result<KernelSpec, String> {
+        Ok(match family {
+            Family::Linear {
+                rows,
+                k,
+                dtype,
+                epilogue,
+                ..
+            } => {
+                let m = rows.resolve(bindings)? as usize;
+                let epilogue = epilogue_of(*epilogue);
+                if m <= GEMV_MAX_ROWS {
+                    KernelSpec::Gemv(GemvSpec::new(*dtype, m.max(1), *k, epilogue))
+                } else {
+                    KernelSpec::Gemm(GemmSpec::for_rows(*dtype, m, *k, epilogue))
+                }
+            }
+            Family::RmsNorm {
+                hidden,
+                residual,
+                dtype,
+                ..
+            } => KernelSpec::RmsNorm(RmsNormSpec {
+                dtype: *dtype,
+                hidden: *hidden,
+                residual: *residual,
+            }),
+            Family::Rope {
+                heads,
+                head_dim,
+                theta,
+                dtype,
+                ..
+            } => KernelSpec::Rope(RopeSpec {
+                dtype: *dtype,
+                heads: *heads,
+                head_dim: *head_dim,
+                theta: *theta,
+            }),
+            Family::Map {
+                inputs,
+                steps,
+                broadcast: false,
+                dtype,
+                ..
+            } => KernelSpec::Elementwise(ElementwiseSpec {
+                dtype: *dtype,
+                inputs: *inputs,
+                expr: map_expr(steps),
+            }),
+            Family::Map { .. } => {
+                return Err("elementwise maps with broadcast operands have no GPU generator".into())
+            }
+            Family::Interpreted { op } => return Err(format!("no GPU generator for `{op}`")),
+        })
+    }
+
+    /// A key that identifies the spec (equal keys generate identical kernels).
+    pub fn key(&self) -> String {
+        format!("{self:?}")
+    }
+
+    /// Runs the generator.
+    pub fn generate(&self) -> Result<GpuKernel, SpecError> {
+        match self {
+            KernelSpec::Gemv(spec) => gemv::generate(spec),
+            KernelSpec::Gemm(spec) => gemm::generate(spec),
+            KernelSpec::RmsNorm(spec) => rms_norm::generate(spec),
+            KernelSpec::Rope(spec) => rope::generate(spec),
+            KernelSpec::Elementwise(spec) => elementwise::generate(spec),
+        }
+    }
+
+    /// The pointer parameters that a plan kernel's inputs and outputs bind to, in the order
+    /// of the graph node's operands and results.
+    ///
+    /// Linear: `(x, weight[, bias | residual]) → out`. RMSNorm: `(x, weight) → out`, or with
+    /// the residual fused (`add_rms_norm`): `(x, residual, weight) → (residual_out, out)`.
+    /// RoPE: `(x, positions) → out`. Maps: `(in0, in1, …) → out`.
+    pub fn operand_params(&self) -> (Vec<&'static str>, Vec<&'static str>) {
+        let linear = |epilogue: Epilogue| {
+            let mut inputs = vec!["x", "weight"];
+            inputs.extend(epilogue.extra_param());
+            (inputs, vec!["out"])
+        };
+        match self {
+            KernelSpec::Gemv(spec) => linear(spec.epilogue),
+            KernelSpec::Gemm(spec) => linear(spec.epilogue),
+            KernelSpec::RmsNorm(spec) if spec.residual => {
+                (vec!["x", "residual", "weight"], vec!["residual_out", "out"])
+            }
+            KernelSpec::RmsNorm(_) => (vec!["x", "weight"], vec!["out"]),
+            KernelSpec::Rope(_) => (vec!["x", "positions"], vec!["out"]),
+            KernelSpec::Elementwise(spec) => {
+                const INPUTS: [&str; 8] = ["in0", "in1", "in2", "in3", "in4", "in5", "in6", "in7"];
+                (
+                    INPUTS[..spec.inputs.min(INPUTS.len())].to_vec(),
+                    vec!["out"],
+                )
+            }
+        }
+    }
+
+    /// The scalar arguments of a launch of `family` under `bindings`.
+    pub fn scalars(
+        &self,
+        family: &Family,
+        bindings: &Bindings,
+    ) -> Result<BTreeMap<&'static str, Scalar>, String> {
+        let mut scalars = BTreeMap::new();
+        match (self, family) {
+            (KernelSpec::Gemv(_), Family::Linear { n, .. }) => {
+                scalars.insert("n", Scalar::U32(u32_of("n", *n as u64)?));
+            }
+            (KernelSpec::Gemm(_), Family::Linear { rows, n, .. }) => {
+                scalars.insert("m", Scalar::U32(u32_of("m", rows.resolve(bindings)?)?));
+                scalars.insert("n", Scalar::U32(u32_of("n", *n as u64)?));
+            }
+            (KernelSpec::RmsNorm(_), Family::RmsNorm { rows, eps, .. }) => {
+                scalars.insert(
+                    "rows",
+                    Scalar::U32(u32_of("rows", rows.resolve(bindings)?)?),
+                );
+                scalars.insert("eps", Scalar::F32(*eps));
+            }
+            (KernelSpec::Rope(_), Family::Rope { tokens, .. }) => {
+                let tokens = tokens.resolve(bindings)?;
+                scalars.insert("tokens", Scalar::U32(u32_of("tokens", tokens)?));
+            }
+            (KernelSpec::Elementwise(_), Family::Map { elements, .. }) => {
+                let n = elements.resolve(bindings)?;
+                scalars.insert("n", Scalar::U32(u32_of("n", n)?));
+            }
+            (spec, family) => {
+                return Err(format!(
+                    "spec {} does not lower family {}",
+                    spec.key(),
+                    family.describe()
+                ))
+            }
+        }
+        Ok(scalars)
+    }
+}
+
+/// Generates kernels for families, each distinct spec once.
+#[derive(Debug, Default)]
+pub struct Lowering {
+    generated: BTreeMap<String, Result<GpuKernel, String>>,
+}
+
+impl Lowering {
+    /// The spec and kernel of `family` under `bindings`, or why it has none.
+    pub fn lower(
+        &mut self,
+        family: &Family,
+        bindings: &Bindings,
+    ) -> Result<(KernelSpec, GpuKernel), String> {
+        let spec = KernelSpec::for_family(family, bindings)?;
+        let kernel = self
+            .generated
+            .entry(spec.key())
+            .or_insert_with(|| spec.generate().map_err(|e| e.to_string()))
+            .clone()?;
+        Ok((spec, kernel))
+    }
+
+    /// Distinct specs generated so far (successful or not).
+    pub fn len(&self) -> usize {
+        self.generated.len()
+    }
+
+    /// Whether nothing was generated yet.
+    pub fn is_empty(&self) -> bool {
+        self.generated.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::dtype::DType;
+    use kiln_ir::schedule::SymExpr;
+    use kiln_ir::shape::Dim;
+
+    fn seq() -> SymExpr {
+        SymExpr::product(&[Dim::sym("seq")])
+    }
+
+    fn linear(rows: SymExpr, epilogue: LinearEpilogue) -> Family {
+        Family::Linear {
+            rows,
+            n: 64,
+            k: 256,
+            dtype: DType::BF16,
+            epilogue,
+        }
+    }
+
+    #[test]
+    fn few_rows_lower_to_gemv_and_many_to_gemm() {
+        let bindings = Bindings::from_pairs(&[("seq", 100)]);
+        let few = KernelSpec::for_family(
+            &linear(SymExpr::constant(3), LinearEpilogue::None),
+            &bindings,
+        );
+        assert!(matches!(few, Ok(KernelSpec::Gemv(s)) if s.m == 3));
+        let many = linear(seq(), LinearEpilogue::Bias);
+        let spec = KernelSpec::for_family(&many, &bindings).unwrap();
+        assert!(matches!(spec, KernelSpec::Gemm(_)));
+        let scalars = spec.scalars(&many, &bindings).unwrap();
+        assert_eq!(scalars["m"], Scalar::U32(100));
+        assert_eq!(spec.operand_params().0, vec!["x", "weight", "bias"]);
+    }
+
+    #[test]
+    fn every_operand_param_exists_in_the_generated_kernel() {
+        let bindings = Bindings::from_pairs(&[("seq", 4)]);
+        let families = [
+            linear(seq(), LinearEpilogue::SwiGlu),
+            linear(SymExpr::constant(64), LinearEpilogue::Residual),
+            Family::RmsNorm {
+                rows: seq(),
+                hidden: 256,
+                residual: true,
+                eps: 1e-5,
+                dtype: DType::F16,
+            },
+            Family::Rope {
+                tokens: seq(),
+                heads: 4,
+                head_dim: 64,
+                theta: 10000.0,
+                dtype: DType::F16,
+            },
+            Family::Map {
+                elements: seq().times(256),
+                inputs: 2,
+                steps: vec![
+                    MapStep::Operand { index: 0 },
+                    MapStep::Operand { index: 1 },
+                    MapStep::Add { a: 0, b: 1 },
+                ],
+                broadcast: false,
+                dtype: DType::F16,
+            },
+        ];
+        let mut lowering = Lowering::default();
+        for family in &families {
+            let (spec, kernel) = lowering.lower(family, &bindings).unwrap();
+            let (inputs, outputs) = spec.operand_params();
+            for name in inputs.iter().chain(&outputs) {
+                assert!(
+                    kernel.param(name).is_some(),
+                    "{}: no param {name}",
+                    kernel.entry
+                );
+            }
+            for name in spec.scalars(family, &bindings).unwrap().keys() {
+                assert!(
+                    kernel.param(name).is_some(),
+                    "{}: no scalar {name}",
+                    kernel.entry
+                );
+            }
+            let pointers = kernel
+                .params
+                .iter()
+                .filter(|p| matches!(p.kind, kiln_codegen::kernel::ParamKind::Pointer(_)))
+                .count();
+            assert_eq!(pointers, inputs.len() + outputs.len(), "{}", kernel.entry);
+        }
+        assert_eq!(lowering.len(), families.len());
+        lowering.lower(&families[0], &bindings).unwrap();
+        assert_eq!(lowering.len(), families.len(), "a spec is generated once");
+    }
+
+    #[test]
+    fn interpreted_families_have_no_generator() {
+        let family = Family::Interpreted {
+            op: "attention".into(),
+        };
+        let err = KernelSpec::for_family(&family, &Bindings::new()).unwrap_err();
+        assert!(err.contains("attention"), "{err}");
+    }
+}

@@ -1,0 +1,680 @@
+//! # runtime::exec — running a compiled plan
+//!
+//! An [`Executor`] runs one [`Schedule`] (the plan of one graph phase) call after call:
+//!
+//! 1. **Bindings** come from the shapes of the call's inputs and state (a mismatch names the
+//!    tensor and the dimension).
+//! 2. **Memory**: GPU intermediates live in one device arena laid out by the plan's memory
+//!    plan, re-planned (the `plan_memory` pass) whenever the bindings change, and grown only
+//!    when a larger layout needs it. Inputs, state and outputs get buffers of their own;
+//!    weights, constants and load-time values are uploaded once ([`DeviceWeights`], shared by
+//!    the executors of one model, such as its prefill and decode plans).
+//! 3. **Kernels** run in plan order: a GPU kernel is lowered for the call's bindings through
+//!    `kiln_kernels::lower` (each distinct spec generated and loaded once), its operands bound
+//!    to the generator's parameters by name; a CPU kernel runs its graph node through
+//!    `ir::interp::eval` (no kernel has native CPU code in plans yet). The plan's transfers
+//!    move values between host and device before the kernel that needs them.
+//! 4. **Outputs** are copied to the host and returned by name.
+//!
+//! GPU results outside the arena start as NaN (and the arena too, with
+//! [`Executor::poison_arena`]), so a kernel that misses elements shows up as NaN logits,
+//! never as stale numbers. This module never builds PTX
+//! itself: it asks `kiln-kernels` for it.
+
+mod error;
+mod storage;
+
+pub use error::ExecError;
+pub use storage::{elem_type, tensor_bytes, tensor_from_bytes, DeviceSlot};
+
+use crate::cuda::{Arg, Args, CudaDevice, DeviceBuffer, DeviceTensor, LoadedKernel};
+use kiln_ir::graph::{Graph, TensorType};
+use kiln_ir::interp;
+use kiln_ir::schedule::memory::MemoryPlan;
+use kiln_ir::schedule::{BufferId, BufferKind, Device, Pass, PlanMemory, Schedule};
+use kiln_ir::shape::Bindings;
+use kiln_ir::tensor::Tensor;
+use kiln_ir::weights::Weights;
+use kiln_kernels::lower::{KernelSpec, Lowering, Scalar};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// Device copies of weights, constants and load-time values, keyed by buffer name, dtype and
+/// shape, shared by the executors of one model so that each is uploaded once.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceWeights {
+    tensors: Arc<Mutex<HashMap<String, Arc<DeviceTensor>>>>,
+}
+
+impl DeviceWeights {
+    /// How many tensors are resident.
+    pub fn len(&self) -> usize {
+        self.tensors.lock().map(|t| t.len()).unwrap_or(0)
+    }
+
+    /// Whether nothing is resident.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get_or_upload(
+        &self,
+        key: String,
+        device: &CudaDevice,
+        tensor: &Tensor,
+    ) -> Result<Arc<DeviceTensor>, ExecError> {
+        let mut tensors = self
+            .tensors
+            .lock()
+            .map_err(|_| ExecError::Internal("the device weight cache was poisoned".into()))?;
+        if let Some(t) = tensors.get(&key) {
+            return Ok(t.clone());
+        }
+        let uploaded = Arc::new(DeviceTensor::upload(device, tensor)?);
+        tensors.insert(key, uploaded.clone());
+        Ok(uploaded)
+    }
+}
+
+/// Counters of what an executor did, for reports and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecStats {
+    pub calls: usize,
+    pub gpu_launches: usize,
+    pub cpu_kernels: usize,
+    pub transfers: usize,
+    /// Distinct GPU specs generated and loaded.
+    pub kernels_loaded: usize,
+    /// Arena (re)allocations.
+    pub arena_allocations: usize,
+}
+
+/// A GPU kernel lowered for one set of bindings.
+struct Lowered {
+    spec: KernelSpec,
+    kernel: LoadedKernel,
+}
+
+/// Runs one plan, call after call. See the module documentation.
+pub struct Executor {
+    graph: Graph,
+    plan: Schedule,
+    device: Option<Arc<CudaDevice>>,
+    /// Host values of weights, constants and load-time results read by CPU kernels.
+    host_resident: Vec<Option<Arc<Tensor>>>,
+    /// Device values of the same, read by GPU kernels.
+    device_resident: Vec<Option<Arc<DeviceTensor>>>,
+    lowering: Lowering,
+    /// (kernel index, spec key) → loaded kernel.
+    loaded: HashMap<(usize, String), Arc<Lowered>>,
+    arena: Option<DeviceBuffer<u8>>,
+    memory: Option<MemoryPlan>,
+    stats: ExecStats,
+    /// Fill the arena with NaN bytes before every call (tests).
+    poison_arena: bool,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("graph", &self.graph.name)
+            .field("kernels", &self.plan.kernels.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn resident_kind(kind: &BufferKind) -> bool {
+    matches!(
+        kind,
+        BufferKind::Weight | BufferKind::Constant { .. } | BufferKind::LoadTime
+    )
+}
+
+/// Rounds each `eval` result to its node's dtype, as `interp::run` does.
+fn rounded(results: Vec<Tensor>, types: &[TensorType]) -> Vec<Tensor> {
+    results
+        .into_iter()
+        .zip(types)
+        .map(|(t, ty)| t.cast(ty.dtype))
+        .collect()
+}
+
+impl Executor {
+    /// An executor of `plan`, scheduled from `graph`, with `weights`. GPU kernels need
+    /// `device`; weights read on the GPU are uploaded now (through `device_weights`).
+    pub fn new(
+        graph: Graph,
+        plan: Schedule,
+        weights: &Weights,
+        device: Option<Arc<CudaDevice>>,
+        device_weights: &DeviceWeights,
+    ) -> Result<Executor, ExecError> {
+        let gpu_kernels = plan.count_on(Device::Gpu);
+        if gpu_kernels > 0 && device.is_none() {
+            return Err(ExecError::NoDevice {
+                graph: plan.graph.clone(),
+                gpu_kernels,
+            });
+        }
+        let buffers = plan.buffers.len();
+        let mut read_on: Vec<[bool; 2]> = vec![[false; 2]; buffers];
+        for kernel in &plan.kernels {
+            for &input in &kernel.inputs {
+                read_on[input][(kernel.device == Device::Gpu) as usize] = true;
+            }
+        }
+        // Host values of every resident buffer, in definition order (load-time ops read
+        // earlier ones).
+        let mut host: Vec<Option<Arc<Tensor>>> = vec![None; buffers];
+        for buffer in &plan.buffers {
+            match &buffer.kind {
+                BufferKind::Weight => {
+                    let tensor =
+                        weights
+                            .get(&buffer.name)
+                            .ok_or_else(|| ExecError::MissingTensor {
+                                name: buffer.name.clone(),
+                                kind: "weight",
+                            })?;
+                    let expected = buffer.shape.resolve(&Bindings::new()).map_err(|m| {
+                        ExecError::BadTensor {
+                            name: buffer.name.clone(),
+                            message: m,
+                        }
+                    })?;
+                    if tensor.dtype != buffer.dtype || tensor.shape != expected {
+                        return Err(ExecError::BadTensor {
+                            name: buffer.name.clone(),
+                            message: format!(
+                                "expected {} {:?}, got {} {:?}",
+                                buffer.dtype, expected, tensor.dtype, tensor.shape
+                            ),
+                        });
+                    }
+                    host[buffer.id] = Some(Arc::new(tensor.clone()));
+                }
+                BufferKind::Constant { value } => {
+                    host[buffer.id] = Some(Arc::new(Tensor::full(buffer.dtype, &[], *value)));
+                }
+                _ => {}
+            }
+        }
+        for op in &plan.load_time {
+            let node = &graph.nodes[op.node];
+            // Operands in the shapes the node reads them (a reshape is a view of its buffer).
+            let reshaped: Vec<Tensor> = op
+                .inputs
+                .iter()
+                .zip(&node.inputs)
+                .map(|(&id, value)| {
+                    let tensor = host[id].as_deref().ok_or_else(|| {
+                        ExecError::Internal(format!("load-time operand {id} has no value"))
+                    })?;
+                    let ty = graph.value_type(*value).map_err(ExecError::Internal)?;
+                    let shape = ty
+                        .shape
+                        .resolve(&Bindings::new())
+                        .map_err(ExecError::Internal)?;
+                    Ok(Tensor {
+                        shape,
+                        ..tensor.clone()
+                    })
+                })
+                .collect::<Result<_, ExecError>>()?;
+            let refs: Vec<&Tensor> = reshaped.iter().collect();
+            let results = interp::eval(node, &refs, &Bindings::new()).map_err(|message| {
+                ExecError::Kernel {
+                    kernel: format!("load-time {}", op.name),
+                    message,
+                }
+            })?;
+            for (&id, tensor) in op.outputs.iter().zip(rounded(results, &node.outputs)) {
+                host[id] = Some(Arc::new(tensor));
+            }
+        }
+        let mut device_resident: Vec<Option<Arc<DeviceTensor>>> = vec![None; buffers];
+        if let Some(device) = &device {
+            for buffer in &plan.buffers {
+                if resident_kind(&buffer.kind) && read_on[buffer.id][1] {
+                    let tensor = host[buffer.id].as_deref().ok_or_else(|| {
+                        ExecError::Internal(format!("resident buffer {} has no value", buffer.name))
+                    })?;
+                    let key = format!("{} {} {:?}", buffer.name, buffer.dtype, tensor.shape);
+                    device_resident[buffer.id] =
+                        Some(device_weights.get_or_upload(key, device, tensor)?);
+                }
+            }
+        }
+        // Host copies are kept only where a CPU kernel reads them.
+        for (id, value) in host.iter_mut().enumerate() {
+            if !read_on[id][0] {
+                *value = None;
+            }
+        }
+        Ok(Executor {
+            graph,
+            plan,
+            device,
+            host_resident: host,
+            device_resident,
+            lowering: Lowering::default(),
+            loaded: HashMap::new(),
+            arena: None,
+            memory: None,
+            stats: ExecStats::default(),
+            poison_arena: false,
+        })
+    }
+
+    /// Fills the GPU arena with `0xFF` bytes (NaN in every float dtype) before each call, so
+    /// that a kernel reading an intermediate nobody wrote this call produces NaN (for tests;
+    /// it costs a host-to-device copy of the arena per call).
+    pub fn poison_arena(&mut self, poison: bool) {
+        self.poison_arena = poison;
+    }
+
+    /// The plan this executor runs.
+    pub fn plan(&self) -> &Schedule {
+        &self.plan
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> ExecStats {
+        ExecStats {
+            kernels_loaded: self.lowering.len(),
+            ..self.stats
+        }
+    }
+
+    /// Binds the symbolic dimensions from the per-call tensors.
+    fn bindings(&self, inputs: &HashMap<String, Tensor>) -> Result<Bindings, ExecError> {
+        let mut bindings = Bindings::new();
+        for buffer in &self.plan.buffers {
+            if !matches!(buffer.kind, BufferKind::Input | BufferKind::State) {
+                continue;
+            }
+            let tensor = inputs
+                .get(&buffer.name)
+                .ok_or_else(|| ExecError::MissingTensor {
+                    name: buffer.name.clone(),
+                    kind: if buffer.kind == BufferKind::State {
+                        "state"
+                    } else {
+                        "input"
+                    },
+                })?;
+            if tensor.dtype != buffer.dtype {
+                return Err(ExecError::BadTensor {
+                    name: buffer.name.clone(),
+                    message: format!("expected dtype {}, got {}", buffer.dtype, tensor.dtype),
+                });
+            }
+            bindings
+                .unify(&buffer.shape, &tensor.shape)
+                .map_err(|m| ExecError::BadTensor {
+                    name: buffer.name.clone(),
+                    message: format!("expected shape {}: {m}", buffer.shape),
+                })?;
+        }
+        Ok(bindings)
+    }
+
+    /// Re-plans memory for `bindings` when they changed, and grows the arena when needed.
+    fn prepare_memory(&mut self, bindings: &Bindings) -> Result<(), ExecError> {
+        if self
+            .memory
+            .as_ref()
+            .is_some_and(|m| &m.bindings == bindings)
+        {
+            return Ok(());
+        }
+        let alignment = self
+            .plan
+            .memory
+            .as_ref()
+            .map(|m| m.alignment.max(1))
+            .unwrap_or(256);
+        let mut plan = self.plan.clone();
+        let mut full = bindings.clone();
+        for buffer in &plan.buffers {
+            for name in &buffer.bytes.symbols {
+                if full.get(name).is_none() {
+                    full.set(name, 1);
+                }
+            }
+        }
+        PlanMemory {
+            bindings: full,
+            alignment,
+        }
+        .run(&mut plan);
+        let memory = plan.memory.unwrap_or_default();
+        let gpu_bytes = memory
+            .arenas
+            .iter()
+            .find(|a| a.device == Device::Gpu)
+            .map(|a| a.bytes)
+            .unwrap_or(0) as usize;
+        if let Some(device) = &self.device {
+            let have = self.arena.as_ref().map(|a| a.len()).unwrap_or(0);
+            if gpu_bytes > have {
+                self.arena = Some(DeviceBuffer::zeros(device, gpu_bytes)?);
+                self.stats.arena_allocations += 1;
+            }
+        }
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    /// Lowers and loads GPU kernel `index` for `bindings` (once per spec).
+    fn lowered(&mut self, index: usize, bindings: &Bindings) -> Result<Arc<Lowered>, ExecError> {
+        let kernel = &self.plan.kernels[index];
+        let spec = KernelSpec::for_family(&kernel.family, bindings).map_err(|message| {
+            ExecError::Kernel {
+                kernel: kernel.name.clone(),
+                message,
+            }
+        })?;
+        let key = (index, spec.key());
+        if let Some(l) = self.loaded.get(&key) {
+            return Ok(l.clone());
+        }
+        let (spec, generated) =
+            self.lowering
+                .lower(&kernel.family, bindings)
+                .map_err(|message| ExecError::Kernel {
+                    kernel: kernel.name.clone(),
+                    message,
+                })?;
+        let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
+            graph: self.plan.graph.clone(),
+            gpu_kernels: self.plan.count_on(Device::Gpu),
+        })?;
+        let loaded = Arc::new(Lowered {
+            spec,
+            kernel: device.load(&generated)?,
+        });
+        self.loaded.insert(key, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Runs the plan once on `inputs` (activations and state by name) and returns the graph's
+    /// outputs by name.
+    pub fn run(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, ExecError> {
+        let bindings = self.bindings(inputs)?;
+        self.prepare_memory(&bindings)?;
+        if self.poison_arena {
+            if let Some(arena) = &mut self.arena {
+                arena.fill(0xFF)?;
+            }
+        }
+        let buffers = self.plan.buffers.len();
+        let mut host: Vec<Option<Arc<Tensor>>> = self.host_resident.clone();
+        for buffer in &self.plan.buffers {
+            if matches!(buffer.kind, BufferKind::Input | BufferKind::State) {
+                host[buffer.id] = inputs.get(&buffer.name).cloned().map(Arc::new);
+            }
+        }
+        let mut slots: Vec<Option<DeviceSlot>> = (0..buffers).map(|_| None).collect();
+        for (id, resident) in self.device_resident.iter().enumerate() {
+            if let Some(t) = resident {
+                slots[id] = Some(DeviceSlot::Resident(t.clone()));
+            }
+        }
+        let arena_slots: HashMap<BufferId, (u64, u64)> = self
+            .memory
+            .iter()
+            .flat_map(|m| &m.arenas)
+            .filter(|a| a.device == Device::Gpu)
+            .flat_map(|a| &a.slots)
+            .map(|s| (s.buffer, (s.offset, s.bytes)))
+            .collect();
+
+        let mut transfers = self.plan.transfers.clone();
+        transfers.sort_by_key(|t| t.before_kernel);
+        let mut next_transfer = 0;
+        for index in 0..=self.plan.kernels.len() {
+            while next_transfer < transfers.len() && transfers[next_transfer].before_kernel == index
+            {
+                let transfer = transfers[next_transfer].clone();
+                next_transfer += 1;
+                self.transfer(
+                    transfer.buffer,
+                    transfer.to,
+                    &bindings,
+                    &arena_slots,
+                    &mut host,
+                    &mut slots,
+                )?;
+            }
+            if index == self.plan.kernels.len() {
+                break;
+            }
+            match self.plan.kernels[index].device {
+                Device::Cpu => self.run_cpu(index, &bindings, &mut host)?,
+                Device::Gpu => {
+                    self.run_gpu(index, &bindings, &arena_slots, &mut slots)?;
+                }
+            }
+        }
+        if let Some(device) = &self.device {
+            device.synchronize()?;
+        }
+        self.stats.calls += 1;
+        let mut outputs = BTreeMap::new();
+        for ((name, value), named) in self.graph.outputs.iter().zip(&self.plan.outputs) {
+            let tensor = host[named.buffer]
+                .as_deref()
+                .ok_or_else(|| ExecError::Internal(format!("output `{name}` was not computed")))?;
+            let ty = self.graph.value_type(*value).map_err(ExecError::Internal)?;
+            let shape = ty.shape.resolve(&bindings).map_err(ExecError::Internal)?;
+            outputs.insert(
+                name.clone(),
+                Tensor {
+                    shape,
+                    ..tensor.clone()
+                },
+            );
+        }
+        Ok(outputs)
+    }
+
+    /// The concrete shape of buffer `id`.
+    fn shape_of(&self, id: BufferId, bindings: &Bindings) -> Result<Vec<usize>, ExecError> {
+        self.plan.buffers[id]
+            .shape
+            .resolve(bindings)
+            .map_err(ExecError::Internal)
+    }
+
+    /// A device slot for buffer `id` that a kernel is about to write (or a transfer fill):
+    /// its arena slot, or a NaN-poisoned tensor of its own.
+    fn fresh_slot(
+        &self,
+        id: BufferId,
+        bindings: &Bindings,
+        arena_slots: &HashMap<BufferId, (u64, u64)>,
+    ) -> Result<DeviceSlot, ExecError> {
+        if let Some(&(offset, bytes)) = arena_slots.get(&id) {
+            return Ok(DeviceSlot::Arena { offset, bytes });
+        }
+        let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
+            graph: self.plan.graph.clone(),
+            gpu_kernels: self.plan.count_on(Device::Gpu),
+        })?;
+        let buffer = &self.plan.buffers[id];
+        let shape = self.shape_of(id, bindings)?;
+        Ok(DeviceSlot::Owned(DeviceTensor::poisoned(
+            device,
+            buffer.dtype,
+            &shape,
+        )?))
+    }
+
+    fn transfer(
+        &mut self,
+        id: BufferId,
+        to: Device,
+        bindings: &Bindings,
+        arena_slots: &HashMap<BufferId, (u64, u64)>,
+        host: &mut [Option<Arc<Tensor>>],
+        slots: &mut [Option<DeviceSlot>],
+    ) -> Result<(), ExecError> {
+        self.stats.transfers += 1;
+        let buffer = &self.plan.buffers[id];
+        match to {
+            Device::Gpu => {
+                let tensor = host[id].clone().ok_or_else(|| {
+                    ExecError::Internal(format!(
+                        "`{}` moves to the GPU before it exists",
+                        buffer.name
+                    ))
+                })?;
+                let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
+                    graph: self.plan.graph.clone(),
+                    gpu_kernels: self.plan.count_on(Device::Gpu),
+                })?;
+                let slot = match arena_slots.get(&id) {
+                    Some(&(offset, bytes)) => {
+                        let mut slot = DeviceSlot::Arena { offset, bytes };
+                        slot.upload(self.arena.as_mut(), &tensor)?;
+                        slot
+                    }
+                    None => DeviceSlot::Owned(DeviceTensor::upload(device, &tensor)?),
+                };
+                slots[id] = Some(slot);
+            }
+            Device::Cpu => {
+                let shape = self.shape_of(id, bindings)?;
+                let slot = slots[id].as_ref().ok_or_else(|| {
+                    ExecError::Internal(format!(
+                        "`{}` moves to the host before it exists",
+                        buffer.name
+                    ))
+                })?;
+                host[id] = Some(Arc::new(slot.download(
+                    self.arena.as_ref(),
+                    buffer.dtype,
+                    &shape,
+                )?));
+            }
+        }
+        Ok(())
+    }
+
+    fn run_cpu(
+        &mut self,
+        index: usize,
+        bindings: &Bindings,
+        host: &mut [Option<Arc<Tensor>>],
+    ) -> Result<(), ExecError> {
+        let kernel = &self.plan.kernels[index];
+        let node = &self.graph.nodes[kernel.graph_nodes[0]];
+        let mut operands = Vec::with_capacity(kernel.inputs.len());
+        for (&id, value) in kernel.inputs.iter().zip(&node.inputs) {
+            let tensor = host[id].clone().ok_or_else(|| {
+                ExecError::Internal(format!(
+                    "{}: operand `{}` is not on the host",
+                    kernel.name, self.plan.buffers[id].name
+                ))
+            })?;
+            let ty = self.graph.value_type(*value).map_err(ExecError::Internal)?;
+            let shape = ty.shape.resolve(bindings).map_err(ExecError::Internal)?;
+            operands.push(if shape == tensor.shape {
+                tensor
+            } else {
+                Arc::new(Tensor {
+                    shape,
+                    ..(*tensor).clone()
+                })
+            });
+        }
+        let refs: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
+        let results = interp::eval(node, &refs, bindings).map_err(|message| ExecError::Kernel {
+            kernel: kernel.name.clone(),
+            message,
+        })?;
+        for (&id, tensor) in kernel.outputs.iter().zip(rounded(results, &node.outputs)) {
+            host[id] = Some(Arc::new(tensor));
+        }
+        self.stats.cpu_kernels += 1;
+        Ok(())
+    }
+
+    fn run_gpu(
+        &mut self,
+        index: usize,
+        bindings: &Bindings,
+        arena_slots: &HashMap<BufferId, (u64, u64)>,
+        slots: &mut [Option<DeviceSlot>],
+    ) -> Result<(), ExecError> {
+        let lowered = self.lowered(index, bindings)?;
+        let kernel = &self.plan.kernels[index];
+        for &id in &kernel.outputs {
+            slots[id] = Some(self.fresh_slot(id, bindings, arena_slots)?);
+        }
+        let device = self
+            .device
+            .as_ref()
+            .ok_or_else(|| ExecError::Internal("GPU kernel without a device".into()))?;
+        let (input_params, output_params) = lowered.spec.operand_params();
+        if input_params.len() != kernel.inputs.len() || output_params.len() != kernel.outputs.len()
+        {
+            return Err(ExecError::Kernel {
+                kernel: kernel.name.clone(),
+                message: format!(
+                    "the plan kernel has {} inputs and {} outputs, its generator takes {:?} → {:?}",
+                    kernel.inputs.len(),
+                    kernel.outputs.len(),
+                    input_params,
+                    output_params
+                ),
+            });
+        }
+        let mut args = Args::new();
+        for (&id, name) in kernel
+            .inputs
+            .iter()
+            .zip(&input_params)
+            .chain(kernel.outputs.iter().zip(&output_params))
+        {
+            let buffer = &self.plan.buffers[id];
+            let slot = slots[id].as_ref().ok_or_else(|| {
+                ExecError::Internal(format!(
+                    "{}: operand `{}` is not on the GPU",
+                    kernel.name, buffer.name
+                ))
+            })?;
+            args = args.buffer(name, slot.arg(self.arena.as_ref(), buffer.dtype, device)?);
+        }
+        let scalars = lowered
+            .spec
+            .scalars(&kernel.family, bindings)
+            .map_err(|message| ExecError::Kernel {
+                kernel: kernel.name.clone(),
+                message,
+            })?;
+        for (name, value) in scalars {
+            args = args.set(
+                name,
+                match value {
+                    Scalar::U32(v) => Arg::U32(v),
+                    Scalar::F32(v) => Arg::F32(v),
+                },
+            );
+        }
+        lowered
+            .kernel
+            .launch(&args)
+            .map_err(|e| ExecError::Launch {
+                kernel: kernel.name.clone(),
+                source: Box::new(e),
+            })?;
+        self.stats.gpu_launches += 1;
+        Ok(())
+    }
+}

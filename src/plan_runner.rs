@@ -1,0 +1,148 @@
+//! Running a model through its compiled plans: compile the prefill and decode phases, build
+//! one `kiln_runtime::exec::Executor` per phase, and hand the generation loop
+//! (`crate::generate::generate`) a step function.
+//!
+//! Owns [`RunDevice`] (`cuda`, `cpu`, `auto`) and [`PlanRunner`]. On `cpu` the plans are
+//! compiled with no GPU families, so every kernel runs on the host through the interpreter;
+//! on `cuda` the GPU generators take what they can and the rest runs on the host with the
+//! plan's transfers. It must not implement kernels or the step loop itself.
+
+use crate::compile::{compile, CompileOptions};
+use anyhow::{bail, Context, Result};
+use kiln_ir::model::{ModelConfig, Phase};
+use kiln_ir::schedule::{Device, GpuCapabilities};
+use kiln_ir::shape::Bindings;
+use kiln_ir::tensor::Tensor;
+use kiln_ir::weights::Weights;
+use kiln_runtime::cuda::CudaDevice;
+use kiln_runtime::exec::{DeviceWeights, ExecStats, Executor};
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Where `kiln run` executes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunDevice {
+    /// The GPU generators' kernels on a CUDA device, the rest on the host.
+    Cuda,
+    /// Every kernel on the host.
+    Cpu,
+    /// `cuda` when a CUDA device is present, else `cpu`.
+    Auto,
+}
+
+impl FromStr for RunDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RunDevice, String> {
+        match s {
+            "cuda" => Ok(RunDevice::Cuda),
+            "cpu" => Ok(RunDevice::Cpu),
+            "auto" => Ok(RunDevice::Auto),
+            other => Err(format!(
+                "unknown device `{other}` (devices: cuda, cpu, auto)"
+            )),
+        }
+    }
+}
+
+/// The compiled plans of a model's two phases and their executors.
+#[derive(Debug)]
+pub struct PlanRunner {
+    prefill: Executor,
+    decode: Executor,
+    /// `cpu`, or the CUDA device's description.
+    pub device: String,
+    /// Kernels per phase and device: `(prefill gpu, prefill cpu, decode gpu, decode cpu)`.
+    pub placement: (usize, usize, usize, usize),
+}
+
+impl PlanRunner {
+    /// Compiles `config` for `device` (resolving `auto`), with the memory plan sized for a
+    /// `prompt_len`-token prompt and a `capacity`-token KV cache, and loads `weights`.
+    pub fn new(
+        config: &ModelConfig,
+        weights: &Weights,
+        device: RunDevice,
+        ordinal: usize,
+        prompt_len: usize,
+        capacity: usize,
+    ) -> Result<PlanRunner> {
+        let cuda = match device {
+            RunDevice::Cpu => None,
+            RunDevice::Cuda => Some(CudaDevice::open(ordinal)?),
+            RunDevice::Auto if CudaDevice::is_available() => Some(CudaDevice::open(ordinal)?),
+            RunDevice::Auto => None,
+        };
+        let mut options = CompileOptions::with_bindings(Bindings::from_pairs(&[
+            ("batch", 1),
+            ("seq", prompt_len.max(1)),
+            ("ctx", capacity.max(1)),
+        ]));
+        if cuda.is_none() {
+            options.schedule.gpu = GpuCapabilities {
+                families: Default::default(),
+                dtypes: Default::default(),
+            };
+        }
+        let description = match &cuda {
+            Some(d) => d.info().to_string(),
+            None => "cpu".to_string(),
+        };
+        let cuda = cuda.map(Arc::new);
+        if device == RunDevice::Cuda && !config.dtype.is_float() {
+            bail!("model dtype {} cannot run", config.dtype);
+        }
+        let shared = DeviceWeights::default();
+        let mut executors = Vec::new();
+        let mut placement = Vec::new();
+        for phase in [Phase::Prefill, Phase::Decode] {
+            let compiled = compile(config, phase, &options)
+                .with_context(|| format!("compiling the {} plan", phase.name()))?;
+            placement.push(compiled.plan.count_on(Device::Gpu));
+            placement.push(compiled.plan.count_on(Device::Cpu));
+            let executor = Executor::new(
+                compiled.graph,
+                compiled.plan,
+                weights,
+                cuda.clone(),
+                &shared,
+            )
+            .with_context(|| format!("loading the {} plan", phase.name()))?;
+            executors.push(executor);
+        }
+        let decode = executors.pop().expect("two phases");
+        let prefill = executors.pop().expect("two phases");
+        Ok(PlanRunner {
+            prefill,
+            decode,
+            device: description,
+            placement: (placement[0], placement[1], placement[2], placement[3]),
+        })
+    }
+
+    /// Runs one phase on the per-call tensors.
+    pub fn step(
+        &mut self,
+        phase: Phase,
+        state: &HashMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let executor = match phase {
+            Phase::Prefill => &mut self.prefill,
+            Phase::Decode => &mut self.decode,
+        };
+        executor
+            .run(state)
+            .with_context(|| format!("running the {} plan", phase.name()))
+    }
+
+    /// Fills the GPU arenas with NaN before every call (see `Executor::poison_arena`).
+    pub fn poison_arenas(&mut self, poison: bool) {
+        self.prefill.poison_arena(poison);
+        self.decode.poison_arena(poison);
+    }
+
+    /// What the prefill and decode executors did.
+    pub fn stats(&self) -> (ExecStats, ExecStats) {
+        (self.prefill.stats(), self.decode.stats())
+    }
+}
