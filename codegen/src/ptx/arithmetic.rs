@@ -284,6 +284,13 @@ impl KernelBuilder {
         self.unary_op("ex2.approx.f32", x.into())
     }
 
+    /// `ex2.approx.ftz.f32`: `2^x` with subnormal inputs and results flushed to zero (one
+    /// `MUFU.EX2`; the non-`ftz` form adds range fix-ups). For softmax weights, where a
+    /// result below 2^-126 is as good as zero.
+    pub fn ex2_approx_ftz(&mut self, x: impl Into<Operand<F32>>) -> Reg<F32> {
+        self.unary_op("ex2.approx.ftz.f32", x.into())
+    }
+
     /// `lg2.approx.f32`: `log2(x)`.
     pub fn lg2_approx(&mut self, x: impl Into<Operand<F32>>) -> Reg<F32> {
         self.unary_op("lg2.approx.f32", x.into())

@@ -7,6 +7,8 @@
 //!
 //! This module generates PTX; it must not launch anything.
 
+pub mod decode;
 pub mod paged;
+pub mod prefill;
 
 pub use paged::PagedKv;
