@@ -63,9 +63,9 @@ use crate::error::SpecError;
 const FAMILY: &str = "gemm";
 
 /// Bytes of one f16/bf16 element.
-const ELEMENT_BYTES: u32 = 2;
+pub(crate) const ELEMENT_BYTES: u32 = 2;
 /// Bytes of one `cp.async` / one `ldmatrix` row.
-const CHUNK_BYTES: u32 = 16;
+pub(crate) const CHUNK_BYTES: u32 = 16;
 /// The most dynamic shared memory a block may use on sm_80 / sm_90 (227 KiB).
 const MAX_SHARED_BYTES: u32 = 227 * 1024;
 /// The most f32 accumulators per thread before register spills become likely.
@@ -707,12 +707,24 @@ fn mma_step(
                 } else {
                     row.len() - 1 - step_j
                 };
-                match spec.dtype {
-                    DType::BF16 => k.mma_m16n8k16_bf16(row[j], f.a[i], f.b[set][j]),
-                    _ => k.mma_m16n8k16_f16(row[j], f.a[i], f.b[set][j]),
-                }
+                mma_m16n8k16(k, spec.dtype, row[j], f.a[i], f.b[set][j]);
             }
         }
+    }
+}
+
+/// `accumulators += a · b` on `mma.sync.m16n8k16` for `dtype` (bf16, else f16), f32
+/// accumulators; the fragment layout of [`KernelBuilder::mma_m16n8k16_f16`].
+pub(crate) fn mma_m16n8k16(
+    k: &mut KernelBuilder,
+    dtype: DType,
+    accumulators: [Reg<F32>; 4],
+    a: [Reg<B32>; 4],
+    b: [Reg<B32>; 2],
+) {
+    match dtype {
+        DType::BF16 => k.mma_m16n8k16_bf16(accumulators, a, b),
+        _ => k.mma_m16n8k16_f16(accumulators, a, b),
     }
 }
 
@@ -1042,7 +1054,12 @@ fn unpack_to_f32(k: &mut KernelBuilder, dtype: DType, bits: Reg<B32>) -> [Reg<F3
 }
 
 /// Two f32 rounded to `dtype` and packed, `lo` in the low half.
-fn pack_from_f32(k: &mut KernelBuilder, dtype: DType, lo: Reg<F32>, hi: Reg<F32>) -> Reg<B32> {
+pub(crate) fn pack_from_f32(
+    k: &mut KernelBuilder,
+    dtype: DType,
+    lo: Reg<F32>,
+    hi: Reg<F32>,
+) -> Reg<B32> {
     match dtype {
         DType::BF16 => {
             let pair = k.cvt_pack_bf16x2(lo, hi);
