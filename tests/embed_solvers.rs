@@ -5,7 +5,8 @@
 //!
 //! The full δ sweep on squares and digits is the ignored `embedding_sweep` (run it with
 //! `cargo test --release --test embed_solvers -- --ignored --nocapture`); its numbers are in
-//! `bench/RESULTS.md`.
+//! `bench/RESULTS.md`, as are those of the ignored `numax_time_per_iteration` (f64 and the
+//! f32 CG variant) and `numax_rank_diagnosis_on_squares` (NuMax's convex optimum vs PCA).
 
 use kiln::embed::cli::{embed_command, EmbedArgs};
 use kiln::embed::{embed, translating_squares, Dataset, EmbedOptions, Method, Problem};
@@ -82,8 +83,9 @@ fn numax_beats_pca_on_translating_squares() {
         problem.d, 80,
         "81 squares span 80 dimensions after centring"
     );
-    // δ = 0.2: at δ = 0.4 NuMax's rank (16) is *not* below optimally rescaled PCA's (15), see
-    // bench/RESULTS.md; from δ = 0.3 down it is well below (16 vs 20, 17 vs 26, 19 vs 32)
+    // δ = 0.2: at δ = 0.4 NuMax's rank (16) is *not* below optimally rescaled PCA's (15) —
+    // the convex optimum itself has rank 16 there (`numax_rank_diagnosis_on_squares`,
+    // bench/RESULTS.md); from δ = 0.3 down it is well below
     let options = EmbedOptions::new(Method::Numax, 0.2);
     let result = embed(&data, &options, jit, &mut |_| {}).unwrap();
     let r = &result.report;
@@ -91,8 +93,9 @@ fn numax_beats_pca_on_translating_squares() {
         "NuMax δ=0.2: rank {} (P rank {:?}), PCA rank {}, δ {:.4}, {} iterations, {} rounds, {:.1} s",
         r.rank, r.numerical_rank, r.pca_rank, r.delta, r.iterations, r.rounds.unwrap_or(0), r.seconds
     );
-    // within the ADMM tolerance: the final P may overshoot δ by a fraction of a percent
-    assert!(r.delta <= 0.2 * 1.01, "δ {} above 0.2", r.delta);
+    // the clip's 1% margin covers the ADMM tolerance, and column generation adds every
+    // inactive secant beyond δ, so the reported embedding meets δ itself
+    assert!(r.reached && r.delta <= 0.2, "δ {} above 0.2", r.delta);
     let measured = measured_delta(&data, &result.phi, result.rank);
     assert!(
         (measured - r.delta).abs() < 1e-9,
@@ -156,6 +159,7 @@ fn embed_command_writes_phi_and_report() {
         max_iter: 20,
         tol: 1e-4,
         no_column_generation: false,
+        cg_f32: false,
         seed: 0,
         output: Some(phi.clone()),
         report: Some(report.clone()),
@@ -214,29 +218,83 @@ fn numax_time_per_iteration() {
     let digits = kiln::embed::load_csv(std::path::Path::new("tests/data/digits.csv")).unwrap();
     for data in [translating_squares(), digits.first(500), digits.clone()] {
         let problem = Problem::new(&data, jit).unwrap();
-        // δ = 0.2: at δ = 0.4 NuMax's rank (16) is *not* below optimally rescaled PCA's (15), see
-        // bench/RESULTS.md; from δ = 0.3 down it is well below (16 vs 20, 17 vs 26, 19 vs 32)
-        let options = EmbedOptions::new(Method::Numax, 0.2);
-        let mut admm =
-            ConvexAdmm::new(&problem, &options, PStep::SoftThreshold(1.0), None, jit).unwrap();
-        for _ in 0..3 {
-            admm.step().unwrap();
+        for cg_f32 in [false, true] {
+            let mut options = EmbedOptions::new(Method::Numax, 0.2);
+            options.cg_f32 = cg_f32;
+            let mut admm =
+                ConvexAdmm::new(&problem, &options, PStep::SoftThreshold(1.0), None, jit).unwrap();
+            for _ in 0..3 {
+                admm.step().unwrap();
+            }
+            let iters = if data.n > 1000 { 10 } else { 30 };
+            let mut times = Vec::new();
+            for _ in 0..iters {
+                let t = std::time::Instant::now();
+                admm.step().unwrap();
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{}{}: n={} d={} median {:.3} ms/iter, min {:.3} ms",
+                data.name,
+                if cg_f32 { " (f32 CG operator)" } else { "" },
+                problem.n,
+                problem.d,
+                times[iters / 2] * 1e3,
+                times[0] * 1e3
+            );
         }
-        let iters = if data.n > 1000 { 10 } else { 30 };
-        let mut times = Vec::new();
-        for _ in 0..iters {
-            let t = std::time::Instant::now();
-            admm.step().unwrap();
-            times.push(t.elapsed().as_secs_f64());
+    }
+}
+
+/// Diagnosis of NuMax's rank on translating squares (bench/RESULTS.md): every secant active,
+/// tight tolerance, no margin; prints P's spectrum, the smallest optimally rescaled truncation
+/// that reaches δ, and PCA's rank with and without the optimal rescale.
+#[test]
+#[ignore]
+fn numax_rank_diagnosis_on_squares() {
+    use kiln::embed::numax::{ConvexAdmm, PStep};
+    use kiln::embed::problem::smallest_rank;
+    let jit = CpuJit::global().unwrap();
+    let data = translating_squares();
+    let problem = Problem::new(&data, jit).unwrap();
+    let pca = problem.pca_curve(problem.d);
+    for delta in [0.4, 0.3, 0.2, 0.1] {
+        for (tol, margin) in [(1e-4, 0.01), (1e-6, 0.0), (1e-7, 0.0)] {
+            let mut options = EmbedOptions::new(Method::Numax, delta);
+            options.tol = tol;
+            options.margin = margin;
+            let mut admm =
+                ConvexAdmm::new(&problem, &options, PStep::SoftThreshold(1.0), None, jit).unwrap();
+            let mut iterations = 0;
+            while iterations < 20000 {
+                let r = admm.step().unwrap();
+                iterations += 1;
+                if r.0 < tol && r.1 < tol {
+                    break;
+                }
+            }
+            let p = admm.lowrank.clone();
+            let curve = problem.truncation_curve(&p);
+            let trace: f64 = p.values.iter().sum();
+            let iso = admm.measure().unwrap();
+            println!(
+                "δ {delta} tol {tol:e} margin {margin}: {iterations} it, tr P {trace:.4}, \
+                 P rank {}, P δ(unscaled) {:.4}, truncated rank {:?}, eigenvalues {:?}",
+                p.rank,
+                (1.0 - iso.min).max(iso.max - 1.0),
+                smallest_rank(&curve, delta),
+                p.values
+                    .iter()
+                    .map(|v| (v * 1e4).round() / 1e4)
+                    .collect::<Vec<_>>()
+            );
         }
-        times.sort_by(f64::total_cmp);
+        // PCA: optimal rescale vs the plain projection (‖Pv‖² ≤ 1, δ = 1 − min)
+        let plain = pca.iter().position(|i| 1.0 - i.min <= delta).map(|p| p + 1);
         println!(
-            "{}: n={} d={} median {:.3} ms/iter, min {:.3} ms",
-            data.name,
-            problem.n,
-            problem.d,
-            times[iters / 2] * 1e3,
-            times[0] * 1e3
+            "δ {delta}: PCA rank {:?} (optimal rescale), {plain:?} (plain projection)",
+            smallest_rank(&pca, delta)
         );
     }
 }

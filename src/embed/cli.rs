@@ -38,6 +38,9 @@ pub struct EmbedArgs {
     /// NuMax: use every secant from the start instead of column generation.
     #[arg(long)]
     pub no_column_generation: bool,
+    /// NuMax / FroMax: conjugate-gradient operator in f32 (mixed precision, faster).
+    #[arg(long)]
+    pub cg_f32: bool,
     /// Seed of the column-generation subset.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -77,6 +80,7 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
     options.tol = args.tol;
     options.column_generation = !args.no_column_generation;
     options.seed = args.seed;
+    options.cg_f32 = args.cg_f32;
 
     let bar = if args.quiet {
         ProgressBar::hidden()

@@ -46,7 +46,7 @@ pub fn solve_rank(
         iterations += 1;
         converged = residuals.0 < options.tol && residuals.1 < options.tol;
         let check = converged
-            || iterations % options.check_every.max(1) == 0
+            || iterations.is_multiple_of(options.check_every.max(1))
             || iterations == options.max_iter;
         if check {
             let iso = admm.measure()?;

@@ -81,6 +81,9 @@ pub struct EmbedOptions {
     /// NuMax / FroMax clip `q` to `1 ± δ·(1 − margin)`, so that the final P, which meets the
     /// constraints only up to the ADMM tolerance, still reaches δ (0.01; 0 is the paper's).
     pub margin: f64,
+    /// NuMax / FroMax: run the conjugate gradients' `𝒜*𝒜` in f32 (mixed precision; a faster
+    /// variant, off by default).
+    pub cg_f32: bool,
 }
 
 impl EmbedOptions {
@@ -99,6 +102,7 @@ impl EmbedOptions {
             eta: 1.618,
             seed: 0,
             margin: 0.01,
+            cg_f32: false,
         }
     }
 }

@@ -120,7 +120,7 @@ pub fn solve_rank(
         iterations += 1;
         converged = residuals.0 < options.tol && residuals.1 < options.tol;
         if converged
-            || iterations % options.check_every.max(1) == 0
+            || iterations.is_multiple_of(options.check_every.max(1))
             || iterations == options.max_iter
         {
             ops.apply_all(&big_z, &mut tmp_nn)?;

@@ -13,7 +13,7 @@
 //! Stop when both relative primal residuals ‖L − P‖/max(‖L‖, ‖P‖) and
 //! ‖q − 𝒜(L)‖/max(‖q‖, ‖𝒜(L)‖) are below `tol`. Column generation: the active set starts as a
 //! random tenth of the secants (at least 500); after each converged round the worst violators
-//! among the inactive secants (`|vᵀPv − 1| > 1.01·δ`, up to a twentieth of all secants, at
+//! among the inactive secants (`|vᵀPv − 1| > δ`, up to a twentieth of all secants, at
 //! least 200) join it, warm-starting every variable, until none is left or the iteration
 //! budget is spent. The reported rank is the smallest truncation of P whose optimally rescaled
 //! embedding reaches δ over all secants.
@@ -80,7 +80,10 @@ impl ConvexAdmm {
     ) -> Result<ConvexAdmm> {
         let (n, d) = (problem.n, problem.d);
         let ty = ElemType::F64;
-        let ops = Operators::<f64>::new(jit, &problem.x, n, d)?;
+        let mut ops = Operators::<f64>::new(jit, &problem.x, n, d)?;
+        if options.cg_f32 {
+            ops.use_f32_normal(jit)?;
+        }
         let mut identity = vec![0.0; d * d];
         for i in 0..d {
             identity[i * d + i] = 1.0;
@@ -245,7 +248,7 @@ pub fn solve(
         while iterations < options.max_iter {
             let residuals = admm.step()?;
             iterations += 1;
-            if iterations % options.check_every.max(1) == 0 {
+            if iterations.is_multiple_of(options.check_every.max(1)) {
                 delta = Some(admm.measure()?.delta());
             }
             progress(&super::Progress {
@@ -270,7 +273,7 @@ pub fn solve(
             .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
             .filter(|&(i, j)| !active[i * n + j] && problem.inv_d[i * n + j] > 0.0)
             .map(|(i, j)| ((values[i * n + j] - 1.0).abs(), i, j))
-            .filter(|&(v, _, _)| v > 1.01 * options.delta)
+            .filter(|&(v, _, _)| v > options.delta)
             .collect();
         if violators.is_empty() {
             break;

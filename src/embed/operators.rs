@@ -53,6 +53,7 @@ pub struct Kernels {
     update: DotKernel,
     secant: MapKernel,
     weight: MapKernel,
+    normal_weight: MapKernel,
     axpby: MapKernel,
     shrink: MapKernel,
     clamp: MapKernel,
@@ -65,6 +66,7 @@ impl Kernels {
             update: jit.dot(gram::update(ty))?,
             secant: jit.map(gram::secant_map(ty))?,
             weight: jit.map(gram::weight_map(ty))?,
+            normal_weight: jit.map(gram::normal_weight_map(ty))?,
             axpby: jit.map(gram::axpby_map(ty))?,
             shrink: jit.map(l1_ball::shrink_map(ty))?,
             clamp: jit.map(l1_ball::clamp_map(ty))?,
@@ -99,6 +101,8 @@ pub struct Operators<T: Real> {
     inv_all: Vec<T>,
     /// `1/D` over the active secants (zero elsewhere).
     inv_active: Vec<T>,
+    /// `1/D²` over the active secants (zero elsewhere), for the fused `𝒜*𝒜`.
+    inv2_active: Vec<T>,
     /// 0/1 mask of the active secants.
     mask: Vec<T>,
     ones: Vec<T>,
@@ -109,6 +113,16 @@ pub struct Operators<T: Real> {
     zt: Vec<T>,
     sums: Vec<T>,
     splat: Vec<T>,
+    /// The fused `𝒜*𝒜`: `h = diag G`, `Z = LₕX` (n × d), per-block scratch for the weights
+    /// (n × n, block b's rows at `b·block·n`), row sums (n) and column sums (blocks × n).
+    h: Vec<T>,
+    z: Vec<T>,
+    weights: Vec<T>,
+    row_sums: Vec<T>,
+    col_sums: Vec<T>,
+    /// Optional f32 copy of the operators for the conjugate gradients' `𝒜*𝒜` (mixed
+    /// precision: iterates, residuals and inner products stay in T).
+    low: Option<Box<LowPrecision>>,
     axpby_out: std::cell::RefCell<Vec<T>>,
     kernels: Kernels,
 }
@@ -138,6 +152,7 @@ impl<T: Real> Operators<T> {
             xt: convert(&xt),
             inv_all: convert(&inv),
             inv_active: convert(&inv),
+            inv2_active: convert(&inv.iter().map(|v| v * v).collect::<Vec<f64>>()),
             mask: convert(&mask),
             ones: vec![T::from_f64(1.0); n.max(d).max(1)],
             y: vec![T::default(); n * d],
@@ -147,6 +162,12 @@ impl<T: Real> Operators<T> {
             zt: vec![T::default(); d * n],
             sums: vec![T::default(); n],
             splat: vec![T::default(); n * n],
+            h: vec![T::default(); n],
+            z: vec![T::default(); n * d],
+            weights: vec![T::default(); n * n],
+            row_sums: vec![T::default(); n],
+            col_sums: vec![T::default(); n.div_ceil(normal_block(n)) * n],
+            low: None,
             axpby_out: std::cell::RefCell::new(Vec::new()),
             kernels: Kernels::new(jit, T::TYPE)?,
         })
@@ -177,6 +198,9 @@ impl<T: Real> Operators<T> {
 
     /// Restricts the active set to the pairs `(i, j)` with `active[i·n + j]` (made symmetric).
     pub fn set_active(&mut self, active: &[bool]) {
+        if let Some(low) = &mut self.low {
+            low.ops.set_active(active);
+        }
         let n = self.n;
         for i in 0..n {
             for j in 0..n {
@@ -187,6 +211,8 @@ impl<T: Real> Operators<T> {
                 } else {
                     T::default()
                 };
+                let inv = self.inv_active[i * n + j].to_f64();
+                self.inv2_active[i * n + j] = T::from_f64(inv * inv);
                 self.mask[i * n + j] = T::from_f64(if on { 1.0 } else { 0.0 });
             }
         }
@@ -329,8 +355,185 @@ impl<T: Real> Operators<T> {
         Ok(())
     }
 
-    /// `out = c1·𝒜*(𝒜(Ψ)) + c2·Ψ`, using `scratch` (n × n).
-    pub fn normal(
+    /// `out = c1·𝒜*(𝒜(Ψ)) + c2·Ψ` over the active secants, fused (see `kiln_kernels::admm::gram`):
+    /// `Y = XΨ`, `h = diag(YXᵀ)`; then per block of rows I (one task each, in parallel, the
+    /// kernels sequential inside): `G_I = Y_I·X_{<i₁}ᵀ` (lower block triangle), the weights
+    /// `Mᵢⱼ = (2Gᵢⱼ − hᵢ − hⱼ)/Dᵢⱼ²` for `j < i` (zero on and above the diagonal), their row and
+    /// column sums, and `Z_I = M_I·X`; finally `Lₕ`'s diagonal `−½sᵢ` (`s` = full row sums of
+    /// M) enters as `Zᵀ ← Zᵀ − ½·Xᵀdiag(s)`, `R = ZᵀX` and `out = c1·(R + Rᵀ) + c2·Ψ`.
+    pub fn normal(&mut self, psi: &[T], c1: f64, c2: f64, out: &mut [T]) -> Result<()> {
+        let (n, d) = (self.n, self.d);
+        if psi.len() != d * d || out.len() != d * d {
+            bail!("normal: Ψ and out must be {d} × {d}");
+        }
+        if n == 0 || d == 0 {
+            out.fill(T::default());
+            return Ok(());
+        }
+        let k = &self.kernels;
+        k.product.run(
+            &self.x,
+            psi,
+            &mut self.y,
+            DotShape::new(n, d, d),
+            1.0,
+            0.0,
+            PAR,
+        )?;
+        for (i, h) in self.h.iter_mut().enumerate() {
+            let (y, x) = (&self.y[i * d..(i + 1) * d], &self.x[i * d..(i + 1) * d]);
+            *h = T::from_f64(y.iter().zip(x).map(|(a, b)| a.to_f64() * b.to_f64()).sum());
+        }
+        let block = normal_block(n);
+        let blocks = n.div_ceil(block);
+        let g = SharedMut(self.g.as_mut_ptr());
+        let weights = SharedMut(self.weights.as_mut_ptr());
+        let z = SharedMut(self.z.as_mut_ptr());
+        let row_sums = SharedMut(self.row_sums.as_mut_ptr());
+        let col_sums = SharedMut(self.col_sums.as_mut_ptr());
+        let (x, y, xt, h, inv2) = (&self.x, &self.y, &self.xt, &self.h, &self.inv2_active);
+        let failure = std::sync::Mutex::new(None);
+        let seq = Parallelism::Sequential;
+        let task = |b: usize| -> Result<()> {
+            let (i0, i1) = (b * block, ((b + 1) * block).min(n));
+            let m = i1 - i0;
+            // SAFETY: task b touches only rows i0..i1 of the n × n scratch matrices (stored
+            // with row stride i1 from b·block·n on, m·i1 ≤ block·n elements), rows i0..i1 of
+            // Z and of the row sums, and row b of the column sums; tasks are disjoint and
+            // joined before the buffers are used again.
+            let (g, w, z, rows, cols) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(g.get().add(i0 * n), m * i1),
+                    std::slice::from_raw_parts_mut(weights.get().add(i0 * n), m * i1),
+                    std::slice::from_raw_parts_mut(z.get().add(i0 * d), m * d),
+                    std::slice::from_raw_parts_mut(row_sums.get().add(i0), m),
+                    std::slice::from_raw_parts_mut(col_sums.get().add(b * n), n),
+                )
+            };
+            k.product.run(
+                &y[i0 * d..i1 * d],
+                &x[..i1 * d],
+                g,
+                DotShape::new(m, i1, d),
+                1.0,
+                0.0,
+                seq,
+            )?;
+            let mut splat = vec![T::default(); i1];
+            cols.fill(T::default());
+            for r in 0..m {
+                let i = i0 + r;
+                splat[..i].fill(h[i]);
+                let row = &mut w[r * i1..(r + 1) * i1];
+                k.normal_weight.run(
+                    &[
+                        &g[r * i1..r * i1 + i],
+                        &h[..i],
+                        &inv2[i * n..i * n + i],
+                        &splat[..i],
+                    ],
+                    &mut row[..i],
+                    seq,
+                )?;
+                row[i..].fill(T::default());
+                let mut sum = 0.0;
+                for (c, &v) in cols.iter_mut().zip(&row[..i]) {
+                    sum += v.to_f64();
+                    *c = T::from_f64(c.to_f64() + v.to_f64());
+                }
+                rows[r] = T::from_f64(sum);
+            }
+            k.product.run(
+                w,
+                &xt[..(d - 1) * n + i1],
+                z,
+                DotShape::new(m, d, i1).with_strides(i1, n, d),
+                1.0,
+                0.0,
+                seq,
+            )?;
+            Ok(())
+        };
+        PAR.for_each(blocks, |b| {
+            if let Err(e) = task(b) {
+                failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(e);
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        // s = row sums + column sums of the strict lower triangle; Zᵀ = (LₕX)ᵀ with the
+        // diagonal −½sᵢ of Lₕ
+        for i in 0..n {
+            let mut s = self.row_sums[i].to_f64();
+            for b in 0..blocks {
+                s += self.col_sums[b * n + i].to_f64();
+            }
+            for a in 0..d {
+                let v = self.z[i * d + a].to_f64() - 0.5 * s * self.x[i * d + a].to_f64();
+                self.zt[a * n + i] = T::from_f64(v);
+            }
+        }
+        k.product.run(
+            &self.zt,
+            &self.xt,
+            out,
+            DotShape::new(d, d, n),
+            1.0,
+            0.0,
+            PAR,
+        )?;
+        for a in 0..d {
+            for b in 0..=a {
+                let sum = out[a * d + b].to_f64() + out[b * d + a].to_f64();
+                out[a * d + b] = T::from_f64(c1 * sum + c2 * psi[a * d + b].to_f64());
+                out[b * d + a] = T::from_f64(c1 * sum + c2 * psi[b * d + a].to_f64());
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the conjugate gradients' `𝒜*𝒜` in f32 from now on (twice the SIMD lanes of f64;
+    /// the operator's relative error becomes ~1e-6, while the iterate, residual and inner
+    /// products of the conjugate gradients stay in T). A variant: off unless asked for.
+    pub fn use_f32_normal(&mut self, jit: &CpuJit) -> Result<()> {
+        let x: Vec<f64> = self.x.iter().map(|v| v.to_f64()).collect();
+        let mut ops = Operators::<f32>::new(jit, &x, self.n, self.d)?;
+        let active: Vec<bool> = self.mask.iter().map(|m| m.to_f64() > 0.0).collect();
+        ops.set_active(&active);
+        let dd = self.d * self.d;
+        self.low = Some(Box::new(LowPrecision {
+            ops,
+            psi: vec![0.0; dd],
+            out: vec![0.0; dd],
+        }));
+        Ok(())
+    }
+
+    /// The conjugate gradients' operator: [`Operators::normal`], in f32 if
+    /// [`Operators::use_f32_normal`] was called.
+    fn cg_normal(&mut self, psi: &[T], c1: f64, c2: f64, out: &mut [T]) -> Result<()> {
+        match &mut self.low {
+            None => self.normal(psi, c1, c2, out),
+            Some(low) => {
+                for (l, v) in low.psi.iter_mut().zip(psi) {
+                    *l = v.to_f64() as f32;
+                }
+                low.ops.normal(&low.psi, c1, c2, &mut low.out)?;
+                for (o, l) in out.iter_mut().zip(&low.out) {
+                    *o = T::from_f64(f64::from(*l));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `out = c1·𝒜*(𝒜(Ψ)) + c2·Ψ` unfused (`𝒜` into `scratch`, n × n, then `𝒜*`): the
+    /// reference of [`Operators::normal`].
+    pub fn normal_unfused(
         &mut self,
         psi: &[T],
         c1: f64,
@@ -413,7 +616,7 @@ impl<T: Real> Operators<T> {
     }
 
     /// Conjugate gradients on `(c1·𝒜*𝒜 + c2·I)Ψ = rhs`, `steps` iterations warm-started from
-    /// `psi`; `work` holds four d × d and one n × n scratch buffers. Returns the final
+    /// `psi`; `work` holds three d × d scratch buffers. Returns the final
     /// relative residual.
     pub fn conjugate_gradient(
         &mut self,
@@ -424,8 +627,8 @@ impl<T: Real> Operators<T> {
         steps: usize,
         work: &mut CgWork<T>,
     ) -> Result<f64> {
-        let CgWork { r, p, ap, scratch } = work;
-        self.normal(psi, c1, c2, scratch, ap)?;
+        let CgWork { r, p, ap } = work;
+        self.cg_normal(psi, c1, c2, ap)?;
         r.copy_from_slice(rhs);
         self.axpby(-1.0, ap, 1.0, r)?;
         p.copy_from_slice(r);
@@ -435,7 +638,7 @@ impl<T: Real> Operators<T> {
             if rs.sqrt() <= 1e-15 * norm_rhs {
                 break;
             }
-            self.normal(p, c1, c2, scratch, ap)?;
+            self.cg_normal(p, c1, c2, ap)?;
             let pap = self.inner(p, ap)?;
             if pap <= 0.0 {
                 break;
@@ -457,19 +660,51 @@ pub struct CgWork<T> {
     r: Vec<T>,
     p: Vec<T>,
     ap: Vec<T>,
-    scratch: Vec<T>,
 }
 
 impl<T: Real> CgWork<T> {
-    pub fn new(n: usize, d: usize) -> CgWork<T> {
+    /// Buffers for d × d iterates (`n`, the number of points, is not needed any more: the
+    /// fused operator keeps its own scratch).
+    pub fn new(_n: usize, d: usize) -> CgWork<T> {
         CgWork {
             r: vec![T::default(); d * d],
             p: vec![T::default(); d * d],
             ap: vec![T::default(); d * d],
-            scratch: vec![T::default(); n * n],
         }
     }
 }
+
+/// The f32 operators of [`Operators::use_f32_normal`] and their conversion buffers.
+#[derive(Debug)]
+struct LowPrecision {
+    ops: Operators<f32>,
+    psi: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// Rows per task of the fused `𝒜*𝒜` (small blocks for small n, so both threads get work).
+fn normal_block(n: usize) -> usize {
+    if n >= 512 {
+        32
+    } else {
+        16
+    }
+}
+
+/// A raw pointer handed to the disjoint tasks of [`Operators::normal`].
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+
+impl<T> SharedMut<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: the tasks of `Operators::normal` write disjoint ranges through it and are joined
+// before the owner is used again.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
 /// A symmetric eigendecomposition, eigenvalues in *descending* order; `vectors` is d × d
 /// row-major with eigenvector `t` in column `t`.
