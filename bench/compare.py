@@ -2,25 +2,43 @@
 """Side-by-side table of `kiln bench` and the PyTorch baseline JSON of the same run.
 
 Usage: python3 bench/compare.py kiln.json torch.json
-Rows join on (dtype, m, n, k). Ratios: speedup = torch time / kiln time; "% ceiling" =
-achieved bytes per second over the device copy ceiling measured in the same run.
-Prints a Markdown table (paste into bench/RESULTS.md with date, card and command).
+The suite is read from kiln's records:
+  - gemm: rows join on (dtype, m, n, k);
+  - attention: decode rows join on (dtype, batch, q_heads, kv_heads, head_dim, context), prefill
+    rows on (dtype, batch, q_heads, kv_heads, head_dim, tokens), each within its kind (a torch
+    record without "kind" is a decode record); two tables, decode then prefill;
+  - quest: kiln's Quest rows (one per shape and budget, with the dense decode of the shape
+    timed in the same run) join the torch SDPA decode records on (dtype, batch, q_heads,
+    kv_heads, head_dim, context).
+Where torch has several records for one key (SDPA with enable_gqa and with repeat_interleave),
+the fastest is the baseline and its impl is named. Ratios: speedup = torch time / kiln time;
+"% ceiling" = achieved bytes per second over the device copy ceiling measured in the same run.
+Prints Markdown tables (paste into bench/RESULTS.md with date, card and command), then kiln's
+notes (shapes skipped for lack of memory).
 """
 import json
 import sys
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    kiln = json.load(open(sys.argv[1]))
-    torch = json.load(open(sys.argv[2]))
+def load(path):
+    data = json.load(open(path))
+    if isinstance(data, list):  # an early `kiln bench attention` wrote the bare rows
+        data = {"device": None, "records": data}
+    return data
+
+
+def header(kiln, torch):
     ceiling = next((r["gb_per_s"] for r in torch["records"] if r.get("name") == "device_copy"), None)
-    baseline = {(r["dtype"], r["m"], r["n"], r["k"]): r for r in torch["records"] if r["suite"] != "ceiling"}
     print(f"device: {kiln.get('device')} | torch run on: {torch.get('device')} (torch {torch.get('torch')})")
     if ceiling:
         print(f"device copy ceiling (read+write): {ceiling:.0f} GB/s")
     print()
+    return ceiling
+
+
+def gemm_table(kiln, torch):
+    ceiling = header(kiln, torch)
+    baseline = {(r["dtype"], r["m"], r["n"], r["k"]): r for r in torch["records"] if r["suite"] != "ceiling"}
     print("| dtype | M | N | K | kiln kernel | kiln µs | kiln TFLOP/s | kiln GB/s | % ceiling | torch µs | torch TFLOP/s | speedup vs torch |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in kiln["records"]:
@@ -32,6 +50,107 @@ def main():
         speedup = f"{b['median_ms'] / r['median_ms']:.2f}x" if b else "-"
         print(f"| {r['dtype']} | {r['m']} | {r['n']} | {r['k']} | {r['impl']} | {1000 * r['median_ms']:.1f} | "
               f"{r['tflops']:.1f} | {r['gb_per_s']:.0f} | {pct} | {torch_us} | {torch_tf} | {speedup} |")
+
+
+SHAPE = ("dtype", "batch", "q_heads", "kv_heads", "head_dim")
+
+
+def torch_us(r):
+    return r["median_us"] if "median_us" in r else 1000 * r["median_ms"]
+
+
+def fastest(records, kind, length):
+    """The fastest torch record of `kind` per (shape, length field)."""
+    best = {}
+    for r in records:
+        if r.get("suite") == "ceiling" or r.get("kind", "decode") != kind or length not in r:
+            continue
+        key = tuple(r[f] for f in SHAPE) + (r[length],)
+        if key not in best or torch_us(r) < torch_us(best[key]):
+            best[key] = r
+    return best
+
+
+def key_of(r, length):
+    return tuple(r[f] for f in SHAPE) + (r[length],)
+
+
+def ratio(numerator, denominator):
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def field(record, name, spec):
+    """`record[name]` formatted with `spec`, or "-" without a record or the field."""
+    return format(record[name], spec) if record and name in record else "-"
+
+
+def baseline_columns(b, kiln_us, rate):
+    """torch impl, torch µs, torch `rate` (gb_per_s or tflops), speedup vs torch."""
+    if not b:
+        return "- | - | - | -"
+    spec = ".0f" if rate == "gb_per_s" else ".1f"
+    return f"{b['impl']} | {torch_us(b):.1f} | {field(b, rate, spec)} | {ratio(torch_us(b), kiln_us)}"
+
+
+def attention_tables(kiln, torch):
+    ceiling = header(kiln, torch)
+    decode = [r for r in kiln["records"] if r.get("kind", "decode") == "decode"]
+    prefill = [r for r in kiln["records"] if r.get("kind") == "prefill"]
+    if decode:
+        baseline = fastest(torch["records"], "decode", "context")
+        print("| kind | dtype | batch | KV heads | context | splits | kiln µs | kiln GB/s | % ceiling | torch impl | torch µs | torch GB/s | speedup vs torch |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+        for r in decode:
+            b = baseline.get(key_of(r, "context"))
+            pct = f"{100 * r['gb_per_s'] / ceiling:.0f}%" if ceiling else "-"
+            print(f"| decode | {r['dtype']} | {r['batch']} | {r['kv_heads']} | {r['context']} | {r.get('splits', '-')} | "
+                  f"{r['median_us']:.1f} | {r['gb_per_s']:.0f} | {pct} | {baseline_columns(b, r['median_us'], 'gb_per_s')} |")
+    if decode and prefill:
+        print()
+    if prefill:
+        baseline = fastest(torch["records"], "prefill", "tokens")
+        print("| kind | dtype | batch | KV heads | tokens | kiln tile | kiln µs | kiln TFLOP/s | torch impl | torch µs | torch TFLOP/s | speedup vs torch |")
+        print("|---|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|")
+        for r in prefill:
+            b = baseline.get(key_of(r, "tokens"))
+            tile = f"{r['block_q']}x{r['block_kv']}" if "block_q" in r else "-"
+            print(f"| prefill | {r['dtype']} | {r['batch']} | {r['kv_heads']} | {r['tokens']} | {tile} | "
+                  f"{r['median_us']:.1f} | {r['tflops']:.1f} | {baseline_columns(b, r['median_us'], 'tflops')} |")
+
+
+def quest_table(kiln, torch):
+    header(kiln, torch)
+    baseline = fastest(torch["records"], "decode", "context")
+    print("| dtype | batch | KV heads | context | budget | estimate µs | top-K µs | sparse µs | Quest µs | dense µs | "
+          "Quest vs dense | SDPA impl | SDPA µs | Quest vs SDPA | dense vs SDPA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    for r in kiln["records"]:
+        b = baseline.get(key_of(r, "context"))
+        sdpa = torch_us(b) if b else None
+        budget = f"{r['budget']}" + (" (all pages)" if r.get("dense_fallback") else "")
+        print(f"| {r['dtype']} | {r['batch']} | {r['kv_heads']} | {r['context']} | {budget} | "
+              f"{r['estimate_us']:.1f} | {r['top_k_us']:.1f} | {r['sparse_us']:.1f} | {r['total_us']:.1f} | "
+              f"{r['dense_us']:.1f} | {ratio(r['dense_us'], r['total_us'])} | {field(b, 'impl', '')} | "
+              f"{format(sdpa, '.1f') if b else '-'} | {ratio(sdpa, r['total_us'])} | {ratio(sdpa, r['dense_us'])} |")
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    kiln = load(sys.argv[1])
+    torch = load(sys.argv[2])
+    suites = {r.get("suite") for r in kiln["records"]}
+    if "quest" in suites:
+        quest_table(kiln, torch)
+    elif "attention" in suites:
+        attention_tables(kiln, torch)
+    else:
+        gemm_table(kiln, torch)
+    notes = kiln.get("notes") or []
+    if notes:
+        print()
+    for note in notes:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-//! `kiln bench`: times generated kernels on the GPU with CUDA events and writes JSON that
+//! `kiln bench gemm`: times generated GEMV/GEMM kernels on the GPU with CUDA events and writes JSON that
 //! `bench/compare.py` sets beside the PyTorch baseline of the same run.
 //!
 //! Protocol (DESIGN.md): warm-up, median of many launches, inputs rotated through more
