@@ -1,9 +1,12 @@
 //! `kiln compile`: a model definition in, a plan and its PTX out.
 //!
-//! [`compile`] runs the pipeline for one phase: `build_model` → `rewrite::optimize` →
-//! `schedule` → one `kiln_kernels` generator per GPU kernel through `kiln_kernels::lower`
-//! (GEMV for at most 8 rows, else GEMM; RMSNorm; RoPE; elementwise maps). A kernel whose spec a generator rejects moves to
-//! the CPU through the `force_cpu` pass, with the reason recorded in the plan. [`write_output`]
+//! [`compile`] runs the pipeline for one phase: `build_model` → `rewrite::optimize` → the
+//! Quest pass when [`CompileOptions::quest`] is set (`ir::passes::quest`: decode attention of
+//! the later layers becomes Quest attention; recorded first in the plan's `passes_run`, since
+//! it ran before scheduling) → `schedule` → one `kiln_kernels` generator per GPU kernel
+//! through `kiln_kernels::lower` (GEMV for at most 8 rows, else GEMM; RMSNorm; RoPE;
+//! elementwise maps). A kernel whose spec a generator rejects moves to the CPU through the
+//! `force_cpu` pass, with the reason recorded in the plan. [`write_output`]
 //! writes `plan.json`, one `<entry>.ptx` per distinct GPU kernel and `report.txt` into a
 //! temporary directory beside the target and renames it into place only when all succeeded.
 //! Everything written is deterministic (no timings in the files).
@@ -11,9 +14,11 @@
 use anyhow::{Context, Result};
 use kiln_ir::graph::Graph;
 use kiln_ir::model::{build_model, ModelConfig, Phase};
+use kiln_ir::passes::quest::QuestPass;
+use kiln_ir::quest::QuestOptions;
 use kiln_ir::rewrite::{optimize, RewriteOptions, RewriteReport};
 use kiln_ir::schedule::{
-    schedule, Device, Family, ForceCpu, PlanMemory, Schedule, ScheduleOptions,
+    schedule, Device, Family, ForceCpu, PassReport, PlanMemory, Schedule, ScheduleOptions,
 };
 use kiln_ir::shape::Bindings;
 use kiln_kernels::lower::Lowering;
@@ -64,6 +69,9 @@ impl Emit {
 pub struct CompileOptions {
     pub rewrite: RewriteOptions,
     pub schedule: ScheduleOptions,
+    /// Run the Quest pass with these options (decode attention of layers ≥ `skip_layers`
+    /// becomes Quest attention); `None` keeps every attention dense.
+    pub quest: Option<QuestOptions>,
 }
 
 impl CompileOptions {
@@ -76,6 +84,56 @@ impl CompileOptions {
     }
 }
 
+/// The Quest options of the command-line flags `--quest-budget`, `--quest-page-size` and
+/// `--quest-skip-layers`: `None` without `--quest-budget` (the other two then must be absent),
+/// else the options with page size 16 and 2 skipped layers by default. Errors name the flag
+/// and what it expects.
+pub fn quest_options_from_flags(
+    budget: Option<usize>,
+    page_size: Option<usize>,
+    skip_layers: Option<usize>,
+) -> Result<Option<QuestOptions>> {
+    let Some(budget) = budget else {
+        for (flag, value) in [
+            ("--quest-page-size", page_size),
+            ("--quest-skip-layers", skip_layers),
+        ] {
+            if value.is_some() {
+                anyhow::bail!("{flag} needs --quest-budget (Quest is on only with a budget)");
+            }
+        }
+        return Ok(None);
+    };
+    let defaults = QuestOptions::default();
+    let options = QuestOptions {
+        budget_tokens: budget,
+        page_size: page_size.unwrap_or(defaults.page_size),
+        skip_layers: skip_layers.unwrap_or(defaults.skip_layers),
+    };
+    let page = options.page_size;
+    let max = kiln_ir::quest::MAX_PAGE_SIZE;
+    if page == 0 || page > max || !page.is_power_of_two() {
+        anyhow::bail!("--quest-page-size {page}: expected a power of two in 1..={max}");
+    }
+    if budget == 0 || !budget.is_multiple_of(page) {
+        anyhow::bail!(
+            "--quest-budget {budget}: expected a positive multiple of the page size \
+             (--quest-page-size {page})"
+        );
+    }
+    if budget < 2 * page {
+        anyhow::bail!(
+            "--quest-budget {budget}: expected at least two pages ({} tokens with \
+             --quest-page-size {page}): one chosen by score and the current page",
+            2 * page
+        );
+    }
+    options
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--quest-budget/--quest-page-size: {e}"))?;
+    Ok(Some(options))
+}
+
 /// The result of [`compile`].
 #[derive(Debug)]
 pub struct CompiledModel {
@@ -85,6 +143,8 @@ pub struct CompiledModel {
     /// PTX per distinct entry name.
     pub ptx: BTreeMap<String, String>,
     pub rewrite: RewriteReport,
+    /// What the Quest pass did, when it ran.
+    pub quest: Option<PassReport>,
     /// Kernels of the schedule of the graph before rewriting (same partition rules).
     pub kernels_before: usize,
     /// The human report (deterministic).
@@ -99,8 +159,21 @@ pub fn compile(
 ) -> Result<CompiledModel> {
     let graph = build_model(config, phase).context("building the model graph")?;
     let (rewritten, rewrite) = optimize(&graph, &options.rewrite).context("rewriting")?;
+    let (rewritten, quest) = match &options.quest {
+        None => (rewritten, None),
+        Some(quest) => {
+            let pass = QuestPass::new(*quest)?;
+            let (graph, report) = pass.run(&rewritten).context("running the quest pass")?;
+            (graph, Some((pass, report)))
+        }
+    };
     let before = schedule(&graph, &options.schedule).context("scheduling the unrewritten graph")?;
     let mut plan = schedule(&rewritten, &options.schedule).context("scheduling")?;
+    if let Some((pass, _)) = &quest {
+        // It ran on the graph before scheduling, so it comes first.
+        plan.passes_run.insert(0, pass.record());
+    }
+    let quest = quest.map(|(pass, report)| (*pass.options(), report));
     let bindings = &options.schedule.bindings;
 
     let mut ptx = BTreeMap::new();
@@ -134,7 +207,7 @@ pub fn compile(
             alignment: memory.alignment.max(1),
         });
     }
-    let report = render_report(
+    let mut report = render_report(
         config,
         phase,
         &plan,
@@ -143,11 +216,15 @@ pub fn compile(
         &ptx,
         bindings,
     );
+    if let Some((options, pass)) = &quest {
+        render_quest(&mut report, options, pass);
+    }
     Ok(CompiledModel {
         graph: rewritten,
         plan,
         ptx,
         rewrite,
+        quest: quest.map(|(_, report)| report),
         kernels_before: before.kernels.len(),
         report,
     })
@@ -252,6 +329,19 @@ fn render_report(
         let _ = writeln!(out, "  {}", pass.name);
     }
     out
+}
+
+/// The report's Quest section: the options and what the pass did.
+fn render_quest(out: &mut String, options: &QuestOptions, report: &PassReport) {
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "quest pass (budget {} tokens, page size {}, skip layers {}):",
+        options.budget_tokens, options.page_size, options.skip_layers
+    );
+    for note in &report.notes {
+        let _ = writeln!(out, "  {note}");
+    }
 }
 
 /// Writes the emitted files of `model` into `dir`, atomically: everything goes into a

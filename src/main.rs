@@ -67,12 +67,29 @@ struct CompileArgs {
     /// KV cache capacity.
     #[arg(long, default_value_t = 4096)]
     context: usize,
+    /// Quest: tokens of KV cache attended per decode step, the current page included (turns
+    /// the Quest pass on: decode attention of layers ≥ --quest-skip-layers reads only the
+    /// pages with the highest query-aware scores; a positive multiple of the page size, at
+    /// least two pages).
+    #[arg(long, value_name = "TOKENS")]
+    quest_budget: Option<usize>,
+    /// Quest: tokens per KV-cache page, a power of two [default: 16].
+    #[arg(long, value_name = "N")]
+    quest_page_size: Option<usize>,
+    /// Quest: the first N decoder layers keep dense attention [default: 2].
+    #[arg(long, value_name = "N")]
+    quest_skip_layers: Option<usize>,
 }
 
 #[derive(Args, Debug)]
 struct BenchArgs {
-    /// The suite: `gemm` (GEMV/GEMM at K=4096, N=14336 and 4096, M=1..4096, f16 and bf16).
-    #[arg(value_parser = ["gemm"])]
+    /// The suite: `gemm` (GEMV/GEMM at K=4096, N=14336 and 4096, M=1..4096, f16 and bf16),
+    /// `attention` (rows by kind: dense split-KV paged decode, batch 1 and 16, 32 query heads,
+    /// 8 and 32 KV heads, head_dim 128, contexts 4K..64K, f16; causal paged prefill, batch 1,
+    /// 4K/8K/16K tokens, 8 KV heads, f16 and bf16) or `quest` (the Quest decode step:
+    /// estimate + top-K + sparse decode, budgets 1024/2048/4096 tokens, against the dense
+    /// decode of the same shapes as `attention`'s decode rows).
+    #[arg(value_parser = ["gemm", "attention", "quest"])]
     suite: String,
     /// Also write the results as JSON to this file.
     #[arg(long)]
@@ -117,6 +134,18 @@ struct RunArgs {
     /// drawn in it. The GPU generators take f16 and bf16; the tiny presets are f32.
     #[arg(long, value_parser = ["f16", "bf16", "f32"])]
     dtype: Option<String>,
+    /// Quest: tokens of KV cache attended per decode step, the current page included (turns
+    /// the Quest pass on: decode attention of layers ≥ --quest-skip-layers reads only the
+    /// pages with the highest query-aware scores; a positive multiple of the page size, at
+    /// least two pages).
+    #[arg(long, value_name = "TOKENS")]
+    quest_budget: Option<usize>,
+    /// Quest: tokens per KV-cache page, a power of two [default: 16].
+    #[arg(long, value_name = "N")]
+    quest_page_size: Option<usize>,
+    /// Quest: the first N decoder layers keep dense attention [default: 2].
+    #[arg(long, value_name = "N")]
+    quest_skip_layers: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +167,17 @@ struct InspectArgs {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    let quest = kiln::compile::quest_options_from_flags(
+        args.quest_budget,
+        args.quest_page_size,
+        args.quest_skip_layers,
+    )?;
+    if quest.is_some() && args.device == "reference" {
+        anyhow::bail!(
+            "--quest-budget needs compiled plans (--device auto, cuda or cpu); \
+             --device reference runs the model graphs without passes"
+        );
+    }
     let mut config = load_config(&args.model)?;
     if let Some(dtype) = &args.dtype {
         config.dtype = DType::parse(dtype).context("--dtype takes f16, bf16 or f32")?;
@@ -173,6 +213,7 @@ fn run(args: RunArgs) -> Result<()> {
                 args.ordinal,
                 args.prompt.len(),
                 capacity,
+                quest,
             )?;
             let generation = generate(
                 &config,
@@ -182,10 +223,16 @@ fn run(args: RunArgs) -> Result<()> {
             )
             .with_context(|| format!("running {} on {}", config.name, runner.device))?;
             let (p_gpu, p_cpu, d_gpu, d_cpu) = runner.placement;
-            let ran_on = format!(
+            let mut ran_on = format!(
                 "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu kernels, decode {d_gpu} gpu + {d_cpu} cpu",
                 runner.device
             );
+            if let (Some(options), Some(report)) = (quest, &runner.quest) {
+                ran_on.push_str(&format!(
+                    "; quest budget {} tokens, page size {}, skip layers {}: {} decode attention node(s) on Quest",
+                    options.budget_tokens, options.page_size, options.skip_layers, report.changed
+                ));
+            }
             (generation, ran_on)
         }
     };
@@ -257,7 +304,31 @@ fn bench_command(args: BenchArgs) -> Result<()> {
             ));
             progress.tick();
         })?,
-        other => anyhow::bail!("unknown suite `{other}` (suites: gemm)"),
+        "attention" => {
+            let report = kiln::bench::attention::bench_attention(&device, |r| {
+                progress.set_message(r.describe());
+                progress.tick();
+            })?;
+            progress.finish_and_clear();
+            print!("{}", kiln::bench::attention::render(&report));
+            if let Some(path) = args.json {
+                kiln::write_atomically(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            }
+            return Ok(());
+        }
+        "quest" => {
+            let report = kiln::bench::quest::bench_quest(&device, |r| {
+                progress.set_message(r.describe());
+                progress.tick();
+            })?;
+            progress.finish_and_clear();
+            print!("{}", kiln::bench::quest::render(&report));
+            if let Some(path) = args.json {
+                kiln::write_atomically(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            }
+            return Ok(());
+        }
+        other => anyhow::bail!("unknown suite `{other}` (suites: gemm, attention, quest)"),
     };
     progress.finish_and_clear();
     print!("{}", kiln::bench::render(&report));
@@ -280,7 +351,12 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         ("seq", args.prompt_len),
         ("ctx", args.context),
     ]);
-    let options = kiln::compile::CompileOptions::with_bindings(bindings);
+    let mut options = kiln::compile::CompileOptions::with_bindings(bindings);
+    options.quest = kiln::compile::quest_options_from_flags(
+        args.quest_budget,
+        args.quest_page_size,
+        args.quest_skip_layers,
+    )?;
     let model = kiln::compile::compile(&config, phase, &options)?;
     kiln::compile::write_output(&model, emit, &args.out)?;
     print!("{}", model.report);

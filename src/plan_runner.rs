@@ -5,11 +5,14 @@
 //! Owns [`RunDevice`] (`cuda`, `cpu`, `auto`) and [`PlanRunner`]. On `cpu` the plans are
 //! compiled with no GPU families, so every kernel runs on the host through the interpreter;
 //! on `cuda` the GPU generators take what they can and the rest runs on the host with the
-//! plan's transfers. It must not implement kernels or the step loop itself.
+//! plan's transfers. With Quest options both phases compile with the Quest pass (it changes
+//! only the decode plan: prefill stays dense). It must not implement kernels or the step loop itself.
 
 use crate::compile::{compile, CompileOptions};
 use anyhow::{bail, Context, Result};
 use kiln_ir::model::{ModelConfig, Phase};
+use kiln_ir::quest::QuestOptions;
+use kiln_ir::schedule::PassReport;
 use kiln_ir::schedule::{Device, GpuCapabilities};
 use kiln_ir::shape::Bindings;
 use kiln_ir::tensor::Tensor;
@@ -54,11 +57,14 @@ pub struct PlanRunner {
     pub device: String,
     /// Kernels per phase and device: `(prefill gpu, prefill cpu, decode gpu, decode cpu)`.
     pub placement: (usize, usize, usize, usize),
+    /// What the Quest pass did to the decode plan, when it ran.
+    pub quest: Option<PassReport>,
 }
 
 impl PlanRunner {
     /// Compiles `config` for `device` (resolving `auto`), with the memory plan sized for a
-    /// `prompt_len`-token prompt and a `capacity`-token KV cache, and loads `weights`.
+    /// `prompt_len`-token prompt and a `capacity`-token KV cache, with the Quest pass when
+    /// `quest` is set, and loads `weights`.
     pub fn new(
         config: &ModelConfig,
         weights: &Weights,
@@ -66,6 +72,7 @@ impl PlanRunner {
         ordinal: usize,
         prompt_len: usize,
         capacity: usize,
+        quest: Option<QuestOptions>,
     ) -> Result<PlanRunner> {
         let cuda = match device {
             RunDevice::Cpu => None,
@@ -78,6 +85,7 @@ impl PlanRunner {
             ("seq", prompt_len.max(1)),
             ("ctx", capacity.max(1)),
         ]));
+        options.quest = quest;
         if cuda.is_none() {
             options.schedule.gpu = GpuCapabilities {
                 families: Default::default(),
@@ -95,11 +103,15 @@ impl PlanRunner {
         let shared = DeviceWeights::default();
         let mut executors = Vec::new();
         let mut placement = Vec::new();
+        let mut quest_report = None;
         for phase in [Phase::Prefill, Phase::Decode] {
             let compiled = compile(config, phase, &options)
                 .with_context(|| format!("compiling the {} plan", phase.name()))?;
             placement.push(compiled.plan.count_on(Device::Gpu));
             placement.push(compiled.plan.count_on(Device::Cpu));
+            if phase == Phase::Decode {
+                quest_report = compiled.quest.clone();
+            }
             let executor = Executor::new(
                 compiled.graph,
                 compiled.plan,
@@ -117,6 +129,7 @@ impl PlanRunner {
             decode,
             device: description,
             placement: (placement[0], placement[1], placement[2], placement[3]),
+            quest: quest_report,
         })
     }
 

@@ -253,3 +253,98 @@ fn bench_without_a_gpu_is_a_clear_error() {
     assert!(message.contains("no CUDA driver found"), "{message}");
     assert!(!message.contains("panicked"), "{message}");
 }
+
+#[test]
+fn run_with_quest_on_the_cpu_reports_tokens() {
+    // 8 prompt tokens + 16 generated in pages of 4 against a 4-page budget: layer 1 selects.
+    let output = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--quest-budget",
+        "16",
+        "--quest-page-size",
+        "4",
+        "--quest-skip-layers",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains(
+            "quest budget 16 tokens, page size 4, skip layers 1: 1 decode attention node(s) on Quest"
+        ),
+        "{text}"
+    );
+    let tokens_line = text
+        .lines()
+        .find(|l| l.starts_with("tokens"))
+        .expect("a tokens line");
+    assert_eq!(tokens_line.split_whitespace().count(), 17, "{text}");
+    assert!(text.contains("tokens/s"), "{text}");
+}
+
+#[test]
+fn bad_quest_flags_are_clear_errors() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--quest-budget", "60"],
+            "--quest-budget 60: expected a positive multiple of the page size (--quest-page-size 16)",
+        ),
+        (
+            &["--quest-budget", "0"],
+            "--quest-budget 0: expected a positive multiple",
+        ),
+        (
+            &["--quest-budget", "64", "--quest-page-size", "12"],
+            "--quest-page-size 12: expected a power of two",
+        ),
+        (
+            &["--quest-budget", "16"],
+            "--quest-budget 16: expected at least two pages (32 tokens",
+        ),
+        (
+            &["--quest-page-size", "8"],
+            "--quest-page-size needs --quest-budget",
+        ),
+    ];
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("plan");
+    for (flags, part) in cases {
+        for command in ["run", "compile"] {
+            let mut args = vec![command, "--model", "tiny-llama"];
+            if command == "compile" {
+                args.extend(["-o", dir.to_str().unwrap()]);
+            } else {
+                args.extend(["--device", "cpu", "-n", "1"]);
+            }
+            args.extend(flags);
+            let output = kiln(&args);
+            assert!(!output.status.success(), "kiln {args:?} succeeded");
+            let message = stderr(&output);
+            assert!(
+                message.contains(part),
+                "kiln {args:?}: expected `{part}` in: {message}"
+            );
+            assert!(!message.contains("panicked"), "{message}");
+        }
+    }
+    assert!(!dir.exists(), "nothing is written on a bad flag");
+    let output = kiln(&[
+        "run",
+        "--device",
+        "reference",
+        "--quest-budget",
+        "64",
+        "-n",
+        "1",
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("--quest-budget needs compiled plans"),
+        "{message}"
+    );
+}

@@ -103,3 +103,70 @@ fn fusion_reduces_llama_3_8b_decode_launches() {
     )));
     assert!(model.report.contains("after rewriting:  "));
 }
+
+#[test]
+fn quest_plan_snapshot() {
+    // tiny-llama has two layers: skip one so that layer 1's decode attention becomes Quest.
+    let config = ModelConfig::preset("tiny-llama").unwrap();
+    let options = CompileOptions {
+        quest: Some(kiln_ir::quest::QuestOptions {
+            budget_tokens: 64,
+            page_size: 16,
+            skip_layers: 1,
+        }),
+        ..CompileOptions::default()
+    };
+    let model = compile(&config, Phase::Decode, &options).unwrap();
+    insta::assert_snapshot!("tiny-llama_decode_quest", model.plan.to_json());
+}
+
+#[test]
+fn kiln_compile_with_quest_records_the_pass_in_the_plan() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("plan");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["compile", "--model", "tiny-llama", "--quest-budget", "64"])
+        .args(["--quest-skip-layers", "1", "-o"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("plan.json")).unwrap()).unwrap();
+    let quest = plan["passes_run"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "quest")
+        .expect("quest in passes_run");
+    assert_eq!(
+        quest["options"],
+        serde_json::json!({"budget": 64, "page_size": 16, "skip_layers": 1})
+    );
+    let report = std::fs::read_to_string(dir.join("report.txt")).unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout, report);
+    assert!(
+        report.contains("quest pass (budget 64 tokens, page size 16, skip layers 1):"),
+        "{report}"
+    );
+    assert!(report.contains("  quest layers: 1\n"), "{report}");
+    // The same plan as the library's.
+    let config = ModelConfig::preset("tiny-llama").unwrap();
+    let mut options = CompileOptions::with_bindings(kiln_ir::shape::Bindings::from_pairs(&[
+        ("batch", 1),
+        ("seq", 128),
+        ("ctx", 4096),
+    ]));
+    options.quest = Some(kiln_ir::quest::QuestOptions {
+        budget_tokens: 64,
+        page_size: 16,
+        skip_layers: 1,
+    });
+    let model = compile(&config, Phase::Decode, &options).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("plan.json")).unwrap(),
+        model.plan.to_json()
+    );
+}

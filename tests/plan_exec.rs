@@ -65,6 +65,7 @@ fn plan_matches_reference(model: &str, dtype: DType, seed: u64) {
         0,
         options.prompt.len(),
         capacity,
+        None,
     )
     .unwrap();
     assert_eq!(runner.device, "cpu");

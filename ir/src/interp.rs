@@ -271,6 +271,39 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let visible = |batch: usize, i: usize| lengths.data[batch] as usize - (s - 1 - i);
             Ok(vec![attention(q, k, v, *scale, visible, dtype)])
         }
+        Op::QuestAttentionDecode {
+            scale,
+            budget_tokens,
+            page_size,
+        } => {
+            // Exactly `quest::select` then `quest::sparse_decode` (see the op's doc).
+            let (q, k, v, lengths) = (operands[0], operands[1], operands[2], operands[3]);
+            let lengths = lengths
+                .data
+                .iter()
+                .enumerate()
+                .map(|(batch, &length)| {
+                    if length < 1.0 {
+                        Err(format!(
+                            "sequence {batch} has length {length}, expected at least 1 (the new token)"
+                        ))
+                    } else {
+                        Ok(length as usize)
+                    }
+                })
+                .collect::<Result<Vec<usize>, String>>()?;
+            let options = crate::quest::QuestOptions {
+                budget_tokens: *budget_tokens,
+                page_size: *page_size,
+                skip_layers: 0,
+            };
+            let selection =
+                crate::quest::select(q, k, &lengths, &options).map_err(|e| e.to_string())?;
+            let mut out = crate::quest::sparse_decode(q, k, v, &lengths, *scale, &selection)
+                .map_err(|e| e.to_string())?;
+            out.dtype = dtype;
+            Ok(vec![out])
+        }
         Op::KvAppend => {
             let (cache, new, start) = (operands[0], operands[1], operands[2]);
             let (capacity, s) = (cache.shape[1], new.shape[1]);

@@ -23,6 +23,7 @@ pub mod graph;
 pub mod interp;
 pub mod model;
 pub mod op;
+pub mod passes;
 pub mod quest;
 pub mod rewrite;
 pub mod schedule;

@@ -92,6 +92,24 @@ pub enum Op {
     /// Sequence `b` has `lengths[b]` valid cache rows; its query `i` sees keys
     /// `j < lengths[b] − (S − 1 − i)`. Grouped-query as in `Attention`.
     AttentionDecode { scale: f32 },
+    /// `(q [B, 1, Hq, D], k_cache [B, C, Hkv, D], v_cache [B, C, Hkv, D], lengths [B] i32)
+    /// → [B, 1, Hq, D]`: Quest decode attention (arXiv 2406.10774), one new token per
+    /// sequence (`S` must be the constant 1; prefill stays dense). Sequence `b` has
+    /// `L = lengths[b]` valid cache rows (`1 ≤ L ≤ C`) in pages of `page_size` tokens (token
+    /// `j` is in page `j / page_size`; the last page may be partial). Per KV head: each page's
+    /// element-wise max `M` and min `m` of its valid keys, the page score summed over the
+    /// query heads of the KV group `Σ_h Σᵢ max(q_hᵢ·Mᵢ, q_hᵢ·mᵢ)` (f32), then the top
+    /// `budget_tokens / page_size − 1` earlier pages by score (ties to the lower page) plus
+    /// the last (current) page; every page when the sequence has no more pages than that
+    /// budget. The result is `AttentionDecode { scale }` restricted to the valid keys of the
+    /// selected pages: exactly `ir::quest::select` then `ir::quest::sparse_decode`, so a
+    /// budget covering the whole sequence equals `AttentionDecode`. `page_size` is a power of
+    /// two in `1..=256`; `budget_tokens` a multiple of it, at least two pages.
+    QuestAttentionDecode {
+        scale: f32,
+        budget_tokens: usize,
+        page_size: usize,
+    },
     /// `(cache [B, C, Hkv, D], new [B, S, Hkv, D], start [B] i32) → [B, C, Hkv, D]`: the cache
     /// with rows `start[b] .. start[b] + S` of sequence `b` replaced by `new`. Writing past
     /// capacity `C` is an error.
@@ -216,6 +234,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
             Op::AttentionDecode { .. } => "attention_decode",
+            Op::QuestAttentionDecode { .. } => "quest_attention_decode",
             Op::KvAppend => "kv_append",
             Op::Silu => "silu",
             Op::Sigmoid => "sigmoid",
@@ -244,7 +263,7 @@ impl Op {
     }
 
     /// Every op name, for documentation and coverage tests.
-    pub const NAMES: [&'static str; 33] = [
+    pub const NAMES: [&'static str; 34] = [
         "input",
         "constant",
         "embedding",
@@ -254,6 +273,7 @@ impl Op {
         "rope",
         "attention",
         "attention_decode",
+        "quest_attention_decode",
         "kv_append",
         "silu",
         "sigmoid",

@@ -291,6 +291,27 @@ pub fn infer(op: &Op, operands: &[TensorType]) -> Rule {
             }
             Ok(vec![q.clone()])
         }
+        Op::QuestAttentionDecode {
+            scale,
+            budget_tokens,
+            page_size,
+        } => {
+            // The operands of `AttentionDecode`, one new token per sequence, valid options.
+            let result = infer(&Op::AttentionDecode { scale: *scale }, operands)?;
+            if dims(&operands[0])[1] != Dim::Const(1) {
+                return Err(format!(
+                    "quest decode attention takes one new token per sequence: q's tokens must be 1, got {}",
+                    dims(&operands[0])[1]
+                ));
+            }
+            let options = crate::quest::QuestOptions {
+                budget_tokens: *budget_tokens,
+                page_size: *page_size,
+                skip_layers: 0,
+            };
+            options.validate().map_err(|e| e.to_string())?;
+            Ok(result)
+        }
         Op::KvAppend => {
             expect_count(operands, 3)?;
             let (cache, new, start) = (&operands[0], &operands[1], &operands[2]);

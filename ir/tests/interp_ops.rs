@@ -161,6 +161,14 @@ const OP_TESTS: &[(&str, fn())] = &[
         attention_decode_matches_prefix_attention,
     ),
     (
+        "quest_attention_decode_with_every_page_is_dense",
+        quest_attention_decode_with_every_page_is_dense,
+    ),
+    (
+        "quest_attention_decode_is_select_then_sparse_decode",
+        quest_attention_decode_is_select_then_sparse_decode,
+    ),
+    (
         "kv_append_writes_rows_at_start",
         kv_append_writes_rows_at_start,
     ),
@@ -873,6 +881,156 @@ fn attention_decode_matches_prefix_attention() {
             assert_close(&got, &prefix["y"], 1e-6);
             assert_close(&got, &reference, 1e-5);
         }
+    }
+}
+
+/// One decode attention node `op` over `q [B, 1, Hq, D]`, `k, v [B, C, Hkv, D]`, `len [B]`.
+fn decode_graph(op: Op, [b, c, hq, hkv, d]: [usize; 5]) -> Graph {
+    let mut g = Graph::new("decode");
+    let q = act(&mut g, "q", DType::F32, &[b, 1, hq, d]);
+    let k = act(&mut g, "k", DType::F32, &[b, c, hkv, d]);
+    let v = act(&mut g, "v", DType::F32, &[b, c, hkv, d]);
+    let len = act(&mut g, "len", DType::I32, &[b]);
+    let y = g.add1("decode", op, &[q, k, v, len]).unwrap();
+    g.output("y", y);
+    g
+}
+
+/// Random decode operands; cache rows at or beyond each length poisoned (huge keys, NaN
+/// values), so reading one shows.
+fn decode_operands(
+    [b, c, hq, hkv, d]: [usize; 5],
+    lengths: &[usize],
+    seed: u64,
+) -> (Tensor, Tensor, Tensor) {
+    let mut r = rng(seed);
+    let q = Tensor::normal(DType::F32, &[b, 1, hq, d], 1.0, &mut r);
+    let mut k = Tensor::normal(DType::F32, &[b, c, hkv, d], 1.0, &mut r);
+    let mut v = Tensor::normal(DType::F32, &[b, c, hkv, d], 1.0, &mut r);
+    let row = hkv * d;
+    for (batch, &length) in lengths.iter().enumerate() {
+        for j in length..c {
+            let base = (batch * c + j) * row;
+            k.data[base..base + row].fill(1e30);
+            v.data[base..base + row].fill(f32::NAN);
+        }
+    }
+    (q, k, v)
+}
+
+#[test]
+fn quest_attention_decode_with_every_page_is_dense() {
+    // Budgets of at least every page of the longest sequence (24 tokens = 6 pages of 4):
+    // the dense fallback, bit for bit AttentionDecode. Lengths not a multiple of the page.
+    let dims = [2, 24, 4, 2, 8];
+    let lengths = [24, 13];
+    let (q, k, v) = decode_operands(dims, &lengths, 41);
+    let feed = || {
+        vec![
+            ("q", q.clone()),
+            ("k", k.clone()),
+            ("v", v.clone()),
+            ("len", Tensor::i32(&[2], &lengths.map(|l| l as i32))),
+        ]
+    };
+    let dense = run(
+        &decode_graph(Op::AttentionDecode { scale: 0.35 }, dims),
+        feed(),
+    );
+    for (budget_tokens, page_size) in [(24, 4), (64, 4), (32, 16), (32, 8)] {
+        let op = Op::QuestAttentionDecode {
+            scale: 0.35,
+            budget_tokens,
+            page_size,
+        };
+        let quest = run(&decode_graph(op, dims), feed());
+        assert!(quest["y"].data.iter().all(|x| x.is_finite()));
+        assert_eq!(
+            quest["y"], dense["y"],
+            "budget {budget_tokens}, page {page_size}"
+        );
+    }
+}
+
+#[test]
+fn quest_attention_decode_is_select_then_sparse_decode() {
+    // 16 and 10 pages of 4 tokens, a budget of 2 pages (the best earlier page + the current
+    // one), GQA groups of 2. A needle key k = 4·q (of the group's first query head) is
+    // planted in page 5 of sequence 0 and page 2 of sequence 1: Quest must pick it.
+    use kiln_ir::quest::{self, QuestOptions};
+    let dims @ [b, c, hq, hkv, d] = [2, 64, 4, 2, 8];
+    let lengths = [64usize, 37];
+    let (q, mut k, v) = decode_operands(dims, &lengths, 42);
+    let needles = [21usize, 9];
+    let group = hq / hkv;
+    for (batch, &length) in lengths.iter().enumerate() {
+        for j in 0..length {
+            for kv in 0..hkv {
+                let base = ((batch * c + j) * hkv + kv) * d;
+                for e in 0..d {
+                    k.data[base + e] *= 0.3;
+                    if j == needles[batch] {
+                        k.data[base + e] = 4.0 * q.data[(batch * hq + kv * group) * d + e];
+                    }
+                }
+            }
+        }
+    }
+    let options = QuestOptions {
+        budget_tokens: 8,
+        page_size: 4,
+        skip_layers: 0,
+    };
+    let op = Op::QuestAttentionDecode {
+        scale: 0.35,
+        budget_tokens: 8,
+        page_size: 4,
+    };
+    let feed = vec![
+        ("q", q.clone()),
+        ("k", k.clone()),
+        ("v", v.clone()),
+        ("len", Tensor::i32(&[b], &lengths.map(|l| l as i32))),
+    ];
+    let got = run(&decode_graph(op, dims), feed.clone());
+    let selection = quest::select(&q, &k, &lengths, &options).unwrap();
+    for (batch, per_kv) in selection.pages.iter().enumerate() {
+        let last = lengths[batch].div_ceil(4) - 1;
+        for pages in per_kv {
+            assert_eq!(pages, &vec![needles[batch] / 4, last], "sequence {batch}");
+        }
+    }
+    let want = quest::sparse_decode(&q, &k, &v, &lengths, 0.35, &selection).unwrap();
+    assert_eq!(got["y"].data, want.data);
+    assert!(got["y"].data.iter().all(|x| x.is_finite()));
+    // Sparse: not the dense result.
+    let dense = run(
+        &decode_graph(Op::AttentionDecode { scale: 0.35 }, dims),
+        feed,
+    );
+    assert_ne!(got["y"].data, dense["y"].data);
+}
+
+#[test]
+fn quest_attention_decode_rejects_bad_lengths() {
+    let dims = [1, 8, 2, 1, 4];
+    let (q, k, v) = decode_operands(dims, &[8], 43);
+    let op = Op::QuestAttentionDecode {
+        scale: 1.0,
+        budget_tokens: 4,
+        page_size: 2,
+    };
+    for length in [0, 9] {
+        let e = run_err(
+            &decode_graph(op.clone(), dims),
+            vec![
+                ("q", q.clone()),
+                ("k", k.clone()),
+                ("v", v.clone()),
+                ("len", Tensor::i32(&[1], &[length])),
+            ],
+        );
+        assert!(e.to_string().contains("length"), "{e}");
     }
 }
 

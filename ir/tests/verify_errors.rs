@@ -340,3 +340,54 @@ fn moe_expert_ffn_rejects_a_mis_shaped_expert() {
         "expert 1 down weight must be [8, 4]",
     );
 }
+
+#[test]
+fn quest_attention_decode_checks_tokens_and_options() {
+    let mut g = Graph::new("g");
+    let q1 = act(&mut g, "q1", DType::F32, &[2, 1, 4, 8]);
+    let q2 = act(&mut g, "q2", DType::F32, &[2, 2, 4, 8]);
+    let k = act(&mut g, "k", DType::F32, &[2, 32, 2, 8]);
+    let k3 = act(&mut g, "k3", DType::F32, &[2, 32, 3, 8]);
+    let len = act(&mut g, "len", DType::I32, &[2]);
+    let quest = |budget_tokens, page_size| Op::QuestAttentionDecode {
+        scale: 0.5,
+        budget_tokens,
+        page_size,
+    };
+    let cases: Vec<(&str, Op, Vec<ValueId>, &str)> = vec![
+        ("tokens", quest(16, 4), vec![q2, k, k, len], "one new token"),
+        (
+            "heads",
+            quest(16, 4),
+            vec![q1, k3, k3, len],
+            "multiple of KV heads",
+        ),
+        ("operands", quest(16, 4), vec![q1, k, k], "operands"),
+        (
+            "multiple",
+            quest(18, 4),
+            vec![q1, k, k, len],
+            "`budget_tokens` = 18: must be a multiple of page_size (4)",
+        ),
+        (
+            "two_pages",
+            quest(4, 4),
+            vec![q1, k, k, len],
+            "at least two pages",
+        ),
+        (
+            "power",
+            quest(24, 12),
+            vec![q1, k, k, len],
+            "`page_size` = 12: must be a power of two",
+        ),
+    ];
+    for (label, op, operands, part) in cases {
+        let name = op.name();
+        let index = g.nodes.len();
+        let err = g.add(label, op, &operands).unwrap_err();
+        assert_names(&err, index, label, name, part);
+    }
+    g.add("ok", quest(16, 4), &[q1, k, k, len]).unwrap();
+    g.verify().unwrap();
+}

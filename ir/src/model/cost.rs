@@ -5,8 +5,9 @@
 //! count a multiply-add as two; bytes count every operand read and every result written once,
 //! at the dtype's storage size, except where an op touches only part of an operand (a KV
 //! append writes only the new rows; an embedding reads only the looked-up rows; decode
-//! attention reads the valid cache rows; MoE experts read only the experts that receive
-//! tokens, estimated for uniform routing). This module must not execute graphs.
+//! attention reads the valid cache rows, Quest decode attention its page metadata and the
+//! budget's rows; MoE experts read only the experts that receive tokens, estimated for
+//! uniform routing). This module must not execute graphs.
 
 use crate::graph::{Graph, Node, TensorType};
 use crate::op::{InputKind, Op};
@@ -151,6 +152,33 @@ pub fn node_cost(graph: &Graph, node: &Node, bindings: &Bindings) -> Result<(f64
             let flops = 4.0 * batch * s * seen * heads * head_dim;
             let kv_read = bytes_of(operand(1)?, bindings)? + bytes_of(operand(2)?, bindings)?;
             (flops, bytes_of(operand(0)?, bindings)? + kv_read + written)
+        }
+        Op::QuestAttentionDecode {
+            budget_tokens,
+            page_size,
+            ..
+        } => {
+            // Dense when the context fits the budget; else the page metadata (max and min:
+            // 2/page_size of the K bytes) scored by every query head, plus attention over the
+            // budget's tokens only.
+            let q = dims(operand(0)?)?;
+            let k = dims(operand(1)?)?;
+            let (batch, s, heads, head_dim) = (q[0] as f64, q[1] as f64, q[2] as f64, q[3] as f64);
+            let t = k[1] as f64;
+            let page = *page_size as f64;
+            let pages = (t / page).ceil();
+            let budget = (*budget_tokens as f64).min(t);
+            let k_bytes = bytes_of(operand(1)?, bindings)?;
+            let kv_read = k_bytes + bytes_of(operand(2)?, bindings)?;
+            let attention = 4.0 * batch * s * budget * heads * head_dim;
+            let (flops, kv) = if pages * page <= *budget_tokens as f64 {
+                (attention, kv_read)
+            } else {
+                let scoring = 4.0 * batch * s * pages * heads * head_dim;
+                let metadata = 2.0 * k_bytes / page;
+                (attention + scoring, metadata + kv_read * budget / t)
+            };
+            (flops, bytes_of(operand(0)?, bindings)? + kv + written)
         }
         Op::MoeExpertFfn { num_experts } => {
             let x = dims(operand(0)?)?;
