@@ -1,5 +1,7 @@
 //! GPU tests of split-KV decode attention over the paged KV cache
-//! (`kiln_kernels::attention::decode`: partial kernel + merge), dense against
+//! (`kiln_kernels::attention::decode`: partial kernel + merge, in both merge modes: the
+//! separate merge kernel and the merge fused into the partial kernel's last block), dense
+//! against
 //! `kiln_ir::interp`'s `Op::AttentionDecode` on the pages gathered into a contiguous cache,
 //! sparse against `kiln_ir::quest::sparse_decode` with a given selection; and a bandwidth
 //! report.
@@ -17,7 +19,10 @@
 //! included); GQA groups 1, 4, 8 and 16; f16 and bf16; head_dim 64 and 128; page sizes 1
 //! to 64; split counts 1, the rule's and many (with empty splits); entry batches of more
 //! than one block's worth of pages; tuning off the defaults. Relative error ≤ 1e-2 per
-//! problem and ≤ 2e-2 per (sequence, head) row.
+//! problem and ≤ 2e-2 per (sequence, head) row. The fused mode runs every problem twice in
+//! a row on the same (initially zeroed) merge counters, with a freshly poisoned output each
+//! time: both outputs must be bit-identical and the counters must come back all zero; with
+//! one split the workspace must stay untouched (poisoned).
 //!
 //! Run on a GPU machine with
 //! `cargo test --release --test gpu_attention_decode -- --ignored --nocapture`
@@ -35,7 +40,7 @@ use kiln::ir::op::{InputKind, Op};
 use kiln::ir::quest::{self, QuestOptions, Selection};
 use kiln::ir::shape::Shape;
 use kiln::ir::tensor::Tensor;
-use kiln_kernels::attention::decode::{self, DecodeAttentionSpec};
+use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
 use kiln_kernels::attention::PagedKv;
 use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor, LoadedKernel};
 use rand::Rng;
@@ -348,11 +353,13 @@ impl DeviceInputs {
     }
 }
 
-/// The f32 split states between the two kernels, poisoned.
+/// The f32 split states between the two kernels, poisoned, and (fused mode) the merge
+/// counters, zeroed.
 struct Workspace {
     acc: DeviceTensor,
     max: DeviceTensor,
     sum: DeviceTensor,
+    counters: Option<DeviceTensor>,
 }
 
 impl Workspace {
@@ -364,18 +371,44 @@ impl Workspace {
     ) -> Self {
         let sizes = spec.workspace(batch, splits);
         let poisoned = |n: usize| DeviceTensor::poisoned(device, DType::F32, &[n]).unwrap();
+        let counters = spec.fused().then(|| {
+            let n = sizes.counter_elements;
+            DeviceTensor::upload(device, &Tensor::i32(&[n], &vec![0; n])).unwrap()
+        });
         Workspace {
             acc: poisoned(sizes.acc_elements),
             max: poisoned(sizes.stat_elements),
             sum: poisoned(sizes.stat_elements),
+            counters,
+        }
+    }
+
+    /// Fails unless every merge counter is back to zero.
+    fn assert_counters_zero(&self, what: &str) {
+        if let Some(counters) = &self.counters {
+            let host = counters.download().unwrap();
+            if let Some(i) = host.data.iter().position(|&v| v != 0.0) {
+                panic!(
+                    "{what}: merge_counters[{i}] is {} after the launch",
+                    host.data[i]
+                );
+            }
         }
     }
 }
 
-/// Both kernels of a spec, loaded.
+/// The spec in both merge modes: separate merge kernel, then fused.
+fn both_modes(spec: &DecodeAttentionSpec) -> [DecodeAttentionSpec; 2] {
+    [
+        spec.with_merge(MergeMode::Separate),
+        spec.with_merge(MergeMode::LastBlock),
+    ]
+}
+
+/// The kernels of a spec, loaded (no merge kernel in the fused mode).
 struct Loaded {
     partial: LoadedKernel,
-    merge: LoadedKernel,
+    merge: Option<LoadedKernel>,
 }
 
 impl Loaded {
@@ -383,11 +416,11 @@ impl Loaded {
         let kernels = decode::generate(spec).unwrap_or_else(|e| panic!("{e}"));
         Loaded {
             partial: device.load(&kernels.partial).unwrap(),
-            merge: device.load(&kernels.merge).unwrap(),
+            merge: kernels.merge.map(|m| device.load(&m).unwrap()),
         }
     }
 
-    /// Queues the partial kernel and the merge.
+    /// Queues the partial kernel and the merge (fused: the partial kernel alone).
     #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
@@ -418,9 +451,17 @@ impl Loaded {
                 .buffer("selected_counts", counts.arg())
                 .u32("max_selected", *most as u32);
         }
+        if let Some(counters) = &workspace.counters {
+            args = args
+                .buffer("out", out.arg())
+                .buffer("merge_counters", counters.arg());
+        }
         self.partial
             .launch(&args)
             .unwrap_or_else(|e| panic!("partial: {e}"));
+        let Some(merge) = &self.merge else {
+            return;
+        };
         let merge_args = Args::new()
             .buffer("partial_acc", workspace.acc.arg())
             .buffer("partial_max", workspace.max.arg())
@@ -428,14 +469,16 @@ impl Loaded {
             .buffer("out", out.arg())
             .u32("batch", batch as u32)
             .u32("splits", splits as u32);
-        self.merge
+        merge
             .launch(&merge_args)
             .unwrap_or_else(|e| panic!("merge: {e}"));
     }
 }
 
 /// Runs `spec` on `problem` with `splits` splits (and `selection` when sparse); checks
-/// that every workspace entry was written and returns `out`.
+/// that every workspace entry was written (fused with one split: that none was) and returns
+/// `out`. Fused: runs twice on the same counters, a fresh poisoned `out` each time, and
+/// checks that the outputs are bit-identical and the counters zero after each run.
 fn run(
     device: &CudaDevice,
     loaded: &Loaded,
@@ -448,32 +491,51 @@ fn run(
     let batch = problem.lens.len();
     let inputs = DeviceInputs::upload(device, problem, selection);
     let workspace = Workspace::poisoned(device, spec, batch, splits);
-    let out = DeviceTensor::poisoned(device, l.dtype, &[batch, l.q_heads, l.head_dim]).unwrap();
-    loaded.launch(
-        &inputs,
-        &workspace,
-        &out,
-        batch,
-        problem.max_pages,
-        splits,
-        problem.scale,
-    );
-    device.synchronize().unwrap();
+    let what = format!("{} splits {splits}", spec.entry_name());
+    let launch_once = || {
+        let out = DeviceTensor::poisoned(device, l.dtype, &[batch, l.q_heads, l.head_dim]).unwrap();
+        loaded.launch(
+            &inputs,
+            &workspace,
+            &out,
+            batch,
+            problem.max_pages,
+            splits,
+            problem.scale,
+        );
+        device.synchronize().unwrap();
+        workspace.assert_counters_zero(&what);
+        out.download().unwrap()
+    };
+    let out = launch_once();
+    let untouched = spec.fused() && splits == 1;
     for (name, t) in [
         ("partial_acc", &workspace.acc),
         ("partial_max", &workspace.max),
         ("partial_sum", &workspace.sum),
     ] {
         let host = t.download().unwrap();
-        if let Some(i) = host.data.iter().position(|v| !v.is_finite()) {
+        if untouched {
+            if let Some(i) = host.data.iter().position(|v| !v.is_nan()) {
+                panic!("{what}: one split, yet {name}[{i}] was written");
+            }
+        } else if let Some(i) = host.data.iter().position(|v| !v.is_finite()) {
             panic!(
-                "{} splits {splits}: {name}[{i}] is {} (unwritten or overflowed)",
-                spec.entry_name(),
+                "{what}: {name}[{i}] is {} (unwritten or overflowed)",
                 host.data[i]
             );
         }
     }
-    out.download().unwrap()
+    if spec.fused() {
+        let again = launch_once();
+        let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&out),
+            bits(&again),
+            "{what}: the second launch on the same counters differs"
+        );
+    }
+    out
 }
 
 /// The whole-problem check, then every (sequence, head) row on its own at twice the
@@ -521,11 +583,13 @@ fn check_dense(
     assert!(!spec.sparse);
     let problem = Problem::random(spec.layout, lens, rng);
     let want = problem.dense_reference();
-    let loaded = Loaded::new(device, spec);
-    for splits in split_counts(spec, lens) {
-        let got = run(device, &loaded, spec, &problem, None, splits);
-        let what = format!("{} lens {lens:?} splits {splits}", spec.entry_name());
-        assert_rows_close(&what, &got, &want, spec.layout.dtype);
+    for spec in &both_modes(spec) {
+        let loaded = Loaded::new(device, spec);
+        for splits in split_counts(spec, lens) {
+            let got = run(device, &loaded, spec, &problem, None, splits);
+            let what = format!("{} lens {lens:?} splits {splits}", spec.entry_name());
+            assert_rows_close(&what, &got, &want, spec.layout.dtype);
+        }
     }
 }
 
@@ -540,7 +604,6 @@ fn check_sparse(
 ) {
     assert!(spec.sparse);
     let want = problem.sparse_reference(selection);
-    let loaded = Loaded::new(device, spec);
     let most = selection
         .pages
         .iter()
@@ -553,14 +616,17 @@ fn check_sparse(
     let mut counts = vec![1, rule, 9];
     counts.sort_unstable();
     counts.dedup();
-    for splits in counts {
-        let got = run(device, &loaded, spec, problem, Some(selection), splits);
-        let what = format!(
-            "{} {label} lens {:?} splits {splits}",
-            spec.entry_name(),
-            problem.lens
-        );
-        assert_rows_close(&what, &got, &want, spec.layout.dtype);
+    for spec in &both_modes(spec) {
+        let loaded = Loaded::new(device, spec);
+        for &splits in &counts {
+            let got = run(device, &loaded, spec, problem, Some(selection), splits);
+            let what = format!(
+                "{} {label} lens {:?} splits {splits}",
+                spec.entry_name(),
+                problem.lens
+            );
+            assert_rows_close(&what, &got, &want, spec.layout.dtype);
+        }
     }
 }
 
@@ -698,35 +764,44 @@ fn decode_sparse_with_every_page_matches_dense_interp() {
     let all = Selection::all(&lens, l.kv_heads, l.page_size);
     let spec = DecodeAttentionSpec::new(l, true);
     let want = problem.dense_reference();
-    let loaded = Loaded::new(&device, &spec);
-    for splits in [1, 5] {
-        let got = run(&device, &loaded, &spec, &problem, Some(&all), splits);
-        let what = format!("{} every page splits {splits}", spec.entry_name());
-        assert_rows_close(&what, &got, &want, l.dtype);
+    for mode in both_modes(&spec) {
+        let loaded = Loaded::new(&device, &mode);
+        for splits in [1, 5] {
+            let got = run(&device, &loaded, &mode, &problem, Some(&all), splits);
+            let what = format!("{} every page splits {splits}", mode.entry_name());
+            assert_rows_close(&what, &got, &want, l.dtype);
+        }
     }
     let wide = problem.random_selection(150, &mut rng);
     check_sparse(&device, &spec, &problem, &wide, "150-page selection");
 }
 
-/// The same inputs and split count give bit-identical outputs (no atomics).
+/// The same inputs and split count give bit-identical outputs (the fused mode's atomic
+/// only picks which block merges, not the order of the merge), and both modes agree to
+/// the bit: the fused tail runs the merge kernel's code.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn decode_is_deterministic() {
     let device = device();
     let mut rng = rng(fresh_seed("decode_is_deterministic"));
     let l = layout(DType::BF16, 32, 8, 128, 16);
-    let spec = DecodeAttentionSpec::new(l, false);
     let problem = Problem::random(l, &[900, 31], &mut rng);
-    let loaded = Loaded::new(&device, &spec);
-    let first = run(&device, &loaded, &spec, &problem, None, 7);
-    let second = run(&device, &loaded, &spec, &problem, None, 7);
     let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&first), bits(&second), "{}", spec.entry_name());
+    let mut outputs = Vec::new();
+    for spec in both_modes(&DecodeAttentionSpec::new(l, false)) {
+        let loaded = Loaded::new(&device, &spec);
+        let first = run(&device, &loaded, &spec, &problem, None, 7);
+        let second = run(&device, &loaded, &spec, &problem, None, 7);
+        assert_eq!(bits(&first), bits(&second), "{}", spec.entry_name());
+        outputs.push(bits(&first));
+    }
+    assert_eq!(outputs[0], outputs[1], "separate and fused merges differ");
 }
 
 /// K/V bandwidth of dense decode (reported, not asserted): batch 1, 32 query heads, head_dim
-/// 128, f16, 8 and 32 KV heads, 8K and 32K tokens; median of 50 launches of partial +
-/// merge after 10 warm-ups, rotating among caches that together exceed the L2, pages in a
+/// 128, f16, 8 and 32 KV heads, 8K and 32K tokens, the fused merge then the separate one;
+/// median of 50 launches (fused: the partial kernel alone; separate: partial + merge, and
+/// the partial kernel alone) after 10 warm-ups, rotating among caches that together exceed the L2, pages in a
 /// shuffled physical order. GB/s counts the K and V bytes of the sequence once.
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -742,7 +817,6 @@ fn decode_bandwidth_report() {
     for (kv_heads, len) in [(8, 8192), (8, 32768), (32, 8192), (32, 32768)] {
         let l = layout(DType::F16, 32, kv_heads, 128, 16);
         let spec = DecodeAttentionSpec::new(l, false);
-        let loaded = Loaded::new(&device, &spec);
         let pages = len / l.page_size;
         let kv_bytes = 2 * len * kv_heads * l.head_dim * 2;
         let copies = (300_000_000 / kv_bytes).clamp(1, 8);
@@ -770,58 +844,70 @@ fn decode_bandwidth_report() {
                 }
             })
             .collect();
-        let workspace = Workspace::poisoned(&device, &spec, 1, splits);
-        let out = DeviceTensor::poisoned(&device, l.dtype, &[1, l.q_heads, l.head_dim]).unwrap();
-        let scale = 1.0 / (l.head_dim as f32).sqrt();
-        let mut turn = 0usize;
-        let total = device
-            .time(
-                || {
-                    let inputs = &caches[turn % copies];
-                    turn += 1;
-                    loaded.launch(inputs, &workspace, &out, 1, pages, splits, scale);
-                    Ok(())
-                },
-                10,
-                50,
-            )
-            .unwrap();
-        let partial = device
-            .time(
-                || {
-                    let inputs = &caches[turn % copies];
-                    turn += 1;
-                    let args = Args::new()
-                        .buffer("q", inputs.q.arg())
-                        .buffer("k_pages", inputs.k_pages.arg())
-                        .buffer("v_pages", inputs.v_pages.arg())
-                        .buffer("page_table", inputs.page_table.arg())
-                        .buffer("seq_lens", inputs.seq_lens.arg())
-                        .buffer("partial_acc", workspace.acc.arg())
-                        .buffer("partial_max", workspace.max.arg())
-                        .buffer("partial_sum", workspace.sum.arg())
-                        .u32("batch", 1)
-                        .u32("max_pages", pages as u32)
-                        .u32("splits", splits as u32)
-                        .f32("scale", scale);
-                    loaded.partial.launch(&args).map(drop)
-                },
-                10,
-                50,
-            )
-            .unwrap();
-        let seconds = total.median_ms * 1e-3;
-        eprintln!(
-            "{:<56} {:>6} {:>4} {:>6} {:>10.1} {:>10.0} {:>10.1}",
-            spec.entry_name(),
-            len,
-            kv_heads,
-            splits,
-            seconds * 1e6,
-            kv_bytes as f64 / seconds / 1e9,
-            partial.median_ms * 1e3
-        );
-        let host = out.download().unwrap();
-        assert!(host.data.iter().all(|v| v.is_finite()), "output has NaN");
+        for spec in [
+            spec.with_merge(MergeMode::LastBlock),
+            spec.with_merge(MergeMode::Separate),
+        ] {
+            let loaded = Loaded::new(&device, &spec);
+            let workspace = Workspace::poisoned(&device, &spec, 1, splits);
+            let out =
+                DeviceTensor::poisoned(&device, l.dtype, &[1, l.q_heads, l.head_dim]).unwrap();
+            let scale = 1.0 / (l.head_dim as f32).sqrt();
+            let mut turn = 0usize;
+            let total = device
+                .time(
+                    || {
+                        let inputs = &caches[turn % copies];
+                        turn += 1;
+                        loaded.launch(inputs, &workspace, &out, 1, pages, splits, scale);
+                        Ok(())
+                    },
+                    10,
+                    50,
+                )
+                .unwrap();
+            let partial = if spec.fused() {
+                total.clone()
+            } else {
+                device
+                    .time(
+                        || {
+                            let inputs = &caches[turn % copies];
+                            turn += 1;
+                            let args = Args::new()
+                                .buffer("q", inputs.q.arg())
+                                .buffer("k_pages", inputs.k_pages.arg())
+                                .buffer("v_pages", inputs.v_pages.arg())
+                                .buffer("page_table", inputs.page_table.arg())
+                                .buffer("seq_lens", inputs.seq_lens.arg())
+                                .buffer("partial_acc", workspace.acc.arg())
+                                .buffer("partial_max", workspace.max.arg())
+                                .buffer("partial_sum", workspace.sum.arg())
+                                .u32("batch", 1)
+                                .u32("max_pages", pages as u32)
+                                .u32("splits", splits as u32)
+                                .f32("scale", scale);
+                            loaded.partial.launch(&args).map(drop)
+                        },
+                        10,
+                        50,
+                    )
+                    .unwrap()
+            };
+            let seconds = total.median_ms * 1e-3;
+            eprintln!(
+                "{:<56} {:>6} {:>4} {:>6} {:>10.1} {:>10.0} {:>10.1}",
+                spec.entry_name(),
+                len,
+                kv_heads,
+                splits,
+                seconds * 1e6,
+                kv_bytes as f64 / seconds / 1e9,
+                partial.median_ms * 1e3
+            );
+            let host = out.download().unwrap();
+            assert!(host.data.iter().all(|v| v.is_finite()), "output has NaN");
+            workspace.assert_counters_zero(&spec.entry_name());
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The split-KV decode attention generator (`attention::decode`): PTX snapshots at
-//! representative specs (f16/bf16, head_dim 64/128, dense/sparse, merge), ptxas validation
-//! for sm_80 and sm_90 (no spills, no stack), parameters, launch rules, determinism and spec
-//! errors.
+//! representative specs (f16/bf16, head_dim 64/128, dense/sparse, merge, the fused
+//! last-block merge), ptxas validation for sm_80 and sm_90 (no spills, no stack), in both merge
+//! modes, parameters, launch rules, determinism and spec errors.
 //!
 //! ptxas must be installed (`bash scripts/test.sh`); these tests fail, never skip, without
 //! it. Numerics are checked on a GPU by the root `tests/gpu_attention_decode.rs`.
@@ -12,7 +12,7 @@ use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
 use kiln_codegen::ptx::Target;
 use kiln_codegen::ptxas::{self, PtxasReport};
 use kiln_ir::dtype::DType;
-use kiln_kernels::attention::decode::{self, DecodeAttentionSpec};
+use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
 use kiln_kernels::attention::PagedKv;
 
 fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
@@ -88,7 +88,18 @@ fn assembled() -> Vec<DecodeAttentionSpec> {
     }
     let d64 = DecodeAttentionSpec::new(layout(DType::BF16, 48, 4, 64), true);
     specs.push(d64.with_tuning(6, 4, 2, 4));
+    let fused: Vec<DecodeAttentionSpec> = specs
+        .iter()
+        .map(|s| s.with_merge(MergeMode::LastBlock))
+        .collect();
+    specs.extend(fused);
     specs
+}
+
+/// The Llama-3-8B spec with the merge fused into the partial kernel.
+fn fused_llama(sparse: bool) -> DecodeAttentionSpec {
+    DecodeAttentionSpec::new(layout(DType::F16, 32, 8, 128), sparse)
+        .with_merge(MergeMode::LastBlock)
 }
 
 /// Assembles `kernel` for `arch`, failing on any ptxas error, spill, stack frame or warning.
@@ -120,22 +131,28 @@ fn ptx_snapshots() {
     let spec = DecodeAttentionSpec::new(layout(DType::F16, 32, 8, 128), false);
     insta::assert_snapshot!(
         "decode_merge_f16_q32_d128",
-        decode::generate(&spec).unwrap().merge.ptx
+        decode::generate(&spec).unwrap().merge.unwrap().ptx
     );
     let spec = DecodeAttentionSpec::new(layout(DType::BF16, 16, 2, 64), false);
     insta::assert_snapshot!(
         "decode_merge_bf16_q16_d64",
-        decode::generate(&spec).unwrap().merge.ptx
+        decode::generate(&spec).unwrap().merge.unwrap().ptx
     );
+    let fused = decode::generate(&fused_llama(false)).unwrap();
+    assert!(fused.merge.is_none());
+    insta::assert_snapshot!("decode_dense_merged_f16_q32_kv8_d128", fused.partial.ptx);
 }
 
 #[test]
 fn kernels_assemble_for_sm80_and_sm90_without_spills() {
     for spec in assembled() {
         let kernels = decode::generate(&spec).unwrap();
+        assert_eq!(kernels.merge.is_some(), spec.merge == MergeMode::Separate);
         for arch in ["sm_80", "sm_90"] {
             assemble(&kernels.partial, arch);
-            assemble(&kernels.merge, arch);
+            if let Some(merge) = &kernels.merge {
+                assemble(merge, arch);
+            }
         }
         let sm90 = decode::generate_for(&spec, Target::Sm90).unwrap();
         assert_eq!(sm90.partial.target, "sm_90");
@@ -155,7 +172,25 @@ fn kv_streams_through_16_byte_async_copies_without_atomics() {
         assert!(ptx.contains("ex2.approx.ftz.f32"), "{name}");
         assert!(!ptx.contains(".local"), "{name} uses local memory");
         assert!(!ptx.contains("atom.") && !ptx.contains(" red."), "{name}");
+        assert!(!ptx.contains("fence."), "{name}");
         assert_eq!(ptx.contains("selected_pages"), spec.sparse, "{name}");
+    }
+}
+
+#[test]
+fn fused_merge_counts_splits_with_one_atomic_between_fences() {
+    for sparse in [false, true] {
+        let ptx = decode::generate(&fused_llama(sparse)).unwrap().partial.ptx;
+        assert_eq!(ptx.matches("atom.global.add.u32").count(), 1);
+        assert_eq!(ptx.matches("fence.acq_rel.gpu").count(), 2);
+        assert!(!ptx.contains(" red."));
+        // The partial states are read back coherently (L2), never through the nc path.
+        assert!(ptx.contains("ld.global.cg.f32"));
+        assert!(ptx.contains("ld.global.cg.v4.f32"));
+        assert!(!ptx.contains("ld.global.nc.f32"));
+        assert!(!ptx.contains("ld.global.nc.v4.f32"));
+        assert!(!ptx.contains(".local"));
+        assert!(ptx.contains("_merged"));
     }
 }
 
@@ -212,7 +247,7 @@ fn parameters_are_named_for_the_runtime() {
         ]
     );
     assert_eq!(
-        names(&dense.merge),
+        names(dense.merge.as_ref().unwrap()),
         [
             "partial_acc",
             "partial_max",
@@ -231,11 +266,70 @@ fn parameters_are_named_for_the_runtime() {
         Some(ParamKind::F32)
     );
     assert_eq!(
-        dense.merge.param("out").map(|(_, p)| p.kind),
+        dense
+            .merge
+            .as_ref()
+            .unwrap()
+            .param("out")
+            .map(|(_, p)| p.kind),
         Some(ParamKind::Pointer(Access::Write))
     );
     assert_eq!(dense.partial.target, "sm_80");
-    assert_eq!(dense.merge.target, "sm_80");
+    assert_eq!(dense.merge.as_ref().unwrap().target, "sm_80");
+
+    let merge_names = |sparse: bool| {
+        let kernels = decode::generate(&fused_llama(sparse)).unwrap();
+        assert_eq!(
+            kernels.partial.param("merge_counters").map(|(_, p)| p.kind),
+            Some(ParamKind::Pointer(Access::ReadWrite))
+        );
+        assert_eq!(
+            kernels.partial.param("out").map(|(_, p)| p.kind),
+            Some(ParamKind::Pointer(Access::Write))
+        );
+        names(&kernels.partial)
+    };
+    assert_eq!(
+        merge_names(false),
+        [
+            "q",
+            "k_pages",
+            "v_pages",
+            "page_table",
+            "seq_lens",
+            "partial_acc",
+            "partial_max",
+            "partial_sum",
+            "out",
+            "merge_counters",
+            "batch",
+            "max_pages",
+            "splits",
+            "scale"
+        ]
+    );
+    assert_eq!(
+        merge_names(true),
+        [
+            "q",
+            "k_pages",
+            "v_pages",
+            "page_table",
+            "seq_lens",
+            "selected_pages",
+            "selected_counts",
+            "partial_acc",
+            "partial_max",
+            "partial_sum",
+            "out",
+            "merge_counters",
+            "batch",
+            "max_pages",
+            "max_selected",
+            "splits",
+            "scale"
+        ]
+    );
 }
 
 #[test]
@@ -250,10 +344,21 @@ fn launch_rules_cover_splits_heads_and_batch() {
         kernels.partial.launch.shared_bytes as usize,
         spec.shared_bytes()
     );
-    let (grid, block) = kernels.merge.launch.evaluate(&scalars).unwrap();
+    let merge = kernels.merge.unwrap();
+    let (grid, block) = merge.launch.evaluate(&scalars).unwrap();
     assert_eq!(grid, [32 * 3, 1, 1]);
     assert_eq!(block, [decode::MERGE_THREADS as u32, 1, 1]);
-    assert_eq!(kernels.merge.launch.shared_bytes, 0);
+    assert_eq!(merge.launch.shared_bytes, 0);
+
+    // Fused: the same grid; one counter per (sequence, block of a split).
+    let fused = fused_llama(false);
+    let partial = decode::generate(&fused).unwrap().partial;
+    assert_eq!(partial.launch.evaluate(&scalars).unwrap().0, [33, 8, 3]);
+    assert_eq!(partial.launch.shared_bytes as usize, fused.shared_bytes());
+    let workspace = fused.workspace(3, 33);
+    assert_eq!(workspace.counter_elements, 3 * 8);
+    assert_eq!(workspace.stat_elements, 3 * 32 * 33);
+    assert_eq!(spec.workspace(3, 33).counter_elements, 0);
 
     // Heads of a 16-wide group split over two blocks per KV head.
     let wide = DecodeAttentionSpec::new(layout(DType::BF16, 64, 4, 128), false);
@@ -280,6 +385,10 @@ fn generation_is_deterministic() {
     assert_ne!(ka.partial.entry, kb.partial.entry);
     // The merge does not depend on sparsity: one module serves both.
     assert_eq!(ka.merge, kb.merge);
+    let fused = decode::generate(&a.with_merge(MergeMode::LastBlock)).unwrap();
+    assert_ne!(fused.partial.entry, ka.partial.entry);
+    // The default is the separate merge.
+    assert_eq!(a.merge, MergeMode::Separate);
 }
 
 #[test]

@@ -3,11 +3,12 @@
 //! Every row says its kind:
 //!
 //! - **decode** (`kiln.decode`): split-KV decode attention (`kiln_kernels::attention::decode`,
-//!   dense, partial + merge kernels, default tuning). Batch 1 and 16, 32 query heads, 8 and
+//!   dense, default tuning: partial + merge kernels). Batch 1 and 16, 32 query heads, 8 and
 //!   32 KV heads, head_dim 128, f16, contexts 4K to 64K (every sequence of a batch at the full
 //!   context). The split count is [`DecodeAttentionSpec::splits`] for the device's SM count.
 //!   GB/s counts the K and V bytes of the attended tokens once (what must cross HBM). Page
-//!   sets are rotated past the L2 (see `paged`); the partial kernel is also timed alone.
+//!   sets are rotated past the L2 (see `paged`). The partial kernel alone and the fused-merge
+//!   mode (one launch, the last block of a group merges) are timed too, for comparison.
 //! - **prefill** (`kiln.prefill`): causal prefill (`kiln_kernels::attention::prefill`, default
 //!   tile [`PrefillTile::h100`]) of one sequence of 4K, 8K and 16K tokens (all new: `q_lens
 //!   = seq_lens = tokens`), 32 query heads, 8 KV heads, head_dim 128, f16 and bf16. TFLOP/s
@@ -27,6 +28,7 @@ use super::paged::{self, Decode, PagePool, PageSets};
 use super::SuiteReport;
 use anyhow::{Context, Result};
 use kiln_ir::dtype::DType;
+use kiln_kernels::attention::decode::MergeMode;
 use kiln_kernels::attention::prefill::{self, PrefillAttentionSpec};
 use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor};
 use rand::SeedableRng;
@@ -68,9 +70,12 @@ pub struct DecodeRow {
     pub splits: usize,
     /// Page sets the timed launches rotate through.
     pub rotations: usize,
-    /// Partial + merge, median and best of [`paged::ITERATIONS`] launches.
+    /// The default decode (partial + merge kernels), median and best of
+    /// [`paged::ITERATIONS`] launches.
     pub median_us: f64,
     pub min_us: f64,
+    /// The merge fused into the partial kernel (one launch), median.
+    pub fused_median_us: f64,
     /// The partial kernel alone, median.
     pub partial_median_us: f64,
     /// K and V bytes of the attended tokens over the median time.
@@ -177,6 +182,7 @@ fn time_decode(
     let kv_bytes = paged::kv_bytes(&layout, batch, context);
     let sets = PageSets::new(device, pool, batch, context, kv_bytes, rng)?;
     let decode = Decode::new(device, layout, false, batch, context)?;
+    let fused = Decode::with_merge(device, layout, false, batch, context, MergeMode::LastBlock)?;
     let what = format!(
         "decode attention {} batch {batch} context {context}",
         layout.tag()
@@ -184,12 +190,14 @@ fn time_decode(
     let total = paged::time_rotating(device, sets.rotations(), &what, |set| {
         decode.launch(q, pool, &sets, set, None)
     })?;
+    decode.check_output(&what)?;
+    let fused_total = paged::time_rotating(device, sets.rotations(), &what, |set| {
+        fused.launch(q, pool, &sets, set, None)
+    })?;
+    fused.check_output(&what)?;
     let partial = paged::time_rotating(device, sets.rotations(), &what, |set| {
         decode.launch_partial(q, pool, &sets, set, None)
     })?;
-    // The partial-only loop left the last merge's output in place: rerun once to check.
-    decode.launch(q, pool, &sets, 0, None)?;
-    decode.check_output(&what)?;
     Ok(DecodeRow {
         suite: "attention".into(),
         implementation: "kiln.decode".into(),
@@ -204,6 +212,7 @@ fn time_decode(
         rotations: sets.rotations(),
         median_us: total.median_ms * 1e3,
         min_us: total.min_ms * 1e3,
+        fused_median_us: fused_total.median_ms * 1e3,
         partial_median_us: partial.median_ms * 1e3,
         gb_per_s: kv_bytes as f64 / total.median_ms / 1e6,
     })
@@ -291,7 +300,7 @@ pub fn render(report: &SuiteReport<Row>) -> String {
         .collect();
     if !decode.is_empty() {
         out.push_str(&format!(
-            "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10} {:>10} {:>8}\n",
+            "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10} {:>10} {:>10} {:>8}\n",
             "decode",
             "dtype",
             "batch",
@@ -300,12 +309,13 @@ pub fn render(report: &SuiteReport<Row>) -> String {
             "splits",
             "sets",
             "median µs",
+            "fused µs",
             "partial µs",
             "GB/s"
         ));
         for r in decode {
             out.push_str(&format!(
-                "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10.1} {:>10.1} {:>8.0}\n",
+                "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>8.0}\n",
                 "",
                 r.dtype,
                 r.batch,
@@ -314,6 +324,7 @@ pub fn render(report: &SuiteReport<Row>) -> String {
                 r.splits,
                 r.rotations,
                 r.median_us,
+                r.fused_median_us,
                 r.partial_median_us,
                 r.gb_per_s
             ));

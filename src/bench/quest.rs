@@ -10,12 +10,13 @@
 //!    (`page_max` / `page_min`) and the query, `[batch, kv_heads, pages]` f32;
 //! 2. **top-K** (`kiln_kernels::quest::top_k`): `budget / page_size` pages (the last page
 //!    always included; every page when there are no more than that: the *dense fallback*);
-//! 3. **sparse decode** (`kiln_kernels::attention::decode`, sparse, partial + merge) over the
+//! 3. **sparse decode** (`kiln_kernels::attention::decode`, sparse, merge fused into the
+//!    partial kernel: one launch) over the
 //!    selected pages, split for the budget ([`DecodeAttentionSpec::splits`] with the budget
 //!    as the attended length).
 //!
-//! Each row reports each part timed alone, the chained step (`total_us`: the four launches
-//! back to back, timed as one), the dense decode (partial + merge, split for the context) and
+//! Each row reports each part timed alone, the chained step (`total_us`: the three launches
+//! back to back, timed as one), the dense decode (merge fused, split for the context) and
 //! `speedup = dense_us / total_us`. The sum of the parts can differ from the chain by launch
 //! gaps and overlap.
 //!
@@ -81,12 +82,12 @@ pub struct Row {
     /// Medians of each part timed alone.
     pub estimate_us: f64,
     pub top_k_us: f64,
-    /// Sparse partial + merge.
+    /// Sparse decode (merge fused).
     pub sparse_us: f64,
-    /// The chained step (estimate, top-K, partial, merge), median and best.
+    /// The chained step (estimate, top-K, fused decode), median and best.
     pub total_us: f64,
     pub total_min_us: f64,
-    /// Dense partial + merge of the same shape, median and best.
+    /// Dense decode (merge fused) of the same shape, median and best.
     pub dense_us: f64,
     pub dense_min_us: f64,
     /// `dense_us / total_us`.
@@ -162,7 +163,7 @@ impl Shape<'_> {
         kernels.top_k.launch(&args).map(drop)
     }
 
-    /// The whole step on set `set`: estimate, top-K, sparse partial + merge.
+    /// The whole step on set `set`: estimate, top-K, sparse decode (merge fused).
     fn launch_step(
         &self,
         kernels: &QuestKernels,

@@ -1,8 +1,8 @@
-//! Synchronisation and warp-level communication: `bar.sync`, `shfl.sync` and a
-//! butterfly all-reduce built from it.
+//! Synchronisation and warp-level communication: `bar.sync`, `fence.acq_rel.gpu`,
+//! `shfl.sync` and a butterfly all-reduce built from it.
 //!
 //! Shuffles exchange 32-bit values across the full warp (member mask `0xffffffff`); every
-//! lane of the warp must execute them. No memory access here.
+//! lane of the warp must execute them. No memory access here (the fence only orders it).
 
 use super::builder::KernelBuilder;
 use super::types::{Bits32, Numeric, Operand, Reg, U32};
@@ -53,6 +53,14 @@ impl KernelBuilder {
     /// `__syncthreads`).
     pub fn bar_sync(&mut self, id: u32) {
         self.emit(format!("bar.sync {id}"));
+    }
+
+    /// `fence.acq_rel.gpu`: orders this thread's memory accesses before the fence against
+    /// those after it for every thread of the GPU (release and acquire; with `bar.sync`
+    /// it publishes the whole block's prior writes, e.g. before an atomic that signals them).
+    pub fn fence_acq_rel_gpu(&mut self) {
+        self.require_sm(70, "fence.acq_rel.gpu");
+        self.emit("fence.acq_rel.gpu".to_string());
     }
 
     /// `bar.sync id, threads`: a named barrier for `threads` threads (a multiple of 32).

@@ -1,8 +1,8 @@
 //! Split-KV decode attention over the paged KV cache (FlashDecoding), dense or Quest-sparse,
 //! and the merge of the splits' partial softmax states.
 //!
-//! Owns [`DecodeAttentionSpec`], the two kernels it generates ([`DecodeKernels`]: `partial`
-//! and `merge`), their parameters and launch rules, and [`split_count`], the rule that picks
+//! Owns [`DecodeAttentionSpec`], the kernels it generates ([`DecodeKernels`]: `partial`
+//! and, in [`MergeMode::Separate`], `merge`), their parameters and launch rules, and [`split_count`], the rule that picks
 //! the run-time number of splits. The cache layout is [`PagedKv`]'s (see `paged.rs`); nothing
 //! here launches anything.
 //!
@@ -47,7 +47,29 @@
 //! `1 ≤ seq_lens[b]`, sparse `1 ≤ selected_counts[b, kv]` with valid, ascending logical pages,
 //! `splits ≥ 1`, all buffers 16-byte aligned (device allocations are).
 //!
-//! # The merge kernel
+//! # The fused merge ([`MergeMode::LastBlock`])
+//!
+//! The partial kernel takes two more pointers after `partial_sum`: `out [batch, q_heads,
+//! d]` and `merge_counters [batch · blocks_per_split] u32`, one counter per (sequence, block
+//! of a split: KV head and chunk of its query heads), index `b · blocks_per_split +
+//! ctaid.y`. Same grid, scalars and requirements; its entry name ends in `_merged`.
+//!
+//! - `splits == 1`: each block writes `out` for its heads directly (`acc / sum`); neither the
+//!   workspace nor the counters are touched.
+//! - `splits > 1`: each block writes its partial state as above, then `bar.sync`; thread 0
+//!   executes `fence.acq_rel.gpu`, `atom.global.add.u32` on its counter, `fence.acq_rel.gpu`.
+//!   The block that saw `splits − 1` (the last of its group to finish) stores 0 to the
+//!   counter and, for each of its heads in turn, runs the merge kernel's code (the same
+//!   generator, `MergeRow`, with the block's threads and its own scratch per head) reading
+//!   the states with `ld.global.cg` (L2: other blocks of this launch wrote them), and writes
+//!   `out`. The other blocks exit.
+//!
+//! **Launch rule:** allocate `merge_counters` zeroed once (`counter_elements` of
+//! [`DecodeAttentionSpec::workspace`]); every launch leaves them zero, so launches on the same
+//! stream may reuse them without a memset. Launches that may overlap (other streams) need
+//! their own counters and workspace. No merge kernel is launched.
+//!
+//! # The merge kernel ([`MergeMode::Separate`])
 //!
 //! One block of 128 threads per output row `(b, h)`: `grid = q_heads · batch`. Groups of
 //! `d/4` threads take splits `g, g + groups, …` eight at a time (loads first), each keeping a
@@ -66,7 +88,8 @@
 
 use kiln_codegen::kernel::{Access, Extent, GpuKernel, LaunchRule};
 use kiln_codegen::ptx::{
-    Axis, Cmp, KernelBuilder, Load, Operand, Pred, Reg, Special, Store, Target, B32, F32, U32, U64,
+    Axis, Cmp, KernelBuilder, Load, LoadCache, Operand, Pred, Reg, Space, Special, Store, Target,
+    B32, F32, U32, U64,
 };
 use kiln_ir::dtype::DType;
 use serde::{Deserialize, Serialize};
@@ -145,14 +168,32 @@ pub struct DecodeAttentionSpec {
     pub steps: usize,
     /// Shared-memory buffers of the copy pipeline (`2..=8`); `stages − 1` are in flight.
     pub stages: usize,
+    /// How the splits are combined: a separate merge launch or the last block of each group.
+    #[serde(default)]
+    pub merge: MergeMode,
 }
 
-/// The two kernels of a decode attention: `partial` writes each split's softmax state,
-/// `merge` combines the splits into `out`. Launch them in that order with the same `splits`.
+/// How the splits' partial states become `out`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMode {
+    /// The partial kernel writes the workspace; the merge kernel (a second launch) writes
+    /// `out`.
+    #[default]
+    Separate,
+    /// The partial kernel also writes `out`: the last block of each (sequence, head group)
+    /// to finish merges the group's splits (see the module docs). No merge kernel.
+    LastBlock,
+}
+
+/// The kernels of a decode attention. [`MergeMode::Separate`]: `partial` writes each split's
+/// softmax state, `merge` combines the splits into `out`; launch them in that order with the
+/// same `splits`. [`MergeMode::LastBlock`]: `partial` alone writes `out` and `merge` is
+/// `None`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DecodeKernels {
     pub partial: GpuKernel,
-    pub merge: GpuKernel,
+    pub merge: Option<GpuKernel>,
 }
 
 /// Element counts of the f32 workspace for a given batch and split count.
@@ -162,6 +203,10 @@ pub struct DecodeWorkspace {
     pub acc_elements: usize,
     /// `partial_max` and `partial_sum`, each: `batch · q_heads · splits`.
     pub stat_elements: usize,
+    /// [`MergeMode::LastBlock`] only: the u32 `merge_counters`, `batch · blocks_per_split`
+    /// (0 in [`MergeMode::Separate`]). Allocate them zeroed once; every launch leaves them
+    /// zero.
+    pub counter_elements: usize,
 }
 
 impl DecodeAttentionSpec {
@@ -182,7 +227,18 @@ impl DecodeAttentionSpec {
             warps: 4,
             steps,
             stages: 4,
+            merge: MergeMode::Separate,
         }
+    }
+
+    /// The same spec with merge mode `merge`.
+    pub fn with_merge(self, merge: MergeMode) -> DecodeAttentionSpec {
+        DecodeAttentionSpec { merge, ..self }
+    }
+
+    /// Whether the partial kernel merges the splits itself ([`MergeMode::LastBlock`]).
+    pub fn fused(&self) -> bool {
+        self.merge == MergeMode::LastBlock
     }
 
     /// The same spec with other tuning knobs.
@@ -228,19 +284,26 @@ impl DecodeAttentionSpec {
         DecodeWorkspace {
             acc_elements: stat_elements * self.layout.head_dim,
             stat_elements,
+            counter_elements: if self.fused() {
+                batch * self.blocks_per_split()
+            } else {
+                0
+            },
         }
     }
 
-    /// The partial kernel's entry name, unique per spec.
+    /// The partial kernel's entry name, unique per spec (`_merged` for
+    /// [`MergeMode::LastBlock`]).
     pub fn entry_name(&self) -> String {
         format!(
-            "attention_decode_{}_{}_h{}w{}s{}p{}",
+            "attention_decode_{}_{}_h{}w{}s{}p{}{}",
             if self.sparse { "sparse" } else { "dense" },
             self.layout.tag(),
             self.heads_per_block,
             self.warps,
             self.steps,
-            self.stages
+            self.stages,
+            if self.fused() { "_merged" } else { "" }
         )
     }
 
@@ -295,19 +358,24 @@ impl DecodeAttentionSpec {
     }
 }
 
-/// Generates both kernels for `sm_80` (they use nothing newer and run on Hopper as is).
+/// Generates the kernels for `sm_80` (they use nothing newer and run on Hopper as is).
 pub fn generate(spec: &DecodeAttentionSpec) -> Result<DecodeKernels, SpecError> {
     generate_for(spec, Target::Sm80)
 }
 
-/// Generates both kernels for `target`.
+/// Generates the kernels for `target`: the partial kernel, and the merge kernel in
+/// [`MergeMode::Separate`].
 pub fn generate_for(
     spec: &DecodeAttentionSpec,
     target: Target,
 ) -> Result<DecodeKernels, SpecError> {
+    let merge = match spec.merge {
+        MergeMode::Separate => Some(generate_merge(spec, target)?),
+        MergeMode::LastBlock => None,
+    };
     Ok(DecodeKernels {
         partial: generate_partial(spec, target)?,
-        merge: generate_merge(spec, target)?,
+        merge,
     })
 }
 
@@ -320,6 +388,8 @@ struct Geometry {
     q_heads: usize,
     group: usize,
     heads: usize,
+    /// Blocks per sequence and split (the merge counters of a sequence).
+    blocks_per_split: usize,
     warps: usize,
     threads: usize,
     /// Lanes per K/V row: `head_dim / 8` (16 bytes each).
@@ -351,8 +421,15 @@ impl Geometry {
         let stage_bytes = 2 * stage_tokens * row_bytes;
         // Merge scratch: acc [warps][heads][d] f32, then max and sum [warps][heads] f32.
         let scratch = spec.warps * spec.heads_per_block * (head_dim + 2) * 4;
+        // The fused merge tail: one merge scratch per head of the block.
+        let tail_scratch = if spec.fused() {
+            spec.heads_per_block * merge_scratch_bytes(threads, head_dim)
+        } else {
+            0
+        };
         let entries_offset = (spec.stages * stage_bytes)
             .max(scratch)
+            .max(tail_scratch)
             .next_multiple_of(16);
         Geometry {
             dtype: l.dtype,
@@ -362,6 +439,7 @@ impl Geometry {
             q_heads: l.q_heads,
             group: l.group_size(),
             heads: spec.heads_per_block,
+            blocks_per_split: spec.blocks_per_split(),
             warps: spec.warps,
             threads,
             lanes_per_row,
@@ -418,6 +496,8 @@ struct Partial<'g> {
     partial_acc: Reg<U64>,
     partial_max: Reg<U64>,
     partial_sum: Reg<U64>,
+    /// [`MergeMode::LastBlock`] only: `out` and `merge_counters`.
+    fused: Option<(Reg<U64>, Reg<U64>)>,
     max_pages: Reg<U32>,
     max_selected: Option<Reg<U32>>,
     splits: Reg<U32>,
@@ -427,6 +507,8 @@ struct Partial<'g> {
     warp: Reg<U32>,
     split: Reg<U32>,
     sequence: Reg<U32>,
+    /// `ctaid.y`: the KV head and chunk of its query heads.
+    block_y: Reg<U32>,
     kv: Reg<U32>,
     /// `b · q_heads + the block's first query head`.
     q_row: Reg<U32>,
@@ -475,6 +557,12 @@ impl<'g> Partial<'g> {
         let partial_acc = k.param_pointer("partial_acc", Access::Write);
         let partial_max = k.param_pointer("partial_max", Access::Write);
         let partial_sum = k.param_pointer("partial_sum", Access::Write);
+        let fused = spec.fused().then(|| {
+            (
+                k.param_pointer("out", Access::Write),
+                k.param_pointer("merge_counters", Access::ReadWrite),
+            )
+        });
         // `batch` only sizes the grid.
         let _batch = k.param_u32("batch");
         let max_pages = k.param_u32("max_pages");
@@ -527,6 +615,7 @@ impl<'g> Partial<'g> {
             partial_acc,
             partial_max,
             partial_sum,
+            fused,
             max_pages,
             max_selected,
             splits,
@@ -536,6 +625,7 @@ impl<'g> Partial<'g> {
             warp,
             split,
             sequence,
+            block_y,
             kv,
             q_row,
             kv_row,
@@ -597,6 +687,67 @@ impl<'g> Partial<'g> {
             self.entry_batch(k, batch_start, end, &q, &state);
         });
         self.store_state(k, &state);
+        if let Some((out, counters)) = self.fused {
+            self.merge_tail(k, out, counters);
+        }
+    }
+
+    /// [`MergeMode::LastBlock`], `splits > 1`: publishes the block's states, counts the
+    /// split in, and if it is the group's last, merges every split of the block's heads
+    /// into `out` and resets the counter.
+    fn merge_tail(&self, k: &mut KernelBuilder, out: Reg<U64>, counters: Reg<U64>) {
+        let g = self.g;
+        let several = k.setp(Cmp::Ne, self.splits, 1u32);
+        k.if_then(several, |k| {
+            k.comment(
+                "every state of the block is stored; thread 0 fences (release), counts the \
+                 split in, fences (acquire) and tells the block whether it was the last",
+            );
+            k.bar_sync(0);
+            let first_thread = k.setp(Cmp::Eq, self.tid, 0u32);
+            k.if_then(first_thread, |k| {
+                let counter = k.mul_add(self.sequence, g.blocks_per_split as u32, self.block_y);
+                let address = k.mad_wide(counter, 4u32, counters);
+                k.fence_acq_rel_gpu();
+                let before = k.atom_add::<U32>(Space::Global, address, 1u32);
+                k.fence_acq_rel_gpu();
+                let last_split = k.sub(self.splits, 1u32);
+                let last = k.setp(Cmp::Eq, before, last_split);
+                k.comment("the last block resets the counter for the next launch");
+                let zero = k.mov::<U32>(0u32);
+                k.guard(last, |k| k.st_global(address, zero));
+                let flag = k.select(last, 1u32, 0u32);
+                k.st_shared(self.entries, flag);
+            });
+            k.bar_sync(0);
+            let flag = k.ld_shared::<U32>(self.entries);
+            let last = k.setp(Cmp::Ne, flag, 0u32);
+            k.if_then(last, |k| {
+                let merge = MergeRow {
+                    dtype: g.dtype,
+                    head_dim: g.head_dim,
+                    threads: g.threads,
+                    load: Load::GLOBAL.cache(LoadCache::Global),
+                    partial_acc: self.partial_acc,
+                    partial_max: self.partial_max,
+                    partial_sum: self.partial_sum,
+                    out,
+                    splits: self.splits,
+                };
+                let scratch_bytes = merge_scratch_bytes(g.threads, g.head_dim);
+                k.comment(&format!(
+                    "last block: merge the splits of each of the {} heads (L2 loads: other \
+                     blocks wrote them), head h with its own {scratch_bytes}-byte scratch",
+                    g.heads
+                ));
+                k.for_range(0u32, g.heads as u32, 1u32, |k, head| {
+                    let row = k.add(self.q_row, head);
+                    merge.emit(k, self.tid, row, |k| {
+                        k.mul_add(head, scratch_bytes as u32, self.smem)
+                    });
+                });
+            });
+        });
     }
 
     /// One entry batch: the list of up to `batch_entries` pages, then its tokens through
@@ -945,17 +1096,31 @@ impl<'g> Partial<'g> {
             }
         }
         let row = k.add(self.q_row, head);
-        let state_index = k.mul_add(row, self.splits, self.split);
-        let acc_row = k.mad_wide(state_index, (g.head_dim * 4) as u32, self.partial_acc);
-        let acc_address = k.mad_wide(quad, 16u32, acc_row);
-        k.st_vector::<F32, 4>(Store::GLOBAL, acc_address, acc);
-        let first_quad = k.setp(Cmp::Eq, quad, 0u32);
-        let max_address = k.mad_wide(state_index, 4u32, self.partial_max);
-        let sum_address = k.mad_wide(state_index, 4u32, self.partial_sum);
-        k.guard(first_quad, |k| {
-            k.st_global(max_address, max);
-            k.st_global(sum_address, sum);
-        });
+        let store_state = |k: &mut KernelBuilder| {
+            let state_index = k.mul_add(row, self.splits, self.split);
+            let acc_row = k.mad_wide(state_index, (g.head_dim * 4) as u32, self.partial_acc);
+            let acc_address = k.mad_wide(quad, 16u32, acc_row);
+            k.st_vector::<F32, 4>(Store::GLOBAL, acc_address, acc);
+            let first_quad = k.setp(Cmp::Eq, quad, 0u32);
+            let max_address = k.mad_wide(state_index, 4u32, self.partial_max);
+            let sum_address = k.mad_wide(state_index, 4u32, self.partial_sum);
+            k.guard(first_quad, |k| {
+                k.st_global(max_address, max);
+                k.st_global(sum_address, sum);
+            });
+        };
+        match self.fused {
+            None => store_state(k),
+            Some((out, _)) => {
+                let single = k.setp(Cmp::Eq, self.splits, 1u32);
+                k.comment("one split: the state is the answer, write out (no workspace)");
+                k.if_else(
+                    single,
+                    |k| store_normalised(k, g.dtype, g.head_dim, out, row, quad, acc, sum),
+                    store_state,
+                );
+            }
+        }
     }
 }
 
@@ -967,15 +1132,194 @@ struct SplitState {
     acc: [Reg<F32>; 4],
 }
 
-/// Generates the merge kernel: `out[b, h, :] = Σ_s 2^(max_s − M) acc_s / Σ_s 2^(max_s − M)
-/// sum_s` over the `splits` partial states of row `(b, h)`.
+/// Shared memory of one row merge by `threads` threads: acc `[groups][d]` f32, then max and
+/// sum `[groups]` f32, `groups = threads / (d / 4)`.
+fn merge_scratch_bytes(threads: usize, head_dim: usize) -> usize {
+    let groups = threads / (head_dim / 4);
+    groups * (head_dim + 2) * 4
+}
+
+/// The merge of one output row's split states into `out`, emitted by the merge kernel (one
+/// row per block) and by the fused tail of the partial kernel (each head of the block in
+/// turn): the same code, so the same arithmetic.
+struct MergeRow {
+    dtype: DType,
+    head_dim: usize,
+    /// Threads that combine the row, a multiple of `head_dim / 4`: all of the block's.
+    threads: usize,
+    /// How the states are loaded: non-coherent in the merge kernel (an earlier launch wrote
+    /// them), `.cg` in the fused tail (other blocks of the same launch wrote them).
+    load: Load,
+    partial_acc: Reg<U64>,
+    partial_max: Reg<U64>,
+    partial_sum: Reg<U64>,
+    out: Reg<U64>,
+    splits: Reg<U32>,
+}
+
+impl MergeRow {
+    /// Groups of `head_dim / 4` threads, each taking every `groups`-th split.
+    fn groups(&self) -> usize {
+        self.threads / (self.head_dim / 4)
+    }
+
+    /// `out[row, :] = Σ_s 2^(max_s − M) acc_s / Σ_s 2^(max_s − M) sum_s` with thread `tid`
+    /// of `threads` and [`merge_scratch_bytes`] of shared memory at the address `scratch`
+    /// computes (after the split loop). Ends after a barrier and the first group's stores:
+    /// the caller owns the scratch again only after another barrier.
+    fn emit(
+        &self,
+        k: &mut KernelBuilder,
+        tid: Reg<U32>,
+        row: Reg<U32>,
+        scratch: impl FnOnce(&mut KernelBuilder) -> Reg<U32>,
+    ) {
+        let head_dim = self.head_dim;
+        let quads = head_dim / 4;
+        let groups = self.groups();
+        let (splits, load) = (self.splits, self.load);
+        let group = k.shr(tid, log2(quads));
+        let quad = k.and(tid, (quads - 1) as u32);
+        let quad_bytes = k.shl(quad, 4u32);
+        let quad_bytes_wide = k.cvt::<U64>(quad_bytes);
+        let first_state = k.mul(row, splits);
+        let last_split = k.sub(splits, 1u32);
+        let max = k.mov::<F32>(EMPTY_MAX);
+        let sum = k.mov::<F32>(0.0);
+        let acc = k.splat::<F32, 4>(0.0);
+        k.for_range(
+            group,
+            splits,
+            (groups * MERGE_UNROLL) as u32,
+            |k, first_split| {
+                k.comment(&format!(
+                    "load the states of {MERGE_UNROLL} splits (past the end: weight 0), then \
+                     combine"
+                ));
+                let loaded: Vec<SplitState> = (0..MERGE_UNROLL)
+                    .map(|u| {
+                        let split = if u == 0 {
+                            first_split
+                        } else {
+                            k.add(first_split, (u * groups) as u32)
+                        };
+                        let inside = k.setp(Cmp::Lt, split, splits);
+                        let clamped = k.min(split, last_split);
+                        let state = k.add(first_state, clamped);
+                        let max_address = k.mad_wide(state, 4u32, self.partial_max);
+                        let split_max = k.ld::<F32>(load, max_address);
+                        let split_max = k.select(inside, split_max, f32::NEG_INFINITY);
+                        let sum_address = k.mad_wide(state, 4u32, self.partial_sum);
+                        let split_sum = k.ld::<F32>(load, sum_address);
+                        let acc_row = k.mad_wide(state, (head_dim * 4) as u32, self.partial_acc);
+                        let acc_address = k.add(acc_row, quad_bytes_wide);
+                        let split_acc = k.ld_vector::<F32, 4>(load, acc_address);
+                        SplitState {
+                            max: split_max,
+                            sum: split_sum,
+                            acc: split_acc,
+                        }
+                    })
+                    .collect();
+                let mut new_max = max;
+                for split in &loaded {
+                    new_max = k.max(new_max, split.max);
+                }
+                let shift = k.sub(max, new_max);
+                let rescale = k.ex2_approx_ftz(shift);
+                let mut new_sum = k.mul(sum, rescale);
+                let mut new_acc: Vec<Reg<F32>> = acc.iter().map(|&a| k.mul(a, rescale)).collect();
+                for split in &loaded {
+                    let split_shift = k.sub(split.max, new_max);
+                    let weight = k.ex2_approx_ftz(split_shift);
+                    new_sum = k.fma(split.sum, weight, new_sum);
+                    for (a, &v) in new_acc.iter_mut().zip(&split.acc) {
+                        *a = k.fma(v, weight, *a);
+                    }
+                }
+                k.assign(max, new_max);
+                k.assign(sum, new_sum);
+                for (&a, &n) in acc.iter().zip(&new_acc) {
+                    k.assign(a, n);
+                }
+            },
+        );
+
+        let acc_bytes = groups * head_dim * 4;
+        k.comment(&format!(
+            "combine the groups through shared memory: acc [{groups}][{head_dim}] f32, then max \
+             and sum [{groups}]"
+        ));
+        let base = scratch(k);
+        let group_acc = k.mul_add(group, (head_dim * 4) as u32, base);
+        let thread_acc = k.add(group_acc, quad_bytes);
+        k.st_vector::<F32, 4>(Store::SHARED, thread_acc, acc);
+        let first_quad = k.setp(Cmp::Eq, quad, 0u32);
+        let group_stats = k.mul_add(group, 4u32, base);
+        k.guard(first_quad, |k| {
+            k.st_shared(group_stats.at(acc_bytes as i64), max);
+            k.st_shared(group_stats.at((acc_bytes + groups * 4) as i64), sum);
+        });
+        k.bar_sync(0);
+        let writer = k.setp(Cmp::Lt, tid, quads as u32);
+        k.if_then(writer, |k| {
+            k.comment("group 0: combine, normalise, round to the dtype, store 4 elements");
+            let maxima: Vec<Reg<F32>> = (0..groups)
+                .map(|gi| k.ld_shared::<F32>(base.at((acc_bytes + gi * 4) as i64)))
+                .collect();
+            let mut total_max = maxima[0];
+            for &m in &maxima[1..] {
+                total_max = k.max(total_max, m);
+            }
+            let quad_acc = k.add(base, quad_bytes);
+            let mut total = k.mov::<F32>(0.0);
+            let mut values = k.splat::<F32, 4>(0.0);
+            for (gi, &group_max) in maxima.iter().enumerate() {
+                let shift = k.sub(group_max, total_max);
+                let weight = k.ex2_approx_ftz(shift);
+                let offset = (acc_bytes + groups * 4 + gi * 4) as i64;
+                let group_sum = k.ld_shared::<F32>(base.at(offset));
+                total = k.fma(group_sum, weight, total);
+                let group_values =
+                    k.ld_vector::<F32, 4>(Load::SHARED, quad_acc.at((gi * head_dim * 4) as i64));
+                for (a, &v) in values.iter_mut().zip(&group_values) {
+                    *a = k.fma(v, weight, *a);
+                }
+            }
+            store_normalised(k, self.dtype, head_dim, self.out, row, quad, values, total);
+        });
+    }
+}
+
+/// `out[row, 4·quad .. 4·quad + 4] = values / total`, rounded to `dtype`.
+#[allow(clippy::too_many_arguments)]
+fn store_normalised(
+    k: &mut KernelBuilder,
+    dtype: DType,
+    head_dim: usize,
+    out: Reg<U64>,
+    row: Reg<U32>,
+    quad: Reg<U32>,
+    values: [Reg<F32>; 4],
+    total: Reg<F32>,
+) {
+    let inverse = k.rcp_rn(total);
+    let normalised: Vec<Reg<F32>> = values.iter().map(|&v| k.mul(v, inverse)).collect();
+    let low = narrow_pair(k, dtype, normalised[0], normalised[1]);
+    let high = narrow_pair(k, dtype, normalised[2], normalised[3]);
+    let out_row = k.mad_wide(row, (head_dim * 2) as u32, out);
+    let out_address = k.mad_wide(quad, 8u32, out_row);
+    k.st_vector::<B32, 2>(Store::GLOBAL, out_address, [low, high]);
+}
+
+/// Generates the merge kernel ([`MergeMode::Separate`]): `out[b, h, :] = Σ_s 2^(max_s − M)
+/// acc_s / Σ_s 2^(max_s − M) sum_s` over the `splits` partial states of row `(b, h)`.
 pub fn generate_merge(spec: &DecodeAttentionSpec, target: Target) -> Result<GpuKernel, SpecError> {
     spec.validate()?;
     let layout = &spec.layout;
     let head_dim = layout.head_dim;
     let quads = head_dim / 4;
     let groups = MERGE_THREADS / quads;
-    let nc = Load::GLOBAL.non_coherent();
     let mut k = KernelBuilder::new(&spec.merge_entry_name(), target);
     let partial_acc = k.param_pointer("partial_acc", Access::Read);
     let partial_max = k.param_pointer("partial_max", Access::Read);
@@ -983,7 +1327,11 @@ pub fn generate_merge(spec: &DecodeAttentionSpec, target: Target) -> Result<GpuK
     let out = k.param_pointer("out", Access::Write);
     let _batch = k.param_u32("batch");
     let splits = k.param_u32("splits");
-    let scratch = k.shared_array("merge_scratch", (groups * (head_dim + 2) * 4) as u32, 16);
+    let scratch = k.shared_array(
+        "merge_scratch",
+        merge_scratch_bytes(MERGE_THREADS, head_dim) as u32,
+        16,
+    );
 
     k.comment(&format!(
         "block = output row (b, h); {groups} groups of {quads} threads, group g takes splits \
@@ -991,121 +1339,18 @@ pub fn generate_merge(spec: &DecodeAttentionSpec, target: Target) -> Result<GpuK
     ));
     let tid = k.tid_x();
     let row = k.ctaid_x();
-    let group = k.shr(tid, log2(quads));
-    let quad = k.and(tid, (quads - 1) as u32);
-    let quad_bytes = k.shl(quad, 4u32);
-    let quad_bytes_wide = k.cvt::<U64>(quad_bytes);
-    let first_state = k.mul(row, splits);
-    let last_split = k.sub(splits, 1u32);
-    let max = k.mov::<F32>(EMPTY_MAX);
-    let sum = k.mov::<F32>(0.0);
-    let acc = k.splat::<F32, 4>(0.0);
-    k.for_range(
-        group,
+    let merge = MergeRow {
+        dtype: layout.dtype,
+        head_dim,
+        threads: MERGE_THREADS,
+        load: Load::GLOBAL.non_coherent(),
+        partial_acc,
+        partial_max,
+        partial_sum,
+        out,
         splits,
-        (groups * MERGE_UNROLL) as u32,
-        |k, first_split| {
-            k.comment(&format!(
-                "load the states of {MERGE_UNROLL} splits (past the end: weight 0), then combine"
-            ));
-            let loaded: Vec<SplitState> = (0..MERGE_UNROLL)
-                .map(|u| {
-                    let split = if u == 0 {
-                        first_split
-                    } else {
-                        k.add(first_split, (u * groups) as u32)
-                    };
-                    let inside = k.setp(Cmp::Lt, split, splits);
-                    let clamped = k.min(split, last_split);
-                    let state = k.add(first_state, clamped);
-                    let max_address = k.mad_wide(state, 4u32, partial_max);
-                    let split_max = k.ld::<F32>(nc, max_address);
-                    let split_max = k.select(inside, split_max, f32::NEG_INFINITY);
-                    let sum_address = k.mad_wide(state, 4u32, partial_sum);
-                    let split_sum = k.ld::<F32>(nc, sum_address);
-                    let acc_row = k.mad_wide(state, (head_dim * 4) as u32, partial_acc);
-                    let acc_address = k.add(acc_row, quad_bytes_wide);
-                    let split_acc = k.ld_vector::<F32, 4>(nc, acc_address);
-                    SplitState {
-                        max: split_max,
-                        sum: split_sum,
-                        acc: split_acc,
-                    }
-                })
-                .collect();
-            let mut new_max = max;
-            for split in &loaded {
-                new_max = k.max(new_max, split.max);
-            }
-            let shift = k.sub(max, new_max);
-            let rescale = k.ex2_approx_ftz(shift);
-            let mut new_sum = k.mul(sum, rescale);
-            let mut new_acc: Vec<Reg<F32>> = acc.iter().map(|&a| k.mul(a, rescale)).collect();
-            for split in &loaded {
-                let split_shift = k.sub(split.max, new_max);
-                let weight = k.ex2_approx_ftz(split_shift);
-                new_sum = k.fma(split.sum, weight, new_sum);
-                for (a, &v) in new_acc.iter_mut().zip(&split.acc) {
-                    *a = k.fma(v, weight, *a);
-                }
-            }
-            k.assign(max, new_max);
-            k.assign(sum, new_sum);
-            for (&a, &n) in acc.iter().zip(&new_acc) {
-                k.assign(a, n);
-            }
-        },
-    );
-
-    let acc_bytes = groups * head_dim * 4;
-    k.comment(&format!(
-        "combine the groups through shared memory: acc [{groups}][{head_dim}] f32, then max \
-         and sum [{groups}]"
-    ));
-    let base = k.shared_address(&scratch);
-    let group_acc = k.mul_add(group, (head_dim * 4) as u32, base);
-    let thread_acc = k.add(group_acc, quad_bytes);
-    k.st_vector::<F32, 4>(Store::SHARED, thread_acc, acc);
-    let first_quad = k.setp(Cmp::Eq, quad, 0u32);
-    let group_stats = k.mul_add(group, 4u32, base);
-    k.guard(first_quad, |k| {
-        k.st_shared(group_stats.at(acc_bytes as i64), max);
-        k.st_shared(group_stats.at((acc_bytes + groups * 4) as i64), sum);
-    });
-    k.bar_sync(0);
-    let writer = k.setp(Cmp::Lt, tid, quads as u32);
-    k.if_then(writer, |k| {
-        k.comment("group 0: combine, normalise, round to the dtype, store 4 elements");
-        let maxima: Vec<Reg<F32>> = (0..groups)
-            .map(|gi| k.ld_shared::<F32>(base.at((acc_bytes + gi * 4) as i64)))
-            .collect();
-        let mut total_max = maxima[0];
-        for &m in &maxima[1..] {
-            total_max = k.max(total_max, m);
-        }
-        let quad_acc = k.add(base, quad_bytes);
-        let mut total = k.mov::<F32>(0.0);
-        let mut values = k.splat::<F32, 4>(0.0);
-        for (gi, &group_max) in maxima.iter().enumerate() {
-            let shift = k.sub(group_max, total_max);
-            let weight = k.ex2_approx_ftz(shift);
-            let offset = (acc_bytes + groups * 4 + gi * 4) as i64;
-            let group_sum = k.ld_shared::<F32>(base.at(offset));
-            total = k.fma(group_sum, weight, total);
-            let group_values =
-                k.ld_vector::<F32, 4>(Load::SHARED, quad_acc.at((gi * head_dim * 4) as i64));
-            for (a, &v) in values.iter_mut().zip(&group_values) {
-                *a = k.fma(v, weight, *a);
-            }
-        }
-        let inverse = k.rcp_rn(total);
-        let normalised: Vec<Reg<F32>> = values.iter().map(|&v| k.mul(v, inverse)).collect();
-        let low = narrow_pair(k, layout.dtype, normalised[0], normalised[1]);
-        let high = narrow_pair(k, layout.dtype, normalised[2], normalised[3]);
-        let out_row = k.mad_wide(row, (head_dim * 2) as u32, out);
-        let out_address = k.mad_wide(quad, 8u32, out_row);
-        k.st_vector::<B32, 2>(Store::GLOBAL, out_address, [low, high]);
-    });
+    };
+    merge.emit(&mut k, tid, row, |k| k.shared_address(&scratch));
 
     let launch = LaunchRule::linear(
         Extent::fixed(layout.q_heads as u32).times("batch", 1),
