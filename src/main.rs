@@ -310,11 +310,8 @@ fn bench_command(args: BenchArgs) -> Result<()> {
                 progress.tick();
             })?;
             progress.finish_and_clear();
-            print!("{}", kiln::bench::attention::render(&report));
-            if let Some(path) = args.json {
-                kiln::write_atomically(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-            }
-            return Ok(());
+            let text = kiln::bench::attention::render(&report);
+            return print_and_save(&text, &report, args.json.as_deref());
         }
         "quest" => {
             let report = kiln::bench::quest::bench_quest(&device, |r| {
@@ -322,11 +319,8 @@ fn bench_command(args: BenchArgs) -> Result<()> {
                 progress.tick();
             })?;
             progress.finish_and_clear();
-            print!("{}", kiln::bench::quest::render(&report));
-            if let Some(path) = args.json {
-                kiln::write_atomically(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-            }
-            return Ok(());
+            let text = kiln::bench::quest::render(&report);
+            return print_and_save(&text, &report, args.json.as_deref());
         }
         other => anyhow::bail!("unknown suite `{other}` (suites: gemm, attention, quest)"),
     };
@@ -334,6 +328,19 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     print!("{}", kiln::bench::render(&report));
     if let Some(path) = args.json {
         kiln::write_atomically(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Prints a bench suite's table and writes its JSON (atomically) when asked.
+fn print_and_save(
+    text: &str,
+    report: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    print!("{text}");
+    if let Some(path) = json {
+        kiln::write_atomically(path, serde_json::to_string_pretty(report)?.as_bytes())?;
     }
     Ok(())
 }
