@@ -5,10 +5,9 @@
 //! `cargo test --test gpu_plan -- --ignored` on the GPU machine.
 //!
 //! The tiny presets are f32; the GPU generators take f16 and bf16, so the presets run here
-//! in those dtypes (`kiln run --dtype`). tiny-mixtral runs in f16 only: in bf16 its greedy
-//! run on the H100 left the CPU's after 3 tokens (logits 130% apart from then on) while the
-//! CPU plan and the reference interpreter agree; the suspected cause is a near-tie of the
-//! router's top-2 experts that bf16 rounding differences flip (not yet proven). Weights are fresh random draws (seed printed;
+//! in those dtypes (`kiln run --dtype`). In f16 the tokens must agree at every step; in bf16
+//! a divergence is accepted only at an exact or near tie of the CPU's logits (bf16 logits are
+//! coarse: tiny-mixtral with one seed tied tokens 113 and 121 at 2.5312 after 3 steps). Weights are fresh random draws (seed printed;
 //! `KILN_TEST_SEED` reproduces), the GPU arena is filled with NaN before every call, and
 //! outputs that live outside it start as NaN, so a kernel that skips elements gives NaN
 //! logits, which fail.
@@ -67,8 +66,14 @@ fn cuda_matches_cpu(model: &str, dtype: DType) {
     let (prefill_stats, decode_stats) = gpu_runner.stats();
     assert!(prefill_stats.gpu_launches > 0 && decode_stats.gpu_launches > 0);
 
+    // Logits are compared while both runs have fed the same tokens. bf16 logits are coarse
+    // (an ulp at 2.5 is 0.016), so two tokens can tie exactly; a divergence is accepted in
+    // bf16 only where the CPU's logits of the two tokens are within the tolerance (a tie),
+    // and the comparison stops there, since the runs then feed different tokens. f16 runs
+    // must give the same tokens at every step.
     let tolerance = common::tolerance(dtype);
     let mut worst = 0f64;
+    let mut agreed = 0;
     for (step, (a, b)) in gpu.step_logits.iter().zip(&cpu.step_logits).enumerate() {
         assert!(
             a.iter().all(|v| v.is_finite()),
@@ -81,9 +86,25 @@ fn cuda_matches_cpu(model: &str, dtype: DType) {
             error <= tolerance,
             "{model} {dtype} step {step}: logits differ by {error:.3e} (tolerance {tolerance:.0e})"
         );
+        let (x, y) = (gpu.tokens[step], cpu.tokens[step]);
+        if x != y {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let gap = (b[y as usize] - b[x as usize]).abs() as f64;
+            eprintln!(
+                "{model} {dtype}: step {step} chose {x} on the GPU, {y} on the CPU; CPU logits {:.4} vs {:.4}",
+                b[x as usize], b[y as usize]
+            );
+            assert!(
+                dtype == DType::BF16 && gap <= tolerance * scale,
+                "{model} {dtype} step {step}: token {x} instead of {y}, CPU logit gap {gap:.3e} (scale {scale:.3e})"
+            );
+            break;
+        }
+        agreed += 1;
     }
-    eprintln!("{model} {dtype}: worst per-step logits relative error {worst:.3e}");
-    assert_eq!(gpu.tokens, cpu.tokens, "{model} {dtype}: greedy tokens");
+    eprintln!(
+        "{model} {dtype}: {agreed} of {NEW_TOKENS} tokens agree; worst per-step logits relative error {worst:.3e}"
+    );
     assert_eq!(gpu.tokens.len(), NEW_TOKENS);
 }
 
@@ -103,4 +124,10 @@ fn tiny_llama_bf16_cuda_matches_cpu() {
 #[ignore = "needs a CUDA device"]
 fn tiny_mixtral_f16_cuda_matches_cpu() {
     cuda_matches_cpu("tiny-mixtral", DType::F16);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tiny_mixtral_bf16_cuda_matches_cpu() {
+    cuda_matches_cpu("tiny-mixtral", DType::BF16);
 }
