@@ -6,11 +6,12 @@
 //! ptxas must be installed (`bash scripts/test.sh`); these tests fail, never skip, without
 //! it. Numerics are checked on a GPU by the root `tests/gpu_attention_decode.rs`.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
 use kiln_codegen::ptx::Target;
-use kiln_codegen::ptxas::{self, PtxasReport};
 use kiln_ir::dtype::DType;
 use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
 use kiln_kernels::attention::PagedKv;
@@ -102,26 +103,6 @@ fn fused_llama(sparse: bool) -> DecodeAttentionSpec {
         .with_merge(MergeMode::LastBlock)
 }
 
-/// Assembles `kernel` for `arch`, failing on any ptxas error, spill, stack frame or warning.
-fn assemble(kernel: &GpuKernel, arch: &str) -> PtxasReport {
-    let report = ptxas::assemble(&kernel.ptx, arch)
-        .unwrap_or_else(|e| panic!("{e}\n--- PTX ---\n{}", kernel.ptx));
-    assert_eq!(report.entry, kernel.entry);
-    assert!(
-        !report.spills(),
-        "{} spills on {arch}: {}",
-        kernel.entry,
-        report.log
-    );
-    assert_eq!(report.stack_frame_bytes, 0, "{}", report.log);
-    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    eprintln!(
-        "{:<60} {:<6} {:>3} registers, {:>5} B static shared",
-        kernel.entry, arch, report.registers, report.shared_bytes
-    );
-    report
-}
-
 #[test]
 fn ptx_snapshots() {
     for (name, spec) in representative() {
@@ -149,14 +130,14 @@ fn kernels_assemble_for_sm80_and_sm90_without_spills() {
         let kernels = decode::generate(&spec).unwrap();
         assert_eq!(kernels.merge.is_some(), spec.merge == MergeMode::Separate);
         for arch in ["sm_80", "sm_90"] {
-            assemble(&kernels.partial, arch);
+            common::assemble_cleanly(&kernels.partial, arch);
             if let Some(merge) = &kernels.merge {
-                assemble(merge, arch);
+                common::assemble_cleanly(merge, arch);
             }
         }
         let sm90 = decode::generate_for(&spec, Target::Sm90).unwrap();
         assert_eq!(sm90.partial.target, "sm_90");
-        assemble(&sm90.partial, "sm_90");
+        common::assemble_cleanly(&sm90.partial, "sm_90");
     }
 }
 

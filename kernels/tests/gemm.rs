@@ -4,8 +4,9 @@
 //!
 //! ptxas must be installed (`bash scripts/test.sh`); these tests fail, never skip, without it.
 
-use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
-use kiln_codegen::ptxas::{self, PtxasReport};
+mod common;
+
+use kiln_codegen::kernel::{Access, ParamKind};
 use kiln_ir::dtype::DType;
 use kiln_kernels::gemm::{generate, GemmSpec, GemmTile, Pipeline};
 use kiln_kernels::Epilogue;
@@ -16,33 +17,6 @@ const EPILOGUES: [Epilogue; 4] = [
     Epilogue::Residual,
     Epilogue::SwiGlu,
 ];
-
-/// Assembles `kernel` for `arch`, failing on any ptxas error, warning, spill or stack use.
-fn assemble(kernel: &GpuKernel, arch: &str) -> PtxasReport {
-    let report = ptxas::assemble(&kernel.ptx, arch)
-        .unwrap_or_else(|e| panic!("{e}\n--- PTX ---\n{}", kernel.ptx));
-    assert_eq!(report.entry, kernel.entry);
-    assert!(
-        !report.spills(),
-        "{} spills on {arch}: {} / {} bytes\n{}",
-        kernel.entry,
-        report.spill_store_bytes,
-        report.spill_load_bytes,
-        report.log
-    );
-    assert_eq!(report.stack_frame_bytes, 0, "{}", report.log);
-    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    eprintln!(
-        "{:<52} {:<6} {:>3} registers, {:>6} bytes dynamic shared, spills {}/{} bytes",
-        kernel.entry,
-        arch,
-        report.registers,
-        kernel.launch.shared_bytes,
-        report.spill_store_bytes,
-        report.spill_load_bytes
-    );
-    report
-}
 
 /// The snapshotted specs: Llama-3-8B shapes (K = 4096) plain f16, Mixtral's SwiGLU up/gate
 /// in bf16 (K = 4096), the bias and residual epilogues, and the small-M tile.
@@ -94,7 +68,7 @@ fn every_dtype_epilogue_and_tile_assembles_without_spills() {
                 let kernel = generate(&spec).unwrap();
                 assert_eq!(kernel.target, "sm_80");
                 for arch in ["sm_80", "sm_90"] {
-                    let report = assemble(&kernel, arch);
+                    let report = common::assemble_cleanly(&kernel, arch);
                     assert_eq!(report.barriers, 1, "{}", kernel.entry);
                 }
             }
@@ -165,7 +139,7 @@ fn other_tiles_assemble_without_spills() {
         };
         let kernel = generate(&spec).unwrap();
         for arch in ["sm_80", "sm_90"] {
-            assemble(&kernel, arch);
+            common::assemble_cleanly(&kernel, arch);
         }
     }
 }

@@ -4,9 +4,10 @@
 //! ptxas must be installed (`bash scripts/test.sh`); these tests fail, never skip, without
 //! it. Numerics are checked on a GPU by the root `tests/gpu_gemv.rs`.
 
-use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
+mod common;
+
+use kiln_codegen::kernel::{Access, ParamKind};
 use kiln_codegen::ptx::Target;
-use kiln_codegen::ptxas::{self, PtxasReport};
 use kiln_ir::dtype::DType;
 use kiln_kernels::gemv::{self, GemvSpec};
 use kiln_kernels::Epilogue;
@@ -51,26 +52,6 @@ fn assembled() -> Vec<GemvSpec> {
     specs
 }
 
-/// Assembles `kernel` for `arch`, failing on any ptxas error, spill, stack frame or warning.
-fn assemble(kernel: &GpuKernel, arch: &str) -> PtxasReport {
-    let report = ptxas::assemble(&kernel.ptx, arch)
-        .unwrap_or_else(|e| panic!("{e}\n--- PTX ---\n{}", kernel.ptx));
-    assert_eq!(report.entry, kernel.entry);
-    assert!(
-        !report.spills(),
-        "{} spills on {arch}: {}",
-        kernel.entry,
-        report.log
-    );
-    assert_eq!(report.stack_frame_bytes, 0, "{}", report.log);
-    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    eprintln!(
-        "{:<40} {:<6} {:>3} registers, spills {}/{} bytes",
-        kernel.entry, arch, report.registers, report.spill_store_bytes, report.spill_load_bytes
-    );
-    report
-}
-
 #[test]
 fn ptx_snapshots() {
     for (name, spec) in representative() {
@@ -84,11 +65,11 @@ fn kernels_assemble_for_sm80_and_sm90_without_spills() {
     for spec in assembled() {
         let kernel = gemv::generate(&spec).unwrap();
         for arch in ["sm_80", "sm_90"] {
-            assemble(&kernel, arch);
+            common::assemble_cleanly(&kernel, arch);
         }
         let sm90 = gemv::generate_for(&spec, Target::Sm90).unwrap();
         assert_eq!(sm90.target, "sm_90");
-        assemble(&sm90, "sm_90");
+        common::assemble_cleanly(&sm90, "sm_90");
     }
 }
 

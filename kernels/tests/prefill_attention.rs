@@ -6,8 +6,9 @@
 //!
 //! ptxas must be installed (`bash scripts/test.sh`); these tests fail, never skip, without it.
 
-use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
-use kiln_codegen::ptxas::{self, PtxasReport};
+mod common;
+
+use kiln_codegen::kernel::{Access, ParamKind};
 use kiln_ir::dtype::DType;
 use kiln_kernels::attention::prefill::{generate, PrefillAttentionSpec, PrefillTile};
 use kiln_kernels::attention::PagedKv;
@@ -20,28 +21,6 @@ fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> Pag
         head_dim,
         page_size: 16,
     }
-}
-
-/// Assembles `kernel` for `arch`, failing on any ptxas error, warning, spill or stack use.
-fn assemble(kernel: &GpuKernel, arch: &str) -> PtxasReport {
-    let report = ptxas::assemble(&kernel.ptx, arch)
-        .unwrap_or_else(|e| panic!("{e}\n--- PTX ---\n{}", kernel.ptx));
-    assert_eq!(report.entry, kernel.entry);
-    assert!(
-        !report.spills(),
-        "{} spills on {arch}: {} / {} bytes\n{}",
-        kernel.entry,
-        report.spill_store_bytes,
-        report.spill_load_bytes,
-        report.log
-    );
-    assert_eq!(report.stack_frame_bytes, 0, "{}", report.log);
-    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    eprintln!(
-        "{:<60} {:<6} {:>3} registers, {:>6} bytes dynamic shared",
-        kernel.entry, arch, report.registers, kernel.launch.shared_bytes
-    );
-    report
 }
 
 /// Llama-3-8B (f16, 32 q heads, 8 KV heads, d 128) with the default tile, the same in bf16
@@ -113,7 +92,7 @@ fn every_dtype_head_dim_and_tile_assembles_without_spills() {
                 let kernel = generate(&spec).unwrap();
                 assert_eq!(kernel.target, "sm_80");
                 for arch in ["sm_80", "sm_90"] {
-                    let report = assemble(&kernel, arch);
+                    let report = common::assemble_cleanly(&kernel, arch);
                     assert_eq!(report.barriers, 1, "{}", kernel.entry);
                     if tile == PrefillTile::h100(head_dim) {
                         assert!(report.registers <= 168, "{}", kernel.entry);
@@ -132,7 +111,7 @@ fn gqa_groups_and_page_sizes_assemble() {
             ..layout(DType::BF16, q_heads, kv_heads, 128)
         });
         let kernel = generate(&spec).unwrap();
-        assemble(&kernel, "sm_90");
+        common::assemble_cleanly(&kernel, "sm_90");
     }
 }
 

@@ -26,3 +26,26 @@ pub fn assert_assembles(kernel: &GpuKernel) -> u32 {
     }
     registers
 }
+
+/// Assembles `kernel` for `arch` and fails on any ptxas error, warning, spill or stack use;
+/// prints the registers and shared memory. Returns ptxas's report.
+pub fn assemble_cleanly(kernel: &GpuKernel, arch: &str) -> kiln_codegen::ptxas::PtxasReport {
+    let report =
+        assemble(&kernel.ptx, arch).unwrap_or_else(|e| panic!("{e}\n--- PTX ---\n{}", kernel.ptx));
+    assert_eq!(report.entry, kernel.entry);
+    assert!(
+        !report.spills(),
+        "{} spills on {arch}: {} / {} bytes\n{}",
+        kernel.entry,
+        report.spill_store_bytes,
+        report.spill_load_bytes,
+        report.log
+    );
+    assert_eq!(report.stack_frame_bytes, 0, "{}", report.log);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    eprintln!(
+        "{:<60} {:<6} {:>3} registers, {:>5} B static, {:>6} B dynamic shared",
+        kernel.entry, arch, report.registers, report.shared_bytes, kernel.launch.shared_bytes
+    );
+    report
+}
