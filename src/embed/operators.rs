@@ -336,7 +336,18 @@ impl<T: Real> Operators<T> {
                 PAR,
             )?;
         }
-        k.product.run(
+        self.symmetrized_product(out, |_, sum| sum)
+    }
+
+    /// `out[a, b] = finish(a·d + b, P[a, b] + P[b, a])` with `P = Zᵀ·X` from `zt` and `xt`:
+    /// the symmetric `d × d` tail that the adjoint and the normal operator share.
+    fn symmetrized_product(
+        &mut self,
+        out: &mut [T],
+        finish: impl Fn(usize, f64) -> f64,
+    ) -> Result<()> {
+        let (n, d) = (self.n, self.d);
+        self.kernels.product.run(
             &self.zt,
             &self.xt,
             out,
@@ -348,8 +359,8 @@ impl<T: Real> Operators<T> {
         for a in 0..d {
             for b in 0..=a {
                 let sum = out[a * d + b].to_f64() + out[b * d + a].to_f64();
-                out[a * d + b] = T::from_f64(sum);
-                out[b * d + a] = T::from_f64(sum);
+                out[a * d + b] = T::from_f64(finish(a * d + b, sum));
+                out[b * d + a] = T::from_f64(finish(b * d + a, sum));
             }
         }
         Ok(())
@@ -477,22 +488,7 @@ impl<T: Real> Operators<T> {
                 self.zt[a * n + i] = T::from_f64(v);
             }
         }
-        k.product.run(
-            &self.zt,
-            &self.xt,
-            out,
-            DotShape::new(d, d, n),
-            1.0,
-            0.0,
-            PAR,
-        )?;
-        for a in 0..d {
-            for b in 0..=a {
-                let sum = out[a * d + b].to_f64() + out[b * d + a].to_f64();
-                out[a * d + b] = T::from_f64(c1 * sum + c2 * psi[a * d + b].to_f64());
-                out[b * d + a] = T::from_f64(c1 * sum + c2 * psi[b * d + a].to_f64());
-            }
-        }
+        self.symmetrized_product(out, |ab, sum| c1 * sum + c2 * psi[ab].to_f64())?;
         Ok(())
     }
 
