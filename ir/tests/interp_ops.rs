@@ -124,6 +124,22 @@ fn scheme(bits: u8, group_size: usize, symmetric: bool, clip: f32) -> QuantSchem
     }
 }
 
+/// `Quantize` of `x` (node `{name}`) and the `Dequantize` of all its results to `to` (node
+/// `d{name}`): the quantize results and the dequantized value.
+fn quantize_round_trip(
+    g: &mut Graph,
+    name: &str,
+    x: ValueId,
+    scheme: QuantScheme,
+    to: DType,
+) -> (Vec<ValueId>, ValueId) {
+    let q = g.add(name, Op::Quantize { scheme }, &[x]).unwrap();
+    let dq = g
+        .add1(&format!("d{name}"), Op::Dequantize { scheme, to }, &q)
+        .unwrap();
+    (q, dq)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Coverage
 // ---------------------------------------------------------------------------------------------
@@ -1834,30 +1850,8 @@ fn quantize_symmetric_by_hand() {
     let s4 = scheme(4, 4, true, 1.0);
     let s4_clip = scheme(4, 4, true, 0.5);
     let s8 = scheme(8, 4, true, 1.0);
-    let q = g.add("q4", Op::Quantize { scheme: s4 }, &[x]).unwrap();
-    let dq = g
-        .add1(
-            "dq4",
-            Op::Dequantize {
-                scheme: s4,
-                to: DType::F32,
-            },
-            &[q[0], q[1]],
-        )
-        .unwrap();
-    let qc = g
-        .add("q4_clip", Op::Quantize { scheme: s4_clip }, &[x])
-        .unwrap();
-    let dqc = g
-        .add1(
-            "dq4_clip",
-            Op::Dequantize {
-                scheme: s4_clip,
-                to: DType::F32,
-            },
-            &[qc[0], qc[1]],
-        )
-        .unwrap();
+    let (q, dq) = quantize_round_trip(&mut g, "q4", x, s4, DType::F32);
+    let (qc, dqc) = quantize_round_trip(&mut g, "q4_clip", x, s4_clip, DType::F32);
     let q8 = g.add("q8", Op::Quantize { scheme: s8 }, &[x8]).unwrap();
     assert_eq!(q.len(), 2, "symmetric quantize has no zero point");
     for (name, v) in [
@@ -1992,17 +1986,7 @@ fn quantize_round_trip_error_is_bounded() {
             let s = scheme(bits, group, symmetric, 1.0);
             let mut g = Graph::new("round_trip");
             let x = act(&mut g, "x", DType::F32, &[rows, cols]);
-            let q = g.add("q", Op::Quantize { scheme: s }, &[x]).unwrap();
-            let dq = g
-                .add1(
-                    "dq",
-                    Op::Dequantize {
-                        scheme: s,
-                        to: DType::F32,
-                    },
-                    &q,
-                )
-                .unwrap();
+            let (q, dq) = quantize_round_trip(&mut g, "q", x, s, DType::F32);
             g.output("dq", dq);
             g.output("scale", q[1]);
             if !symmetric {
@@ -2207,17 +2191,7 @@ fn quantized_linear_matches_dequantize_then_linear() {
         let mut g = Graph::new("qlinear");
         let x = act(&mut g, "x", DType::F32, &[3, k]);
         let w = weight(&mut g, "w", DType::F32, &[n, k]);
-        let q = g.add("q", Op::Quantize { scheme: s }, &[w]).unwrap();
-        let dq = g
-            .add1(
-                "dq",
-                Op::Dequantize {
-                    scheme: s,
-                    to: DType::F32,
-                },
-                &q,
-            )
-            .unwrap();
+        let (q, dq) = quantize_round_trip(&mut g, "q", w, s, DType::F32);
         let plain = g.add1("plain", Op::Linear, &[x, dq]).unwrap();
         let mut operands = vec![x];
         operands.extend(&q);
