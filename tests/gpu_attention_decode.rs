@@ -41,6 +41,7 @@ use kiln::ir::quest::{self, QuestOptions, Selection};
 use kiln::ir::shape::Shape;
 use kiln::ir::tensor::Tensor;
 use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
+use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::PagedKv;
 use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor, LoadedKernel};
 use rand::Rng;
@@ -78,6 +79,7 @@ impl Problem {
             kv_heads,
             head_dim: d,
             page_size,
+            ..
         } = layout;
         assert!(lens.iter().all(|&l| l >= 1), "decode needs length >= 1");
         let batch = lens.len();
@@ -643,6 +645,7 @@ fn layout(
         kv_heads,
         head_dim,
         page_size,
+        order: PageOrder::HeadMajor,
     }
 }
 

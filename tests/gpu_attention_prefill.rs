@@ -26,6 +26,7 @@ use kiln::ir::interp;
 use kiln::ir::op::{InputKind, Op};
 use kiln::ir::shape::Shape;
 use kiln::ir::tensor::Tensor;
+use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::prefill::{generate, PrefillAttentionSpec, PrefillTile};
 use kiln_kernels::attention::PagedKv;
 use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor, LoadedKernel};
@@ -59,6 +60,7 @@ impl Problem {
             kv_heads,
             head_dim: d,
             page_size,
+            ..
         } = layout;
         let batch = lens.len();
         let max_q = lens.iter().map(|l| l.0).max().unwrap_or(0).max(1) + 3;
@@ -359,6 +361,7 @@ fn check(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize, test: &
             kv_heads,
             head_dim,
             page_size,
+            order: PageOrder::HeadMajor,
         };
         let problem = Problem::random(layout, lens, &mut rng);
         for tile in tiles(layout) {
@@ -417,6 +420,7 @@ fn prefill_extreme_page_sizes_match_the_interpreter() {
             kv_heads: 2,
             head_dim: 128,
             page_size,
+            order: PageOrder::HeadMajor,
         };
         let problem = Problem::random(layout, &[(300, 600), (45, 45)], &mut rng);
         for tile in [PrefillTile::h100(layout.head_dim), PrefillTile::wide()] {
@@ -443,6 +447,7 @@ fn prefill_throughput_at_4k_and_16k_tokens() {
                 kv_heads: 8,
                 head_dim: 128,
                 page_size: 16,
+                order: PageOrder::HeadMajor,
             };
             let problem = Problem::random(layout, &[(tokens, tokens)], &mut rng);
             let inputs = problem.upload(&device);

@@ -18,6 +18,7 @@ use kiln::ir::dtype::DType;
 use kiln::ir::quest::{self, PageMeta, QuestOptions};
 use kiln::ir::tensor::Tensor;
 use kiln_codegen::kernel::GpuKernel;
+use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::PagedKv;
 use kiln_kernels::kv_append::{self, KvAppendSpec};
 use kiln_kernels::quest::{estimate, top_k, QuestEstimateSpec, QuestTopKSpec};
@@ -40,6 +41,7 @@ fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> Pag
         kv_heads,
         head_dim,
         page_size: PAGE_SIZE,
+        order: PageOrder::HeadMajor,
     }
 }
 

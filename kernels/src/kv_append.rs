@@ -30,7 +30,9 @@
 //! - `token_seqs [tokens]` i32: the batch row (into `page_table`) of each token (read);
 //! - `token_positions [tokens]` i32: the position of each token in its sequence (read);
 //! - `page_table [batch, max_pages]` i32 (read);
-//! - `k_pages`, `v_pages` `[num_pages, kv_heads, page_size, head_dim]` T (written);
+//! - `k_pages`, `v_pages` `[num_pages, kv_heads, page_size, head_dim]` T (written), or
+//!   `[num_pages, page_size, kv_heads, head_dim]` for token-major pages (`PagedKv::order`;
+//!   the entry name then ends in `_tm`);
 //! - `page_max`, `page_min` `[num_pages, kv_heads, head_dim]` T (read and written);
 //! - scalars `tokens` (u32) and `max_pages` (u32, the row width of `page_table`).
 //!
@@ -139,9 +141,17 @@ pub fn generate(spec: &KvAppendSpec) -> Result<GpuKernel, SpecError> {
             let key_words = k.ld_vector::<U32, 4>(input, key_address);
             let value_address = k.add(new_v, source);
             let value_words = k.ld_vector::<U32, 4>(input, value_address);
-            let block_offset = k.mul_wide(page_head, page_size * row_bytes);
+            // physical·page_stride + head·head_stride + slot·slot_stride + part·16, with
+            // page_stride = heads_per_page·head_stride (`PagedKv`'s strides).
+            let heads_per_page = (layout.page_stride_bytes() / layout.head_stride_bytes()) as u32;
+            let block = if heads_per_page == kv_heads {
+                page_head
+            } else {
+                k.mul_add(physical, heads_per_page, head)
+            };
+            let block_offset = k.mul_wide(block, layout.head_stride_bytes() as u32);
             let part_bytes = k.shl(part, 4u32);
-            let in_block = k.mul_add(slot, row_bytes, part_bytes);
+            let in_block = k.mul_add(slot, layout.slot_stride_bytes() as u32, part_bytes);
             let in_block = k.cvt::<U64>(in_block);
             let slot_offset = k.add(block_offset, in_block);
             let k_destination = k.add(k_pages, slot_offset);

@@ -10,6 +10,7 @@
 
 pub mod admm;
 pub mod attention;
+pub mod cache_append;
 pub mod elementwise;
 pub mod epilogue;
 pub mod error;

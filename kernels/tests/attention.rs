@@ -14,6 +14,7 @@ use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
 use kiln_codegen::ptx::Target;
 use kiln_ir::dtype::DType;
 use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
+use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::PagedKv;
 
 fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
@@ -23,6 +24,7 @@ fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> Pag
         kv_heads,
         head_dim,
         page_size: 16,
+        order: PageOrder::HeadMajor,
     }
 }
 

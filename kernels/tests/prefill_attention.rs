@@ -10,6 +10,7 @@ mod common;
 
 use kiln_codegen::kernel::{Access, ParamKind};
 use kiln_ir::dtype::DType;
+use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::prefill::{generate, PrefillAttentionSpec, PrefillTile};
 use kiln_kernels::attention::PagedKv;
 
@@ -20,6 +21,7 @@ fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> Pag
         kv_heads,
         head_dim,
         page_size: 16,
+        order: PageOrder::HeadMajor,
     }
 }
 

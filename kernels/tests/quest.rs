@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
 use kiln_codegen::ptxas;
 use kiln_ir::dtype::DType;
+use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::PagedKv;
 use kiln_kernels::kv_append::{self, KvAppendSpec};
 use kiln_kernels::quest::{estimate, top_k, QuestEstimateSpec, QuestTopKSpec};
@@ -23,6 +24,7 @@ fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> Pag
         kv_heads,
         head_dim,
         page_size: 16,
+        order: PageOrder::HeadMajor,
     }
 }
 

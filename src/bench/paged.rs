@@ -29,6 +29,7 @@
 use anyhow::{Context, Result};
 use kiln_ir::dtype::DType;
 use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
+use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::PagedKv;
 use kiln_kernels::kv_append::{self, KvAppendSpec};
 use kiln_runtime::cuda::{
@@ -490,6 +491,7 @@ pub fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) ->
         kv_heads,
         head_dim,
         page_size: PAGE_SIZE,
+        order: PageOrder::HeadMajor,
     }
 }
 

@@ -18,7 +18,11 @@
 //!   `selected_pages[b, kv, 0..selected_counts[b, kv]]` (logical page indices). Split `s` of
 //!   `S` takes entries `floor(s·n/S) .. floor((s+1)·n/S)` (possibly none). The block copies
 //!   the physical page and the valid token count `clamp(len − j·page_size, 0, page_size)` of
-//!   up to `threads` entries into shared memory at a time (an *entry batch*).
+//!   up to `threads` entries into shared memory at a time (an *entry batch*). The K/V
+//!   address of (page, KV head, slot) comes from [`PagedKv::emit_kv_offset`], so both page
+//!   orders ([`PageOrder`](super::paged::PageOrder): head-major pages, or token-major ones
+//!   such as a contiguous `[batch, capacity, kv_heads, d]` cache under the identity page
+//!   table) are read by the same kernel; the entry name ends in `_tm` for token-major.
 //! - **Pipeline.** The tokens of an entry batch stream through `stages` shared-memory buffers
 //!   of `stage_tokens` K rows and V rows each, filled by 16-byte `cp.async.cg` (L2 only)
 //!   `stages − 1` stages ahead of use. Token slots that are past the split, past the
@@ -381,6 +385,8 @@ pub fn generate_for(
 
 /// Sizes derived from a spec, shared by the stages of the partial kernel.
 struct Geometry {
+    /// The cache layout (K/V addresses come from its strides).
+    layout: PagedKv,
     dtype: DType,
     head_dim: usize,
     page_size: usize,
@@ -432,6 +438,7 @@ impl Geometry {
             .max(tail_scratch)
             .next_multiple_of(16);
         Geometry {
+            layout: *l,
             dtype: l.dtype,
             head_dim,
             page_size: l.page_size,
@@ -867,7 +874,6 @@ impl<'g> Partial<'g> {
         let g = self.g;
         let first = k.mul_add(stage, g.stage_tokens as u32, self.first_row);
         let destination = k.add(self.row_address, buffer);
-        let page_bytes = (g.page_size * g.row_bytes) as u32;
         for step in 0..g.steps {
             let row = if step == 0 {
                 first
@@ -875,9 +881,7 @@ impl<'g> Partial<'g> {
                 k.add(first, (step * g.rows_per_pass) as u32)
             };
             let (inside, physical, slot) = self.lookup(k, row);
-            let block = k.mul_add(physical, g.kv_heads as u32, self.kv);
-            let page_offset = k.mul_wide(block, page_bytes);
-            let offset = k.mad_wide(slot, g.row_bytes as u32, page_offset);
+            let offset = g.layout.emit_kv_offset(k, physical, self.kv, slot);
             let offset = k.select(inside, offset, 0u64);
             let bytes = k.select(inside, 16u32, 0u32);
             let key = k.add(self.k_lane, offset);
@@ -1362,6 +1366,7 @@ pub fn generate_merge(spec: &DecodeAttentionSpec, target: Target) -> Result<GpuK
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::paged::PageOrder;
 
     fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
         PagedKv {
@@ -1370,6 +1375,7 @@ mod tests {
             kv_heads,
             head_dim,
             page_size: 16,
+            order: PageOrder::HeadMajor,
         }
     }
 

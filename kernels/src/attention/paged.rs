@@ -1,14 +1,19 @@
 //! The paged KV-cache layout every attention and Quest kernel reads, in one place.
 //!
-//! Owns [`PagedKv`], the shape parameters a paged kernel is generated for, and the layout
-//! contract below. Generators take a `PagedKv` instead of repeating the layout; the runtime's
-//! `runtime::kv` allocates buffers in exactly this layout. Nothing here emits PTX.
+//! Owns [`PagedKv`], the shape parameters a paged kernel is generated for, [`PageOrder`], and
+//! the layout contract below. Generators take a `PagedKv` instead of repeating the layout; the
+//! runtime's `runtime::kv` allocates buffers in exactly this layout. The byte strides of a
+//! K/V page, of a KV head within a page and of a token slot within a page are defined here
+//! ([`PagedKv::page_stride_bytes`], [`PagedKv::head_stride_bytes`],
+//! [`PagedKv::slot_stride_bytes`]) and every kernel computes K/V addresses from them; the one
+//! PTX helper here, [`PagedKv::emit_kv_offset`], is that address computation.
 //!
 //! Device buffers (row-major, `T` = the cache dtype, f16 or bf16):
 //!
 //! | buffer | shape | meaning |
 //! |---|---|---|
-//! | `k_pages`, `v_pages` | `[num_pages, kv_heads, page_size, head_dim]` `T` | one page = `page_size` tokens; a (page, KV head) block is contiguous |
+//! | `k_pages`, `v_pages` ([`PageOrder::HeadMajor`], the default) | `[num_pages, kv_heads, page_size, head_dim]` `T` | one page = `page_size` tokens; a (page, KV head) block is contiguous |
+//! | `k_pages`, `v_pages` ([`PageOrder::TokenMajor`]) | `[num_pages, page_size, kv_heads, head_dim]` `T` | one page = `page_size` tokens; a token's row of every KV head is contiguous |
 //! | `page_max`, `page_min` | `[num_pages, kv_heads, head_dim]` `T` | Quest metadata: element-wise max / min of the page's valid (post-RoPE) keys |
 //! | `page_table` | `[batch, max_pages]` i32 | physical page of logical page `j` of sequence `b` |
 //! | `seq_lens` | `[batch]` i32 | valid tokens of sequence `b` (the current token included) |
@@ -20,9 +25,31 @@
 //! `t % page_size`. Logical page `j` of a sequence of length `L` holds
 //! `min(page_size, L − j·page_size)` valid tokens; slots past that are garbage and must never
 //! be read as keys. Query head `h` reads KV head `h / (q_heads / kv_heads)` (grouped-query).
+//!
+//! **Token-major pages and the contiguous cache.** With [`PageOrder::TokenMajor`] and the
+//! identity page table `page_table[b, j] = b·max_pages + j` (`max_pages = capacity /
+//! page_size`), `k_pages` / `v_pages` are exactly the model graph's contiguous cache
+//! `[batch, capacity, kv_heads, head_dim]`, so the paged kernels read it unchanged. Page
+//! metadata (`page_max` / `page_min`) has the same layout in both orders.
 
+use kiln_codegen::ptx::{KernelBuilder, Reg, U32, U64};
 use kiln_ir::dtype::DType;
 use serde::{Deserialize, Serialize};
+
+/// Bytes of one cache element (f16 or bf16).
+const ELEMENT_BYTES: usize = 2;
+
+/// The order of a K/V page's dimensions (see the module doc's table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageOrder {
+    /// `[num_pages, kv_heads, page_size, head_dim]`: a (page, KV head) block is contiguous.
+    #[default]
+    HeadMajor,
+    /// `[num_pages, page_size, kv_heads, head_dim]`: with the identity page table, the
+    /// contiguous cache `[batch, capacity, kv_heads, head_dim]`.
+    TokenMajor,
+}
 
 /// The shape parameters of a paged KV cache that a kernel is generated for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -35,6 +62,9 @@ pub struct PagedKv {
     pub head_dim: usize,
     /// Tokens per page (16 by default).
     pub page_size: usize,
+    /// The order of a K/V page's dimensions (head-major unless given).
+    #[serde(default)]
+    pub order: PageOrder,
 }
 
 impl PagedKv {
@@ -53,10 +83,60 @@ impl PagedKv {
         self.kv_heads * self.block_elements()
     }
 
-    /// A short tag for entry names: `f16_q32_kv8_d128_p16`.
+    /// Bytes of one K/V row (one token of one KV head).
+    pub fn row_bytes(&self) -> usize {
+        self.head_dim * ELEMENT_BYTES
+    }
+
+    /// Byte stride between consecutive physical pages of `k_pages` / `v_pages` (both orders).
+    pub fn page_stride_bytes(&self) -> usize {
+        self.page_elements() * ELEMENT_BYTES
+    }
+
+    /// Byte stride between consecutive KV heads within a page: `page_size · head_dim · 2`
+    /// head-major, `head_dim · 2` token-major.
+    pub fn head_stride_bytes(&self) -> usize {
+        match self.order {
+            PageOrder::HeadMajor => self.page_size * self.row_bytes(),
+            PageOrder::TokenMajor => self.row_bytes(),
+        }
+    }
+
+    /// Byte stride between consecutive token slots within a page: `head_dim · 2` head-major,
+    /// `kv_heads · head_dim · 2` token-major.
+    pub fn slot_stride_bytes(&self) -> usize {
+        match self.order {
+            PageOrder::HeadMajor => self.row_bytes(),
+            PageOrder::TokenMajor => self.kv_heads * self.row_bytes(),
+        }
+    }
+
+    /// Byte offset in `k_pages` / `v_pages` of row (`physical` page, `kv_head`, `slot`):
+    /// `physical·page_stride + kv_head·head_stride + slot·slot_stride`, emitted as
+    /// `(physical·(page_stride / head_stride) + kv_head)·head_stride + slot·slot_stride`
+    /// (a 64-bit result; the page stride is a multiple of the head stride in both orders).
+    pub fn emit_kv_offset(
+        &self,
+        k: &mut KernelBuilder,
+        physical: Reg<U32>,
+        kv_head: Reg<U32>,
+        slot: Reg<U32>,
+    ) -> Reg<U64> {
+        let heads_per_page = (self.page_stride_bytes() / self.head_stride_bytes()) as u32;
+        let block = k.mul_add(physical, heads_per_page, kv_head);
+        let block_offset = k.mul_wide(block, self.head_stride_bytes() as u32);
+        k.mad_wide(slot, self.slot_stride_bytes() as u32, block_offset)
+    }
+
+    /// A short tag for entry names: `f16_q32_kv8_d128_p16`, with `_tm` appended for
+    /// token-major pages.
     pub fn tag(&self) -> String {
+        let order = match self.order {
+            PageOrder::HeadMajor => "",
+            PageOrder::TokenMajor => "_tm",
+        };
         format!(
-            "{}_q{}_kv{}_d{}_p{}",
+            "{}_q{}_kv{}_d{}_p{}{order}",
             self.dtype, self.q_heads, self.kv_heads, self.head_dim, self.page_size
         )
     }
@@ -98,6 +178,7 @@ mod tests {
             kv_heads: 8,
             head_dim: 128,
             page_size: 16,
+            order: PageOrder::HeadMajor,
         };
         assert!(good.validate("t").is_ok());
         assert_eq!(good.group_size(), 4);
@@ -124,5 +205,47 @@ mod tests {
             ..good
         };
         assert!(bad.validate("t").unwrap_err().to_string().contains("dtype"));
+    }
+
+    #[test]
+    fn strides_and_tags_of_both_orders() {
+        let head = PagedKv {
+            dtype: DType::F16,
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            page_size: 16,
+            order: PageOrder::HeadMajor,
+        };
+        let token = PagedKv {
+            order: PageOrder::TokenMajor,
+            ..head
+        };
+        assert_eq!(head.tag(), "f16_q32_kv8_d128_p16");
+        assert_eq!(token.tag(), "f16_q32_kv8_d128_p16_tm");
+        for l in [head, token] {
+            assert_eq!(l.page_stride_bytes(), 8 * 16 * 128 * 2);
+        }
+        assert_eq!(
+            (head.head_stride_bytes(), head.slot_stride_bytes()),
+            (16 * 256, 256)
+        );
+        assert_eq!(
+            (token.head_stride_bytes(), token.slot_stride_bytes()),
+            (256, 8 * 256)
+        );
+        // Token-major with the identity table: row (b, t, h) of [batch, capacity, kv, d].
+        let (capacity, b, t, h) = (64, 1, 37, 5);
+        let physical = b * (capacity / 16) + t / 16;
+        let offset = physical * token.page_stride_bytes()
+            + h * token.head_stride_bytes()
+            + (t % 16) * token.slot_stride_bytes();
+        assert_eq!(offset, ((b * capacity + t) * 8 + h) * 256);
+        let json = r#"{"dtype":"f16","q_heads":32,"kv_heads":8,"head_dim":128,"page_size":16}"#;
+        assert_eq!(serde_json::from_str::<PagedKv>(json).unwrap(), head);
+        assert_eq!(
+            serde_json::to_value(PageOrder::TokenMajor).unwrap(),
+            "token_major"
+        );
     }
 }

@@ -27,7 +27,9 @@
 //!
 //! **Paged reads.** Token `j` of a KV tile is read from physical page
 //! `page_table[b, j / page_size]`, slot `j % page_size`, KV head `h / group` (the
-//! [`PagedKv`] layout); a tile may span several pages, each thread looks up the page of
+//! [`PagedKv`] layout, head-major or token-major pages — the strides come from
+//! [`PagedKv::head_stride_bytes`] / [`PagedKv::slot_stride_bytes`]; the entry name ends in
+//! `_tm` for token-major); a tile may span several pages, each thread looks up the page of
 //! each row it copies. Rows at or past `seq_lens[b]` are zero-filled (`cp.async` with a
 //! source size of 0 from a clamped, valid address): garbage slots are never read, and a
 //! masked key meets a zero V row, never a NaN.
@@ -314,7 +316,12 @@ pub fn generate(spec: &PrefillAttentionSpec) -> Result<GpuKernel, SpecError> {
     let smem_base = k.shared_address(&smem);
 
     let copy = emit_copy_setup(&mut k, &g, tid, smem_base);
-    let head_rows = k.mul(kv_head, layout.page_size as u32);
+    // The KV head's first row within a page (in rows of `row_bytes`), then this thread's
+    // chunk; pages and slots are added per row in `emit_kv_load`.
+    let head_rows = k.mul(
+        kv_head,
+        (layout.head_stride_bytes() / layout.row_bytes()) as u32,
+    );
     let head_offset = k.mad_wide(head_rows, g.row_bytes, copy.chunk_bytes);
     let kv = KvSource {
         k_source: k.add(k_pages, head_offset),
@@ -324,7 +331,8 @@ pub fn generate(spec: &PrefillAttentionSpec) -> Result<GpuKernel, SpecError> {
             k.mad_wide(row, 4u32, page_table)
         },
         last_token: k.sub(seq_len, 1u32),
-        page_rows: (layout.kv_heads * layout.page_size) as u32,
+        slots_per_page: (layout.page_stride_bytes() / layout.slot_stride_bytes()) as u32,
+        slot_bytes: layout.slot_stride_bytes() as u32,
         log_page_size: layout.page_size.trailing_zeros(),
     };
 
@@ -670,8 +678,11 @@ struct KvSource {
     page_table_row: Reg<U64>,
     /// `seq_len - 1`.
     last_token: Reg<U32>,
-    /// `kv_heads · page_size`: rows per page.
-    page_rows: u32,
+    /// `page_stride / slot_stride` ([`PagedKv`]): slot strides per page (`kv_heads ·
+    /// page_size` head-major, `page_size` token-major).
+    slots_per_page: u32,
+    /// `slot_stride` in bytes (`row_bytes` head-major, `kv_heads · row_bytes` token-major).
+    slot_bytes: u32,
     log_page_size: u32,
 }
 
@@ -703,8 +714,9 @@ fn emit_kv_load(
             None => load(k),
         };
         let slot = k.and(clamped, page_size_mask);
-        let rows = k.mul_add(page, kv.page_rows, slot);
-        let offset = k.mul_wide(rows, g.row_bytes);
+        // page · page_stride + slot · slot_stride = (page · slots_per_page + slot) · slot_stride.
+        let rows = k.mul_add(page, kv.slots_per_page, slot);
+        let offset = k.mul_wide(rows, kv.slot_bytes);
         let bytes = k.select(inside, CHUNK_BYTES, 0u32);
         let row_offset = (pass * g.rows_per_pass * g.row_bytes) as i64;
         let k_address = k.add(kv.k_source, offset);
@@ -791,6 +803,7 @@ mod tests {
             kv_heads: 8,
             head_dim: 128,
             page_size: 16,
+            order: crate::attention::paged::PageOrder::HeadMajor,
         }
     }
 

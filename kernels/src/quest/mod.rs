@@ -4,13 +4,19 @@
 //! - `estimate`: [`QuestEstimateSpec`] → scores `[batch, kv_heads, max_pages]` f32, bit-equal
 //!   to `kiln_ir::quest::group_scores`;
 //! - `top_k`: [`QuestTopKSpec`] → `selected_pages` / `selected_counts`, bit-equal to
-//!   `kiln_ir::quest::select_pages`.
+//!   `kiln_ir::quest::select_pages`;
+//! - `page_bounds`: [`PageBoundsSpec`] → `page_max` / `page_min` of the pages the last
+//!   `new_tokens` tokens touched, recomputed from an already written K cache (either page
+//!   order), equal to `kiln_ir::quest::PageMeta::from_keys`.
 //!
-//! The metadata they read is written by `kv_append`. This module generates PTX; it must not
+//! The metadata they read is written by `kv_append` (paged cache) or `page_bounds` (a
+//! contiguous cache written by `cache_append`). This module generates PTX; it must not
 //! launch anything.
 
 pub mod estimate;
+pub mod page_bounds;
 pub mod top_k;
 
 pub use estimate::QuestEstimateSpec;
+pub use page_bounds::PageBoundsSpec;
 pub use top_k::QuestTopKSpec;

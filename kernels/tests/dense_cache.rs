@@ -1,0 +1,326 @@
+//! The kernels over the model graph's contiguous KV cache `[batch, capacity, kv_heads,
+//! head_dim]`: `cache_append` (in-place `KvAppend`), `quest::page_bounds` (Quest metadata
+//! from a written cache) and the paged attention kernels reading token-major pages
+//! ([`PageOrder::TokenMajor`]; the contiguous cache under the identity page table). PTX
+//! snapshots at representative specs, strict ptxas assembly for sm_80 and sm_90 (no spills,
+//! no stack, no warnings), parameters, launch rules and entry names, and that the head-major
+//! kernels are unchanged by the order field.
+//!
+//! ptxas must be installed (`bash scripts/test.sh`); these tests fail, never skip, without
+//! it. Numerics are checked on a GPU by the root `tests/gpu_dense_cache.rs`.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
+use kiln_ir::dtype::DType;
+use kiln_kernels::attention::decode::{self, DecodeAttentionSpec};
+use kiln_kernels::attention::paged::PageOrder;
+use kiln_kernels::attention::prefill::{self, PrefillAttentionSpec};
+use kiln_kernels::attention::PagedKv;
+use kiln_kernels::cache_append::{self, CacheAppendSpec};
+use kiln_kernels::kv_append::{self, KvAppendSpec};
+use kiln_kernels::quest::page_bounds::{self, PageBoundsSpec};
+
+fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
+    PagedKv {
+        dtype,
+        q_heads,
+        kv_heads,
+        head_dim,
+        page_size: 16,
+        order: PageOrder::TokenMajor,
+    }
+}
+
+fn head_major(layout: PagedKv) -> PagedKv {
+    PagedKv {
+        order: PageOrder::HeadMajor,
+        ..layout
+    }
+}
+
+fn names(kernel: &GpuKernel) -> Vec<&str> {
+    kernel.params.iter().map(|p| p.name.as_str()).collect()
+}
+
+fn scalars(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|&(n, v)| (n.to_string(), v)).collect()
+}
+
+fn assemble(kernel: &GpuKernel) {
+    for arch in ["sm_80", "sm_90"] {
+        common::assemble_cleanly(kernel, arch);
+    }
+    assert!(kernel.ptx.is_ascii(), "{}", kernel.entry);
+    assert!(!kernel.ptx.contains(".local"), "{}", kernel.entry);
+}
+
+#[test]
+fn ptx_snapshots() {
+    let append = cache_append::generate(&CacheAppendSpec {
+        dtype: DType::F16,
+        kv_heads: 8,
+        head_dim: 128,
+    })
+    .unwrap();
+    insta::assert_snapshot!("cache_append_f16_kv8_d128", append.ptx);
+    let bounds = page_bounds::generate(&PageBoundsSpec {
+        layout: layout(DType::F16, 32, 8, 128),
+    })
+    .unwrap();
+    insta::assert_snapshot!("quest_page_bounds_f16_q32_kv8_d128_tm", bounds.ptx);
+    let decode = decode::generate(&DecodeAttentionSpec::new(
+        layout(DType::F16, 32, 8, 128),
+        false,
+    ))
+    .unwrap();
+    insta::assert_snapshot!("decode_dense_f16_q32_kv8_d128_tm", decode.partial.ptx);
+}
+
+#[test]
+fn cache_append_assembles_without_spills() {
+    for dtype in [DType::F16, DType::BF16] {
+        for head_dim in [64, 128] {
+            for kv_heads in [1, 8, 32] {
+                let spec = CacheAppendSpec {
+                    dtype,
+                    kv_heads,
+                    head_dim,
+                };
+                assemble(&cache_append::generate(&spec).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn page_bounds_assembles_without_spills_in_both_orders() {
+    for dtype in [DType::F16, DType::BF16] {
+        for head_dim in [64, 128] {
+            for order in [PageOrder::HeadMajor, PageOrder::TokenMajor] {
+                for page_size in [1, 16, 256] {
+                    let layout = PagedKv {
+                        order,
+                        page_size,
+                        ..layout(dtype, 32, 8, head_dim)
+                    };
+                    assemble(&page_bounds::generate(&PageBoundsSpec { layout }).unwrap());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn token_major_attention_assembles_without_spills() {
+    for dtype in [DType::F16, DType::BF16] {
+        let layout = layout(dtype, 32, 8, 128);
+        for sparse in [false, true] {
+            let kernels = decode::generate(&DecodeAttentionSpec::new(layout, sparse)).unwrap();
+            assert!(
+                kernels.partial.entry.contains("_tm"),
+                "{}",
+                kernels.partial.entry
+            );
+            assemble(&kernels.partial);
+            if let Some(merge) = &kernels.merge {
+                assemble(merge);
+            }
+        }
+        let kernel = prefill::generate(&PrefillAttentionSpec::new(layout)).unwrap();
+        assert!(kernel.entry.contains("_tm"), "{}", kernel.entry);
+        assemble(&kernel);
+        let wide = PrefillAttentionSpec {
+            tile: prefill::PrefillTile::wide(),
+            ..PrefillAttentionSpec::new(layout)
+        };
+        assemble(&prefill::generate(&wide).unwrap());
+        let append = kv_append::generate(&KvAppendSpec { layout }).unwrap();
+        assert!(append.entry.ends_with("_tm"), "{}", append.entry);
+        assemble(&append);
+    }
+}
+
+#[test]
+fn orders_differ_only_for_token_major() {
+    let token = layout(DType::BF16, 32, 8, 128);
+    let head = head_major(token);
+    assert_eq!(head.tag(), "bf16_q32_kv8_d128_p16");
+    assert_eq!(token.tag(), "bf16_q32_kv8_d128_p16_tm");
+    let decode_head = decode::generate(&DecodeAttentionSpec::new(head, false)).unwrap();
+    let decode_token = decode::generate(&DecodeAttentionSpec::new(token, false)).unwrap();
+    assert_ne!(decode_head.partial.ptx, decode_token.partial.ptx);
+    assert_eq!(decode_head.partial.params, decode_token.partial.params);
+    assert_eq!(decode_head.partial.launch, decode_token.partial.launch);
+    let prefill_head = prefill::generate(&PrefillAttentionSpec::new(head)).unwrap();
+    let prefill_token = prefill::generate(&PrefillAttentionSpec::new(token)).unwrap();
+    assert_ne!(prefill_head.ptx, prefill_token.ptx);
+    assert_eq!(prefill_head.params, prefill_token.params);
+    assert_eq!(prefill_head.launch, prefill_token.launch);
+    // The merge kernel does not read the cache: identical in both orders but for its name.
+    let merge_head = decode_head.merge.unwrap();
+    let merge_token = decode_token.merge.unwrap();
+    assert_eq!(
+        merge_head.ptx.replace(&merge_head.entry, ""),
+        merge_token.ptx.replace(&merge_token.entry, "")
+    );
+}
+
+#[test]
+fn parameters_are_named_for_the_runtime() {
+    let append = cache_append::generate(&CacheAppendSpec {
+        dtype: DType::BF16,
+        kv_heads: 8,
+        head_dim: 128,
+    })
+    .unwrap();
+    assert_eq!(append.entry, "cache_append_bf16_kv8_d128");
+    assert_eq!(
+        names(&append),
+        ["new", "start", "cache", "batch", "new_tokens", "capacity"]
+    );
+    let kind = |kernel: &GpuKernel, name: &str| kernel.param(name).map(|(_, p)| p.kind);
+    assert_eq!(kind(&append, "new"), Some(ParamKind::Pointer(Access::Read)));
+    assert_eq!(
+        kind(&append, "cache"),
+        Some(ParamKind::Pointer(Access::ReadWrite))
+    );
+    assert_eq!(kind(&append, "capacity"), Some(ParamKind::U32));
+
+    let bounds = page_bounds::generate(&PageBoundsSpec {
+        layout: layout(DType::F16, 32, 8, 128),
+    })
+    .unwrap();
+    assert_eq!(bounds.entry, "quest_page_bounds_f16_q32_kv8_d128_p16_tm");
+    assert_eq!(
+        names(&bounds),
+        [
+            "k_pages",
+            "page_table",
+            "seq_lens",
+            "page_max",
+            "page_min",
+            "batch",
+            "max_pages",
+            "new_tokens"
+        ]
+    );
+    assert_eq!(
+        kind(&bounds, "page_max"),
+        Some(ParamKind::Pointer(Access::Write))
+    );
+    for kernel in [&append, &bounds] {
+        assert_eq!(kernel.target, "sm_80");
+        assert!(!kernel.ptx.contains("atom.") && !kernel.ptx.contains(" red."));
+    }
+}
+
+#[test]
+fn launch_rules() {
+    // Append: one block row per (token, sequence); 8 KV heads of d 128 = 128 chunks.
+    let spec = CacheAppendSpec {
+        dtype: DType::F16,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let kernel = cache_append::generate(&spec).unwrap();
+    let geometry = kernel
+        .launch
+        .evaluate(&scalars(&[
+            ("batch", 3),
+            ("new_tokens", 37),
+            ("capacity", 4096),
+        ]))
+        .unwrap();
+    assert_eq!(geometry, ([37, 1, 3], [128, 1, 1]));
+    assert_eq!(kernel.launch.shared_bytes, 0);
+    let wide = CacheAppendSpec {
+        kv_heads: 32,
+        ..spec
+    };
+    assert_eq!((wide.threads(), wide.blocks_per_row()), (128, 4));
+    let narrow = CacheAppendSpec {
+        dtype: DType::BF16,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    assert_eq!((narrow.threads(), narrow.blocks_per_row()), (32, 1));
+
+    // Page bounds: ceil(new_tokens / page_size) pages per (KV head, sequence), one warp each.
+    let kernel = page_bounds::generate(&PageBoundsSpec {
+        layout: layout(DType::F16, 32, 8, 128),
+    })
+    .unwrap();
+    let rule = |new_tokens| {
+        kernel
+            .launch
+            .evaluate(&scalars(&[
+                ("batch", 2),
+                ("max_pages", 256),
+                ("new_tokens", new_tokens),
+            ]))
+            .unwrap()
+    };
+    assert_eq!(rule(1), ([1, 8, 2], [32, 1, 1]));
+    assert_eq!(rule(4096), ([256, 8, 2], [32, 1, 1]));
+    assert_eq!(rule(17), ([2, 8, 2], [32, 1, 1]));
+}
+
+#[test]
+fn generation_is_deterministic() {
+    let spec = CacheAppendSpec {
+        dtype: DType::BF16,
+        kv_heads: 8,
+        head_dim: 64,
+    };
+    assert_eq!(cache_append::generate(&spec), cache_append::generate(&spec));
+    for order in [PageOrder::HeadMajor, PageOrder::TokenMajor] {
+        let spec = PageBoundsSpec {
+            layout: PagedKv {
+                order,
+                ..layout(DType::F16, 8, 8, 64)
+            },
+        };
+        assert_eq!(page_bounds::generate(&spec), page_bounds::generate(&spec));
+    }
+}
+
+#[test]
+fn bad_specs_are_rejected_with_the_field_named() {
+    let good = CacheAppendSpec {
+        dtype: DType::F16,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let error = cache_append::generate(&CacheAppendSpec {
+        dtype: DType::F32,
+        ..good
+    })
+    .unwrap_err();
+    assert_eq!(error.family, "cache_append");
+    assert!(error.to_string().contains("dtype"), "{error}");
+    let error = cache_append::generate(&CacheAppendSpec {
+        head_dim: 60,
+        ..good
+    })
+    .unwrap_err();
+    assert!(error.to_string().contains("head_dim"), "{error}");
+    let error = cache_append::generate(&CacheAppendSpec {
+        kv_heads: 0,
+        ..good
+    })
+    .unwrap_err();
+    assert!(error.to_string().contains("kv_heads"), "{error}");
+
+    let error = page_bounds::generate(&PageBoundsSpec {
+        layout: PagedKv {
+            page_size: 12,
+            ..layout(DType::F16, 32, 8, 128)
+        },
+    })
+    .unwrap_err();
+    assert_eq!(error.family, "quest_page_bounds");
+    assert!(error.to_string().contains("page_size"), "{error}");
+}
