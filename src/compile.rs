@@ -5,7 +5,8 @@
 //! the later layers becomes Quest attention; recorded first in the plan's `passes_run`, since
 //! it ran before scheduling) → `schedule` → one `kiln_kernels` generator per GPU kernel
 //! through `kiln_kernels::lower` (GEMV for at most 8 rows, else GEMM; RMSNorm; RoPE;
-//! elementwise maps). A kernel whose spec a generator rejects moves to the CPU through the
+//! elementwise maps; attention and KV append as programs of several launches, listed in the
+//! plan as `entry + entry`). A kernel whose spec a generator rejects moves to the CPU through the
 //! `force_cpu` pass, with the reason recorded in the plan. [`write_output`]
 //! writes `plan.json`, one `<entry>.ptx` per distinct GPU kernel and `report.txt` into a
 //! temporary directory beside the target and renames it into place only when all succeeded.
@@ -185,10 +186,13 @@ pub fn compile(
             entries.push(None);
             continue;
         }
-        match lowering.lower(&kernel.family, bindings) {
-            Ok((_, generated)) => {
-                entries.push(Some(generated.entry.clone()));
-                ptx.insert(generated.entry, generated.ptx);
+        match lowering.lower_all(&kernel.family, bindings) {
+            Ok(generated) => {
+                let names: Vec<&str> = generated.iter().map(|g| g.entry.as_str()).collect();
+                entries.push(Some(names.join(" + ")));
+                for kernel in generated {
+                    ptx.insert(kernel.entry, kernel.ptx);
+                }
             }
             Err(reason) => {
                 rejected.kernels.insert(kernel.name.clone(), reason);

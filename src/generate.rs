@@ -1,8 +1,9 @@
 //! Greedy generation on the reference interpreter: prefill a prompt, then decode token by
 //! token with a KV cache.
 //!
-//! [`generate`] owns the cache tensors and the step loop, and runs each phase through a step
-//! function: [`generate_reference`] runs the prefill and decode graphs of
+//! [`generate`] owns the step loop and the per-call inputs (token ids, positions, cache
+//! start), and runs each phase through a step function that owns the KV cache (on the host
+//! or on the device): [`generate_reference`] runs the prefill and decode graphs of
 //! `kiln_ir::model::builder` with `kiln_ir::interp` (kiln's end-to-end reference, against
 //! which compiled plans are checked token for token); `crate::plan_runner` runs compiled plans.
 
@@ -30,6 +31,10 @@ pub struct Generation {
     pub prefill_tokens_per_second: f64,
     /// Generated tokens per second of decode (the first token comes from prefill).
     pub decode_tokens_per_second: f64,
+    /// Wall time of each decode step in milliseconds (step, argmax and bookkeeping).
+    pub decode_step_ms: Vec<f64>,
+    /// The median of `decode_step_ms` (0 without decode steps).
+    pub decode_ms_per_token_median: f64,
     /// The last token's logits at every step, kept when asked for (for comparisons).
     #[serde(skip)]
     pub step_logits: Vec<Vec<f32>>,
@@ -73,6 +78,31 @@ pub fn kv_cache_state(config: &ModelConfig, capacity: usize, fill: f32) -> HashM
     state
 }
 
+/// The state the model graphs carry between calls: on the host, passed in with each call's
+/// inputs, replaced by the graph's outputs of the same names.
+#[derive(Clone, Debug, Default)]
+pub struct HostState {
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl HostState {
+    /// The call's inputs with the state added.
+    pub fn with_inputs(&self, inputs: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+        let mut all = self.tensors.clone();
+        all.extend(inputs.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+
+    /// Takes the state outputs out of `outputs` into the state.
+    pub fn update(&mut self, outputs: &mut BTreeMap<String, Tensor>) {
+        for (name, tensor) in self.tensors.iter_mut() {
+            if let Some(new) = outputs.remove(name) {
+                *tensor = new;
+            }
+        }
+    }
+}
+
 /// Runs prefill then greedy decode on the reference interpreter, calling `on_token` after each
 /// generated token.
 pub fn generate_reference(
@@ -83,21 +113,28 @@ pub fn generate_reference(
 ) -> Result<Generation> {
     let prefill = build_model(config, Phase::Prefill)?;
     let decode = build_model(config, Phase::Decode)?;
-    let step = |phase: Phase, state: &HashMap<String, Tensor>| {
+    let capacity = options.prompt.len() + options.new_tokens;
+    let mut state = HostState {
+        tensors: kv_cache_state(config, capacity, 0.0),
+    };
+    let step = |phase: Phase, inputs: &HashMap<String, Tensor>| {
         let graph = match phase {
             Phase::Prefill => &prefill,
             Phase::Decode => &decode,
         };
-        Ok(interp::run_with(graph, |name| {
-            state.get(name).or_else(|| weights.get(name))
-        })?)
+        let all = state.with_inputs(inputs);
+        let mut outputs =
+            interp::run_with(graph, |name| all.get(name).or_else(|| weights.get(name)))?;
+        state.update(&mut outputs);
+        Ok(outputs)
     };
     generate(config, options, step, on_token)
 }
 
 /// Runs prefill then greedy decode with `step`, which runs one phase's graph on the per-call
-/// tensors (`input_ids`, `positions`, `cache_start` and the KV-cache state) and returns the
-/// graph's outputs (`logits` and the updated caches). Calls `on_token` after each token.
+/// inputs (`input_ids`, `positions`, `cache_start`; the step keeps the KV-cache state, sized
+/// for at least `prompt + new_tokens` tokens) and returns the graph's outputs (`logits`; any
+/// others are ignored). Calls `on_token` after each token.
 pub fn generate(
     config: &ModelConfig,
     options: &GenerateOptions,
@@ -122,8 +159,7 @@ pub fn generate(
             config.vocab_size
         );
     }
-    let capacity = prompt.len() + options.new_tokens;
-    let mut state = kv_cache_state(config, capacity, 0.0);
+    let mut state: HashMap<String, Tensor> = HashMap::new();
 
     let mut generation = Generation {
         model: config.name.clone(),
@@ -134,6 +170,8 @@ pub fn generate(
         decode_seconds: 0.0,
         prefill_tokens_per_second: 0.0,
         decode_tokens_per_second: 0.0,
+        decode_step_ms: Vec::new(),
+        decode_ms_per_token_median: 0.0,
         step_logits: Vec::new(),
     };
     let started = Instant::now();
@@ -149,7 +187,6 @@ pub fn generate(
         let logits = outputs
             .remove("logits")
             .context("the graph has no `logits` output")?;
-        state.extend(outputs);
         Ok(logits.data)
     };
     let logits = run_step(Phase::Prefill, &mut state)?;
@@ -163,6 +200,7 @@ pub fn generate(
 
     let started = Instant::now();
     for index in 1..options.new_tokens {
+        let step_started = Instant::now();
         let position = (prompt.len() + index - 1) as i32;
         state.insert("input_ids".into(), Tensor::i32(&[1, 1], &[token]));
         state.insert("positions".into(), Tensor::i32(&[1, 1], &[position]));
@@ -173,8 +211,18 @@ pub fn generate(
             generation.step_logits.push(logits);
         }
         generation.tokens.push(token);
+        generation
+            .decode_step_ms
+            .push(step_started.elapsed().as_secs_f64() * 1e3);
         on_token(token);
     }
+    let mut sorted = generation.decode_step_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    generation.decode_ms_per_token_median = match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    };
     generation.decode_seconds = started.elapsed().as_secs_f64();
     generation.prefill_tokens_per_second = prompt.len() as f64 / generation.prefill_seconds;
     let decoded = (options.new_tokens - 1) as f64;

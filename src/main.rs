@@ -115,6 +115,10 @@ struct RunArgs {
     /// Prompt token ids, comma-separated (for example 1,15043,3186).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
     prompt: Vec<i32>,
+    /// Instead of --prompt, a prompt of N token ids drawn uniformly from the vocabulary with
+    /// --seed (for long-context runs such as 32768).
+    #[arg(long, value_name = "N")]
+    prompt_len: Option<usize>,
     /// Number of tokens to generate (the first comes from prefill).
     #[arg(long, short = 'n', default_value_t = 16)]
     tokens: usize,
@@ -183,14 +187,25 @@ fn run(args: RunArgs) -> Result<()> {
         config.dtype = DType::parse(dtype).context("--dtype takes f16, bf16 or f32")?;
     }
     let graph = build_model(&config, Phase::Prefill)?;
+    let started = std::time::Instant::now();
     let weights = load_weights(&graph, args.weights.as_deref(), args.seed)?;
+    eprintln!(
+        "kiln run: {} weights ready in {:.1} s",
+        config.name,
+        started.elapsed().as_secs_f64()
+    );
     let progress = ProgressBar::new(args.tokens as u64);
     progress.set_style(
         ProgressStyle::with_template("{spinner} decoding {pos}/{len} tokens [{elapsed}] {msg}")
             .expect("the template is valid"),
     );
+    let prompt = match args.prompt_len {
+        Some(0) => anyhow::bail!("--prompt-len must be at least 1"),
+        Some(n) => random_prompt(n, config.vocab_size, args.seed),
+        None => args.prompt.clone(),
+    };
     let options = GenerateOptions {
-        prompt: args.prompt.clone(),
+        prompt: prompt.clone(),
         new_tokens: args.tokens,
         keep_logits: false,
     };
@@ -205,16 +220,22 @@ fn run(args: RunArgs) -> Result<()> {
             "reference interpreter, cpu".to_string(),
         ),
         Some(device) => {
-            let capacity = args.prompt.len() + args.tokens;
+            let capacity = prompt.len() + args.tokens;
             let mut runner = PlanRunner::new(
                 &config,
                 &weights,
                 device,
                 args.ordinal,
-                args.prompt.len(),
+                prompt.len(),
                 capacity,
                 quest,
             )?;
+            eprintln!(
+                "kiln run: plans compiled and weights loaded on {} in {:.1} s; prefill of {} tokens",
+                runner.device,
+                started.elapsed().as_secs_f64(),
+                prompt.len()
+            );
             let generation = generate(
                 &config,
                 &options,
@@ -224,8 +245,10 @@ fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("running {} on {}", config.name, runner.device))?;
             let (p_gpu, p_cpu, d_gpu, d_cpu) = runner.placement;
             let mut ran_on = format!(
-                "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu kernels, decode {d_gpu} gpu + {d_cpu} cpu",
-                runner.device
+                "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu kernels, decode {d_gpu} gpu + {d_cpu} cpu; KV cache of {} tokens on the {}",
+                runner.device,
+                runner.capacity,
+                if runner.state_on_device { "device" } else { "host" }
             );
             if let (Some(options), Some(report)) = (quest, &runner.quest) {
                 ran_on.push_str(&format!(
@@ -249,7 +272,15 @@ fn run(args: RunArgs) -> Result<()> {
             .join(" ")
     };
     println!("model   {} {} ({ran_on})", config.name, config.dtype);
-    println!("prompt  {}", show(&generation.prompt));
+    if generation.prompt.len() <= 64 {
+        println!("prompt  {}", show(&generation.prompt));
+    } else {
+        println!(
+            "prompt  {} tokens: {} …",
+            generation.prompt.len(),
+            show(&generation.prompt[..16])
+        );
+    }
     println!("tokens  {}", show(&generation.tokens));
     println!(
         "prefill {} tokens in {:.1} ms ({:.1} tokens/s)",
@@ -263,7 +294,21 @@ fn run(args: RunArgs) -> Result<()> {
         generation.decode_seconds * 1e3,
         generation.decode_tokens_per_second
     );
+    if !generation.decode_step_ms.is_empty() {
+        println!(
+            "latency {:.3} ms per decode token (median of {} steps)",
+            generation.decode_ms_per_token_median,
+            generation.decode_step_ms.len()
+        );
+    }
     Ok(())
+}
+
+/// `n` token ids in `0..vocab`, uniform, from `seed`.
+fn random_prompt(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x70726f6d7074);
+    (0..n).map(|_| rng.random_range(0..vocab as i32)).collect()
 }
 
 fn inspect_command(args: InspectArgs) -> Result<()> {

@@ -6,19 +6,27 @@
 //! compiled with no GPU families, so every kernel runs on the host through the interpreter;
 //! on `cuda` the GPU generators take what they can and the rest runs on the host with the
 //! plan's transfers. With Quest options both phases compile with the Quest pass (it changes
-//! only the decode plan: prefill stays dense). It must not implement kernels or the step loop itself.
+//! only the decode plan: prefill stays dense).
+//!
+//! The runner owns the KV cache. When every kernel that touches it runs on the GPU, the
+//! caches live in a `DeviceState` shared by both executors and never cross to the host;
+//! otherwise they are host tensors passed in and out with each call. Its capacity is the
+//! asked one rounded up to a multiple of [`CAPACITY_ALIGNMENT`] tokens, so that every
+//! Quest page size divides it. It must not implement kernels or the step loop itself.
 
 use crate::compile::{compile, CompileOptions};
+use crate::generate::{kv_cache_state, HostState};
 use anyhow::{bail, Context, Result};
 use kiln_ir::model::{ModelConfig, Phase};
 use kiln_ir::quest::QuestOptions;
+use kiln_ir::schedule::BufferKind;
 use kiln_ir::schedule::PassReport;
 use kiln_ir::schedule::{Device, GpuCapabilities};
 use kiln_ir::shape::Bindings;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
 use kiln_runtime::cuda::CudaDevice;
-use kiln_runtime::exec::{DeviceWeights, ExecStats, Executor};
+use kiln_runtime::exec::{DeviceState, DeviceWeights, ExecStats, Executor};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -48,11 +56,20 @@ impl FromStr for RunDevice {
     }
 }
 
+/// KV-cache capacities are rounded up to a multiple of this many tokens.
+pub const CAPACITY_ALIGNMENT: usize = 256;
+
 /// The compiled plans of a model's two phases and their executors.
 #[derive(Debug)]
 pub struct PlanRunner {
     prefill: Executor,
     decode: Executor,
+    /// The KV caches when they live on the host (`None`: on the device).
+    host_state: Option<HostState>,
+    /// Tokens the KV cache holds.
+    pub capacity: usize,
+    /// Whether the KV caches stay on the device between calls.
+    pub state_on_device: bool,
     /// `cpu`, or the CUDA device's description.
     pub device: String,
     /// Kernels per phase and device: `(prefill gpu, prefill cpu, decode gpu, decode cpu)`.
@@ -74,6 +91,7 @@ impl PlanRunner {
         capacity: usize,
         quest: Option<QuestOptions>,
     ) -> Result<PlanRunner> {
+        let capacity = capacity.max(1).next_multiple_of(CAPACITY_ALIGNMENT);
         let cuda = match device {
             RunDevice::Cpu => None,
             RunDevice::Cuda => Some(CudaDevice::open(ordinal)?),
@@ -122,30 +140,70 @@ impl PlanRunner {
             .with_context(|| format!("loading the {} plan", phase.name()))?;
             executors.push(executor);
         }
-        let decode = executors.pop().expect("two phases");
-        let prefill = executors.pop().expect("two phases");
+        let mut decode = executors.pop().expect("two phases");
+        let mut prefill = executors.pop().expect("two phases");
+        let store = DeviceState::default();
+        let mut state_on_device = false;
+        if let Some(device) = &cuda {
+            let on_device = prefill.check_state_can_stay_on_device().is_ok()
+                && decode.check_state_can_stay_on_device().is_ok();
+            if on_device {
+                prefill.keep_state_on_device(store.clone())?;
+                decode.keep_state_on_device(store.clone())?;
+                let bindings = Bindings::from_pairs(&[("batch", 1), ("ctx", capacity)]);
+                for buffer in &decode.plan().buffers {
+                    if buffer.kind != BufferKind::State {
+                        continue;
+                    }
+                    let shape = buffer
+                        .shape
+                        .resolve(&bindings)
+                        .map_err(anyhow::Error::msg)?;
+                    store
+                        .insert_zeros(device, &buffer.name, buffer.dtype, &shape)
+                        .with_context(|| format!("allocating the KV cache `{}`", buffer.name))?;
+                }
+                state_on_device = true;
+            }
+        }
         Ok(PlanRunner {
             prefill,
             decode,
+            host_state: (!state_on_device).then(|| HostState {
+                tensors: kv_cache_state(config, capacity, 0.0),
+            }),
+            capacity,
+            state_on_device,
             device: description,
             placement: (placement[0], placement[1], placement[2], placement[3]),
             quest: quest_report,
         })
     }
 
-    /// Runs one phase on the per-call tensors.
+    /// Runs one phase on the per-call inputs (the runner adds the KV caches) and returns the
+    /// graph's other outputs.
     pub fn step(
         &mut self,
         phase: Phase,
-        state: &HashMap<String, Tensor>,
+        inputs: &HashMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>> {
         let executor = match phase {
             Phase::Prefill => &mut self.prefill,
             Phase::Decode => &mut self.decode,
         };
-        executor
-            .run(state)
-            .with_context(|| format!("running the {} plan", phase.name()))
+        let run = |executor: &mut Executor, inputs: &HashMap<String, Tensor>| {
+            executor
+                .run(inputs)
+                .with_context(|| format!("running the {} plan", phase.name()))
+        };
+        match &mut self.host_state {
+            None => run(executor, inputs),
+            Some(state) => {
+                let mut outputs = run(executor, &state.with_inputs(inputs))?;
+                state.update(&mut outputs);
+                Ok(outputs)
+            }
+        }
     }
 
     /// Fills the GPU arenas with NaN before every call (see `Executor::poison_arena`).

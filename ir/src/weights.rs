@@ -142,28 +142,40 @@ impl Weights {
     /// - rank-2 names ending in `embed_tokens.weight`: normal with std 1;
     /// - any other rank-2 `[N, K]`: uniform in ±√(3/K) (unit variance outputs for unit inputs);
     /// - anything else: uniform in ±0.02.
+    ///
+    /// Tensors are drawn in parallel (rayon); the result does not depend on the thread count.
     pub fn random(expected: &[(String, TensorType)], seed: u64) -> Result<Weights, WeightsError> {
+        use rayon::prelude::*;
+        let drawn: Vec<(String, Tensor)> = expected
+            .par_iter()
+            .map(|(name, ty)| Ok((name.clone(), Self::random_tensor(name, ty, seed)?)))
+            .collect::<Result<_, WeightsError>>()?;
         let mut weights = Weights::new();
-        for (name, ty) in expected {
-            let shape = concrete_shape(name, ty)?;
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(fnv1a64(name.as_bytes()));
-            let dtype = ty.dtype;
-            let tensor = if name.ends_with("norm.weight") {
-                Tensor::full(dtype, &shape, 1.0)
-            } else if name.ends_with(".bias") {
-                Tensor::uniform(dtype, &shape, 0.02, &mut rng)
-            } else if shape.len() == 2 && name.ends_with("embed_tokens.weight") {
-                Tensor::normal(dtype, &shape, 1.0, &mut rng)
-            } else if shape.len() == 2 {
-                let k = shape[1].max(1);
-                Tensor::uniform(dtype, &shape, (3.0 / k as f32).sqrt(), &mut rng)
-            } else {
-                Tensor::uniform(dtype, &shape, 0.02, &mut rng)
-            };
-            weights.insert(name, tensor);
+        for (name, tensor) in drawn {
+            weights.insert(&name, tensor);
         }
         Ok(weights)
+    }
+
+    /// One tensor of [`Weights::random`].
+    fn random_tensor(name: &str, ty: &TensorType, seed: u64) -> Result<Tensor, WeightsError> {
+        let shape = concrete_shape(name, ty)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(fnv1a64(name.as_bytes()));
+        let dtype = ty.dtype;
+        let tensor = if name.ends_with("norm.weight") {
+            Tensor::full(dtype, &shape, 1.0)
+        } else if name.ends_with(".bias") {
+            Tensor::uniform(dtype, &shape, 0.02, &mut rng)
+        } else if shape.len() == 2 && name.ends_with("embed_tokens.weight") {
+            Tensor::normal(dtype, &shape, 1.0, &mut rng)
+        } else if shape.len() == 2 {
+            let k = shape[1].max(1);
+            Tensor::uniform(dtype, &shape, (3.0 / k as f32).sqrt(), &mut rng)
+        } else {
+            Tensor::uniform(dtype, &shape, 0.02, &mut rng)
+        };
+        Ok(tensor)
     }
 
     /// Loads the expected tensors from `path`: a `.safetensors` file, a

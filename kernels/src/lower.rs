@@ -146,6 +146,12 @@ impl KernelSpec {
             Family::Map { .. } => {
                 return Err("elementwise maps with broadcast operands have no GPU generator".into())
             }
+            Family::Attention { .. } | Family::KvAppend { .. } => {
+                return Err(format!(
+                "{} runs as a program of several launches (`attention::program`), not one kernel",
+                family.describe()
+            ))
+            }
             Family::Interpreted { op } => return Err(format!("no GPU generator for `{op}`")),
         })
     }
@@ -258,6 +264,40 @@ impl Lowering {
             .or_insert_with(|| spec.generate().map_err(|e| e.to_string()))
             .clone()?;
         Ok((spec, kernel))
+    }
+
+    /// Every kernel that computes `family` under `bindings`: the one kernel of a
+    /// single-launch family, or the launches of an attention / KV-append program
+    /// ([`crate::attention::program`], sized for an H100's SM count), or why it has none.
+    pub fn lower_all(
+        &mut self,
+        family: &Family,
+        bindings: &Bindings,
+    ) -> Result<Vec<GpuKernel>, String> {
+        if !matches!(family, Family::Attention { .. } | Family::KvAppend { .. }) {
+            return Ok(vec![self.lower(family, bindings)?.1]);
+        }
+        let program = crate::attention::program::program(
+            family,
+            bindings,
+            crate::attention::decode::H100_SM_COUNT,
+        )?;
+        program
+            .launches
+            .iter()
+            .map(|launch| self.program_kernel(&launch.kernel))
+            .collect()
+    }
+
+    /// The kernel of one program launch (generated once per spec).
+    pub fn program_kernel(
+        &mut self,
+        kernel: &crate::attention::program::ProgramKernel,
+    ) -> Result<GpuKernel, String> {
+        self.generated
+            .entry(kernel.key())
+            .or_insert_with(|| kernel.generate().map_err(|e| e.to_string()))
+            .clone()
     }
 
     /// Distinct specs generated so far (successful or not).

@@ -65,8 +65,48 @@ pub enum Family {
         broadcast: bool,
         dtype: DType,
     },
+    /// Attention of `queries` new tokens per sequence over `keys` cached (or, for prefill,
+    /// new) tokens: `q [batch, queries, q_heads, head_dim]`, K and V
+    /// `[batch, keys, kv_heads, head_dim]` (grouped-query). See [`AttentionKind`].
+    Attention {
+        kind: AttentionKind,
+        batch: SymExpr,
+        queries: SymExpr,
+        keys: SymExpr,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        dtype: DType,
+    },
+    /// `KvAppend`: `new [batch, new_tokens, kv_heads, head_dim]` written into rows
+    /// `start[b] ..` of a `[batch, capacity, kv_heads, head_dim]` cache.
+    KvAppend {
+        batch: SymExpr,
+        new_tokens: SymExpr,
+        capacity: SymExpr,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    },
     /// Any other op, run by the reference interpreter.
     Interpreted { op: String },
+}
+
+/// Which attention op an [`Family::Attention`] kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// `Attention { causal: true }` over the new tokens themselves (prefill, `keys ==
+    /// queries`).
+    CausalPrefill,
+    /// `AttentionDecode`: the new tokens against the cache, per-sequence `lengths`.
+    Decode,
+    /// `QuestAttentionDecode`: one new token per sequence against the Quest-selected pages.
+    Quest {
+        budget_tokens: usize,
+        page_size: usize,
+    },
 }
 
 impl Family {
@@ -77,6 +117,8 @@ impl Family {
             Family::RmsNorm { .. } => "rms_norm",
             Family::Rope { .. } => "rope",
             Family::Map { .. } => "map",
+            Family::Attention { .. } => "attention",
+            Family::KvAppend { .. } => "kv_append",
             Family::Interpreted { .. } => "interpreted",
         }
     }
@@ -87,7 +129,9 @@ impl Family {
             Family::Linear { dtype, .. }
             | Family::RmsNorm { dtype, .. }
             | Family::Rope { dtype, .. }
-            | Family::Map { dtype, .. } => Some(*dtype),
+            | Family::Map { dtype, .. }
+            | Family::Attention { dtype, .. }
+            | Family::KvAppend { dtype, .. } => Some(*dtype),
             Family::Interpreted { .. } => None,
         }
     }
@@ -128,6 +172,30 @@ impl Family {
                 steps.len(),
                 if *broadcast { " broadcast" } else { "" }
             ),
+            Family::Attention {
+                kind,
+                q_heads,
+                kv_heads,
+                head_dim,
+                dtype,
+                ..
+            } => {
+                let kind = match kind {
+                    AttentionKind::CausalPrefill => "causal prefill".to_string(),
+                    AttentionKind::Decode => "decode".to_string(),
+                    AttentionKind::Quest {
+                        budget_tokens,
+                        page_size,
+                    } => format!("quest budget={budget_tokens} page={page_size}"),
+                };
+                format!("attention {kind} {dtype} q_heads={q_heads} kv_heads={kv_heads} head_dim={head_dim}")
+            }
+            Family::KvAppend {
+                kv_heads,
+                head_dim,
+                dtype,
+                ..
+            } => format!("kv_append {dtype} kv_heads={kv_heads} head_dim={head_dim}"),
             Family::Interpreted { op } => format!("interpreted {op}"),
         }
     }
@@ -214,6 +282,69 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 inputs: node.inputs.len(),
                 steps,
                 broadcast,
+                dtype,
+            })
+        }
+        Op::Attention {
+            causal: true,
+            scale,
+        }
+        | Op::AttentionDecode { scale }
+        | Op::QuestAttentionDecode { scale, .. } => {
+            let q = operand(0)?;
+            let k = operand(1)?;
+            let v = operand(2)?;
+            let (qd, kd) = (q.shape.dims(), k.shape.dims());
+            if qd.len() != 4 || kd.len() != 4 || k.shape != v.shape {
+                return None;
+            }
+            if q.dtype != dtype || k.dtype != dtype || v.dtype != dtype {
+                return None;
+            }
+            let kind = match &node.op {
+                Op::Attention { .. } => {
+                    // The prefill kernel reads the new tokens as their own cache.
+                    if qd[1] != kd[1] {
+                        return None;
+                    }
+                    AttentionKind::CausalPrefill
+                }
+                Op::AttentionDecode { .. } => AttentionKind::Decode,
+                Op::QuestAttentionDecode {
+                    budget_tokens,
+                    page_size,
+                    ..
+                } => AttentionKind::Quest {
+                    budget_tokens: *budget_tokens,
+                    page_size: *page_size,
+                },
+                _ => return None,
+            };
+            Some(Family::Attention {
+                kind,
+                batch: SymExpr::product(&qd[..1]),
+                queries: SymExpr::product(&qd[1..2]),
+                keys: SymExpr::product(&kd[1..2]),
+                q_heads: qd[2].as_const()?,
+                kv_heads: kd[2].as_const()?,
+                head_dim: qd[3].as_const()?,
+                scale: *scale,
+                dtype,
+            })
+        }
+        Op::KvAppend => {
+            let cache = operand(0)?;
+            let new = operand(1)?;
+            let (cd, nd) = (cache.shape.dims(), new.shape.dims());
+            if cd.len() != 4 || nd.len() != 4 || new.dtype != dtype || cache.dtype != dtype {
+                return None;
+            }
+            Some(Family::KvAppend {
+                batch: SymExpr::product(&cd[..1]),
+                new_tokens: SymExpr::product(&nd[1..2]),
+                capacity: SymExpr::product(&cd[1..2]),
+                kv_heads: cd[2].as_const()?,
+                head_dim: cd[3].as_const()?,
                 dtype,
             })
         }

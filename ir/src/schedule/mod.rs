@@ -29,7 +29,7 @@ pub mod pass;
 pub mod placement;
 pub mod size;
 
-pub use family::{classify, Family, LinearEpilogue};
+pub use family::{classify, AttentionKind, Family, LinearEpilogue};
 pub use memory::{MemoryPlan, PlanMemory};
 pub use pass::{Pass, PassRecord, PassReport};
 pub use placement::{recompute_transfers, ForceCpu, GpuCapabilities};

@@ -8,7 +8,7 @@
 //! load-time results becomes a [`LoadTimeOp`]; every other node becomes a kernel placed by
 //! [`GpuCapabilities::place`]. Lifetimes are set last, from the kernels' operands.
 
-use super::family::{classify, Family, LinearEpilogue};
+use super::family::{classify, AttentionKind, Family, LinearEpilogue};
 use super::placement::GpuCapabilities;
 use super::size::SymExpr;
 use super::{
@@ -199,6 +199,48 @@ fn launch_of(family: &Family) -> Launch {
         Family::Map { elements, .. } => {
             ([elements.clone().ceil_div(8 * 4 * 256), one(), one()], 256)
         }
+        // Decode: the split-KV partial kernel, about two blocks per SM for one sequence;
+        // prefill: one block per (query head, sequence, 64 queries).
+        Family::Attention {
+            kind,
+            batch,
+            queries,
+            q_heads,
+            kv_heads,
+            ..
+        } => match kind {
+            AttentionKind::CausalPrefill => (
+                [
+                    SymExpr::constant(*q_heads as u64),
+                    batch.clone(),
+                    queries.clone().ceil_div(64),
+                ],
+                128,
+            ),
+            _ => (
+                [
+                    SymExpr::constant(264).ceil_div(*kv_heads as u64),
+                    SymExpr::constant(*kv_heads as u64),
+                    batch.clone(),
+                ],
+                128,
+            ),
+        },
+        // One block row per new token, 16 bytes per thread.
+        Family::KvAppend {
+            batch,
+            new_tokens,
+            kv_heads,
+            head_dim,
+            ..
+        } => (
+            [
+                new_tokens.clone(),
+                batch.clone(),
+                SymExpr::constant((kv_heads * head_dim / 8) as u64).ceil_div(128),
+            ],
+            128,
+        ),
         Family::Interpreted { .. } => ([one(), one(), one()], 1),
     };
     Launch {

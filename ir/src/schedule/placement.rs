@@ -24,14 +24,22 @@ pub struct GpuCapabilities {
 }
 
 impl Default for GpuCapabilities {
-    /// The generators of `kiln-kernels` today: linear (GEMV/GEMM), RMSNorm, RoPE and
-    /// elementwise maps without broadcasting, in f16 and bf16.
+    /// The generators of `kiln-kernels` today: linear (GEMV/GEMM), RMSNorm, RoPE,
+    /// elementwise maps without broadcasting, attention (causal prefill, decode and Quest
+    /// decode over the contiguous KV cache) and KV append, in f16 and bf16.
     fn default() -> GpuCapabilities {
         GpuCapabilities {
-            families: ["linear", "rms_norm", "rope", "map"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            families: [
+                "linear",
+                "rms_norm",
+                "rope",
+                "map",
+                "attention",
+                "kv_append",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
             dtypes: [DType::F16, DType::BF16].into_iter().collect(),
         }
     }

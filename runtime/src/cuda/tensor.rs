@@ -27,6 +27,13 @@ pub struct DeviceTensor {
     pub storage: DeviceStorage,
 }
 
+/// What a new tensor's elements start as.
+#[derive(Clone, Copy)]
+enum Fill {
+    Zeros,
+    Poison,
+}
+
 fn unsupported(dtype: DType) -> CudaError {
     CudaError::InvalidRequest(format!(
         "device tensors of dtype {dtype} are not supported (packed 4-bit data lives in u8 buffers)"
@@ -71,13 +78,39 @@ impl DeviceTensor {
         dtype: DType,
         shape: &[usize],
     ) -> Result<DeviceTensor, CudaError> {
+        Self::allocate(device, dtype, shape, Fill::Poison)
+    }
+
+    /// A tensor of zeros (a fresh KV cache, for example).
+    pub fn zeros(
+        device: &CudaDevice,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<DeviceTensor, CudaError> {
+        Self::allocate(device, dtype, shape, Fill::Zeros)
+    }
+
+    fn allocate(
+        device: &CudaDevice,
+        dtype: DType,
+        shape: &[usize],
+        fill: Fill,
+    ) -> Result<DeviceTensor, CudaError> {
         let n = shape.iter().product();
+        macro_rules! buffer {
+            () => {
+                match fill {
+                    Fill::Zeros => DeviceBuffer::zeros(device, n)?,
+                    Fill::Poison => DeviceBuffer::poisoned(device, n)?,
+                }
+            };
+        }
         let storage = match dtype {
-            DType::F32 => DeviceStorage::F32(DeviceBuffer::poisoned(device, n)?),
-            DType::F16 => DeviceStorage::F16(DeviceBuffer::poisoned(device, n)?),
-            DType::BF16 => DeviceStorage::BF16(DeviceBuffer::poisoned(device, n)?),
-            DType::I32 => DeviceStorage::I32(DeviceBuffer::poisoned(device, n)?),
-            DType::I8 => DeviceStorage::I8(DeviceBuffer::poisoned(device, n)?),
+            DType::F32 => DeviceStorage::F32(buffer!()),
+            DType::F16 => DeviceStorage::F16(buffer!()),
+            DType::BF16 => DeviceStorage::BF16(buffer!()),
+            DType::I32 => DeviceStorage::I32(buffer!()),
+            DType::I8 => DeviceStorage::I8(buffer!()),
             DType::I4 => return Err(unsupported(DType::I4)),
         };
         Ok(DeviceTensor {

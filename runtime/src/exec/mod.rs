@@ -14,7 +14,12 @@
 //!    to the generator's parameters by name; a CPU kernel runs its graph node through
 //!    `ir::interp::eval` (no kernel has native CPU code in plans yet). The plan's transfers
 //!    move values between host and device before the kernel that needs them.
-//! 4. **Outputs** are copied to the host and returned by name.
+//!    Attention and KV append run as programs of several launches (`program.rs`); KV
+//!    append writes its cache in place.
+//! 4. **Outputs** are copied to the host and returned by name. With a [`DeviceState`]
+//!    ([`Executor::keep_state_on_device`]) the state (the KV caches) stays on the device:
+//!    a state input the call does not pass is read from the store, and a state output is
+//!    stored there instead of being returned.
 //!
 //! GPU results outside the arena start as NaN (and the arena too, with
 //! [`Executor::poison_arena`]), so a kernel that misses elements shows up as NaN logits,
@@ -22,9 +27,12 @@
 //! itself: it asks `kiln-kernels` for it.
 
 mod error;
+mod program;
+mod state;
 mod storage;
 
 pub use error::ExecError;
+pub use state::DeviceState;
 pub use storage::{elem_type, tensor_bytes, tensor_from_bytes, DeviceSlot};
 
 use crate::cuda::{Arg, Args, CudaDevice, DeviceBuffer, DeviceTensor, LoadedKernel};
@@ -36,7 +44,7 @@ use kiln_ir::shape::Bindings;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
 use kiln_kernels::lower::{KernelSpec, Lowering, Scalar};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// Device copies of weights, constants and load-time values, keyed by buffer name, dtype and
@@ -89,9 +97,9 @@ pub struct ExecStats {
     pub arena_allocations: usize,
 }
 
-/// A GPU kernel lowered for one set of bindings.
+/// A GPU kernel lowered for one set of bindings (`spec` is `None` for a program's launch).
 struct Lowered {
-    spec: KernelSpec,
+    spec: Option<KernelSpec>,
     kernel: LoadedKernel,
 }
 
@@ -112,6 +120,20 @@ pub struct Executor {
     stats: ExecStats,
     /// Fill the arena with NaN bytes before every call (tests).
     poison_arena: bool,
+    /// Programs of attention / KV-append kernels by (kernel index, bindings).
+    programs: HashMap<(usize, String), Arc<kiln_kernels::attention::program::AttentionProgram>>,
+    /// Program workspaces by name, shared by all programs (they run one after another).
+    workspaces: HashMap<&'static str, DeviceBuffer<u8>>,
+    /// Identity page tables and constant length arrays by description.
+    derived: HashMap<String, DeviceBuffer<i32>>,
+    /// Quest page bounds by kernel index.
+    quest_bounds: HashMap<usize, program::QuestBounds>,
+    /// KV append results → the cache operand whose memory they take over.
+    in_place: HashMap<BufferId, BufferId>,
+    /// State buffers, and the in-place results that alias them, → the state's name.
+    state_of: HashMap<BufferId, String>,
+    /// Where state lives between calls, when it stays on the device.
+    state_store: Option<DeviceState>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -164,8 +186,15 @@ impl Executor {
                 read_on[input][(kernel.device == Device::Gpu) as usize] = true;
             }
         }
-        // Host values of every resident buffer, in definition order (load-time ops read
-        // earlier ones).
+        // Host values of the resident buffers read on the host (by CPU kernels or load-time
+        // ops, in definition order: load-time ops read earlier ones). Weights read only on the
+        // GPU are uploaded from `weights` directly, never copied on the host.
+        let mut load_time_input = vec![false; buffers];
+        for op in &plan.load_time {
+            for &input in &op.inputs {
+                load_time_input[input] = true;
+            }
+        }
         let mut host: Vec<Option<Arc<Tensor>>> = vec![None; buffers];
         for buffer in &plan.buffers {
             match &buffer.kind {
@@ -192,7 +221,9 @@ impl Executor {
                             ),
                         });
                     }
-                    host[buffer.id] = Some(Arc::new(tensor.clone()));
+                    if read_on[buffer.id][0] || load_time_input[buffer.id] {
+                        host[buffer.id] = Some(Arc::new(tensor.clone()));
+                    }
                 }
                 BufferKind::Constant { value } => {
                     host[buffer.id] = Some(Arc::new(Tensor::full(buffer.dtype, &[], *value)));
@@ -237,9 +268,20 @@ impl Executor {
         if let Some(device) = &device {
             for buffer in &plan.buffers {
                 if resident_kind(&buffer.kind) && read_on[buffer.id][1] {
-                    let tensor = host[buffer.id].as_deref().ok_or_else(|| {
-                        ExecError::Internal(format!("resident buffer {} has no value", buffer.name))
-                    })?;
+                    let tensor = match host[buffer.id].as_deref() {
+                        Some(t) => t,
+                        None if buffer.kind == BufferKind::Weight => {
+                            weights.get(&buffer.name).ok_or_else(|| {
+                                ExecError::Internal(format!("weight {} vanished", buffer.name))
+                            })?
+                        }
+                        None => {
+                            return Err(ExecError::Internal(format!(
+                                "resident buffer {} has no value",
+                                buffer.name
+                            )))
+                        }
+                    };
                     let key = format!("{} {} {:?}", buffer.name, buffer.dtype, tensor.shape);
                     device_resident[buffer.id] =
                         Some(device_weights.get_or_upload(key, device, tensor)?);
@@ -250,6 +292,36 @@ impl Executor {
         for (id, value) in host.iter_mut().enumerate() {
             if !read_on[id][0] {
                 *value = None;
+            }
+        }
+        // KV append writes its cache operand in place: nothing after it may read the
+        // operand's old value.
+        let mut in_place = HashMap::new();
+        let mut state_of = HashMap::new();
+        for buffer in &plan.buffers {
+            if buffer.kind == BufferKind::State {
+                state_of.insert(buffer.id, buffer.name.clone());
+            }
+        }
+        for (index, kernel) in plan.kernels.iter().enumerate() {
+            if kernel.device != Device::Gpu
+                || !matches!(kernel.family, kiln_ir::schedule::Family::KvAppend { .. })
+            {
+                continue;
+            }
+            let cache = kernel.inputs[0];
+            if let Some(later) = plan.kernels[index + 1..]
+                .iter()
+                .find(|k| k.inputs.contains(&cache))
+            {
+                return Err(ExecError::Internal(format!(
+                    "{} appends to `{}` in place, but {} reads its old value afterwards",
+                    kernel.name, plan.buffers[cache].name, later.name
+                )));
+            }
+            in_place.insert(kernel.outputs[0], cache);
+            if let Some(name) = state_of.get(&cache).cloned() {
+                state_of.insert(kernel.outputs[0], name);
             }
         }
         Ok(Executor {
@@ -264,6 +336,75 @@ impl Executor {
             memory: None,
             stats: ExecStats::default(),
             poison_arena: false,
+            programs: HashMap::new(),
+            workspaces: HashMap::new(),
+            derived: HashMap::new(),
+            quest_bounds: HashMap::new(),
+            in_place,
+            state_of,
+            state_store: None,
+        })
+    }
+
+    /// Keeps the state (KV caches) in `store` between calls instead of passing it through the
+    /// host: a call may then leave state inputs out (they are read from the store), and the
+    /// state outputs are stored there, not returned. Every kernel that reads a state input
+    /// and every kernel that produces a state output must run on the GPU; otherwise this is
+    /// an error naming the kernel, and the executor keeps passing state through the host.
+    pub fn keep_state_on_device(&mut self, store: DeviceState) -> Result<(), ExecError> {
+        self.check_state_can_stay_on_device()?;
+        self.state_store = Some(store);
+        Ok(())
+    }
+
+    /// Why the state cannot stay on the device (a kernel that touches it runs on the CPU),
+    /// or `Ok`.
+    pub fn check_state_can_stay_on_device(&self) -> Result<(), ExecError> {
+        if self.device.is_none() {
+            return Err(ExecError::NoDevice {
+                graph: self.plan.graph.clone(),
+                gpu_kernels: self.plan.count_on(Device::Gpu),
+            });
+        }
+        let state_names = self.state_names();
+        for kernel in &self.plan.kernels {
+            let reads_state = kernel
+                .inputs
+                .iter()
+                .any(|&i| self.plan.buffers[i].kind == BufferKind::State);
+            let writes_state =
+                self.graph
+                    .outputs
+                    .iter()
+                    .zip(&self.plan.outputs)
+                    .any(|((name, _), named)| {
+                        state_names.contains(name.as_str())
+                            && kernel.outputs.contains(&named.buffer)
+                    });
+            if (reads_state || writes_state) && kernel.device != Device::Gpu {
+                return Err(ExecError::Kernel {
+                    kernel: kernel.name.clone(),
+                    message: "it reads or writes the KV cache on the CPU, so the cache cannot stay on the device".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the plan's state inputs.
+    fn state_names(&self) -> HashSet<&str> {
+        self.plan
+            .buffers
+            .iter()
+            .filter(|b| b.kind == BufferKind::State)
+            .map(|b| b.name.as_str())
+            .collect()
+    }
+
+    fn device_or_error(&self) -> Result<&Arc<CudaDevice>, ExecError> {
+        self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
+            graph: self.plan.graph.clone(),
+            gpu_kernels: self.plan.count_on(Device::Gpu),
         })
     }
 
@@ -294,24 +435,34 @@ impl Executor {
             if !matches!(buffer.kind, BufferKind::Input | BufferKind::State) {
                 continue;
             }
-            let tensor = inputs
-                .get(&buffer.name)
-                .ok_or_else(|| ExecError::MissingTensor {
-                    name: buffer.name.clone(),
-                    kind: if buffer.kind == BufferKind::State {
-                        "state"
-                    } else {
-                        "input"
-                    },
-                })?;
-            if tensor.dtype != buffer.dtype {
+            let stored = match (&self.state_store, inputs.get(&buffer.name)) {
+                (Some(store), None) if buffer.kind == BufferKind::State => store
+                    .get(&buffer.name)
+                    .map(|(t, _)| (t.dtype, t.shape.clone())),
+                _ => None,
+            };
+            let (dtype, shape) = match (inputs.get(&buffer.name), stored) {
+                (Some(tensor), _) => (tensor.dtype, tensor.shape.clone()),
+                (None, Some(stored)) => stored,
+                (None, None) => {
+                    return Err(ExecError::MissingTensor {
+                        name: buffer.name.clone(),
+                        kind: if buffer.kind == BufferKind::State {
+                            "state"
+                        } else {
+                            "input"
+                        },
+                    })
+                }
+            };
+            if dtype != buffer.dtype {
                 return Err(ExecError::BadTensor {
                     name: buffer.name.clone(),
-                    message: format!("expected dtype {}, got {}", buffer.dtype, tensor.dtype),
+                    message: format!("expected dtype {}, got {}", buffer.dtype, dtype),
                 });
             }
             bindings
-                .unify(&buffer.shape, &tensor.shape)
+                .unify(&buffer.shape, &shape)
                 .map_err(|m| ExecError::BadTensor {
                     name: buffer.name.clone(),
                     message: format!("expected shape {}: {m}", buffer.shape),
@@ -392,7 +543,7 @@ impl Executor {
             gpu_kernels: self.plan.count_on(Device::Gpu),
         })?;
         let loaded = Arc::new(Lowered {
-            spec,
+            spec: Some(spec),
             kernel: device.load(&generated)?,
         });
         self.loaded.insert(key, loaded.clone());
@@ -425,6 +576,24 @@ impl Executor {
                 slots[id] = Some(DeviceSlot::Resident(t.clone()));
             }
         }
+        // State kept on the device: read from the store unless the call passes it; state
+        // outputs go back to the store instead of the host.
+        let mut kept: HashMap<BufferId, String> = HashMap::new();
+        if let Some(store) = &self.state_store {
+            for buffer in &self.plan.buffers {
+                if buffer.kind == BufferKind::State && host[buffer.id].is_none() {
+                    if let Some((tensor, _)) = store.get(&buffer.name) {
+                        slots[buffer.id] = Some(DeviceSlot::Resident(tensor));
+                    }
+                }
+            }
+            let state_names = self.state_names();
+            for ((name, _), named) in self.graph.outputs.iter().zip(&self.plan.outputs) {
+                if state_names.contains(name.as_str()) {
+                    kept.insert(named.buffer, name.clone());
+                }
+            }
+        }
         let arena_slots: HashMap<BufferId, (u64, u64)> = self
             .memory
             .iter()
@@ -442,6 +611,15 @@ impl Executor {
             {
                 let transfer = transfers[next_transfer].clone();
                 next_transfer += 1;
+                let already_there = transfer.to == Device::Gpu
+                    && host[transfer.buffer].is_none()
+                    && slots[transfer.buffer].is_some();
+                let stays = transfer.to == Device::Cpu
+                    && index == self.plan.kernels.len()
+                    && kept.contains_key(&transfer.buffer);
+                if already_there || stays {
+                    continue;
+                }
                 self.transfer(
                     transfer.buffer,
                     transfer.to,
@@ -465,8 +643,25 @@ impl Executor {
             device.synchronize()?;
         }
         self.stats.calls += 1;
+        if let Some(store) = &self.state_store {
+            for (&id, name) in &kept {
+                let tensor = match slots[id].take() {
+                    Some(DeviceSlot::Resident(t)) => t,
+                    Some(DeviceSlot::Owned(t)) => Arc::new(t),
+                    _ => {
+                        return Err(ExecError::Internal(format!(
+                            "state output `{name}` is not in a device buffer of its own"
+                        )))
+                    }
+                };
+                store.insert(name, tensor);
+            }
+        }
         let mut outputs = BTreeMap::new();
         for ((name, value), named) in self.graph.outputs.iter().zip(&self.plan.outputs) {
+            if kept.contains_key(&named.buffer) {
+                continue;
+            }
             let tensor = host[named.buffer]
                 .as_deref()
                 .ok_or_else(|| ExecError::Internal(format!("output `{name}` was not computed")))?;
@@ -612,7 +807,13 @@ impl Executor {
         arena_slots: &HashMap<BufferId, (u64, u64)>,
         slots: &mut [Option<DeviceSlot>],
     ) -> Result<(), ExecError> {
+        if program::is_program(&self.plan.kernels[index].family) {
+            return self.run_program(index, bindings, arena_slots, slots);
+        }
         let lowered = self.lowered(index, bindings)?;
+        let spec = lowered.spec.clone().ok_or_else(|| {
+            ExecError::Internal("a program launch was looked up as a plan kernel".into())
+        })?;
         let kernel = &self.plan.kernels[index];
         for &id in &kernel.outputs {
             slots[id] = Some(self.fresh_slot(id, bindings, arena_slots)?);
@@ -621,7 +822,7 @@ impl Executor {
             .device
             .as_ref()
             .ok_or_else(|| ExecError::Internal("GPU kernel without a device".into()))?;
-        let (input_params, output_params) = lowered.spec.operand_params();
+        let (input_params, output_params) = spec.operand_params();
         if input_params.len() != kernel.inputs.len() || output_params.len() != kernel.outputs.len()
         {
             return Err(ExecError::Kernel {
@@ -651,13 +852,12 @@ impl Executor {
             })?;
             args = args.buffer(name, slot.arg(self.arena.as_ref(), buffer.dtype, device)?);
         }
-        let scalars = lowered
-            .spec
-            .scalars(&kernel.family, bindings)
-            .map_err(|message| ExecError::Kernel {
-                kernel: kernel.name.clone(),
-                message,
-            })?;
+        let scalars =
+            spec.scalars(&kernel.family, bindings)
+                .map_err(|message| ExecError::Kernel {
+                    kernel: kernel.name.clone(),
+                    message,
+                })?;
         for (name, value) in scalars {
             args = args.set(
                 name,

@@ -1,0 +1,611 @@
+//! Programs: the launches that compute one attention or KV-append kernel of a compiled plan.
+//!
+//! A plan kernel of family `attention` or `kv_append` (`kiln_ir::schedule::Family`) reads the
+//! model graph's *contiguous* KV cache `[batch, capacity, kv_heads, head_dim]`. That cache is
+//! a paged cache in [`PageOrder::TokenMajor`] whose page table is the identity
+//! (`page_table[b, j] = b · max_pages + j`, `max_pages = capacity / page_size`), so the paged
+//! kernels of this module read it unchanged. [`program`] turns a family and the call's sizes
+//! into an [`AttentionProgram`]: the kernels to launch in order, which buffer each pointer
+//! parameter binds to ([`ProgramBuffer`]: an operand of the graph node, its result, a
+//! workspace, a derived table, Quest page bounds kept between calls), and the scalars.
+//!
+//! - **Causal prefill** (`Attention { causal }` over the new tokens): the prefill kernel reads
+//!   K and V `[batch, seq, kv_heads, head_dim]` as the cache, `seq_lens = q_lens = seq`.
+//! - **Decode** (`AttentionDecode`): one query per sequence → split-KV partial + merge; more
+//!   queries (a chunk) → the prefill kernel with `q_lens = queries`, `seq_lens = lengths`.
+//! - **Quest** (`QuestAttentionDecode`): page bounds refreshed for the pages holding the new
+//!   token (or rebuilt for every page, see [`AttentionProgram::bounds_refresh`]), estimate,
+//!   top-K, sparse partial, merge. Every page is selected when a sequence has no more pages
+//!   than the budget, which is the dense fallback of the op.
+//! - **KV append**: one in-place `cache_append` launch (the result *is* operand 0).
+//!
+//! It generates nothing itself beyond calling the generators, and must not launch anything.
+
+use super::decode::{self, DecodeAttentionSpec};
+use super::paged::{PageOrder, PagedKv};
+use super::prefill::{self, PrefillAttentionSpec};
+use crate::cache_append::{self, CacheAppendSpec};
+use crate::lower::Scalar;
+use crate::quest::estimate::{self, QuestEstimateSpec};
+use crate::quest::page_bounds::{self, PageBoundsSpec};
+use crate::quest::top_k::{self, QuestTopKSpec};
+use crate::SpecError;
+use kiln_codegen::kernel::GpuKernel;
+use kiln_ir::schedule::{AttentionKind, Family};
+use kiln_ir::shape::Bindings;
+use std::collections::BTreeMap;
+
+/// One kernel of a program, by spec.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProgramKernel {
+    DecodePartial(DecodeAttentionSpec),
+    DecodeMerge(DecodeAttentionSpec),
+    Prefill(PrefillAttentionSpec),
+    PageBounds(PageBoundsSpec),
+    Estimate(QuestEstimateSpec),
+    TopK(QuestTopKSpec),
+    CacheAppend(CacheAppendSpec),
+}
+
+impl ProgramKernel {
+    /// A key that identifies the spec (equal keys generate identical kernels).
+    pub fn key(&self) -> String {
+        format!("{self:?}")
+    }
+
+    /// Runs the generator.
+    pub fn generate(&self) -> Result<GpuKernel, SpecError> {
+        match self {
+            ProgramKernel::DecodePartial(spec) => Ok(decode::generate(spec)?.partial),
+            ProgramKernel::DecodeMerge(spec) => decode::generate(spec)?
+                .merge
+                .ok_or_else(|| SpecError::new("decode_attention", "the spec has no merge kernel")),
+            ProgramKernel::Prefill(spec) => prefill::generate(spec),
+            ProgramKernel::PageBounds(spec) => page_bounds::generate(spec),
+            ProgramKernel::Estimate(spec) => estimate::generate(spec),
+            ProgramKernel::TopK(spec) => top_k::generate(spec),
+            ProgramKernel::CacheAppend(spec) => cache_append::generate(spec),
+        }
+    }
+}
+
+/// What a program's pointer parameter binds to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProgramBuffer {
+    /// Operand `i` of the graph node (`q, k, v[, lengths]`; `cache, new, start`).
+    Operand(usize),
+    /// The node's result. For `kv_append` the runtime makes it the same memory as operand 0.
+    Output,
+    /// Scratch of `bytes` bytes, written before it is read within the call.
+    Workspace { bytes: usize },
+    /// i32 `[batch, max_pages]`: `b · max_pages + j`.
+    IdentityPageTable { batch: usize, max_pages: usize },
+    /// i32 `[batch]`, every entry `value`.
+    Lengths { batch: usize, value: usize },
+    /// Quest page bounds of the node's K cache, `[batch · max_pages, kv_heads, head_dim]` in
+    /// the cache dtype, kept by the runtime from call to call (max when `!min`).
+    QuestBounds { elements: usize, min: bool },
+}
+
+/// One launch: a kernel, its pointer bindings (parameter → program buffer name) and scalars.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgramLaunch {
+    pub kernel: ProgramKernel,
+    pub buffers: Vec<(&'static str, &'static str)>,
+    pub scalars: BTreeMap<&'static str, Scalar>,
+}
+
+/// The launches of one plan kernel. See the module documentation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionProgram {
+    /// Program buffers by name.
+    pub buffers: BTreeMap<&'static str, ProgramBuffer>,
+    pub launches: Vec<ProgramLaunch>,
+    /// Quest: the index of the page-bounds launch and the `new_tokens` value that rebuilds
+    /// every page. Its scalar as listed refreshes only the pages of the new tokens, which is
+    /// right when the runtime knows that the bounds matched the cache before this call's
+    /// append; otherwise the runtime substitutes the rebuild value.
+    pub bounds_refresh: Option<(usize, u32)>,
+}
+
+fn resolve(
+    what: &str,
+    expr: &kiln_ir::schedule::SymExpr,
+    bindings: &Bindings,
+) -> Result<usize, String> {
+    expr.resolve(bindings)
+        .map(|v| v as usize)
+        .map_err(|m| format!("{what}: {m}"))
+}
+
+fn u32_of(name: &str, value: usize) -> Result<Scalar, String> {
+    u32::try_from(value)
+        .map(Scalar::U32)
+        .map_err(|_| format!("{name} = {value} does not fit in u32"))
+}
+
+/// The largest power of two `<= cap` that divides `n` (1 for `n = 0`).
+fn page_size_dividing(n: usize, cap: usize) -> usize {
+    let mut page = cap.max(1);
+    while page > 1 && !n.is_multiple_of(page) {
+        page /= 2;
+    }
+    page
+}
+
+/// The program of a plan kernel of `family` under `bindings`, for a device with `sm_count`
+/// SMs (it sizes the decode splits), or why there is none.
+pub fn program(
+    family: &Family,
+    bindings: &Bindings,
+    sm_count: usize,
+) -> Result<AttentionProgram, String> {
+    match family {
+        Family::KvAppend {
+            batch,
+            new_tokens,
+            capacity,
+            kv_heads,
+            head_dim,
+            dtype,
+        } => {
+            let spec = CacheAppendSpec {
+                dtype: *dtype,
+                kv_heads: *kv_heads,
+                head_dim: *head_dim,
+            };
+            let scalars = BTreeMap::from([
+                (
+                    "batch",
+                    u32_of("batch", resolve("batch", batch, bindings)?)?,
+                ),
+                (
+                    "new_tokens",
+                    u32_of("new_tokens", resolve("new tokens", new_tokens, bindings)?)?,
+                ),
+                (
+                    "capacity",
+                    u32_of("capacity", resolve("capacity", capacity, bindings)?)?,
+                ),
+            ]);
+            Ok(AttentionProgram {
+                buffers: BTreeMap::from([
+                    ("cache", ProgramBuffer::Operand(0)),
+                    ("new", ProgramBuffer::Operand(1)),
+                    ("start", ProgramBuffer::Operand(2)),
+                ]),
+                launches: vec![ProgramLaunch {
+                    kernel: ProgramKernel::CacheAppend(spec),
+                    buffers: vec![("new", "new"), ("start", "start"), ("cache", "cache")],
+                    scalars,
+                }],
+                bounds_refresh: None,
+            })
+        }
+        Family::Attention {
+            kind,
+            batch,
+            queries,
+            keys,
+            q_heads,
+            kv_heads,
+            head_dim,
+            scale,
+            dtype,
+        } => {
+            let batch = resolve("batch", batch, bindings)?;
+            let queries = resolve("queries", queries, bindings)?;
+            let keys = resolve("keys", keys, bindings)?;
+            let layout = |page_size: usize| PagedKv {
+                dtype: *dtype,
+                q_heads: *q_heads,
+                kv_heads: *kv_heads,
+                head_dim: *head_dim,
+                page_size,
+                order: PageOrder::TokenMajor,
+            };
+            let shape = Shape {
+                batch,
+                queries,
+                keys,
+                scale: *scale,
+                sm_count,
+            };
+            match kind {
+                AttentionKind::CausalPrefill => {
+                    // One sequence may end in a partial page; several must tile `keys` exactly.
+                    let page = if batch == 1 {
+                        64
+                    } else {
+                        page_size_dividing(keys, 64)
+                    };
+                    let layout = layout(page);
+                    layout.validate("attention").map_err(|e| e.to_string())?;
+                    prefill_program(
+                        layout,
+                        &shape,
+                        ProgramBuffer::Lengths { batch, value: keys },
+                    )
+                }
+                AttentionKind::Decode => {
+                    let layout = layout(page_size_dividing(keys, 16));
+                    layout.validate("attention").map_err(|e| e.to_string())?;
+                    if queries == 1 {
+                        decode_program(layout, &shape, None)
+                    } else {
+                        prefill_program(layout, &shape, ProgramBuffer::Operand(3))
+                    }
+                }
+                AttentionKind::Quest {
+                    budget_tokens,
+                    page_size,
+                } => {
+                    let layout = layout(*page_size);
+                    layout.validate("attention").map_err(|e| e.to_string())?;
+                    if queries != 1 {
+                        return Err(format!(
+                            "Quest decode takes one query per sequence, got {queries}"
+                        ));
+                    }
+                    if !keys.is_multiple_of(*page_size) {
+                        return Err(format!(
+                            "Quest on the GPU needs the cache capacity ({keys}) to be a multiple of the page size ({page_size})"
+                        ));
+                    }
+                    decode_program(layout, &shape, Some(budget_tokens / page_size))
+                }
+            }
+        }
+        other => Err(format!("{} is not an attention family", other.describe())),
+    }
+}
+
+/// The sizes of one attention call.
+struct Shape {
+    batch: usize,
+    queries: usize,
+    /// Cache capacity (decode) or new tokens (causal prefill).
+    keys: usize,
+    scale: f32,
+    sm_count: usize,
+}
+
+fn prefill_program(
+    layout: PagedKv,
+    shape: &Shape,
+    seq_lens: ProgramBuffer,
+) -> Result<AttentionProgram, String> {
+    let max_pages = shape.keys.div_ceil(layout.page_size);
+    let spec = PrefillAttentionSpec::new(layout);
+    let scalars = BTreeMap::from([
+        ("batch", u32_of("batch", shape.batch)?),
+        ("max_q", u32_of("queries", shape.queries)?),
+        ("max_pages", u32_of("pages", max_pages)?),
+        ("scale", Scalar::F32(shape.scale)),
+    ]);
+    Ok(AttentionProgram {
+        buffers: BTreeMap::from([
+            ("q", ProgramBuffer::Operand(0)),
+            ("k", ProgramBuffer::Operand(1)),
+            ("v", ProgramBuffer::Operand(2)),
+            ("seq_lens", seq_lens),
+            (
+                "q_lens",
+                ProgramBuffer::Lengths {
+                    batch: shape.batch,
+                    value: shape.queries,
+                },
+            ),
+            (
+                "page_table",
+                ProgramBuffer::IdentityPageTable {
+                    batch: shape.batch,
+                    max_pages,
+                },
+            ),
+            ("out", ProgramBuffer::Output),
+        ]),
+        launches: vec![ProgramLaunch {
+            kernel: ProgramKernel::Prefill(spec),
+            buffers: vec![
+                ("q", "q"),
+                ("k_pages", "k"),
+                ("v_pages", "v"),
+                ("page_table", "page_table"),
+                ("seq_lens", "seq_lens"),
+                ("q_lens", "q_lens"),
+                ("out", "out"),
+            ],
+            scalars,
+        }],
+        bounds_refresh: None,
+    })
+}
+
+/// Split-KV decode over every page (`budget_pages = None`) or over the Quest selection.
+fn decode_program(
+    layout: PagedKv,
+    shape: &Shape,
+    budget_pages: Option<usize>,
+) -> Result<AttentionProgram, String> {
+    let batch = shape.batch;
+    let max_pages = shape.keys / layout.page_size;
+    let spec = DecodeAttentionSpec::new(layout, budget_pages.is_some());
+    // The longest a sequence can be: the capacity, or the budget's tokens.
+    let longest = match budget_pages {
+        Some(pages) => (pages.min(max_pages)) * layout.page_size,
+        None => shape.keys,
+    };
+    let splits = spec.splits(batch, longest.max(1), shape.sm_count) as usize;
+    let workspace = spec.workspace(batch, splits);
+    let mut buffers = BTreeMap::from([
+        ("q", ProgramBuffer::Operand(0)),
+        ("k", ProgramBuffer::Operand(1)),
+        ("v", ProgramBuffer::Operand(2)),
+        ("lengths", ProgramBuffer::Operand(3)),
+        ("out", ProgramBuffer::Output),
+        (
+            "page_table",
+            ProgramBuffer::IdentityPageTable { batch, max_pages },
+        ),
+        (
+            "partial_acc",
+            ProgramBuffer::Workspace {
+                bytes: workspace.acc_elements * 4,
+            },
+        ),
+        (
+            "partial_max",
+            ProgramBuffer::Workspace {
+                bytes: workspace.stat_elements * 4,
+            },
+        ),
+        (
+            "partial_sum",
+            ProgramBuffer::Workspace {
+                bytes: workspace.stat_elements * 4,
+            },
+        ),
+    ]);
+    let mut launches = Vec::new();
+    let mut bounds_refresh = None;
+    let mut partial_scalars = BTreeMap::from([
+        ("batch", u32_of("batch", batch)?),
+        ("max_pages", u32_of("pages", max_pages)?),
+        ("splits", u32_of("splits", splits)?),
+        ("scale", Scalar::F32(shape.scale)),
+    ]);
+    let mut partial_buffers = vec![
+        ("q", "q"),
+        ("k_pages", "k"),
+        ("v_pages", "v"),
+        ("page_table", "page_table"),
+        ("seq_lens", "lengths"),
+    ];
+    if let Some(budget_pages) = budget_pages {
+        let max_selected = budget_pages.min(max_pages).max(1);
+        let bounds = batch * max_pages * layout.kv_heads * layout.head_dim;
+        let rows = batch * layout.kv_heads;
+        buffers.insert(
+            "page_max",
+            ProgramBuffer::QuestBounds {
+                elements: bounds,
+                min: false,
+            },
+        );
+        buffers.insert(
+            "page_min",
+            ProgramBuffer::QuestBounds {
+                elements: bounds,
+                min: true,
+            },
+        );
+        buffers.insert(
+            "scores",
+            ProgramBuffer::Workspace {
+                bytes: rows * max_pages * 4,
+            },
+        );
+        buffers.insert(
+            "selected_pages",
+            ProgramBuffer::Workspace {
+                bytes: rows * max_selected * 4,
+            },
+        );
+        buffers.insert(
+            "selected_counts",
+            ProgramBuffer::Workspace { bytes: rows * 4 },
+        );
+        bounds_refresh = Some((0, u32::try_from(shape.keys).map_err(|e| e.to_string())?));
+        launches.push(ProgramLaunch {
+            kernel: ProgramKernel::PageBounds(PageBoundsSpec { layout }),
+            buffers: vec![
+                ("k_pages", "k"),
+                ("page_table", "page_table"),
+                ("seq_lens", "lengths"),
+                ("page_max", "page_max"),
+                ("page_min", "page_min"),
+            ],
+            scalars: BTreeMap::from([
+                ("batch", u32_of("batch", batch)?),
+                ("max_pages", u32_of("pages", max_pages)?),
+                ("new_tokens", u32_of("queries", shape.queries)?),
+            ]),
+        });
+        launches.push(ProgramLaunch {
+            kernel: ProgramKernel::Estimate(QuestEstimateSpec::new(PagedKv {
+                order: PageOrder::HeadMajor,
+                ..layout
+            })),
+            buffers: vec![
+                ("q", "q"),
+                ("page_max", "page_max"),
+                ("page_min", "page_min"),
+                ("page_table", "page_table"),
+                ("seq_lens", "lengths"),
+                ("scores", "scores"),
+            ],
+            scalars: BTreeMap::from([
+                ("batch", u32_of("batch", batch)?),
+                ("max_pages", u32_of("pages", max_pages)?),
+            ]),
+        });
+        launches.push(ProgramLaunch {
+            kernel: ProgramKernel::TopK(QuestTopKSpec::for_layout(&layout)),
+            buffers: vec![
+                ("scores", "scores"),
+                ("seq_lens", "lengths"),
+                ("selected_pages", "selected_pages"),
+                ("selected_counts", "selected_counts"),
+            ],
+            scalars: BTreeMap::from([
+                ("batch", u32_of("batch", batch)?),
+                ("kv_heads", u32_of("kv_heads", layout.kv_heads)?),
+                ("max_pages", u32_of("pages", max_pages)?),
+                ("budget_pages", u32_of("budget pages", budget_pages)?),
+                ("max_selected", u32_of("selected pages", max_selected)?),
+            ]),
+        });
+        partial_buffers.push(("selected_pages", "selected_pages"));
+        partial_buffers.push(("selected_counts", "selected_counts"));
+        partial_scalars.insert("max_selected", u32_of("selected pages", max_selected)?);
+    }
+    partial_buffers.extend([
+        ("partial_acc", "partial_acc"),
+        ("partial_max", "partial_max"),
+        ("partial_sum", "partial_sum"),
+    ]);
+    launches.push(ProgramLaunch {
+        kernel: ProgramKernel::DecodePartial(spec),
+        buffers: partial_buffers,
+        scalars: partial_scalars,
+    });
+    launches.push(ProgramLaunch {
+        kernel: ProgramKernel::DecodeMerge(spec),
+        buffers: vec![
+            ("partial_acc", "partial_acc"),
+            ("partial_max", "partial_max"),
+            ("partial_sum", "partial_sum"),
+            ("out", "out"),
+        ],
+        scalars: BTreeMap::from([
+            ("batch", u32_of("batch", batch)?),
+            ("splits", u32_of("splits", splits)?),
+        ]),
+    });
+    Ok(AttentionProgram {
+        buffers,
+        launches,
+        bounds_refresh,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::dtype::DType;
+    use kiln_ir::schedule::SymExpr;
+
+    fn attention(kind: AttentionKind) -> Family {
+        attention_over(kind, 4096)
+    }
+
+    fn attention_over(kind: AttentionKind, keys: u64) -> Family {
+        Family::Attention {
+            kind,
+            batch: SymExpr::constant(1),
+            queries: SymExpr::constant(1),
+            keys: SymExpr::constant(keys),
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            scale: 0.088,
+            dtype: DType::F16,
+        }
+    }
+
+    /// Every launch binds every pointer parameter of its kernel to a program buffer, and
+    /// every scalar the kernel takes is given.
+    #[test]
+    fn every_parameter_of_every_launch_is_bound() {
+        let families = [
+            attention(AttentionKind::CausalPrefill),
+            attention(AttentionKind::Decode),
+            attention(AttentionKind::Quest {
+                budget_tokens: 2048,
+                page_size: 16,
+            }),
+            Family::KvAppend {
+                batch: SymExpr::constant(2),
+                new_tokens: SymExpr::constant(3),
+                capacity: SymExpr::constant(64),
+                kv_heads: 8,
+                head_dim: 128,
+                dtype: DType::BF16,
+            },
+        ];
+        for family in &families {
+            let program = program(family, &Bindings::new(), 132).unwrap();
+            for launch in &program.launches {
+                let kernel = launch.kernel.generate().unwrap();
+                for param in &kernel.params {
+                    let bound = launch
+                        .buffers
+                        .iter()
+                        .any(|(p, b)| *p == param.name && program.buffers.contains_key(b))
+                        || launch.scalars.contains_key(param.name.as_str());
+                    assert!(bound, "{}: `{}` is unbound", kernel.entry, param.name);
+                }
+                assert_eq!(
+                    launch.buffers.len() + launch.scalars.len(),
+                    kernel.params.len(),
+                    "{}: extra bindings",
+                    kernel.entry
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quest_lists_bounds_estimate_top_k_then_sparse_decode() {
+        let family = attention(AttentionKind::Quest {
+            budget_tokens: 2048,
+            page_size: 16,
+        });
+        let program = program(&family, &Bindings::new(), 132).unwrap();
+        let kinds: Vec<&str> = program
+            .launches
+            .iter()
+            .map(|l| match l.kernel {
+                ProgramKernel::PageBounds(_) => "bounds",
+                ProgramKernel::Estimate(_) => "estimate",
+                ProgramKernel::TopK(_) => "top_k",
+                ProgramKernel::DecodePartial(s) if s.sparse => "sparse",
+                ProgramKernel::DecodeMerge(_) => "merge",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["bounds", "estimate", "top_k", "sparse", "merge"]);
+        assert_eq!(program.bounds_refresh, Some((0, 4096)));
+    }
+
+    #[test]
+    fn a_capacity_off_the_page_size_is_refused_for_quest() {
+        let family = attention_over(
+            AttentionKind::Quest {
+                budget_tokens: 2048,
+                page_size: 16,
+            },
+            4100,
+        );
+        let err = program(&family, &Bindings::new(), 132).unwrap_err();
+        assert!(err.contains("multiple of the page size"), "{err}");
+    }
+
+    #[test]
+    fn page_sizes_divide_the_keys() {
+        assert_eq!(page_size_dividing(4096, 16), 16);
+        assert_eq!(page_size_dividing(4100, 16), 4);
+        assert_eq!(page_size_dividing(7, 64), 1);
+    }
+}
