@@ -348,3 +348,57 @@ fn bad_quest_flags_are_clear_errors() {
         "{message}"
     );
 }
+
+#[test]
+fn bad_numbers_name_their_flag() {
+    let output = kiln(&[
+        "embed",
+        "--data",
+        "translating-squares",
+        "--time-limit",
+        "0",
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--time-limit"),
+        "{}",
+        stderr(&output)
+    );
+    let output = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--prompt-len",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--prompt-len"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_random_prompt_of_the_asked_length_runs() {
+    let output = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--prompt-len",
+        "70",
+        "-n",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(json["prompt"].as_array().unwrap().len(), 70);
+    assert_eq!(json["tokens"].as_array().unwrap().len(), 3);
+    assert_eq!(json["decode_step_ms"].as_array().unwrap().len(), 2);
+    assert!(json["decode_ms_per_token_median"].as_f64().unwrap() > 0.0);
+}

@@ -134,6 +134,39 @@ fn fromax_and_nile_pro_report_the_measured_delta() {
     }
 }
 
+/// A spent time limit stops every solver at once: the report says so, and the Φ it writes
+/// is the measured best so far (its δ is the δ over all secants). A run without the limit
+/// on the same problem iterates more and does not say it was stopped.
+#[test]
+fn a_spent_time_limit_stops_and_reports_the_best_so_far() {
+    let data = random_points(30, 8, 5);
+    let jit = CpuJit::global().unwrap();
+    for method in [Method::Numax, Method::Fromax, Method::NilePro] {
+        let mut options = EmbedOptions::new(method, 0.05);
+        options.max_iter = 300;
+        let free = embed(&data, &options, jit, &mut |_| {}).unwrap().report;
+        assert!(!free.stopped_by_time_limit, "{method:?}");
+        options.time_limit = Some(1e-9);
+        let stopped = embed(&data, &options, jit, &mut |_| {}).unwrap();
+        let r = &stopped.report;
+        assert!(r.stopped_by_time_limit, "{method:?}: {r:?}");
+        assert!(
+            r.iterations < free.iterations.max(1),
+            "{method:?}: {} iterations with the limit, {} without",
+            r.iterations,
+            free.iterations
+        );
+        if stopped.rank > 0 {
+            let measured = measured_delta(&data, &stopped.phi, stopped.rank);
+            assert!(
+                (measured - r.delta).abs() < 1e-9,
+                "{method:?}: {measured} vs {}",
+                r.delta
+            );
+        }
+    }
+}
+
 #[test]
 fn embed_command_writes_phi_and_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -161,6 +194,7 @@ fn embed_command_writes_phi_and_report() {
         no_column_generation: false,
         cg_f32: false,
         seed: 0,
+        time_limit: None,
         output: Some(phi.clone()),
         report: Some(report.clone()),
         quiet: true,

@@ -44,6 +44,11 @@ pub struct EmbedArgs {
     /// Seed of the column-generation subset.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Stop after this many seconds and report the best result so far (the report says
+    /// `stopped_by_time_limit`; FroMax / NILE-Pro: the smallest rank that reached δ so far,
+    /// else the last probe).
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
     /// Write Φ (rank × d) as CSV here.
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
@@ -59,6 +64,9 @@ pub struct EmbedArgs {
 pub fn embed_command(args: EmbedArgs) -> Result<()> {
     if !(args.delta > 0.0 && args.delta < 1.0) {
         bail!("--delta {} must lie in (0, 1)", args.delta);
+    }
+    if args.time_limit.is_some_and(|s| !(s > 0.0 && s.is_finite())) {
+        bail!("--time-limit must be a positive number of seconds");
     }
     if args.max_iter == 0 {
         bail!("--max-iter must be positive");
@@ -77,6 +85,7 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
     let mut options = EmbedOptions::new(args.method, args.delta);
     options.rank = args.rank;
     options.max_iter = args.max_iter;
+    options.time_limit = args.time_limit;
     options.tol = args.tol;
     options.column_generation = !args.no_column_generation;
     options.seed = args.seed;
@@ -108,7 +117,7 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
     bar.finish_and_clear();
     let r = &result.report;
     println!(
-        "{} on {} ({} points, d = {}): rank {} at δ = {:.4} (target {}, {}), PCA rank {}; {} iterations, {:.2} s",
+        "{} on {} ({} points, d = {}): rank {} at δ = {:.4} (target {}, {}), PCA rank {}; {} iterations, {:.2} s{}",
         r.method,
         r.data,
         r.points,
@@ -119,7 +128,12 @@ pub fn embed_command(args: EmbedArgs) -> Result<()> {
         if r.reached { "reached" } else { "not reached" },
         r.pca_rank,
         r.iterations,
-        r.seconds
+        r.seconds,
+        if r.stopped_by_time_limit {
+            " (stopped by --time-limit: best so far)"
+        } else {
+            ""
+        }
     );
     if let Some(path) = &args.output {
         crate::write_atomically(

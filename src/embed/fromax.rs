@@ -41,7 +41,7 @@ pub fn solve_rank(
     let mut converged = false;
     let mut delta = None;
     let stage = format!("rank {rank}");
-    while iterations < options.max_iter {
+    while iterations < options.max_iter && !options.out_of_time() {
         let residuals = admm.step()?;
         iterations += 1;
         converged = residuals.0 < options.tol && residuals.1 < options.tol;

@@ -84,6 +84,11 @@ pub struct EmbedOptions {
     /// NuMax / FroMax: run the conjugate gradients' `𝒜*𝒜` in f32 (mixed precision; a faster
     /// variant, off by default).
     pub cg_f32: bool,
+    /// Wall-time budget of the whole run in seconds: when it is spent, the solver stops at
+    /// the next iteration and the run reports the best result so far (`Report::stopped`).
+    pub time_limit: Option<f64>,
+    /// When the time limit runs out (set by [`embed`] from `time_limit`).
+    pub deadline: Option<Instant>,
 }
 
 impl EmbedOptions {
@@ -103,7 +108,16 @@ impl EmbedOptions {
             seed: 0,
             margin: 0.01,
             cg_f32: false,
+            time_limit: None,
+            deadline: None,
         }
+    }
+}
+
+impl EmbedOptions {
+    /// Whether the time limit is spent.
+    pub fn out_of_time(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 }
 
@@ -158,6 +172,11 @@ pub fn embed(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Embedding> {
     let start = Instant::now();
+    let mut options = options.clone();
+    options.deadline = options
+        .time_limit
+        .map(|s| start + std::time::Duration::from_secs_f64(s.max(0.0)));
+    let options = &options;
     let problem = Problem::new(data, jit)?;
     let pca = problem.pca_curve(problem.d);
     let pca_rank = problem::smallest_rank(&pca, options.delta).unwrap_or(problem.d);
@@ -200,6 +219,7 @@ pub fn embed(
         let reduced = lowrank.truncate(rank).phi(iso.scale().sqrt());
         (problem.lift(&reduced, rank), iso)
     };
+    report.stopped_by_time_limit = options.out_of_time();
     report.finish(
         rank,
         &isometry,
@@ -232,12 +252,12 @@ fn rank_search(
     }
     let mut hi = pca_rank.clamp(1, problem.d);
     let mut best = probe(hi, report, progress)?;
-    while !reached(&best) && hi < problem.d {
+    while !reached(&best) && hi < problem.d && !options.out_of_time() {
         hi = (hi * 2).min(problem.d);
         best = probe(hi, report, progress)?;
     }
     let mut lo = if reached(&best) { 1 } else { hi };
-    while lo < hi {
+    while lo < hi && !options.out_of_time() {
         let mid = (lo + hi) / 2;
         let outcome = probe(mid, report, progress)?;
         if reached(&outcome) {

@@ -81,7 +81,7 @@ pub fn solve_rank(
     let mut converged = false;
     let mut delta = Some(best.0.delta());
     let stage = format!("rank {rank}");
-    while iterations < options.max_iter {
+    while iterations < options.max_iter && !options.out_of_time() {
         // z step: y = 𝒜(Ψ) − 1 + u, z = clamp(y, −θ, θ)
         defect.run(&[&a, &u, &mask], &mut y, PAR)?;
         ops.linf_prox(&y, 1.0 / rho1, &mut z)?;

@@ -241,11 +241,11 @@ pub fn solve(
     let mut rounds = 0;
     let mut converged = false;
     let mut delta = None;
-    while iterations < options.max_iter {
+    while iterations < options.max_iter && !options.out_of_time() {
         rounds += 1;
         let stage = format!("round {rounds} ({} secants)", admm.ops.active_secants());
         converged = false;
-        while iterations < options.max_iter {
+        while iterations < options.max_iter && !options.out_of_time() {
             let residuals = admm.step()?;
             iterations += 1;
             if iterations.is_multiple_of(options.check_every.max(1)) {

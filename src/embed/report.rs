@@ -47,6 +47,8 @@ pub struct Report {
     /// Kernels the JIT compiled (the whole process's cache).
     pub compilations: usize,
     pub threads: usize,
+    /// The run stopped because `--time-limit` was spent; rank and δ are the best so far.
+    pub stopped_by_time_limit: bool,
 }
 
 impl Report {
@@ -84,6 +86,7 @@ impl Report {
             tol: options.tol,
             compilations: 0,
             threads: rayon_threads(),
+            stopped_by_time_limit: false,
         }
     }
 
