@@ -24,7 +24,7 @@
 //! [`DecodeAttentionSpec::splits`]: kiln_kernels::attention::decode::DecodeAttentionSpec::splits
 //! [`PrefillTile::h100`]: kiln_kernels::attention::prefill::PrefillTile::h100
 
-use super::paged::{self, Decode, PagePool, PageSets};
+use super::paged::{self, Decode, PagePool, PageSets, RowShape};
 use super::SuiteReport;
 use anyhow::{Context, Result};
 use kiln_ir::dtype::DType;
@@ -56,14 +56,8 @@ pub enum Row {
 /// Dense split-KV decode of one query token per sequence.
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeRow {
-    pub suite: String,
-    #[serde(rename = "impl")]
-    pub implementation: String,
-    pub dtype: String,
-    pub batch: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
+    #[serde(flatten)]
+    pub shape: RowShape,
     /// Cached tokens each sequence attends.
     pub context: usize,
     pub page_size: usize,
@@ -85,14 +79,8 @@ pub struct DecodeRow {
 /// Causal prefill of one sequence.
 #[derive(Clone, Debug, Serialize)]
 pub struct PrefillRow {
-    pub suite: String,
-    #[serde(rename = "impl")]
-    pub implementation: String,
-    pub dtype: String,
-    pub batch: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
+    #[serde(flatten)]
+    pub shape: RowShape,
     /// Prompt tokens (all new; the causal square).
     pub tokens: usize,
     pub page_size: usize,
@@ -111,11 +99,11 @@ impl Row {
         match self {
             Row::Decode(r) => format!(
                 "decode {} batch {} kv {} context {}: {:.1} µs",
-                r.dtype, r.batch, r.kv_heads, r.context, r.median_us
+                r.shape.dtype, r.shape.batch, r.shape.kv_heads, r.context, r.median_us
             ),
             Row::Prefill(r) => format!(
                 "prefill {} kv {} tokens {}: {:.1} µs",
-                r.dtype, r.kv_heads, r.tokens, r.median_us
+                r.shape.dtype, r.shape.kv_heads, r.tokens, r.median_us
             ),
         }
     }
@@ -199,13 +187,7 @@ fn time_decode(
         decode.launch_partial(q, pool, &sets, set, None)
     })?;
     Ok(DecodeRow {
-        suite: "attention".into(),
-        implementation: "kiln.decode".into(),
-        dtype: layout.dtype.name().into(),
-        batch,
-        q_heads: layout.q_heads,
-        kv_heads: layout.kv_heads,
-        head_dim: layout.head_dim,
+        shape: RowShape::new("attention", "kiln.decode", &layout, batch),
         context,
         page_size: layout.page_size,
         splits: decode.splits,
@@ -262,13 +244,7 @@ fn time_prefill(
         "{what}: the output has unwritten or non-finite elements"
     );
     Ok(PrefillRow {
-        suite: "attention".into(),
-        implementation: "kiln.prefill".into(),
-        dtype: dtype.name().into(),
-        batch: 1,
-        q_heads: layout.q_heads,
-        kv_heads: layout.kv_heads,
-        head_dim: layout.head_dim,
+        shape: RowShape::new("attention", "kiln.prefill", &layout, 1),
         tokens,
         page_size: layout.page_size,
         block_q: spec.tile.block_q,
@@ -317,9 +293,9 @@ pub fn render(report: &SuiteReport<Row>) -> String {
             out.push_str(&format!(
                 "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>8.0}\n",
                 "",
-                r.dtype,
-                r.batch,
-                r.kv_heads,
+                r.shape.dtype,
+                r.shape.batch,
+                r.shape.kv_heads,
                 r.context,
                 r.splits,
                 r.rotations,
@@ -339,9 +315,9 @@ pub fn render(report: &SuiteReport<Row>) -> String {
             out.push_str(&format!(
                 "{:<8} {:<5} {:>5} {:>4} {:>7} {:>9} {:>10.1} {:>8.1}\n",
                 "",
-                r.dtype,
-                r.batch,
-                r.kv_heads,
+                r.shape.dtype,
+                r.shape.batch,
+                r.shape.kv_heads,
                 r.tokens,
                 format!("{}x{}", r.block_q, r.block_kv),
                 r.median_us,
@@ -351,4 +327,42 @@ pub fn render(report: &SuiteReport<Row>) -> String {
     }
     out.push_str(&report.render_notes());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON that `bench/compare.py` reads: the shared columns come first, under their
+    /// old names (`impl`, not `implementation`), and the kind tag is kept.
+    #[test]
+    fn rows_serialize_the_shared_columns_flat() {
+        let layout = paged::layout(DType::BF16, 32, 8, 128);
+        let row = Row::Prefill(PrefillRow {
+            shape: RowShape::new("attention", "kiln.prefill", &layout, 1),
+            tokens: 4096,
+            page_size: layout.page_size,
+            block_q: 64,
+            block_kv: 32,
+            median_us: 100.0,
+            min_us: 90.0,
+            tflops: 1.0,
+        });
+        let json = serde_json::to_value(&row).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        for key in [
+            "kind", "suite", "impl", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "tokens",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert!(!keys.contains(&"shape") && !keys.contains(&"implementation"));
+        assert_eq!(json["impl"], "kiln.prefill");
+        assert_eq!(json["dtype"], "bf16");
+        assert_eq!(json["kv_heads"], 8);
+    }
 }

@@ -38,6 +38,35 @@ use kiln_runtime::cuda::{
 use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
 
+/// The columns every attention and Quest benchmark row starts with: suite, implementation,
+/// dtype and the head shape. Rows embed it flattened, so their JSON keys are unchanged.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RowShape {
+    pub suite: String,
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub dtype: String,
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl RowShape {
+    /// The columns of a `suite` row of `implementation` over `layout` at `batch`.
+    pub fn new(suite: &str, implementation: &str, layout: &PagedKv, batch: usize) -> RowShape {
+        RowShape {
+            suite: suite.into(),
+            implementation: implementation.into(),
+            dtype: layout.dtype.name().into(),
+            batch,
+            q_heads: layout.q_heads,
+            kv_heads: layout.kv_heads,
+            head_dim: layout.head_dim,
+        }
+    }
+}
+
 /// Tokens per page.
 pub const PAGE_SIZE: usize = 16;
 /// Bytes the rotated page sets of one shape must cover (the H100's L2 is 50 MB).

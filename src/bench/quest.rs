@@ -36,7 +36,7 @@
 //!
 //! [`DecodeAttentionSpec::splits`]: kiln_kernels::attention::decode::DecodeAttentionSpec::splits
 
-use super::paged::{self, Decode, PagePool, PageSets, Selection};
+use super::paged::{self, Decode, PagePool, PageSets, RowShape, Selection};
 use super::SuiteReport;
 use anyhow::Result;
 use kiln_ir::dtype::DType;
@@ -60,14 +60,8 @@ pub const QUEST_POOL_BYTES: usize = 1 << 30;
 /// One (shape, budget): the Quest step's parts and total, and the dense decode.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
-    pub suite: String,
-    #[serde(rename = "impl")]
-    pub implementation: String,
-    pub dtype: String,
-    pub batch: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
+    #[serde(flatten)]
+    pub shape: RowShape,
     pub context: usize,
     pub page_size: usize,
     /// Token budget and its pages.
@@ -99,7 +93,12 @@ impl Row {
     pub fn describe(&self) -> String {
         format!(
             "quest batch {} kv {} context {} budget {}: {:.1} µs (dense {:.1} µs)",
-            self.batch, self.kv_heads, self.context, self.budget, self.total_us, self.dense_us
+            self.shape.batch,
+            self.shape.kv_heads,
+            self.context,
+            self.budget,
+            self.total_us,
+            self.dense_us
         )
     }
 }
@@ -304,13 +303,7 @@ fn time_context(
             &counts[..counts.len().min(8)]
         );
         let row = Row {
-            suite: "quest".into(),
-            implementation: "kiln.quest".into(),
-            dtype: layout.dtype.name().into(),
-            batch,
-            q_heads: layout.q_heads,
-            kv_heads: layout.kv_heads,
-            head_dim: layout.head_dim,
+            shape: RowShape::new("quest", "kiln.quest", &layout, batch),
             context,
             page_size: layout.page_size,
             budget,
@@ -354,9 +347,9 @@ pub fn render(report: &SuiteReport<Row>) -> String {
     for r in &report.records {
         out.push_str(&format!(
             "{:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x{}\n",
-            r.dtype,
-            r.batch,
-            r.kv_heads,
+            r.shape.dtype,
+            r.shape.batch,
+            r.shape.kv_heads,
             r.context,
             r.budget,
             r.rotations,
