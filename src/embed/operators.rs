@@ -717,6 +717,9 @@ pub fn eigen(a: &[f64], d: usize) -> Result<Eigen> {
     let evd = m
         .self_adjoint_eigen(faer::Side::Lower)
         .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
+    // faer may return with the upper AVX state dirty, which makes the SSE code that follows
+    // (ours and the JIT's) pay a transition penalty per instruction on Intel cores
+    kiln_runtime::cpu::clear_upper_vector_state();
     let (s, u) = (evd.S().column_vector(), evd.U());
     let mut values = vec![0.0; d];
     let mut vectors = vec![0.0; d * d];

@@ -253,6 +253,7 @@ impl DotKernel {
             let cols = (cb * col_block, ((cb + 1) * col_block).min(shape.n));
             // SAFETY: the operands were checked to hold their matrices with these strides and
             // formats, the ranges lie inside C, and concurrent tasks write disjoint blocks.
+            super::clear_upper_vector_state();
             unsafe {
                 function(
                     a_ptr.get(),

@@ -134,6 +134,7 @@ impl MapKernel {
             // SAFETY: every input has `len` elements of the format the kernel reads, `out` has
             // `len` elements of its compute type, `start ≤ end ≤ len`, tasks write disjoint
             // ranges of `out`, and `pointers` outlives the tasks.
+            super::clear_upper_vector_state();
             unsafe {
                 function(
                     pointers.get() as *const *const u8,

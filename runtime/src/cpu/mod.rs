@@ -5,7 +5,8 @@
 //! - [`jit`]: [`CpuJit`] — native ISA, `opt_level = speed`, cache, [`CpuJit::compilations`];
 //! - [`map`]: [`MapKernel`], elementwise maps over element chunks;
 //! - [`dot`]: [`DotKernel`], `C = alpha·A·Bᵀ + beta·C` over row × column blocks;
-//! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`].
+//! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`];
+//! - [`vector_state`]: the `vzeroupper` every call into generated code is preceded by.
 //!
 //! It must not build kernel IR (that is `kiln_codegen::cpu`). A length, format or count
 //! mismatch is a [`CpuError`] naming the operand, never undefined behaviour.
@@ -16,6 +17,7 @@ pub mod error;
 pub mod jit;
 pub mod map;
 pub mod parallel;
+pub mod vector_state;
 
 pub use dot::{DotKernel, DotShape};
 pub use element::{Element, Float};
@@ -23,3 +25,4 @@ pub use error::CpuError;
 pub use jit::{CompiledFn, CpuJit};
 pub use map::MapKernel;
 pub use parallel::Parallelism;
+pub use vector_state::clear_upper_vector_state;
