@@ -402,3 +402,31 @@ fn a_random_prompt_of_the_asked_length_runs() {
     assert_eq!(json["decode_step_ms"].as_array().unwrap().len(), 2);
     assert!(json["decode_ms_per_token_median"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn embed_report_counts_the_threads_it_ran_on() {
+    let dir = tempfile::tempdir().unwrap();
+    for threads in ["1", "3"] {
+        let report = dir.path().join(format!("report{threads}.json"));
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("RAYON_NUM_THREADS", threads)
+            .args([
+                "embed",
+                "--quiet",
+                "--data",
+                "translating-squares",
+                "--method",
+                "numax",
+            ])
+            .args(["--delta", "0.4", "--max-iter", "3", "-o"])
+            .arg(dir.path().join("phi.csv"))
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(json["threads"].as_u64().unwrap().to_string(), threads);
+    }
+}

@@ -115,7 +115,7 @@ impl Report {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    kiln_runtime::cpu::Parallelism::Rayon.threads()
 }
 
 /// Φ (rank × dim, row-major) as CSV, one row of Φ a line, shortest round-trip floats.

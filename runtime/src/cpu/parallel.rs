@@ -14,6 +14,15 @@ pub enum Parallelism {
 }
 
 impl Parallelism {
+    /// How many threads a call may use: 1, or the size of the current rayon pool (which
+    /// `RAYON_NUM_THREADS` sets).
+    pub fn threads(self) -> usize {
+        match self {
+            Parallelism::Sequential => 1,
+            Parallelism::Rayon => rayon::current_num_threads(),
+        }
+    }
+
     /// Calls `task(t)` for every `t` in `0..tasks`, in parallel for [`Parallelism::Rayon`].
     pub fn for_each(self, tasks: usize, task: impl Fn(usize) + Send + Sync) {
         match self {
