@@ -332,3 +332,27 @@ fn numax_rank_diagnosis_on_squares() {
         );
     }
 }
+
+/// With a clip margin smaller than the slack of the ℓ2 stopping rule, P misses δ on a few
+/// secants after converging; polishing tightens the tolerance until it meets δ.
+#[test]
+fn numax_polishes_until_delta_is_met() {
+    let data = translating_squares();
+    let jit = CpuJit::global().unwrap();
+    let mut options = EmbedOptions::new(Method::Numax, 0.2);
+    options.margin = 0.002;
+    options.max_iter = 3000;
+    let result = embed(&data, &options, jit, &mut |_| {}).unwrap();
+    let r = &result.report;
+    eprintln!(
+        "margin 0.002: δ {:.5}, final tol {:?}, {} iterations, {} rounds",
+        r.delta,
+        r.final_tol,
+        r.iterations,
+        r.rounds.unwrap_or(0)
+    );
+    assert!(r.converged);
+    // polishing runs only when the converged P missed δ
+    assert!(r.final_tol.unwrap() < options.tol, "no polishing happened");
+    assert!(r.reached && r.delta <= 0.2, "δ {} above 0.2", r.delta);
+}

@@ -15,8 +15,9 @@
 //! random tenth of the secants (at least 500); after each converged round the worst violators
 //! among the inactive secants (`|vᵀPv − 1| > δ`, up to a twentieth of all secants, at
 //! least 200) join it, warm-starting every variable, until none is left or the iteration
-//! budget is spent. The reported rank is the smallest truncation of P whose optimally rescaled
-//! embedding reaches δ over all secants.
+//! budget is spent. If P then still misses δ over all secants, the tolerance is divided by 10
+//! and the iteration goes on (at most three times: "polishing"). The reported rank is the
+//! smallest truncation of P whose optimally rescaled embedding reaches δ over all secants.
 //!
 //! [`ConvexAdmm`] is shared with FroMax, which differs only in the P step.
 
@@ -241,6 +242,7 @@ pub fn solve(
     let mut rounds = 0;
     let mut converged = false;
     let mut delta = None;
+    let mut tol = options.tol;
     while iterations < options.max_iter && !options.out_of_time() {
         rounds += 1;
         let stage = format!("round {rounds} ({} secants)", admm.ops.active_secants());
@@ -259,12 +261,18 @@ pub fn solve(
                 delta,
                 rank: admm.lowrank.rank,
             });
-            if residuals.0 < options.tol && residuals.1 < options.tol {
+            if residuals.0 < tol && residuals.1 < tol {
                 converged = true;
                 break;
             }
         }
-        if !converged || !options.column_generation {
+        if !converged {
+            break;
+        }
+        if !options.column_generation {
+            if polish(&mut admm, options, &mut tol)? {
+                continue;
+            }
             break;
         }
         // the worst violators among the inactive secants join the active set
@@ -276,6 +284,9 @@ pub fn solve(
             .filter(|&(v, _, _)| v > options.delta)
             .collect();
         if violators.is_empty() {
+            if polish(&mut admm, options, &mut tol)? {
+                continue;
+            }
             break;
         }
         violators.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
@@ -287,8 +298,23 @@ pub fn solve(
     }
     report.iterations = iterations;
     report.converged = converged;
+    report.final_tol = Some(tol);
     report.rounds = Some(rounds);
     report.active_secants = Some(admm.ops.active_secants());
     report.numerical_rank = Some(admm.lowrank.rank);
     Ok(admm.lowrank)
 }
+
+/// After a converged round with no inactive violator: if P still misses δ over all secants
+/// (the ℓ2 residual rule lets single active secants stray past the clip margin), divide the
+/// tolerance by 10 and go on, down to `tol / 1000`. Returns whether to go on.
+fn polish(admm: &mut ConvexAdmm, options: &EmbedOptions, tol: &mut f64) -> Result<bool> {
+    if admm.measure()?.delta() <= options.delta || *tol <= options.tol * POLISH_FLOOR {
+        return Ok(false);
+    }
+    *tol /= 10.0;
+    Ok(true)
+}
+
+/// The tightest tolerance polishing goes to, relative to `EmbedOptions::tol`.
+const POLISH_FLOOR: f64 = 1.0001e-3;

@@ -44,6 +44,9 @@ pub struct Report {
     pub probes: Vec<Probe>,
     pub max_iter: usize,
     pub tol: f64,
+    /// NuMax: the tolerance at the end, below `tol` where polishing tightened it because P
+    /// missed δ after converging.
+    pub final_tol: Option<f64>,
     /// Kernels the JIT compiled (the whole process's cache).
     pub compilations: usize,
     pub threads: usize,
@@ -84,6 +87,7 @@ impl Report {
             probes: Vec::new(),
             max_iter: options.max_iter,
             tol: options.tol,
+            final_tol: None,
             compilations: 0,
             threads: rayon_threads(),
             stopped_by_time_limit: false,
