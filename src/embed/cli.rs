@@ -32,7 +32,8 @@ pub struct EmbedArgs {
     /// Iteration cap (NuMax: the whole run; FroMax, NILE-Pro: each rank probe).
     #[arg(long, default_value_t = 1000)]
     pub max_iter: usize,
-    /// Relative-residual tolerance.
+    /// Relative-residual tolerance (NuMax divides it by 10, at most three times, while the
+    /// converged Φ still misses δ; the report's `final_tol` says where it ended).
     #[arg(long, default_value_t = 1e-4)]
     pub tol: f64,
     /// NuMax: use every secant from the start instead of column generation.
