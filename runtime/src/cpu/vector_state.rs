@@ -1,9 +1,10 @@
 //! Clearing the upper halves of the AVX registers before generated code runs.
 //!
-//! Cranelift emits legacy-SSE encodings for much of a 128-bit kernel. On Intel cores, an SSE
-//! instruction that runs while the upper halves of the YMM/ZMM registers are "dirty" pays a
-//! state-transition penalty, and a library compiled for AVX-512 (faer, through pulp) can return
-//! with them dirty. Measured on the GPU host's Xeon (family 6, model 207, 2026-11-27): the
+//! On Intel cores, a legacy-SSE instruction that runs while the upper halves of the YMM
+//! registers are "dirty" pays a state-transition penalty, and a library compiled for AVX-512
+//! (faer, through pulp) can return with them dirty. Cranelift uses VEX encodings on AVX hosts
+//! for most instructions, but the JIT kernels still paid (which of their instructions are
+//! legacy SSE was not identified). Measured on the GPU host's Xeon (family 6, model 207, 2026-11-27): the
 //! 500 × 500 × 56 product kernel took 1.1 s on a thread that had just run a faer
 //! eigendecomposition, 1.9 ms after a `vzeroupper` (and 4.2 ms before faer ran); the same
 //! binary on the development machine's AMD EPYC showed no difference. Compilers put a
