@@ -14,19 +14,9 @@ use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
 use kiln_codegen::ptx::Target;
 use kiln_ir::dtype::DType;
 use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
-use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::PagedKv;
 
-fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
-    PagedKv {
-        dtype,
-        q_heads,
-        kv_heads,
-        head_dim,
-        page_size: 16,
-        order: PageOrder::HeadMajor,
-    }
-}
+use common::layout;
 
 /// The snapshot specs: Llama-3-8B decode (f16, 32 q / 8 KV heads, d 128) dense and sparse,
 /// a bf16 head_dim-64 GQA-8 model, and an MHA (group 1) bf16 d-128 cache.

@@ -23,14 +23,11 @@ use kiln_kernels::cache_append::{self, CacheAppendSpec};
 use kiln_kernels::kv_append::{self, KvAppendSpec};
 use kiln_kernels::quest::page_bounds::{self, PageBoundsSpec};
 
+/// The model graph's cache: token-major pages (with an identity page table).
 fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
     PagedKv {
-        dtype,
-        q_heads,
-        kv_heads,
-        head_dim,
-        page_size: 16,
         order: PageOrder::TokenMajor,
+        ..common::layout(dtype, q_heads, kv_heads, head_dim)
     }
 }
 

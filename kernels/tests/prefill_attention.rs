@@ -10,20 +10,10 @@ mod common;
 
 use kiln_codegen::kernel::{Access, ParamKind};
 use kiln_ir::dtype::DType;
-use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::prefill::{generate, PrefillAttentionSpec, PrefillTile};
 use kiln_kernels::attention::PagedKv;
 
-fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
-    PagedKv {
-        dtype,
-        q_heads,
-        kv_heads,
-        head_dim,
-        page_size: 16,
-        order: PageOrder::HeadMajor,
-    }
-}
+use common::layout;
 
 /// Llama-3-8B (f16, 32 q heads, 8 KV heads, d 128) with the default tile, the same in bf16
 /// with the wide tile, and a d-64 multi-head layout (no GQA) with page size 64.

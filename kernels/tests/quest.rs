@@ -12,21 +12,11 @@ use std::collections::BTreeMap;
 use kiln_codegen::kernel::{Access, GpuKernel, ParamKind};
 use kiln_codegen::ptxas;
 use kiln_ir::dtype::DType;
-use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::PagedKv;
 use kiln_kernels::kv_append::{self, KvAppendSpec};
 use kiln_kernels::quest::{estimate, top_k, QuestEstimateSpec, QuestTopKSpec};
 
-fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
-    PagedKv {
-        dtype,
-        q_heads,
-        kv_heads,
-        head_dim,
-        page_size: 16,
-        order: PageOrder::HeadMajor,
-    }
-}
+use common::layout;
 
 /// Llama-3-8B (f16, GQA 4, d 128) and a small MHA bf16 model with d 64.
 fn representative_layouts() -> Vec<(&'static str, PagedKv)> {

@@ -4,6 +4,21 @@
 
 use kiln_codegen::kernel::GpuKernel;
 use kiln_codegen::ptxas::assemble;
+use kiln_ir::dtype::DType;
+use kiln_kernels::attention::paged::PageOrder;
+use kiln_kernels::attention::PagedKv;
+
+/// The attention tests' KV layout: 16-token head-major pages.
+pub fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> PagedKv {
+    PagedKv {
+        dtype,
+        q_heads,
+        kv_heads,
+        head_dim,
+        page_size: 16,
+        order: PageOrder::HeadMajor,
+    }
+}
 
 /// Assembles `kernel` for sm_80 and sm_90 and asserts zero spills and no local-memory stack.
 /// Returns the sm_90 register count.
