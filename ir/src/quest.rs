@@ -39,7 +39,7 @@
 use crate::tensor::Tensor;
 
 /// Options of the Quest pass and kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QuestOptions {
     /// Tokens of KV cache attended per decode step (the current page included).
     pub budget_tokens: usize,

@@ -157,11 +157,14 @@ impl GemmTile {
         }
     }
 
+    /// From this many rows on, GEMM uses the large (H100) tile.
+    pub const LARGE_ROWS: usize = 1024;
+
     /// The tile for `m` rows: [`GemmTile::h100`] from 1024 rows on, where it gives enough
     /// blocks to fill an H100; [`GemmTile::small`] below (and down to 16 rows, where the
     /// weights' bandwidth rules and the extra blocks matter more than the wasted rows).
     pub fn for_rows(m: usize, epilogue: Epilogue) -> GemmTile {
-        if m >= 1024 {
+        if m >= GemmTile::LARGE_ROWS {
             GemmTile::h100(epilogue)
         } else {
             GemmTile::small(epilogue)

@@ -266,27 +266,36 @@ impl Lowering {
         Ok((spec, kernel))
     }
 
-    /// Every kernel that computes `family` under `bindings`: the one kernel of a
-    /// single-launch family, or the launches of an attention / KV-append program
-    /// ([`crate::attention::program`], sized for an H100's SM count), or why it has none.
+    /// Every kernel that computes `family` under `bindings`, with its spec key (the key the
+    /// runtime looks a prebuilt kernel up by): the one kernel of a single-launch family, or
+    /// the launches of an attention / KV-append program ([`crate::attention::program`],
+    /// sized for a device of `sm_count` SMs), or why it has none.
     pub fn lower_all(
         &mut self,
         family: &Family,
         bindings: &Bindings,
-    ) -> Result<Vec<GpuKernel>, String> {
+        sm_count: usize,
+    ) -> Result<Vec<(String, GpuKernel)>, String> {
         if !matches!(family, Family::Attention { .. } | Family::KvAppend { .. }) {
-            return Ok(vec![self.lower(family, bindings)?.1]);
+            let (spec, kernel) = self.lower(family, bindings)?;
+            return Ok(vec![(spec.key(), kernel)]);
         }
-        let program = crate::attention::program::program(
-            family,
-            bindings,
-            crate::attention::decode::H100_SM_COUNT,
-        )?;
+        let program = crate::attention::program::program(family, bindings, sm_count)?;
         program
             .launches
             .iter()
-            .map(|launch| self.program_kernel(&launch.kernel))
+            .map(|launch| Ok((launch.kernel.key(), self.program_kernel(&launch.kernel)?)))
             .collect()
+    }
+
+    /// The row counts at which [`KernelSpec::for_family`] picks a different linear spec: each
+    /// GEMV row count, the first GEMM row count and the first large-tile GEMM row count.
+    /// Lowering a plan at each of these covers every row count a run can have.
+    pub fn linear_row_classes() -> Vec<usize> {
+        let mut rows: Vec<usize> = (1..=GEMV_MAX_ROWS).collect();
+        rows.push(GEMV_MAX_ROWS + 1);
+        rows.push(gemm::GemmTile::LARGE_ROWS);
+        rows
     }
 
     /// The kernel of one program launch (generated once per spec).

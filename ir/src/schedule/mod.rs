@@ -22,6 +22,7 @@
 //! assert!(!plan.kernels.is_empty());
 //! ```
 
+pub mod computation;
 pub mod family;
 pub mod memory;
 pub mod partition;
@@ -29,6 +30,7 @@ pub mod pass;
 pub mod placement;
 pub mod size;
 
+pub use computation::Computation;
 pub use family::{classify, AttentionKind, Family, LinearEpilogue};
 pub use memory::{MemoryPlan, PlanMemory};
 pub use pass::{Pass, PassRecord, PassReport};
@@ -112,6 +114,8 @@ pub struct LoadTimeOp {
     pub op: String,
     pub inputs: Vec<BufferId>,
     pub outputs: Vec<BufferId>,
+    /// What it computes (op and operand types), for running it without the graph.
+    pub computes: Computation,
 }
 
 /// A symbolic launch extent: the grid in units of work the family's generator tiles, for
@@ -136,6 +140,9 @@ pub struct ScheduledKernel {
     pub launch: Launch,
     /// The generated entry point, filled in by the lowering (`None` for CPU kernels).
     pub entry: Option<String>,
+    /// What it computes (op and operand types), for running it on the host without the
+    /// graph.
+    pub computes: Computation,
 }
 
 /// A named graph output and the buffer that holds it.
@@ -143,6 +150,8 @@ pub struct ScheduledKernel {
 pub struct NamedBuffer {
     pub name: String,
     pub buffer: BufferId,
+    /// The output's shape (a view may give the buffer another shape).
+    pub shape: Shape,
 }
 
 /// The plan of one graph.

@@ -12,7 +12,8 @@ use super::family::{classify, AttentionKind, Family, LinearEpilogue};
 use super::placement::GpuCapabilities;
 use super::size::SymExpr;
 use super::{
-    Alias, Buffer, BufferId, BufferKind, Launch, LoadTimeOp, NamedBuffer, Schedule, ScheduledKernel,
+    Alias, Buffer, BufferId, BufferKind, Computation, Launch, LoadTimeOp, NamedBuffer, Schedule,
+    ScheduledKernel,
 };
 use crate::graph::{Graph, TensorType};
 use crate::op::{InputKind, Op};
@@ -96,6 +97,7 @@ pub fn partition(graph: &Graph, gpu: &GpuCapabilities) -> Schedule {
                     op: node.op.name().to_string(),
                     inputs,
                     outputs: outputs.clone(),
+                    computes: Computation::of(graph, node),
                 });
                 value_buffer.push(outputs);
             }
@@ -113,6 +115,7 @@ pub fn partition(graph: &Graph, gpu: &GpuCapabilities) -> Schedule {
                     inputs,
                     outputs: outputs.clone(),
                     entry: None,
+                    computes: Computation::of(graph, node),
                 });
                 value_buffer.push(outputs);
             }
@@ -124,6 +127,10 @@ pub fn partition(graph: &Graph, gpu: &GpuCapabilities) -> Schedule {
         .map(|(name, v)| NamedBuffer {
             name: name.clone(),
             buffer: value_buffer[v.node][v.output],
+            shape: graph
+                .value_type(*v)
+                .map(|t| t.shape.clone())
+                .expect("a verified graph's outputs exist"),
         })
         .collect();
     for output in &outputs {

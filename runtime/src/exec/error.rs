@@ -20,6 +20,16 @@ pub enum ExecError {
     /// A kernel could not be lowered or evaluated.
     #[error("kernel {kernel}: {message}")]
     Kernel { kernel: String, message: String },
+    /// Running prebuilt kernels, a launch needs a spec they do not have.
+    #[error(
+        "kernel {kernel}: {origin} has no prebuilt kernel for spec {spec}; compile the \
+         artifact for these shapes (batch, prompt length) or run the model directly"
+    )]
+    NotPrebuilt {
+        kernel: String,
+        spec: String,
+        origin: String,
+    },
     /// A launch was rejected by the binding checks or the driver.
     #[error("launching {kernel}: {source}")]
     Launch {

@@ -9,10 +9,13 @@
 //!    when a larger layout needs it. Inputs, state and outputs get buffers of their own;
 //!    weights, constants and load-time values are uploaded once ([`DeviceWeights`], shared by
 //!    the executors of one model, such as its prefill and decode plans).
-//! 3. **Kernels** run in plan order: a GPU kernel is lowered for the call's bindings through
-//!    `kiln_kernels::lower` (each distinct spec generated and loaded once), its operands bound
-//!    to the generator's parameters by name; a CPU kernel runs its graph node through
-//!    `ir::interp::eval` (no kernel has native CPU code in plans yet). The plan's transfers
+//! 3. **Kernels** run in plan order: a GPU kernel's spec for the call's bindings comes from
+//!    `kiln_kernels::lower`, and its PTX from the executor's [`KernelSource`]: generated in
+//!    this process, or taken from a compiled artifact's prebuilt kernels (never generated:
+//!    a spec the artifact lacks is an error). Each distinct spec is loaded once, its operands
+//!    bound to the kernel's parameters by name. A CPU kernel runs the plan step's
+//!    [`Computation`](kiln_ir::schedule::Computation) through `ir::interp::eval` (no kernel
+//!    has native CPU code in plans yet); the executor never sees the graph. The plan's transfers
 //!    move values between host and device before the kernel that needs them.
 //!    Attention and KV append run as programs of several launches (`program.rs`); KV
 //!    append writes its cache in place.
@@ -32,11 +35,13 @@ mod state;
 mod storage;
 
 pub use error::ExecError;
+
 pub use state::DeviceState;
 pub use storage::{elem_type, tensor_bytes, tensor_from_bytes, DeviceSlot};
 
 use crate::cuda::{Arg, Args, CudaDevice, DeviceBuffer, DeviceTensor, LoadedKernel};
-use kiln_ir::graph::{Graph, TensorType};
+use kiln_codegen::kernel::GpuKernel;
+use kiln_ir::graph::TensorType;
 use kiln_ir::interp;
 use kiln_ir::schedule::memory::MemoryPlan;
 use kiln_ir::schedule::{BufferId, BufferKind, Device, Pass, PlanMemory, Schedule};
@@ -84,6 +89,25 @@ impl DeviceWeights {
     }
 }
 
+/// GPU kernels built before the run, by spec key ([`KernelSpec::key`] or a program kernel's
+/// key): the kernels of a compiled artifact.
+#[derive(Clone, Debug, Default)]
+pub struct PrebuiltKernels {
+    /// Where they came from, for errors (such as the artifact's directory).
+    pub origin: String,
+    pub kernels: BTreeMap<String, GpuKernel>,
+}
+
+/// Where an executor's GPU kernels come from.
+#[derive(Clone, Debug, Default)]
+pub enum KernelSource {
+    /// Generated in this process by `kiln-kernels` (a plan compiled in memory).
+    #[default]
+    Generate,
+    /// Taken from prebuilt kernels only: a spec they lack is an error, never generated.
+    Prebuilt(Arc<PrebuiltKernels>),
+}
+
 /// Counters of what an executor did, for reports and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExecStats {
@@ -91,8 +115,10 @@ pub struct ExecStats {
     pub gpu_launches: usize,
     pub cpu_kernels: usize,
     pub transfers: usize,
-    /// Distinct GPU specs generated and loaded.
+    /// Distinct GPU kernels loaded onto the device.
     pub kernels_loaded: usize,
+    /// Of those, how many were generated in this process (0 when running prebuilt kernels).
+    pub kernels_generated: usize,
     /// Arena (re)allocations.
     pub arena_allocations: usize,
 }
@@ -105,7 +131,6 @@ struct Lowered {
 
 /// Runs one plan, call after call. See the module documentation.
 pub struct Executor {
-    graph: Graph,
     plan: Schedule,
     device: Option<Arc<CudaDevice>>,
     /// Host values of weights, constants and load-time results read by CPU kernels.
@@ -113,6 +138,7 @@ pub struct Executor {
     /// Device values of the same, read by GPU kernels.
     device_resident: Vec<Option<Arc<DeviceTensor>>>,
     lowering: Lowering,
+    source: KernelSource,
     /// (kernel index, spec key) → loaded kernel.
     loaded: HashMap<(usize, String), Arc<Lowered>>,
     arena: Option<DeviceBuffer<u8>>,
@@ -139,7 +165,7 @@ pub struct Executor {
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Executor")
-            .field("graph", &self.graph.name)
+            .field("plan", &self.plan.graph)
             .field("kernels", &self.plan.kernels.len())
             .field("stats", &self.stats)
             .finish()
@@ -163,10 +189,10 @@ fn rounded(results: Vec<Tensor>, types: &[TensorType]) -> Vec<Tensor> {
 }
 
 impl Executor {
-    /// An executor of `plan`, scheduled from `graph`, with `weights`. GPU kernels need
-    /// `device`; weights read on the GPU are uploaded now (through `device_weights`).
+    /// An executor of `plan` with `weights`, generating its GPU kernels (see
+    /// [`Executor::with_kernels`]). GPU kernels need `device`; weights read on the GPU are
+    /// uploaded now (through `device_weights`).
     pub fn new(
-        graph: Graph,
         plan: Schedule,
         weights: &Weights,
         device: Option<Arc<CudaDevice>>,
@@ -232,17 +258,16 @@ impl Executor {
             }
         }
         for op in &plan.load_time {
-            let node = &graph.nodes[op.node];
+            let node = op.computes.node(&op.name);
             // Operands in the shapes the node reads them (a reshape is a view of its buffer).
             let reshaped: Vec<Tensor> = op
                 .inputs
                 .iter()
-                .zip(&node.inputs)
-                .map(|(&id, value)| {
+                .zip(&op.computes.inputs)
+                .map(|(&id, ty)| {
                     let tensor = host[id].as_deref().ok_or_else(|| {
                         ExecError::Internal(format!("load-time operand {id} has no value"))
                     })?;
-                    let ty = graph.value_type(*value).map_err(ExecError::Internal)?;
                     let shape = ty
                         .shape
                         .resolve(&Bindings::new())
@@ -254,7 +279,7 @@ impl Executor {
                 })
                 .collect::<Result<_, ExecError>>()?;
             let refs: Vec<&Tensor> = reshaped.iter().collect();
-            let results = interp::eval(node, &refs, &Bindings::new()).map_err(|message| {
+            let results = interp::eval(&node, &refs, &Bindings::new()).map_err(|message| {
                 ExecError::Kernel {
                     kernel: format!("load-time {}", op.name),
                     message,
@@ -325,12 +350,12 @@ impl Executor {
             }
         }
         Ok(Executor {
-            graph,
             plan,
             device,
             host_resident: host,
             device_resident,
             lowering: Lowering::default(),
+            source: KernelSource::Generate,
             loaded: HashMap::new(),
             arena: None,
             memory: None,
@@ -344,6 +369,44 @@ impl Executor {
             state_of,
             state_store: None,
         })
+    }
+
+    /// Takes GPU kernels from `source` instead of generating them.
+    pub fn with_kernels(mut self, source: KernelSource) -> Executor {
+        self.source = source;
+        self
+    }
+
+    /// The kernel of spec `key` for plan kernel `kernel`: prebuilt, or generated by
+    /// `generate` when the source allows it.
+    fn kernel_code(
+        &mut self,
+        kernel: &str,
+        key: &str,
+        generate: impl FnOnce(&mut Lowering) -> Result<GpuKernel, String>,
+    ) -> Result<GpuKernel, ExecError> {
+        match &self.source {
+            KernelSource::Generate => {
+                let generated =
+                    generate(&mut self.lowering).map_err(|message| ExecError::Kernel {
+                        kernel: kernel.to_string(),
+                        message,
+                    })?;
+                self.stats.kernels_generated += 1;
+                Ok(generated)
+            }
+            KernelSource::Prebuilt(prebuilt) => {
+                prebuilt
+                    .kernels
+                    .get(key)
+                    .cloned()
+                    .ok_or_else(|| ExecError::NotPrebuilt {
+                        kernel: kernel.to_string(),
+                        spec: key.to_string(),
+                        origin: prebuilt.origin.clone(),
+                    })
+            }
+        }
     }
 
     /// Keeps the state (KV caches) in `store` between calls instead of passing it through the
@@ -372,15 +435,9 @@ impl Executor {
                 .inputs
                 .iter()
                 .any(|&i| self.plan.buffers[i].kind == BufferKind::State);
-            let writes_state =
-                self.graph
-                    .outputs
-                    .iter()
-                    .zip(&self.plan.outputs)
-                    .any(|((name, _), named)| {
-                        state_names.contains(name.as_str())
-                            && kernel.outputs.contains(&named.buffer)
-                    });
+            let writes_state = self.plan.outputs.iter().any(|named| {
+                state_names.contains(named.name.as_str()) && kernel.outputs.contains(&named.buffer)
+            });
             if (reads_state || writes_state) && kernel.device != Device::Gpu {
                 return Err(ExecError::Kernel {
                     kernel: kernel.name.clone(),
@@ -422,10 +479,7 @@ impl Executor {
 
     /// What it did so far.
     pub fn stats(&self) -> ExecStats {
-        ExecStats {
-            kernels_loaded: self.lowering.len(),
-            ..self.stats
-        }
+        self.stats
     }
 
     /// Binds the symbolic dimensions from the per-call tensors.
@@ -531,13 +585,10 @@ impl Executor {
         if let Some(l) = self.loaded.get(&key) {
             return Ok(l.clone());
         }
-        let (spec, generated) =
-            self.lowering
-                .lower(&kernel.family, bindings)
-                .map_err(|message| ExecError::Kernel {
-                    kernel: kernel.name.clone(),
-                    message,
-                })?;
+        let (name, family) = (kernel.name.clone(), kernel.family.clone());
+        let generated = self.kernel_code(&name, &key.1, |lowering| {
+            Ok(lowering.lower(&family, bindings)?.1)
+        })?;
         let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
             graph: self.plan.graph.clone(),
             gpu_kernels: self.plan.count_on(Device::Gpu),
@@ -546,6 +597,7 @@ impl Executor {
             spec: Some(spec),
             kernel: device.load(&generated)?,
         });
+        self.stats.kernels_loaded += 1;
         self.loaded.insert(key, loaded.clone());
         Ok(loaded)
     }
@@ -588,9 +640,9 @@ impl Executor {
                 }
             }
             let state_names = self.state_names();
-            for ((name, _), named) in self.graph.outputs.iter().zip(&self.plan.outputs) {
-                if state_names.contains(name.as_str()) {
-                    kept.insert(named.buffer, name.clone());
+            for named in &self.plan.outputs {
+                if state_names.contains(named.name.as_str()) {
+                    kept.insert(named.buffer, named.name.clone());
                 }
             }
         }
@@ -658,15 +710,18 @@ impl Executor {
             }
         }
         let mut outputs = BTreeMap::new();
-        for ((name, value), named) in self.graph.outputs.iter().zip(&self.plan.outputs) {
+        for named in &self.plan.outputs {
             if kept.contains_key(&named.buffer) {
                 continue;
             }
+            let name = &named.name;
             let tensor = host[named.buffer]
                 .as_deref()
                 .ok_or_else(|| ExecError::Internal(format!("output `{name}` was not computed")))?;
-            let ty = self.graph.value_type(*value).map_err(ExecError::Internal)?;
-            let shape = ty.shape.resolve(&bindings).map_err(ExecError::Internal)?;
+            let shape = named
+                .shape
+                .resolve(&bindings)
+                .map_err(ExecError::Internal)?;
             outputs.insert(
                 name.clone(),
                 Tensor {
@@ -768,16 +823,15 @@ impl Executor {
         host: &mut [Option<Arc<Tensor>>],
     ) -> Result<(), ExecError> {
         let kernel = &self.plan.kernels[index];
-        let node = &self.graph.nodes[kernel.graph_nodes[0]];
+        let node = kernel.computes.node(&kernel.name);
         let mut operands = Vec::with_capacity(kernel.inputs.len());
-        for (&id, value) in kernel.inputs.iter().zip(&node.inputs) {
+        for (&id, ty) in kernel.inputs.iter().zip(&kernel.computes.inputs) {
             let tensor = host[id].clone().ok_or_else(|| {
                 ExecError::Internal(format!(
                     "{}: operand `{}` is not on the host",
                     kernel.name, self.plan.buffers[id].name
                 ))
             })?;
-            let ty = self.graph.value_type(*value).map_err(ExecError::Internal)?;
             let shape = ty.shape.resolve(bindings).map_err(ExecError::Internal)?;
             operands.push(if shape == tensor.shape {
                 tensor
@@ -789,10 +843,11 @@ impl Executor {
             });
         }
         let refs: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
-        let results = interp::eval(node, &refs, bindings).map_err(|message| ExecError::Kernel {
-            kernel: kernel.name.clone(),
-            message,
-        })?;
+        let results =
+            interp::eval(&node, &refs, bindings).map_err(|message| ExecError::Kernel {
+                kernel: kernel.name.clone(),
+                message,
+            })?;
         for (&id, tensor) in kernel.outputs.iter().zip(rounded(results, &node.outputs)) {
             host[id] = Some(Arc::new(tensor));
         }

@@ -81,17 +81,13 @@ impl Executor {
         }
         let name = self.plan.kernels[index].name.clone();
         let generated =
-            self.lowering
-                .program_kernel(spec)
-                .map_err(|message| ExecError::Kernel {
-                    kernel: name,
-                    message,
-                })?;
+            self.kernel_code(&name, &key.1, |lowering| lowering.program_kernel(spec))?;
         let device = self.device_or_error()?;
         let loaded = Arc::new(Lowered {
             spec: None,
             kernel: device.load(&generated)?,
         });
+        self.stats.kernels_loaded += 1;
         self.loaded.insert(key, loaded.clone());
         Ok(loaded)
     }
