@@ -9,13 +9,14 @@
 //! `kiln-runtime` (devices, plans, execution).
 
 pub mod bench;
-pub mod compile;
 pub mod embed;
 pub mod generate;
 pub mod inspect;
 pub mod model_source;
+pub mod options;
 pub mod plan_runner;
 
+pub use kiln_compiler as compiler;
 pub use kiln_ir as ir;
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so

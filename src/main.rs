@@ -5,12 +5,14 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln::compiler::{Artifact, ArtifactOptions, Target};
 use kiln::generate::{generate, generate_reference, GenerateOptions};
 use kiln::inspect::{inspect, render, Workload};
-use kiln::model_source::{load_config, load_weights};
+use kiln::model_source::{load_config, load_expected_weights, load_weights};
+use kiln::options::QuestArgs;
 use kiln::plan_runner::{PlanRunner, RunDevice};
 use kiln_ir::dtype::DType;
-use kiln_ir::model::{build_model, Phase};
+use kiln_ir::model::{build_model, ModelConfig, Phase};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,7 +42,9 @@ enum Command {
     /// Learn a near-isometric linear embedding of a point set (NuMax, FroMax or NILE-Pro) on
     /// the Cranelift CPU backend, writing Φ as CSV and a JSON report.
     Embed(kiln::embed::cli::EmbedArgs),
-    /// Compile a model phase into a plan (plan.json), PTX per GPU kernel and a report.
+    /// Compile a model into an artifact directory: plan.json (versioned: target, model,
+    /// weights by name, the prefill and decode plans, every kernel by spec key), kernels/*.ptx
+    /// and report.txt. `kiln run --compiled DIR` runs it without compiling anything.
     Compile(CompileArgs),
 }
 
@@ -49,36 +53,32 @@ struct CompileArgs {
     /// Model: a preset name or a path to a Hugging Face config.json or its directory.
     #[arg(long, short)]
     model: String,
-    /// Phase to compile.
-    #[arg(long, value_parser = ["prefill", "decode"], default_value = "decode")]
-    phase: String,
-    /// What to write: any of plan, ptx, report.
-    #[arg(long, value_delimiter = ',', default_value = "plan,ptx,report")]
-    emit: Vec<String>,
-    /// Output directory (replaced only once everything is written).
+    /// Output directory: the artifact (plan.json, kernels/*.ptx, report.txt), replaced only
+    /// once everything is written.
     #[arg(short = 'o', long)]
     out: PathBuf,
-    /// Sequences per call (for the memory plan, the cost model and GEMV/GEMM choice).
+    /// The machine to compile for: `sm_90` (H100/H200), `sm_80` (A100) or `cpu` (every step
+    /// on the host). Default: this machine's CUDA device when it has one, else sm_90 with an
+    /// H100's 132 SMs. `kiln run --compiled` refuses a device of another capability or SM
+    /// count.
+    #[arg(long, value_parser = kiln::compiler::target::TARGET_NAMES)]
+    target: Option<String>,
+    /// Compile in this dtype instead of the model's (`f16`, `bf16` or `f32`). Default: the
+    /// model's, except that an f32 model (the tiny presets) compiles in bf16 for a GPU target.
+    #[arg(long, value_parser = ["f16", "bf16", "f32"])]
+    dtype: Option<String>,
+    /// Sequences per call.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Prompt length (prefill).
+    /// Prompt length the prefill memory plan and cost model are sized for (the kernels cover
+    /// every prompt length).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
-    /// KV cache capacity.
+    /// KV cache capacity the memory plan and cost model are sized for.
     #[arg(long, default_value_t = 4096)]
     context: usize,
-    /// Quest: tokens of KV cache attended per decode step, the current page included (turns
-    /// the Quest pass on: decode attention of layers ≥ --quest-skip-layers reads only the
-    /// pages with the highest query-aware scores; a positive multiple of the page size, at
-    /// least two pages).
-    #[arg(long, value_name = "TOKENS")]
-    quest_budget: Option<usize>,
-    /// Quest: tokens per KV-cache page, a power of two [default: 16].
-    #[arg(long, value_name = "N")]
-    quest_page_size: Option<usize>,
-    /// Quest: the first N decoder layers keep dense attention [default: 2].
-    #[arg(long, value_name = "N")]
-    quest_skip_layers: Option<usize>,
+    #[command(flatten)]
+    quest: QuestArgs,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +105,11 @@ struct RunArgs {
     /// qwen3-30b-a3b) or a path to a Hugging Face config.json or its directory.
     #[arg(long, short, default_value = "tiny-mixtral")]
     model: String,
+    /// Run a compiled artifact (`kiln compile -o DIR`) instead of compiling --model: its
+    /// plans and kernels as written, nothing generated (the model, dtype and Quest options
+    /// are the artifact's).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "dtype", "quest_budget", "quest_page_size", "quest_skip_layers"])]
+    compiled: Option<PathBuf>,
     /// Weights: a .safetensors file, a model.safetensors.index.json, or a directory holding
     /// them. Without it, weights are random from --seed.
     #[arg(long, short)]
@@ -135,21 +140,12 @@ struct RunArgs {
     #[arg(long, default_value_t = 0)]
     ordinal: usize,
     /// Run in this dtype instead of the model's (`f16`, `bf16` or `f32`); random weights are
-    /// drawn in it. The GPU generators take f16 and bf16; the tiny presets are f32.
+    /// drawn in it. Default: the model's, except that an f32 model (the tiny presets) runs in
+    /// bf16 on a GPU, where the generators take f16 and bf16.
     #[arg(long, value_parser = ["f16", "bf16", "f32"])]
     dtype: Option<String>,
-    /// Quest: tokens of KV cache attended per decode step, the current page included (turns
-    /// the Quest pass on: decode attention of layers ≥ --quest-skip-layers reads only the
-    /// pages with the highest query-aware scores; a positive multiple of the page size, at
-    /// least two pages).
-    #[arg(long, value_name = "TOKENS")]
-    quest_budget: Option<usize>,
-    /// Quest: tokens per KV-cache page, a power of two [default: 16].
-    #[arg(long, value_name = "N")]
-    quest_page_size: Option<usize>,
-    /// Quest: the first N decoder layers keep dense attention [default: 2].
-    #[arg(long, value_name = "N")]
-    quest_skip_layers: Option<usize>,
+    #[command(flatten)]
+    quest: QuestArgs,
 }
 
 #[derive(Args, Debug)]
@@ -171,24 +167,50 @@ struct InspectArgs {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let quest = kiln::compile::quest_options_from_flags(
-        args.quest_budget,
-        args.quest_page_size,
-        args.quest_skip_layers,
-    )?;
+    let quest = args.quest.options()?;
+    if args.compiled.is_some() && args.device == "reference" {
+        anyhow::bail!(
+            "--compiled runs the artifact's plans; --device reference runs the model graphs \
+             on the interpreter"
+        );
+    }
     if quest.is_some() && args.device == "reference" {
         anyhow::bail!(
             "--quest-budget needs compiled plans (--device auto, cuda or cpu); \
              --device reference runs the model graphs without passes"
         );
     }
-    let mut config = load_config(&args.model)?;
-    if let Some(dtype) = &args.dtype {
-        config.dtype = DType::parse(dtype).context("--dtype takes f16, bf16 or f32")?;
-    }
-    let graph = build_model(&config, Phase::Prefill)?;
+    let device = match args.device.as_str() {
+        "reference" => None,
+        other => Some(other.parse::<RunDevice>().map_err(anyhow::Error::msg)?),
+    };
+    let on_gpu = match device {
+        Some(RunDevice::Cuda) => true,
+        Some(RunDevice::Auto) => kiln_runtime::cuda::CudaDevice::is_available(),
+        _ => false,
+    };
+    let artifact = match &args.compiled {
+        Some(dir) => Some(Artifact::load(dir)?),
+        None => None,
+    };
+    let config = match &artifact {
+        Some(artifact) => artifact.manifest.model.clone(),
+        None => model_config(&args.model, args.dtype.as_deref(), on_gpu)?,
+    };
     let started = std::time::Instant::now();
-    let weights = load_weights(&graph, args.weights.as_deref(), args.seed)?;
+    let weights = match &artifact {
+        Some(artifact) => load_expected_weights(
+            &artifact.expected_weights(),
+            &config.name,
+            args.weights.as_deref(),
+            args.seed,
+        )?,
+        None => load_weights(
+            &build_model(&config, Phase::Prefill)?,
+            args.weights.as_deref(),
+            args.seed,
+        )?,
+    };
     eprintln!(
         "kiln run: {} weights ready in {:.1} s",
         config.name,
@@ -209,10 +231,6 @@ fn run(args: RunArgs) -> Result<()> {
         new_tokens: args.tokens,
         keep_logits: false,
     };
-    let device = match args.device.as_str() {
-        "reference" => None,
-        other => Some(other.parse::<RunDevice>().map_err(anyhow::Error::msg)?),
-    };
     let (mut generation, ran_on) = match device {
         None => (
             generate_reference(&config, &weights, &options, |_| progress.inc(1))
@@ -221,17 +239,30 @@ fn run(args: RunArgs) -> Result<()> {
         ),
         Some(device) => {
             let capacity = prompt.len() + args.tokens;
-            let mut runner = PlanRunner::new(
-                &config,
-                &weights,
-                device,
-                args.ordinal,
-                prompt.len(),
-                capacity,
-                quest,
-            )?;
+            let mut runner = match (&artifact, &args.compiled) {
+                (Some(artifact), Some(dir)) => PlanRunner::from_artifact(
+                    artifact,
+                    &weights,
+                    args.ordinal,
+                    capacity,
+                    dir.display().to_string(),
+                )?,
+                _ => PlanRunner::new(
+                    &config,
+                    &weights,
+                    device,
+                    args.ordinal,
+                    prompt.len(),
+                    capacity,
+                    quest,
+                )?,
+            };
             eprintln!(
-                "kiln run: plans compiled and weights loaded on {} in {:.1} s; prefill of {} tokens",
+                "kiln run: plans {} and weights loaded on {} in {:.1} s; prefill of {} tokens",
+                match &args.compiled {
+                    Some(dir) => format!("loaded from {}", dir.display()),
+                    None => "compiled".to_string(),
+                },
                 runner.device,
                 started.elapsed().as_secs_f64(),
                 prompt.len()
@@ -244,16 +275,22 @@ fn run(args: RunArgs) -> Result<()> {
             )
             .with_context(|| format!("running {} on {}", config.name, runner.device))?;
             let (p_gpu, p_cpu, d_gpu, d_cpu) = runner.placement;
+            let (prefill_stats, decode_stats) = runner.stats();
             let mut ran_on = format!(
-                "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu kernels, decode {d_gpu} gpu + {d_cpu} cpu; KV cache of {} tokens on the {}",
+                "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu steps, decode {d_gpu} gpu + {d_cpu} cpu; {} GPU kernels loaded from the artifact, {} generated at run time; KV cache of {} tokens on the {}",
                 runner.device,
+                prefill_stats.kernels_loaded + decode_stats.kernels_loaded,
+                prefill_stats.kernels_generated + decode_stats.kernels_generated,
                 runner.capacity,
                 if runner.state_on_device { "device" } else { "host" }
             );
-            if let (Some(options), Some(report)) = (quest, &runner.quest) {
+            let quest = artifact
+                .as_ref()
+                .map_or(quest, |a| a.manifest.options.quest);
+            if let (Some(options), Some(changed)) = (quest, runner.quest_kernels) {
                 ran_on.push_str(&format!(
-                    "; quest budget {} tokens, page size {}, skip layers {}: {} decode attention node(s) on Quest",
-                    options.budget_tokens, options.page_size, options.skip_layers, report.changed
+                    "; quest budget {} tokens, page size {}, skip layers {}: {changed} decode attention kernel(s) on Quest",
+                    options.budget_tokens, options.page_size, options.skip_layers
                 ));
             }
             (generation, ran_on)
@@ -391,28 +428,49 @@ fn print_and_save(
 }
 
 fn compile_command(args: CompileArgs) -> Result<()> {
-    let config = load_config(&args.model)?;
-    let phase = if args.phase == "prefill" {
-        Phase::Prefill
-    } else {
-        Phase::Decode
+    for (name, value) in [("--batch", args.batch), ("--prompt-len", args.prompt_len)] {
+        anyhow::ensure!(value > 0, "{name} must be at least 1");
+    }
+    let target = match &args.target {
+        Some(name) => Target::from_name(name)?,
+        None if kiln_runtime::cuda::CudaDevice::is_available() => {
+            kiln::plan_runner::device_target(&kiln_runtime::cuda::CudaDevice::open(0)?)?
+        }
+        None => Target::default(),
     };
-    let emit = kiln::compile::Emit::parse(&args.emit)?;
-    let bindings = kiln_ir::shape::Bindings::from_pairs(&[
-        ("batch", args.batch),
-        ("seq", args.prompt_len),
-        ("ctx", args.context),
-    ]);
-    let mut options = kiln::compile::CompileOptions::with_bindings(bindings);
-    options.quest = kiln::compile::quest_options_from_flags(
-        args.quest_budget,
-        args.quest_page_size,
-        args.quest_skip_layers,
-    )?;
-    let model = kiln::compile::compile(&config, phase, &options)?;
-    kiln::compile::write_output(&model, emit, &args.out)?;
-    print!("{}", model.report);
+    let config = model_config(&args.model, args.dtype.as_deref(), target.is_gpu())?;
+    let options = ArtifactOptions {
+        batch: args.batch,
+        prompt_len: args.prompt_len,
+        context: args.context,
+        quest: args.quest.options()?,
+        target,
+    };
+    let artifact = Artifact::compile(&config, &options)?;
+    artifact.write(&args.out)?;
+    print!("{}", artifact.report);
+    println!(
+        "artifact: {} (schema {}, target {}, {} kernels)",
+        args.out.display(),
+        artifact.manifest.schema_version,
+        artifact.manifest.target.name,
+        artifact.manifest.kernels.len()
+    );
     Ok(())
+}
+
+/// The model named on the command line in `dtype` when given; otherwise in its own dtype,
+/// except that an f32 model runs in bf16 on a GPU (the GPU generators take f16 and bf16).
+fn model_config(model: &str, dtype: Option<&str>, on_gpu: bool) -> Result<ModelConfig> {
+    let mut config = load_config(model)?;
+    match dtype {
+        Some(dtype) => {
+            config.dtype = DType::parse(dtype).context("--dtype takes f16, bf16 or f32")?;
+        }
+        None if on_gpu && config.dtype == DType::F32 => config.dtype = DType::BF16,
+        None => {}
+    }
+    Ok(config)
 }
 
 fn main() -> ExitCode {

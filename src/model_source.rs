@@ -25,10 +25,22 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
 
 /// Weights for `graph`: loaded from `path` when given, otherwise random from `seed`.
 pub fn load_weights(graph: &Graph, path: Option<&Path>, seed: u64) -> Result<Weights> {
-    let expected = expected_weights(graph);
+    load_expected_weights(&expected_weights(graph), &graph.name, path, seed)
+}
+
+/// The `expected` weights of `model`: loaded from `path` when given (every name present with
+/// its shape), otherwise random from `seed` (each tensor drawn from its name and the seed,
+/// so the same weights whatever the order).
+pub fn load_expected_weights(
+    expected: &[(String, TensorType)],
+    model: &str,
+    path: Option<&Path>,
+    seed: u64,
+) -> Result<Weights> {
     match path {
-        Some(path) => Weights::load(path, &expected)
-            .with_context(|| format!("loading weights for `{}`", graph.name)),
-        None => Ok(Weights::random(&expected, seed)?),
+        Some(path) => {
+            Weights::load(path, expected).with_context(|| format!("loading weights for `{model}`"))
+        }
+        None => Ok(Weights::random(expected, seed)?),
     }
 }

@@ -1,12 +1,14 @@
-//! Running a model through its compiled plans: compile the prefill and decode phases, build
-//! one `kiln_runtime::exec::Executor` per phase, and hand the generation loop
+//! Running a compiled artifact: one `kiln_runtime::exec::Executor` per phase, with the
+//! artifact's kernels (never generated here), handing the generation loop
 //! (`crate::generate::generate`) a step function.
 //!
-//! Owns [`RunDevice`] (`cuda`, `cpu`, `auto`) and [`PlanRunner`]. On `cpu` the plans are
-//! compiled with no GPU families, so every kernel runs on the host through the interpreter;
-//! on `cuda` the GPU generators take what they can and the rest runs on the host with the
-//! plan's transfers. With Quest options both phases compile with the Quest pass (it changes
-//! only the decode plan: prefill stays dense).
+//! Owns [`RunDevice`] (`cuda`, `cpu`, `auto`) and [`PlanRunner`]. There is one execution
+//! path: [`PlanRunner::from_artifact`] runs a loaded artifact directory, and
+//! [`PlanRunner::new`] compiles an artifact in memory (target: the opened device, or `cpu`)
+//! and runs it the same way. A `cpu` artifact has no GPU steps (every kernel on the host,
+//! through the interpreter until the Cranelift CPU kernels land); a GPU artifact runs the
+//! generated kernels and the rest on the host with the plan's transfers. With Quest options
+//! both phases compile with the Quest pass (it changes only the decode plan).
 //!
 //! The runner owns the KV cache. When every kernel that touches it runs on the GPU, the
 //! caches live in a `DeviceState` shared by both executors and never cross to the host;
@@ -14,19 +16,20 @@
 //! asked one rounded up to a multiple of [`CAPACITY_ALIGNMENT`] tokens, so that every
 //! Quest page size divides it. It must not implement kernels or the step loop itself.
 
-use crate::compile::{compile, CompileOptions};
 use crate::generate::{kv_cache_state, HostState};
 use anyhow::{bail, Context, Result};
+use kiln_compiler::{Artifact, ArtifactOptions, Target};
 use kiln_ir::model::{ModelConfig, Phase};
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::schedule::BufferKind;
-use kiln_ir::schedule::PassReport;
-use kiln_ir::schedule::{Device, GpuCapabilities};
+use kiln_ir::schedule::{AttentionKind, Device, Family};
 use kiln_ir::shape::Bindings;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
 use kiln_runtime::cuda::CudaDevice;
-use kiln_runtime::exec::{DeviceState, DeviceWeights, ExecStats, Executor};
+use kiln_runtime::exec::{
+    DeviceState, DeviceWeights, ExecStats, Executor, KernelSource, PrebuiltKernels,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -56,6 +59,27 @@ impl FromStr for RunDevice {
     }
 }
 
+/// Opens the CUDA device that `device` asks for (`None` for the host).
+pub fn open_device(device: RunDevice, ordinal: usize) -> Result<Option<CudaDevice>> {
+    Ok(match device {
+        RunDevice::Cpu => None,
+        RunDevice::Cuda => Some(CudaDevice::open(ordinal)?),
+        RunDevice::Auto if CudaDevice::is_available() => Some(CudaDevice::open(ordinal)?),
+        RunDevice::Auto => None,
+    })
+}
+
+/// The compile target of an opened device.
+pub fn device_target(device: &CudaDevice) -> Result<Target> {
+    let info = device.info();
+    let (major, minor) = info.compute_capability;
+    Ok(Target::of_device(
+        &info.name,
+        (major as u32, minor as u32),
+        info.sm_count,
+    )?)
+}
+
 /// KV-cache capacities are rounded up to a multiple of this many tokens.
 pub const CAPACITY_ALIGNMENT: usize = 256;
 
@@ -74,14 +98,15 @@ pub struct PlanRunner {
     pub device: String,
     /// Kernels per phase and device: `(prefill gpu, prefill cpu, decode gpu, decode cpu)`.
     pub placement: (usize, usize, usize, usize),
-    /// What the Quest pass did to the decode plan, when it ran.
-    pub quest: Option<PassReport>,
+    /// When the Quest pass ran: how many decode attention kernels it put on Quest.
+    pub quest_kernels: Option<usize>,
 }
 
 impl PlanRunner {
-    /// Compiles `config` for `device` (resolving `auto`), with the memory plan sized for a
-    /// `prompt_len`-token prompt and a `capacity`-token KV cache, with the Quest pass when
-    /// `quest` is set, and loads `weights`.
+    /// Compiles `config` in memory for `device` (resolving `auto`; the target is the opened
+    /// device's, or `cpu`), with the memory plan sized for a `prompt_len`-token prompt and a
+    /// `capacity`-token KV cache, with the Quest pass when `quest` is set, and runs the
+    /// artifact through [`PlanRunner::from_artifact`]: the same path as a compiled directory.
     pub fn new(
         config: &ModelConfig,
         weights: &Weights,
@@ -92,54 +117,108 @@ impl PlanRunner {
         quest: Option<QuestOptions>,
     ) -> Result<PlanRunner> {
         let capacity = capacity.max(1).next_multiple_of(CAPACITY_ALIGNMENT);
-        let cuda = match device {
-            RunDevice::Cpu => None,
-            RunDevice::Cuda => Some(CudaDevice::open(ordinal)?),
-            RunDevice::Auto if CudaDevice::is_available() => Some(CudaDevice::open(ordinal)?),
-            RunDevice::Auto => None,
-        };
-        let mut options = CompileOptions::with_bindings(Bindings::from_pairs(&[
-            ("batch", 1),
-            ("seq", prompt_len.max(1)),
-            ("ctx", capacity.max(1)),
-        ]));
-        options.quest = quest;
-        if cuda.is_none() {
-            options.schedule.gpu = GpuCapabilities {
-                families: Default::default(),
-                dtypes: Default::default(),
-            };
+        let cuda = open_device(device, ordinal)?;
+        if device == RunDevice::Cuda && !config.dtype.is_float() {
+            bail!("model dtype {} cannot run", config.dtype);
         }
+        let target = match &cuda {
+            Some(device) => device_target(device)?,
+            None => Target::from_name("cpu")?,
+        };
+        let options = ArtifactOptions {
+            batch: 1,
+            prompt_len: prompt_len.max(1),
+            context: capacity,
+            quest,
+            target,
+        };
+        let artifact = Artifact::compile(config, &options).context("compiling the model")?;
+        PlanRunner::with_device(&artifact, weights, cuda, capacity, "in memory".into())
+    }
+
+    /// Runs a compiled artifact (from [`Artifact::load`] or [`Artifact::compile`]) with
+    /// `weights`, on CUDA device `ordinal` when the artifact's target is a GPU (the device
+    /// must match the target), with a `capacity`-token KV cache. GPU kernels come from the
+    /// artifact only: nothing is generated.
+    pub fn from_artifact(
+        artifact: &Artifact,
+        weights: &Weights,
+        ordinal: usize,
+        capacity: usize,
+        origin: String,
+    ) -> Result<PlanRunner> {
+        let capacity = capacity.max(1).next_multiple_of(CAPACITY_ALIGNMENT);
+        let target = &artifact.manifest.target;
+        let cuda = if target.is_gpu() {
+            if !CudaDevice::is_available() {
+                bail!(
+                    "{origin} was compiled for {} and needs a CUDA device, but none is present; \
+                     compile it with --target cpu to run on the host",
+                    target.name
+                );
+            }
+            let device = CudaDevice::open(ordinal)?;
+            let info = device.info();
+            let (major, minor) = info.compute_capability;
+            target
+                .check_device((major as u32, minor as u32), info.sm_count)
+                .with_context(|| format!("loading {origin} on {}", info.name))?;
+            Some(device)
+        } else {
+            None
+        };
+        PlanRunner::with_device(artifact, weights, cuda, capacity, origin)
+    }
+
+    fn with_device(
+        artifact: &Artifact,
+        weights: &Weights,
+        cuda: Option<CudaDevice>,
+        capacity: usize,
+        origin: String,
+    ) -> Result<PlanRunner> {
+        let config = &artifact.manifest.model;
         let description = match &cuda {
             Some(d) => d.info().to_string(),
             None => "cpu".to_string(),
         };
         let cuda = cuda.map(Arc::new);
-        if device == RunDevice::Cuda && !config.dtype.is_float() {
-            bail!("model dtype {} cannot run", config.dtype);
-        }
+        let kernels = KernelSource::Prebuilt(Arc::new(PrebuiltKernels {
+            origin: origin.clone(),
+            kernels: artifact.kernels(),
+        }));
         let shared = DeviceWeights::default();
         let mut executors = Vec::new();
         let mut placement = Vec::new();
-        let mut quest_report = None;
         for phase in [Phase::Prefill, Phase::Decode] {
-            let compiled = compile(config, phase, &options)
-                .with_context(|| format!("compiling the {} plan", phase.name()))?;
-            placement.push(compiled.plan.count_on(Device::Gpu));
-            placement.push(compiled.plan.count_on(Device::Cpu));
-            if phase == Phase::Decode {
-                quest_report = compiled.quest.clone();
-            }
-            let executor = Executor::new(
-                compiled.graph,
-                compiled.plan,
-                weights,
-                cuda.clone(),
-                &shared,
-            )
-            .with_context(|| format!("loading the {} plan", phase.name()))?;
+            let plan = artifact.plan(phase).clone();
+            placement.push(plan.count_on(Device::Gpu));
+            placement.push(plan.count_on(Device::Cpu));
+            let executor = Executor::new(plan, weights, cuda.clone(), &shared)
+                .with_context(|| format!("loading the {} plan of {origin}", phase.name()))?
+                .with_kernels(kernels.clone());
             executors.push(executor);
         }
+        let decode_plan = artifact.plan(Phase::Decode);
+        let quest_kernels = decode_plan
+            .passes_run
+            .iter()
+            .any(|p| p.name == "quest")
+            .then(|| {
+                decode_plan
+                    .kernels
+                    .iter()
+                    .filter(|k| {
+                        matches!(
+                            k.family,
+                            Family::Attention {
+                                kind: AttentionKind::Quest { .. },
+                                ..
+                            }
+                        )
+                    })
+                    .count()
+            });
         let mut decode = executors.pop().expect("two phases");
         let mut prefill = executors.pop().expect("two phases");
         let store = DeviceState::default();
@@ -176,7 +255,7 @@ impl PlanRunner {
             state_on_device,
             device: description,
             placement: (placement[0], placement[1], placement[2], placement[3]),
-            quest: quest_report,
+            quest_kernels,
         })
     }
 

@@ -274,7 +274,7 @@ fn run_with_quest_on_the_cpu_reports_tokens() {
     let text = stdout(&output);
     assert!(
         text.contains(
-            "quest budget 16 tokens, page size 4, skip layers 1: 1 decode attention node(s) on Quest"
+            "quest budget 16 tokens, page size 4, skip layers 1: 1 decode attention kernel(s) on Quest"
         ),
         "{text}"
     );
@@ -429,4 +429,121 @@ fn embed_report_counts_the_threads_it_ran_on() {
             serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
         assert_eq!(json["threads"].as_u64().unwrap().to_string(), threads);
     }
+}
+
+#[test]
+fn a_compiled_artifact_runs_like_the_model() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tiny");
+    let dir = dir.to_str().unwrap();
+    let output = kiln(&[
+        "compile",
+        "--model",
+        "tiny-llama",
+        "--target",
+        "cpu",
+        "-o",
+        dir,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("schema 1, target cpu"));
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--json", "-n", "6", "--seed", "4"];
+        all.extend(args);
+        let output = kiln(&all);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        json
+    };
+    let compiled = run(&["--compiled", dir]);
+    let direct = run(&["--model", "tiny-llama", "--device", "cpu"]);
+    assert_eq!(compiled["tokens"], direct["tokens"]);
+    assert_eq!(compiled["tokens"].as_array().unwrap().len(), 6);
+    let device = compiled["device"].as_str().unwrap();
+    assert!(device.contains("0 generated at run time"), "{device}");
+}
+
+#[test]
+fn bad_artifacts_are_one_clear_line() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tiny");
+    let dir_text = dir.to_str().unwrap();
+    let output = kiln(&["compile", "--model", "tiny-llama", "-o", dir_text]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // A GPU artifact on a machine without one (CI) or with one, after each corruption.
+    let plan = dir.join("plan.json");
+    let text = std::fs::read_to_string(&plan).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (text[..text.len() / 3].to_string(), "is not a kiln plan"),
+        (
+            text.replacen("\"schema_version\": 1", "\"schema_version\": 7", 1),
+            "`schema_version` is 7",
+        ),
+    ];
+    for (contents, part) in cases {
+        std::fs::write(&plan, contents).unwrap();
+        let output = kiln(&["run", "--compiled", dir_text, "-n", "1"]);
+        assert!(!output.status.success());
+        let message = stderr(&output);
+        assert!(
+            message.contains(part) && message.contains("plan.json"),
+            "{message}"
+        );
+        assert!(!message.contains("panicked"), "{message}");
+    }
+    let output = kiln(&[
+        "run",
+        "--compiled",
+        root.path().join("none").to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("none/plan.json"),
+        "{}",
+        stderr(&output)
+    );
+    // --compiled takes the model from the artifact.
+    let output = kiln(&["run", "--compiled", dir_text, "--model", "tiny-llama"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("cannot be used with"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn weights_that_do_not_match_the_artifact_are_named() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tiny");
+    let dir_text = dir.to_str().unwrap();
+    let output = kiln(&[
+        "compile",
+        "--model",
+        "tiny-llama",
+        "--target",
+        "cpu",
+        "-o",
+        dir_text,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // tiny-mixtral's checkpoint has none of tiny-llama's MLP weights.
+    let config = kiln::ir::model::ModelConfig::preset("tiny-mixtral").unwrap();
+    let graph = kiln::ir::model::build_model(&config, kiln::ir::model::Phase::Prefill).unwrap();
+    let weights = kiln::model_source::load_weights(&graph, None, 1).unwrap();
+    let file = root.path().join("mixtral.safetensors");
+    weights.save(&file).unwrap();
+    let output = kiln(&[
+        "run",
+        "--compiled",
+        dir_text,
+        "--weights",
+        file.to_str().unwrap(),
+        "-n",
+        "1",
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("mlp"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
 }

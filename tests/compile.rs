@@ -1,6 +1,6 @@
 //! `kiln compile`: plan snapshots, determinism, atomic output and the launch reduction.
 
-use kiln::compile::{compile, write_output, CompileOptions, CompiledModel, Emit};
+use kiln::compiler::{compile, Artifact, ArtifactOptions, CompileOptions, CompiledModel};
 use kiln_ir::model::{ModelConfig, Phase};
 use std::fmt::Write as _;
 
@@ -55,29 +55,45 @@ fn large_plans_snapshot() {
     }
 }
 
+/// Every file under `dir`, by path relative to it, with its bytes, sorted.
+fn listing(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let relative = path
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                files.push((relative, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
 #[test]
 fn compiling_twice_gives_identical_bytes() {
     let root = tempfile::tempdir().unwrap();
     let mut listings = Vec::new();
+    let config = ModelConfig::preset("llama-3-8b").unwrap();
     for attempt in 0..2 {
-        let model = compiled("llama-3-8b", Phase::Decode);
+        let artifact = Artifact::compile(&config, &ArtifactOptions::default()).unwrap();
         let dir = root.path().join(format!("out{attempt}"));
-        write_output(&model, Emit::default(), &dir).unwrap();
+        artifact.write(&dir).unwrap();
         // Writing again over an existing directory replaces it whole.
-        write_output(&model, Emit::default(), &dir).unwrap();
-        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap(),
-                )
-            })
-            .collect();
-        files.sort();
+        artifact.write(&dir).unwrap();
+        let files = listing(&dir);
         assert!(files.iter().any(|(n, _)| n == "plan.json"));
-        assert!(files.iter().any(|(n, _)| n.ends_with(".ptx")));
+        assert!(files
+            .iter()
+            .any(|(n, _)| n.starts_with("kernels/") && n.ends_with(".ptx")));
         assert!(files.iter().any(|(n, _)| n == "report.txt"));
         listings.push(files);
     }

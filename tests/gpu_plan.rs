@@ -340,7 +340,6 @@ fn quest_attention_program_matches_the_interpreter_call_after_call() {
     );
     let device = Arc::new(common::device());
     let mut executor = Executor::new(
-        g.clone(),
         plan,
         &Weights::new(),
         Some(device.clone()),

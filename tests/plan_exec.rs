@@ -3,7 +3,7 @@
 //! give the reference interpreter's tokens and logits; bad per-call tensors and a GPU plan
 //! without a device are clear errors. The GPU side is `tests/gpu_plan.rs`.
 
-use kiln::compile::{compile, CompileOptions};
+use kiln::compiler::{compile, CompileOptions};
 use kiln::generate::{generate, generate_reference, kv_cache_state, GenerateOptions, Generation};
 use kiln::ir::dtype::DType;
 use kiln::ir::model::{build_model, ModelConfig, Phase};
@@ -108,14 +108,7 @@ fn decode_executor() -> (Executor, std::collections::HashMap<String, Tensor>) {
     let graph = build_model(&config, Phase::Decode).unwrap();
     let weights = load_weights(&graph, None, 5).unwrap();
     let compiled = compile(&config, Phase::Decode, &CompileOptions::default()).unwrap();
-    let executor = Executor::new(
-        compiled.graph,
-        compiled.plan,
-        &weights,
-        None,
-        &DeviceWeights::default(),
-    )
-    .unwrap();
+    let executor = Executor::new(compiled.plan, &weights, None, &DeviceWeights::default()).unwrap();
     let mut inputs = kv_cache_state(&config, 8, 0.0);
     inputs.insert("input_ids".into(), Tensor::i32(&[1, 1], &[7]));
     inputs.insert("positions".into(), Tensor::i32(&[1, 1], &[0]));
@@ -160,14 +153,7 @@ fn a_plan_with_gpu_kernels_needs_a_device() {
     let compiled = compile(&config, Phase::Decode, &CompileOptions::default()).unwrap();
     let gpu = compiled.plan.count_on(kiln::ir::schedule::Device::Gpu);
     assert!(gpu > 0, "an f16 plan places kernels on the GPU");
-    let err = Executor::new(
-        compiled.graph,
-        compiled.plan,
-        &weights,
-        None,
-        &DeviceWeights::default(),
-    )
-    .unwrap_err();
+    let err = Executor::new(compiled.plan, &weights, None, &DeviceWeights::default()).unwrap_err();
     assert!(matches!(err, ExecError::NoDevice { gpu_kernels, .. } if gpu_kernels == gpu));
     assert!(err.to_string().contains("--device cpu"), "{err}");
 }
@@ -177,7 +163,6 @@ fn missing_weights_are_named() {
     let config = ModelConfig::preset("tiny-llama").unwrap();
     let compiled = compile(&config, Phase::Decode, &CompileOptions::default()).unwrap();
     let err = Executor::new(
-        compiled.graph,
         compiled.plan,
         &kiln::ir::weights::Weights::new(),
         None,

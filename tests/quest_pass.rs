@@ -3,7 +3,7 @@
 //! and CPU generation through the compiled plans with Quest gives the dense tokens when the
 //! budget covers the cache (dense fallback) and runs, selecting pages, when it does not.
 
-use kiln::compile::{compile, CompileOptions};
+use kiln::compiler::{compile, CompileOptions};
 use kiln::generate::{generate, GenerateOptions};
 use kiln::ir::model::{build_model, ModelConfig, Phase};
 use kiln::ir::op::Op;
@@ -42,10 +42,10 @@ fn the_plan_records_the_quest_pass_and_its_options() {
         serde_json::json!({"budget": 64, "page_size": 16, "skip_layers": 1})
     );
     let quest_nodes = model
-        .graph
-        .nodes
+        .plan
+        .kernels
         .iter()
-        .filter(|n| matches!(n.op, Op::QuestAttentionDecode { .. }))
+        .filter(|k| matches!(k.computes.op, Op::QuestAttentionDecode { .. }))
         .count();
     assert_eq!(quest_nodes, 1);
     assert_eq!(model.quest.as_ref().unwrap().changed, 1);
@@ -78,8 +78,8 @@ fn without_quest_nothing_changes_and_prefill_stays_dense() {
     assert!(!dense.report.contains("quest"), "{}", dense.report);
     let prefill = compile(&config, Phase::Prefill, &CompileOptions::default()).unwrap();
     let prefill_quest = compile(&config, Phase::Prefill, &options(quest(64, 16, 0))).unwrap();
+    // The kernels carry their ops (`computes`), so equal kernels mean equal graphs.
     assert_eq!(prefill_quest.plan.kernels, prefill.plan.kernels);
-    assert_eq!(prefill_quest.graph, prefill.graph);
     assert_eq!(prefill_quest.quest.as_ref().unwrap().changed, 0);
     assert_eq!(prefill_quest.plan.passes_run[0].name, "quest");
 }
@@ -124,9 +124,9 @@ fn generate_on_cpu(quest: Option<QuestOptions>, new_tokens: usize) -> (Vec<i32>,
 fn cpu_generation_with_a_covering_budget_gives_the_dense_tokens() {
     // A 22-token cache in pages of 4 never exceeds the 8-page budget: dense fallback.
     let (dense, runner) = generate_on_cpu(None, 12);
-    assert!(runner.quest.is_none());
+    assert!(runner.quest_kernels.is_none());
     let (sparse, runner) = generate_on_cpu(quest(32, 4, 0), 12);
-    assert_eq!(runner.quest.as_ref().unwrap().changed, 2);
+    assert_eq!(runner.quest_kernels.unwrap(), 2);
     assert_eq!(sparse, dense);
 }
 
@@ -134,7 +134,7 @@ fn cpu_generation_with_a_covering_budget_gives_the_dense_tokens() {
 fn cpu_generation_with_a_small_budget_runs() {
     // Up to 26 tokens in pages of 4 against a 2-page budget: layer 1 attends to at most 8.
     let (tokens, runner) = generate_on_cpu(quest(8, 4, 1), 16);
-    assert_eq!(runner.quest.as_ref().unwrap().changed, 1);
+    assert_eq!(runner.quest_kernels.unwrap(), 1);
     assert_eq!(tokens.len(), 16);
     assert!(tokens.iter().all(|&t| (0..512).contains(&t)), "{tokens:?}");
 }

@@ -1,4 +1,4 @@
-//! `kiln compile`: a model definition in, a plan and its PTX out.
+//! The compiler driver: a model definition in, the plan of one phase and its kernels out.
 //!
 //! [`compile`] runs the pipeline for one phase: `build_model` → `rewrite::optimize` → the
 //! Quest pass when [`CompileOptions::quest`] is set (`ir::passes::quest`: decode attention of
@@ -6,64 +6,29 @@
 //! it ran before scheduling) → `schedule` → one `kiln_kernels` generator per GPU kernel
 //! through `kiln_kernels::lower` (GEMV for at most 8 rows, else GEMM; RMSNorm; RoPE;
 //! elementwise maps; attention and KV append as programs of several launches, listed in the
-//! plan as `entry + entry`). A kernel whose spec a generator rejects moves to the CPU through the
-//! `force_cpu` pass, with the reason recorded in the plan. [`write_output`]
-//! writes `plan.json`, one `<entry>.ptx` per distinct GPU kernel and `report.txt` into a
-//! temporary directory beside the target and renames it into place only when all succeeded.
-//! Everything written is deterministic (no timings in the files).
+//! plan as `entry + entry`). A kernel whose spec a generator rejects moves to the CPU through
+//! the `force_cpu` pass, with the reason recorded in the plan. Every kernel is keyed by its
+//! spec key, the key the runtime looks it up by; with [`CompileOptions::every_row_class`] a
+//! prefill plan's kernels are generated for every prompt length class (each GEMV row count,
+//! small and large GEMM), so that an artifact runs any prompt. The [`crate::artifact`]
+//! gathers both phases. Everything produced is deterministic (no timings). This module must
+//! not touch a device or the file system.
 
-use anyhow::{Context, Result};
-use kiln_ir::graph::Graph;
+use crate::error::CompileError;
+use crate::target::Target;
+use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::model::{build_model, ModelConfig, Phase};
 use kiln_ir::passes::quest::QuestPass;
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::rewrite::{optimize, RewriteOptions, RewriteReport};
 use kiln_ir::schedule::{
-    schedule, Device, Family, ForceCpu, PassReport, PlanMemory, Schedule, ScheduleOptions,
+    schedule, Device, Family, ForceCpu, GpuCapabilities, PassReport, PlanMemory, Schedule,
+    ScheduleOptions,
 };
 use kiln_ir::shape::Bindings;
 use kiln_kernels::lower::Lowering;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
-
-/// What to write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Emit {
-    pub plan: bool,
-    pub ptx: bool,
-    pub report: bool,
-}
-
-impl Default for Emit {
-    fn default() -> Emit {
-        Emit {
-            plan: true,
-            ptx: true,
-            report: true,
-        }
-    }
-}
-
-impl Emit {
-    /// Parses `plan,ptx,report` (any subset).
-    pub fn parse(items: &[String]) -> Result<Emit> {
-        let mut emit = Emit {
-            plan: false,
-            ptx: false,
-            report: false,
-        };
-        for item in items {
-            match item.trim() {
-                "plan" => emit.plan = true,
-                "ptx" => emit.ptx = true,
-                "report" => emit.report = true,
-                other => anyhow::bail!("unknown --emit item `{other}` (items: plan, ptx, report)"),
-            }
-        }
-        Ok(emit)
-    }
-}
 
 /// How to compile.
 #[derive(Clone, Debug, Default)]
@@ -73,6 +38,12 @@ pub struct CompileOptions {
     /// Run the Quest pass with these options (decode attention of layers ≥ `skip_layers`
     /// becomes Quest attention); `None` keeps every attention dense.
     pub quest: Option<QuestOptions>,
+    /// The machine: a CPU target places every kernel on the host; a GPU target's SM count
+    /// sizes the attention programs.
+    pub target: Target,
+    /// Generate a prefill plan's kernels for every prompt length class, not only for the
+    /// bound `seq` (an artifact needs them all).
+    pub every_row_class: bool,
 }
 
 impl CompileOptions {
@@ -83,66 +54,26 @@ impl CompileOptions {
         options.schedule.bindings = bindings;
         options
     }
-}
 
-/// The Quest options of the command-line flags `--quest-budget`, `--quest-page-size` and
-/// `--quest-skip-layers`: `None` without `--quest-budget` (the other two then must be absent),
-/// else the options with page size 16 and 2 skipped layers by default. Errors name the flag
-/// and what it expects.
-pub fn quest_options_from_flags(
-    budget: Option<usize>,
-    page_size: Option<usize>,
-    skip_layers: Option<usize>,
-) -> Result<Option<QuestOptions>> {
-    let Some(budget) = budget else {
-        for (flag, value) in [
-            ("--quest-page-size", page_size),
-            ("--quest-skip-layers", skip_layers),
-        ] {
-            if value.is_some() {
-                anyhow::bail!("{flag} needs --quest-budget (Quest is on only with a budget)");
-            }
+    /// These options for `target` (a CPU target has no GPU families).
+    pub fn for_target(mut self, target: Target) -> CompileOptions {
+        if !target.is_gpu() {
+            self.schedule.gpu = GpuCapabilities {
+                families: Default::default(),
+                dtypes: Default::default(),
+            };
         }
-        return Ok(None);
-    };
-    let defaults = QuestOptions::default();
-    let options = QuestOptions {
-        budget_tokens: budget,
-        page_size: page_size.unwrap_or(defaults.page_size),
-        skip_layers: skip_layers.unwrap_or(defaults.skip_layers),
-    };
-    let page = options.page_size;
-    let max = kiln_ir::quest::MAX_PAGE_SIZE;
-    if page == 0 || page > max || !page.is_power_of_two() {
-        anyhow::bail!("--quest-page-size {page}: expected a power of two in 1..={max}");
+        self.target = target;
+        self
     }
-    if budget == 0 || !budget.is_multiple_of(page) {
-        anyhow::bail!(
-            "--quest-budget {budget}: expected a positive multiple of the page size \
-             (--quest-page-size {page})"
-        );
-    }
-    if budget < 2 * page {
-        anyhow::bail!(
-            "--quest-budget {budget}: expected at least two pages ({} tokens with \
-             --quest-page-size {page}): one chosen by score and the current page",
-            2 * page
-        );
-    }
-    options
-        .validate()
-        .map_err(|e| anyhow::anyhow!("--quest-budget/--quest-page-size: {e}"))?;
-    Ok(Some(options))
 }
 
 /// The result of [`compile`].
 #[derive(Debug)]
 pub struct CompiledModel {
-    /// The rewritten graph the plan was scheduled from (the executor evaluates its nodes).
-    pub graph: Graph,
     pub plan: Schedule,
-    /// PTX per distinct entry name.
-    pub ptx: BTreeMap<String, String>,
+    /// Every GPU kernel the plan can launch, by spec key.
+    pub kernels: BTreeMap<String, GpuKernel>,
     pub rewrite: RewriteReport,
     /// What the Quest pass did, when it ran.
     pub quest: Option<PassReport>,
@@ -157,27 +88,44 @@ pub fn compile(
     config: &ModelConfig,
     phase: Phase,
     options: &CompileOptions,
-) -> Result<CompiledModel> {
-    let graph = build_model(config, phase).context("building the model graph")?;
-    let (rewritten, rewrite) = optimize(&graph, &options.rewrite).context("rewriting")?;
+) -> Result<CompiledModel, CompileError> {
+    let name = phase.name();
+    let graph = build_model(config, phase).map_err(|source| CompileError::Build {
+        phase: name,
+        source,
+    })?;
+    let (rewritten, rewrite) =
+        optimize(&graph, &options.rewrite).map_err(|source| CompileError::Rewrite {
+            phase: name,
+            source,
+        })?;
+    let quest_error = |source| CompileError::Quest {
+        phase: name,
+        source,
+    };
     let (rewritten, quest) = match &options.quest {
         None => (rewritten, None),
         Some(quest) => {
-            let pass = QuestPass::new(*quest)?;
-            let (graph, report) = pass.run(&rewritten).context("running the quest pass")?;
+            let pass = QuestPass::new(*quest).map_err(quest_error)?;
+            let (graph, report) = pass.run(&rewritten).map_err(quest_error)?;
             (graph, Some((pass, report)))
         }
     };
-    let before = schedule(&graph, &options.schedule).context("scheduling the unrewritten graph")?;
-    let mut plan = schedule(&rewritten, &options.schedule).context("scheduling")?;
+    let schedule_error = |source| CompileError::Schedule {
+        phase: name,
+        source,
+    };
+    let before = schedule(&graph, &options.schedule).map_err(schedule_error)?;
+    let mut plan = schedule(&rewritten, &options.schedule).map_err(schedule_error)?;
     if let Some((pass, _)) = &quest {
         // It ran on the graph before scheduling, so it comes first.
         plan.passes_run.insert(0, pass.record());
     }
     let quest = quest.map(|(pass, report)| (*pass.options(), report));
     let bindings = &options.schedule.bindings;
+    let sm_count = options.target.sm_count_or_default();
 
-    let mut ptx = BTreeMap::new();
+    let mut kernels = BTreeMap::new();
     let mut lowering = Lowering::default();
     let mut rejected = ForceCpu::default();
     let mut entries = Vec::with_capacity(plan.kernels.len());
@@ -186,13 +134,11 @@ pub fn compile(
             entries.push(None);
             continue;
         }
-        match lowering.lower_all(&kernel.family, bindings) {
+        match lowering.lower_all(&kernel.family, bindings, sm_count) {
             Ok(generated) => {
-                let names: Vec<&str> = generated.iter().map(|g| g.entry.as_str()).collect();
+                let names: Vec<&str> = generated.iter().map(|(_, g)| g.entry.as_str()).collect();
                 entries.push(Some(names.join(" + ")));
-                for kernel in generated {
-                    ptx.insert(kernel.entry, kernel.ptx);
-                }
+                kernels.extend(generated);
             }
             Err(reason) => {
                 rejected.kernels.insert(kernel.name.clone(), reason);
@@ -202,6 +148,32 @@ pub fn compile(
     }
     for (kernel, entry) in plan.kernels.iter_mut().zip(entries) {
         kernel.entry = entry;
+    }
+    if options.every_row_class && phase == Phase::Prefill {
+        for rows in kiln_kernels::lower::Lowering::linear_row_classes() {
+            let mut class = bindings.clone();
+            class.set("seq", rows);
+            for kernel in plan.kernels.iter().filter(|k| k.device == Device::Gpu) {
+                let generated = lowering
+                    .lower_all(&kernel.family, &class, sm_count)
+                    .map_err(|message| CompileError::Kernel {
+                        kernel: kernel.name.clone(),
+                        message: format!("at seq = {rows}: {message}"),
+                    })?;
+                kernels.extend(generated);
+            }
+        }
+    }
+    for (key, kernel) in &kernels {
+        if !options.target.accepts_ptx_target(&kernel.target) {
+            return Err(CompileError::Kernel {
+                kernel: kernel.entry.clone(),
+                message: format!(
+                    "written for {} but the target is {} (spec {key})",
+                    kernel.target, options.target.name
+                ),
+            });
+        }
     }
     if !rejected.kernels.is_empty() {
         plan.apply(&rejected);
@@ -217,16 +189,15 @@ pub fn compile(
         &plan,
         &rewrite,
         before.kernels.len(),
-        &ptx,
+        &kernels,
         bindings,
     );
     if let Some((options, pass)) = &quest {
         render_quest(&mut report, options, pass);
     }
     Ok(CompiledModel {
-        graph: rewritten,
         plan,
-        ptx,
+        kernels,
         rewrite,
         quest: quest.map(|(_, report)| report),
         kernels_before: before.kernels.len(),
@@ -240,7 +211,7 @@ fn render_report(
     plan: &Schedule,
     rewrite: &RewriteReport,
     kernels_before: usize,
-    ptx: &BTreeMap<String, String>,
+    kernels: &BTreeMap<String, GpuKernel>,
     bindings: &Bindings,
 ) -> String {
     let mut out = String::new();
@@ -293,8 +264,10 @@ fn render_report(
         let _ = writeln!(out, "  {family:<28} {device:<4} {count}");
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "distinct GPU kernels (ptx): {}", ptx.len());
-    for entry in ptx.keys() {
+    let entries: std::collections::BTreeSet<&str> =
+        kernels.values().map(|k| k.entry.as_str()).collect();
+    let _ = writeln!(out, "distinct GPU kernels (ptx): {}", entries.len());
+    for entry in entries {
         let _ = writeln!(out, "  {entry}");
     }
     let tokens = bindings.get("batch").unwrap_or(1)
@@ -346,55 +319,4 @@ fn render_quest(out: &mut String, options: &QuestOptions, report: &PassReport) {
     for note in &report.notes {
         let _ = writeln!(out, "  {note}");
     }
-}
-
-/// Writes the emitted files of `model` into `dir`, atomically: everything goes into a
-/// temporary directory beside `dir`, which replaces `dir` only once complete.
-pub fn write_output(model: &CompiledModel, emit: Emit, dir: &Path) -> Result<()> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp"))
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
-    let write = |file: &str, bytes: &[u8]| -> Result<()> {
-        let path = staging.path().join(file);
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
-    };
-    if emit.plan {
-        write("plan.json", model.plan.to_json().as_bytes())?;
-    }
-    if emit.ptx {
-        for (entry, text) in &model.ptx {
-            write(&format!("{entry}.ptx"), text.as_bytes())?;
-        }
-    }
-    if emit.report {
-        write("report.txt", model.report.as_bytes())?;
-    }
-    let staged = staging.keep();
-    if dir.exists() {
-        let old = tempfile::Builder::new()
-            .prefix(&format!(".{name}.old"))
-            .tempdir_in(&parent)?
-            .keep();
-        std::fs::remove_dir(&old)?;
-        std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
-        if let Err(e) = std::fs::rename(&staged, dir) {
-            let _ = std::fs::rename(&old, dir);
-            let _ = std::fs::remove_dir_all(&staged);
-            return Err(e).with_context(|| format!("replacing {}", dir.display()));
-        }
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else {
-        std::fs::rename(&staged, dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    Ok(())
 }

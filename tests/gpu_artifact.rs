@@ -1,0 +1,84 @@
+//! A compiled artifact on the GPU: `kiln compile` into a directory, then the runner loads
+//! the plans and PTX from it and generates nothing. Needs a CUDA device: run with
+//! `cargo test --test gpu_artifact -- --ignored` on the GPU machine.
+//!
+//! The artifact's tokens must equal those of the same model compiled in memory (same
+//! seed, same prompt), every GPU kernel must come from the artifact (`kernels_generated`
+//! is 0, `kernels_loaded` is not), and the logits must be finite (the arenas are poisoned
+//! with NaN before every call, so a kernel that skips elements fails).
+
+use kiln::compiler::{Artifact, ArtifactOptions};
+use kiln::generate::{generate, GenerateOptions, Generation};
+use kiln::ir::dtype::DType;
+use kiln::ir::model::ModelConfig;
+use kiln::model_source::load_expected_weights;
+use kiln::plan_runner::{device_target, open_device, PlanRunner, RunDevice};
+
+fn generate_with(runner: &mut PlanRunner, config: &ModelConfig, prompt: &[i32]) -> Generation {
+    runner.poison_arenas(true);
+    let options = GenerateOptions {
+        prompt: prompt.to_vec(),
+        new_tokens: 17,
+        keep_logits: true,
+    };
+    generate(config, &options, |p, s| runner.step(p, s), |_| {}).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
+    let device = open_device(RunDevice::Cuda, 0).unwrap().unwrap();
+    let target = device_target(&device).unwrap();
+    drop(device);
+    for (preset, prompt_len) in [("tiny-llama", 5), ("tiny-mixtral", 37)] {
+        let mut config = ModelConfig::preset(preset).unwrap();
+        config.dtype = DType::BF16;
+        let options = ArtifactOptions {
+            target: target.clone(),
+            ..ArtifactOptions::default()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(preset);
+        Artifact::compile(&config, &options)
+            .unwrap()
+            .write(&dir)
+            .unwrap();
+        let artifact = Artifact::load(&dir).unwrap();
+        let weights =
+            load_expected_weights(&artifact.expected_weights(), preset, None, 11).unwrap();
+        let prompt: Vec<i32> = (0..prompt_len).map(|i| (i * 37 + 5) % 500).collect();
+        let capacity = prompt.len() + 17;
+
+        let mut loaded =
+            PlanRunner::from_artifact(&artifact, &weights, 0, capacity, dir.display().to_string())
+                .unwrap();
+        let from_artifact = generate_with(&mut loaded, &config, &prompt);
+        let (prefill, decode) = loaded.stats();
+        assert_eq!(prefill.kernels_generated + decode.kernels_generated, 0);
+        assert!(prefill.kernels_loaded > 0 && decode.kernels_loaded > 0);
+        assert!(prefill.gpu_launches > 0 && decode.gpu_launches > 0);
+
+        let mut in_memory = PlanRunner::new(
+            &config,
+            &weights,
+            RunDevice::Cuda,
+            0,
+            prompt.len(),
+            capacity,
+            None,
+        )
+        .unwrap();
+        let compiled_here = generate_with(&mut in_memory, &config, &prompt);
+        assert_eq!(from_artifact.tokens, compiled_here.tokens, "{preset}");
+        for logits in &from_artifact.step_logits {
+            assert!(logits.iter().all(|x| x.is_finite()), "{preset}");
+        }
+        eprintln!(
+            "{preset}: {} tokens {:?}, {} kernels loaded from {}",
+            from_artifact.tokens.len(),
+            from_artifact.tokens,
+            prefill.kernels_loaded + decode.kernels_loaded,
+            dir.display()
+        );
+    }
+}
