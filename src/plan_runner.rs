@@ -196,7 +196,11 @@ impl PlanRunner {
             placement.push(plan.count_on(Device::Cpu));
             let executor = Executor::new(plan, weights, cuda.clone(), &shared)
                 .with_context(|| format!("loading the {} plan of {origin}", phase.name()))?
-                .with_kernels(kernels.clone());
+                .with_kernels(kernels.clone())
+                .with_cpu_steps(artifact.cpu_steps(phase))
+                .with_context(|| {
+                    format!("compiling the CPU kernels of the {} plan", phase.name())
+                })?;
             executors.push(executor);
         }
         let decode_plan = artifact.plan(Phase::Decode);

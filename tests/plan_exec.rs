@@ -1,7 +1,8 @@
 //! Plan execution on the CPU (`kiln_runtime::exec` through `kiln::plan_runner`): the
-//! compiled, rewritten prefill and decode plans of the tiny presets, every kernel on the host,
-//! give the reference interpreter's tokens and logits; bad per-call tensors and a GPU plan
-//! without a device are clear errors. The GPU side is `tests/gpu_plan.rs`.
+//! compiled, rewritten prefill and decode plans of the tiny presets, every kernel on the host
+//! (linears and maps on Cranelift kernels, the rest on the interpreter), give the reference
+//! interpreter's tokens and logits; bad per-call tensors and a GPU plan without a device are
+//! clear errors. The GPU side is `tests/gpu_plan.rs`.
 
 use kiln::compiler::{compile, CompileOptions};
 use kiln::generate::{generate, generate_reference, kv_cache_state, GenerateOptions, Generation};
@@ -85,6 +86,16 @@ fn plan_matches_reference(model: &str, dtype: DType, seed: u64) {
     assert_eq!(prefill.calls, 1);
     assert_eq!(decode.calls, options.new_tokens - 1);
     assert!(decode.cpu_kernels > 0 && decode.gpu_launches == 0);
+    // Every linear ran on Cranelift code (a layer has four, the head one).
+    let layers = config.num_layers;
+    for (stats, calls) in [(prefill, 1), (decode, options.new_tokens - 1)] {
+        assert!(
+            stats.cpu_compiled >= (4 * layers + 1) * calls,
+            "{} of {} host steps compiled",
+            stats.cpu_compiled,
+            stats.cpu_kernels
+        );
+    }
 }
 
 #[test]

@@ -42,6 +42,7 @@ use kiln_ir::model::{ModelConfig, Phase};
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::schedule::{BufferKind, Schedule};
 use kiln_ir::shape::Bindings;
+use kiln_kernels::cpu_step::{cpu_step, CpuStep};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -94,6 +95,9 @@ pub struct WeightEntry {
 pub struct PhasePlan {
     pub phase: Phase,
     pub plan: Schedule,
+    /// The Cranelift kernels of each host step, by kernel index (`None` for GPU steps and
+    /// for host steps that run on the reference interpreter); compiled by the runtime at load.
+    pub cpu_steps: Vec<Option<CpuStep>>,
 }
 
 /// One GPU kernel: its PTX file and everything the runtime needs to launch it.
@@ -191,9 +195,19 @@ impl Artifact {
             kernels.extend(compiled.kernels);
             report.push_str(&compiled.report);
             report.push('\n');
+            let cpu_steps = compiled
+                .plan
+                .kernels
+                .iter()
+                .map(|k| match k.device {
+                    kiln_ir::schedule::Device::Cpu => cpu_step(&k.family),
+                    kiln_ir::schedule::Device::Gpu => None,
+                })
+                .collect();
             phases.push(PhasePlan {
                 phase,
                 plan: compiled.plan,
+                cpu_steps,
             });
         }
         let mut ptx: BTreeMap<String, String> = BTreeMap::new();
@@ -244,6 +258,17 @@ impl Artifact {
             .find(|p| p.phase == phase)
             .expect("a loaded or compiled artifact has both phases")
             .plan
+    }
+
+    /// The Cranelift kernels of the host steps of `phase`, by kernel index.
+    pub fn cpu_steps(&self, phase: Phase) -> &[Option<CpuStep>] {
+        &self
+            .manifest
+            .phases
+            .iter()
+            .find(|p| p.phase == phase)
+            .expect("a loaded or compiled artifact has both phases")
+            .cpu_steps
     }
 
     /// Every GPU kernel by spec key, with its PTX.
@@ -487,6 +512,24 @@ fn check_manifest(path: &Path, manifest: &Manifest) -> Result<(), ArtifactError>
                         "a GPU step in an artifact for target {}",
                         manifest.target.name
                     ),
+                ));
+            }
+        }
+        if phase.cpu_steps.len() != plan.kernels.len() {
+            return Err(invalid(
+                format!("phases[{p}].cpu_steps"),
+                format!(
+                    "{} entries for {} kernels",
+                    phase.cpu_steps.len(),
+                    plan.kernels.len()
+                ),
+            ));
+        }
+        for (k, (kernel, step)) in plan.kernels.iter().zip(&phase.cpu_steps).enumerate() {
+            if step.is_some() && kernel.device != kiln_ir::schedule::Device::Cpu {
+                return Err(invalid(
+                    format!("phases[{p}].cpu_steps[{k}]"),
+                    format!("a CPU step for {}, which runs on the GPU", kernel.name),
                 ));
             }
         }

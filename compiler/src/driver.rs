@@ -149,6 +149,14 @@ pub fn compile(
     for (kernel, entry) in plan.kernels.iter_mut().zip(entries) {
         kernel.entry = entry;
     }
+    if !rejected.kernels.is_empty() {
+        plan.apply(&rejected);
+        let memory = plan.memory.clone().unwrap_or_default();
+        plan.apply(&PlanMemory {
+            bindings: memory.bindings,
+            alignment: memory.alignment.max(1),
+        });
+    }
     if options.every_row_class && phase == Phase::Prefill {
         for rows in kiln_kernels::lower::Lowering::linear_row_classes() {
             let mut class = bindings.clone();
@@ -174,14 +182,6 @@ pub fn compile(
                 ),
             });
         }
-    }
-    if !rejected.kernels.is_empty() {
-        plan.apply(&rejected);
-        let memory = plan.memory.clone().unwrap_or_default();
-        plan.apply(&PlanMemory {
-            bindings: memory.bindings,
-            alignment: memory.alignment.max(1),
-        });
     }
     let mut report = render_report(
         config,

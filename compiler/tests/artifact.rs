@@ -44,9 +44,23 @@ fn a_gpu_artifact_has_the_kernels_of_every_prompt_length() {
         let missing = artifact.missing_kernels(Phase::Decode, &bindings);
         assert!(missing.is_empty(), "ctx {ctx}: {missing:?}");
     }
-    // A shape it was not compiled for is reported, not silently accepted.
-    let batch4 = Bindings::from_pairs(&[("batch", 4), ("ctx", 4096)]);
-    assert!(!artifact.missing_kernels(Phase::Decode, &batch4).is_empty());
+    // A kernel the artifact lacks is reported with the step that launches it.
+    let mut partial = artifact.clone();
+    let dropped = partial.manifest.kernels.remove(0);
+    let bindings = Bindings::from_pairs(&[("batch", 1), ("seq", 1024), ("ctx", 4096)]);
+    let missing = [Phase::Prefill, Phase::Decode]
+        .iter()
+        .flat_map(|&phase| partial.missing_kernels(phase, &bindings))
+        .chain((1..=9).flat_map(|seq| {
+            let bindings = Bindings::from_pairs(&[("batch", 1), ("seq", seq), ("ctx", 4096)]);
+            partial.missing_kernels(Phase::Prefill, &bindings)
+        }))
+        .collect::<Vec<_>>();
+    assert!(
+        missing.iter().any(|m| m.ends_with(&dropped.key)),
+        "{} not reported: {missing:?}",
+        dropped.key
+    );
 }
 
 #[test]

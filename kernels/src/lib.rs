@@ -11,6 +11,7 @@
 pub mod admm;
 pub mod attention;
 pub mod cache_append;
+pub mod cpu_step;
 pub mod elementwise;
 pub mod epilogue;
 pub mod error;
