@@ -551,3 +551,32 @@ fn weights_that_do_not_match_the_artifact_are_named() {
     assert!(message.contains("weight `"), "names the tensor: {message}");
     assert!(!message.contains("panicked"), "{message}");
 }
+
+#[test]
+fn an_artifact_for_another_machine_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a100");
+    let dir = dir.to_str().unwrap();
+    let output = kiln(&[
+        "compile",
+        "--model",
+        "tiny-llama",
+        "--target",
+        "sm_80",
+        "-o",
+        dir,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // Without a GPU (CI) it needs one; on an H100/H200 it is the wrong device.
+    let output = kiln(&["run", "--compiled", dir, "-n", "2"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        (message.contains("compiled for sm_80 and needs a CUDA device")
+            && message.contains("--target cpu"))
+            || (message.contains("compiled for sm_80 (compute capability 8.0, 108 SMs)")
+                && message.contains("recompile")),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"), "{message}");
+}
