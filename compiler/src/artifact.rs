@@ -200,7 +200,7 @@ impl Artifact {
                 .kernels
                 .iter()
                 .map(|k| match k.device {
-                    kiln_ir::schedule::Device::Cpu => cpu_step(&k.family),
+                    kiln_ir::schedule::Device::Cpu => cpu_step(&k.family, &k.computes),
                     kiln_ir::schedule::Device::Gpu => None,
                 })
                 .collect();

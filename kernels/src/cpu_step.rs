@@ -4,15 +4,18 @@
 //! [`Family`]: a linear is the Cranelift dot kernel (`x · Wᵀ`, both K-contiguous) followed by
 //! its epilogue (a map kernel adding the bias or the residual, or `silu(gate) · up` over the
 //! two halves of the product of the concatenated `[gate; up]` weights); an elementwise map
-//! without broadcasting is one map kernel. Specs hold no sizes (they are run-time arguments),
-//! so a step's spec serves every shape, and they are what a compiled artifact stores for its
-//! host steps: the runtime compiles them with Cranelift at load. A family with no entry here
-//! (RMSNorm, RoPE, attention, KV append, gathers, MoE) still runs on the reference
-//! interpreter. This file must not compile or run code.
+//! is one map kernel (broadcast operands are first expanded to the result's shape). Steps
+//! that only move data — the embedding gather, slices, KV append — are copies the runtime
+//! does itself, with no arithmetic. Specs hold no sizes (they are run-time arguments), so a
+//! step's spec serves every shape, and they are what a compiled artifact stores for its host
+//! steps: the runtime compiles them with Cranelift at load. An op with no entry here
+//! (RMSNorm, RoPE, attention, MoE) still runs on the reference interpreter. This file must
+//! not compile or run code.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
-//! use kiln_ir::schedule::{Family, LinearEpilogue, SymExpr};
+//! use kiln_ir::op::Op;
+//! use kiln_ir::schedule::{Computation, Family, LinearEpilogue, SymExpr};
 //! use kiln_kernels::cpu_step::{cpu_step, CpuStep};
 //! let family = Family::Linear {
 //!     rows: SymExpr::constant(1),
@@ -21,7 +24,8 @@
 //!     dtype: DType::F32,
 //!     epilogue: LinearEpilogue::SwiGlu,
 //! };
-//! let Some(CpuStep::Linear { epilogue: Some(map), .. }) = cpu_step(&family) else {
+//! let computes = Computation { op: Op::SwiGluLinear, inputs: vec![], outputs: vec![] };
+//! let Some(CpuStep::Linear { epilogue: Some(map), .. }) = cpu_step(&family, &computes) else {
 //!     panic!("a SwiGLU linear has a product and a map")
 //! };
 //! assert_eq!(map.inputs.len(), 2);
@@ -31,7 +35,8 @@ use crate::lower::map_expr;
 use kiln_codegen::cpu::{DotSpec, ElemType, MapSpec};
 use kiln_codegen::expr::Expr;
 use kiln_ir::dtype::DType;
-use kiln_ir::schedule::{Family, LinearEpilogue};
+use kiln_ir::op::Op;
+use kiln_ir::schedule::{Computation, Family, LinearEpilogue};
 use serde::{Deserialize, Serialize};
 
 /// The Cranelift kernels of one host step.
@@ -50,8 +55,23 @@ pub enum CpuStep {
         k: usize,
         dtype: DType,
     },
-    /// One map kernel over operands of the output's length.
-    Map { map: MapSpec, dtype: DType },
+    /// One map kernel over operands of the output's length; with `broadcast`, smaller
+    /// operands are expanded to the result's shape first (trailing dimensions aligned).
+    Map {
+        map: MapSpec,
+        dtype: DType,
+        broadcast: bool,
+    },
+    /// `Embedding`: the table's rows of the ids, copied.
+    Gather,
+    /// `Slice`: a range along one axis, copied.
+    Slice {
+        axis: usize,
+        start: i64,
+        end: Option<i64>,
+    },
+    /// `KvAppend`: the new rows copied into the cache at each sequence's start.
+    KvAppend,
 }
 
 /// Whether a dtype's values are computed in f32 on the host (the interpreter's rule: floats
@@ -60,8 +80,21 @@ fn float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
-/// The CPU kernels of `family`, or `None` when it has none yet (the interpreter runs it).
-pub fn cpu_step(family: &Family) -> Option<CpuStep> {
+/// The CPU kernels of a plan kernel of `family` computing `computes`, or `None` when it has
+/// none yet (the interpreter runs it).
+pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
+    match &computes.op {
+        Op::Embedding => return Some(CpuStep::Gather),
+        Op::Slice { axis, start, end } => {
+            return Some(CpuStep::Slice {
+                axis: *axis,
+                start: *start,
+                end: *end,
+            })
+        }
+        Op::KvAppend => return Some(CpuStep::KvAppend),
+        _ => {}
+    }
     match family {
         Family::Linear {
             n,
@@ -89,15 +122,18 @@ pub fn cpu_step(family: &Family) -> Option<CpuStep> {
                 dtype: *dtype,
             })
         }
+        // Integer maps (sequence lengths) compute in f32 too, as the interpreter does: exact
+        // below 2^24.
         Family::Map {
             inputs,
             steps,
-            broadcast: false,
+            broadcast,
             dtype,
             ..
-        } if float(*dtype) => Some(CpuStep::Map {
+        } if float(*dtype) || *dtype == DType::I32 => Some(CpuStep::Map {
             map: MapSpec::new(map_expr(steps), *inputs, ElemType::F32),
             dtype: *dtype,
+            broadcast: *broadcast,
         }),
         _ => None,
     }
@@ -113,7 +149,7 @@ impl CpuStep {
                 ..
             } => Some(2 * n),
             CpuStep::Linear { n, .. } => Some(*n),
-            CpuStep::Map { .. } => None,
+            _ => None,
         }
     }
 }
@@ -134,6 +170,19 @@ mod tests {
         }
     }
 
+    /// A computation of `op` (types do not matter to the choice).
+    fn of(op: Op) -> Computation {
+        Computation {
+            op,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    fn step(family: &Family) -> Option<CpuStep> {
+        cpu_step(family, &of(Op::Linear))
+    }
+
     #[test]
     fn linears_and_plain_maps_have_cpu_kernels() {
         for epilogue in [
@@ -142,7 +191,7 @@ mod tests {
             LinearEpilogue::Residual,
             LinearEpilogue::SwiGlu,
         ] {
-            let step = cpu_step(&linear(epilogue, DType::F16)).unwrap();
+            let step = step(&linear(epilogue, DType::F16)).unwrap();
             let width = if epilogue == LinearEpilogue::SwiGlu {
                 16
             } else {
@@ -165,11 +214,11 @@ mod tests {
             broadcast: false,
             dtype: DType::F32,
         };
-        assert!(matches!(cpu_step(&map), Some(CpuStep::Map { .. })));
+        assert!(matches!(step(&map), Some(CpuStep::Map { .. })));
     }
 
     #[test]
-    fn broadcasts_integers_and_other_families_stay_interpreted() {
+    fn copies_and_broadcast_maps_have_steps_and_other_families_stay_interpreted() {
         let broadcast = Family::Map {
             elements: SymExpr::constant(10),
             inputs: 2,
@@ -181,8 +230,25 @@ mod tests {
             broadcast: true,
             dtype: DType::F32,
         };
-        assert!(cpu_step(&broadcast).is_none());
-        assert!(cpu_step(&linear(LinearEpilogue::None, DType::I32)).is_none());
+        assert!(matches!(
+            step(&broadcast),
+            Some(CpuStep::Map {
+                broadcast: true,
+                ..
+            })
+        ));
+        assert!(step(&linear(LinearEpilogue::None, DType::I32)).is_none());
+        let interpreted = Family::Interpreted {
+            op: "embedding".into(),
+        };
+        assert_eq!(
+            cpu_step(&interpreted, &of(Op::Embedding)),
+            Some(CpuStep::Gather)
+        );
+        let softmax = Family::Interpreted {
+            op: "softmax".into(),
+        };
+        assert!(cpu_step(&softmax, &of(Op::Softmax)).is_none());
         let norm = Family::RmsNorm {
             rows: SymExpr::constant(1),
             hidden: 8,
@@ -190,6 +256,6 @@ mod tests {
             eps: 1e-5,
             dtype: DType::F32,
         };
-        assert!(cpu_step(&norm).is_none());
+        assert!(cpu_step(&norm, &of(Op::RmsNorm { eps: 1e-5 })).is_none());
     }
 }

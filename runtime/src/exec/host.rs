@@ -3,8 +3,9 @@
 //! Owns [`HostKernels`] (a plan's CPU step specs compiled once, at load, through the
 //! process's [`CpuJit`]) and the running of one step: the linear's product on the dot kernel,
 //! rounded to the step's dtype as the interpreter rounds it, then its epilogue map row by
-//! row; a plain map over whole operands. Results are cast to the result dtype by the caller,
-//! as for every host step. It must not build kernel IR (that is `kiln_codegen::cpu`) or
+//! row; a map over whole operands (broadcast operands expanded to the result's shape first);
+//! and the copies (embedding gather, slice, KV append) with the interpreter's bounds checks.
+//! Results are cast to the result dtype by the caller, as for every host step. It must not build kernel IR (that is `kiln_codegen::cpu`) or
 //! decide which steps have kernels (that is `kiln_kernels::cpu_step`).
 
 use super::ExecError;
@@ -27,13 +28,61 @@ pub(super) enum HostKernel {
     },
     Map {
         map: MapKernel,
+        broadcast: bool,
     },
+    Gather,
+    Slice {
+        axis: usize,
+        start: i64,
+        end: Option<i64>,
+    },
+    KvAppend,
 }
 
 /// The compiled kernels of a plan's host steps, by kernel index.
 #[derive(Default)]
 pub(super) struct HostKernels {
     pub(super) steps: Vec<Option<HostKernel>>,
+}
+
+/// `tensor` broadcast to `shape` (trailing dimensions aligned; a dimension of 1 repeats).
+fn expand(tensor: &Tensor, shape: &[usize]) -> Result<Vec<f32>, String> {
+    let rank = shape.len();
+    if tensor.shape.len() > rank {
+        return Err(format!(
+            "an operand of shape {:?} does not broadcast to {shape:?}",
+            tensor.shape
+        ));
+    }
+    let mut padded = vec![1; rank - tensor.shape.len()];
+    padded.extend_from_slice(&tensor.shape);
+    let mut strides = vec![0; rank];
+    let mut stride = 1;
+    for axis in (0..rank).rev() {
+        if padded[axis] != 1 && padded[axis] != shape[axis] {
+            return Err(format!(
+                "an operand of shape {:?} does not broadcast to {shape:?}",
+                tensor.shape
+            ));
+        }
+        strides[axis] = if padded[axis] == 1 { 0 } else { stride };
+        stride *= padded[axis];
+    }
+    let count: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(count);
+    let mut index = vec![0usize; rank];
+    for _ in 0..count {
+        let offset: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        out.push(tensor.data[offset]);
+        for axis in (0..rank).rev() {
+            index[axis] += 1;
+            if index[axis] < shape[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    Ok(out)
 }
 
 fn cpu_error(kernel: &str) -> impl FnOnce(crate::cpu::CpuError) -> ExecError + '_ {
@@ -80,9 +129,17 @@ impl HostKernels {
                         dtype: *dtype,
                     })
                 }
-                Some(CpuStep::Map { map, .. }) => Some(HostKernel::Map {
+                Some(CpuStep::Map { map, broadcast, .. }) => Some(HostKernel::Map {
                     map: jit.map(map.clone()).map_err(error)?,
+                    broadcast: *broadcast,
                 }),
+                Some(CpuStep::Gather) => Some(HostKernel::Gather),
+                Some(CpuStep::Slice { axis, start, end }) => Some(HostKernel::Slice {
+                    axis: *axis,
+                    start: *start,
+                    end: *end,
+                }),
+                Some(CpuStep::KvAppend) => Some(HostKernel::KvAppend),
             });
         }
         Ok(HostKernels { steps: compiled })
@@ -90,25 +147,102 @@ impl HostKernels {
 }
 
 impl HostKernel {
-    /// Runs the step on `operands` (in the shapes the op reads them), writing `elements`
-    /// values (the result's element count), in f32.
+    /// Runs the step on `operands` (in the shapes the op reads them) for a result of
+    /// `shape`, in f32.
     pub(super) fn run(
         &self,
         kernel: &str,
         operands: &[&Tensor],
-        elements: usize,
+        shape: &[usize],
     ) -> Result<Vec<f32>, ExecError> {
+        let elements: usize = shape.iter().product();
         let bad = |message: String| ExecError::Kernel {
             kernel: kernel.to_string(),
             message,
         };
         let parallel = Parallelism::Rayon;
         match self {
-            HostKernel::Map { map } => {
-                let inputs: Vec<&[f32]> = operands.iter().map(|t| t.data.as_slice()).collect();
+            HostKernel::Map { map, broadcast } => {
+                let expanded: Vec<std::borrow::Cow<[f32]>> = operands
+                    .iter()
+                    .map(|t| {
+                        if *broadcast && t.data.len() != elements {
+                            expand(t, shape).map(std::borrow::Cow::Owned).map_err(bad)
+                        } else {
+                            Ok(std::borrow::Cow::Borrowed(t.data.as_slice()))
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                let inputs: Vec<&[f32]> = expanded.iter().map(|d| d.as_ref()).collect();
                 let mut out = vec![0.0f32; elements];
                 map.run(&inputs, &mut out, parallel)
                     .map_err(cpu_error(kernel))?;
+                Ok(out)
+            }
+            HostKernel::Gather => {
+                let (table, ids) = match operands {
+                    [table, ids] if table.shape.len() == 2 => (table, ids),
+                    _ => return Err(bad("a gather takes a [vocab, hidden] table and ids".into())),
+                };
+                let (vocab, hidden) = (table.shape[0], table.shape[1]);
+                let mut out = Vec::with_capacity(ids.data.len() * hidden);
+                for (position, &id) in ids.data.iter().enumerate() {
+                    if id < 0.0 || id as usize >= vocab {
+                        return Err(bad(format!(
+                            "token id {id} at position {position} is outside the vocabulary of {vocab}"
+                        )));
+                    }
+                    let row = id as usize * hidden;
+                    out.extend_from_slice(&table.data[row..row + hidden]);
+                }
+                Ok(out)
+            }
+            HostKernel::Slice { axis, start, end } => {
+                let x = operands
+                    .first()
+                    .ok_or_else(|| bad("a slice takes one operand".into()))?;
+                let size = *x.shape.get(*axis).ok_or_else(|| {
+                    bad(format!("axis {axis} of a rank-{} operand", x.shape.len()))
+                })? as i64;
+                let fix = |v: i64| if v < 0 { v + size } else { v };
+                let (first, last) = (fix(*start), fix(end.unwrap_or(size)));
+                if first < 0 || last > size || first > last {
+                    return Err(bad(format!(
+                        "slice {start}..{end:?} is out of range for size {size}"
+                    )));
+                }
+                let outer: usize = x.shape[..*axis].iter().product();
+                let inner: usize = x.shape[axis + 1..].iter().product();
+                let mut out = Vec::with_capacity(elements);
+                for o in 0..outer {
+                    let base = o * x.shape[*axis] * inner;
+                    out.extend_from_slice(
+                        &x.data[base + first as usize * inner..base + last as usize * inner],
+                    );
+                }
+                Ok(out)
+            }
+            HostKernel::KvAppend => {
+                let (cache, new, start) = match operands {
+                    [cache, new, start] if cache.shape.len() == 4 && new.shape.len() == 4 => {
+                        (cache, new, start)
+                    }
+                    _ => return Err(bad("KV append takes a cache, new rows and starts".into())),
+                };
+                let (capacity, tokens) = (cache.shape[1], new.shape[1]);
+                let row = cache.shape[2] * cache.shape[3];
+                let mut out = cache.data.clone();
+                for (batch, &first) in start.data.iter().enumerate() {
+                    if first < 0.0 || first as usize + tokens > capacity {
+                        return Err(bad(format!(
+                            "sequence {batch}: appending {tokens} tokens at {first} overflows the cache capacity {capacity}"
+                        )));
+                    }
+                    let destination = (batch * capacity + first as usize) * row;
+                    let source = batch * tokens * row;
+                    out[destination..destination + tokens * row]
+                        .copy_from_slice(&new.data[source..source + tokens * row]);
+                }
                 Ok(out)
             }
             HostKernel::Linear {
@@ -187,5 +321,28 @@ impl HostKernel {
                 Ok(out)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expand_repeats_dimensions_of_one_with_trailing_alignment() {
+        let row = Tensor::f32(&[3], vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            expand(&row, &[2, 3]).unwrap(),
+            vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+        );
+        let column = Tensor::f32(&[2, 1], vec![5.0, 7.0]);
+        assert_eq!(
+            expand(&column, &[2, 3]).unwrap(),
+            vec![5.0, 5.0, 5.0, 7.0, 7.0, 7.0]
+        );
+        let scalar = Tensor::f32(&[], vec![4.0]);
+        assert_eq!(expand(&scalar, &[2]).unwrap(), vec![4.0, 4.0]);
+        let wrong = Tensor::f32(&[2], vec![1.0, 2.0]);
+        assert!(expand(&wrong, &[2, 3]).unwrap_err().contains("[2]"));
     }
 }

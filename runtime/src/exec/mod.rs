@@ -884,7 +884,7 @@ impl Executor {
         if let Some(Some(compiled)) = self.host_kernels.steps.get(index) {
             let ty = &kernel.computes.outputs[0];
             let shape = ty.shape.resolve(bindings).map_err(ExecError::Internal)?;
-            let data = compiled.run(&kernel.name, &refs, shape.iter().product())?;
+            let data = compiled.run(&kernel.name, &refs, &shape)?;
             let result = Tensor {
                 dtype: kiln_ir::dtype::DType::F32,
                 shape,
