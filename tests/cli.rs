@@ -431,22 +431,26 @@ fn embed_report_counts_the_threads_it_ran_on() {
     }
 }
 
+/// `kiln compile --model tiny-llama [--target TARGET] -o ROOT/NAME`, which must succeed; the
+/// artifact's directory.
+fn compile_tiny(root: &std::path::Path, name: &str, target: Option<&str>) -> String {
+    let dir = root.join(name).to_str().unwrap().to_string();
+    let mut args = vec!["compile", "--model", "tiny-llama", "-o", &dir];
+    if let Some(target) = target {
+        args.extend(["--target", target]);
+    }
+    let output = kiln(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    dir
+}
+
 #[test]
 fn a_compiled_artifact_runs_like_the_model() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("tiny");
-    let dir = dir.to_str().unwrap();
-    let output = kiln(&[
-        "compile",
-        "--model",
-        "tiny-llama",
-        "--target",
-        "cpu",
-        "-o",
-        dir,
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    assert!(stdout(&output).contains("schema 1, target cpu"));
+    let dir = compile_tiny(root.path(), "tiny", Some("cpu"));
+    let dir = dir.as_str();
+    let plan = std::fs::read_to_string(std::path::Path::new(dir).join("plan.json")).unwrap();
+    assert!(plan.contains("\"schema_version\": 1") && plan.contains("\"name\": \"cpu\""));
     let run = |args: &[&str]| {
         let mut all = vec!["run", "--json", "-n", "6", "--seed", "4"];
         all.extend(args);
@@ -466,10 +470,8 @@ fn a_compiled_artifact_runs_like_the_model() {
 #[test]
 fn bad_artifacts_are_one_clear_line() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("tiny");
-    let dir_text = dir.to_str().unwrap();
-    let output = kiln(&["compile", "--model", "tiny-llama", "-o", dir_text]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let dir_text = &compile_tiny(root.path(), "tiny", None);
+    let dir = std::path::Path::new(dir_text);
     // A GPU artifact on a machine without one (CI) or with one, after each corruption.
     let plan = dir.join("plan.json");
     let text = std::fs::read_to_string(&plan).unwrap();
@@ -515,18 +517,7 @@ fn bad_artifacts_are_one_clear_line() {
 #[test]
 fn weights_that_do_not_match_the_artifact_are_named() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("tiny");
-    let dir_text = dir.to_str().unwrap();
-    let output = kiln(&[
-        "compile",
-        "--model",
-        "tiny-llama",
-        "--target",
-        "cpu",
-        "-o",
-        dir_text,
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let dir_text = &compile_tiny(root.path(), "tiny", Some("cpu"));
     // tiny-mixtral's checkpoint: other shapes, and none of tiny-llama's MLP weights.
     let config = kiln::ir::model::ModelConfig::preset("tiny-mixtral").unwrap();
     let graph = kiln::ir::model::build_model(&config, kiln::ir::model::Phase::Prefill).unwrap();
@@ -555,18 +546,7 @@ fn weights_that_do_not_match_the_artifact_are_named() {
 #[test]
 fn an_artifact_for_another_machine_is_refused() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("a100");
-    let dir = dir.to_str().unwrap();
-    let output = kiln(&[
-        "compile",
-        "--model",
-        "tiny-llama",
-        "--target",
-        "sm_80",
-        "-o",
-        dir,
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let dir = &compile_tiny(root.path(), "a100", Some("sm_80"));
     // Without a GPU (CI) it needs one; on an H100/H200 it is the wrong device.
     let output = kiln(&["run", "--compiled", dir, "-n", "2"]);
     assert!(!output.status.success());

@@ -249,26 +249,23 @@ impl Artifact {
         })
     }
 
-    /// The plan of `phase`.
-    pub fn plan(&self, phase: Phase) -> &Schedule {
-        &self
-            .manifest
+    /// The plan of `phase` with its host steps' kernels.
+    pub fn phase(&self, phase: Phase) -> &PhasePlan {
+        self.manifest
             .phases
             .iter()
             .find(|p| p.phase == phase)
             .expect("a loaded or compiled artifact has both phases")
-            .plan
+    }
+
+    /// The plan of `phase`.
+    pub fn plan(&self, phase: Phase) -> &Schedule {
+        &self.phase(phase).plan
     }
 
     /// The Cranelift kernels of the host steps of `phase`, by kernel index.
     pub fn cpu_steps(&self, phase: Phase) -> &[Option<CpuStep>] {
-        &self
-            .manifest
-            .phases
-            .iter()
-            .find(|p| p.phase == phase)
-            .expect("a loaded or compiled artifact has both phases")
-            .cpu_steps
+        &self.phase(phase).cpu_steps
     }
 
     /// Every GPU kernel by spec key, with its PTX.
