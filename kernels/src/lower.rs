@@ -2,7 +2,8 @@
 //! spec that builds it, and from the kernel's operands to the generated kernel's parameters.
 //!
 //! Owns [`KernelSpec`] (which generator, with which spec), [`KernelSpec::for_family`] (the
-//! choice: GEMV for at most [`GEMV_MAX_ROWS`] rows, GEMM above; RMSNorm; RoPE; elementwise
+//! choice: GEMV for at most [`GEMV_MAX_ROWS`] rows when it takes the K, GEMM otherwise;
+//! RMSNorm; RoPE; elementwise
 //! maps), the parameter names a plan kernel's inputs and outputs bind to
 //! ([`KernelSpec::operand_params`]) and its scalar arguments ([`KernelSpec::scalars`]).
 //! Both `kiln compile` and the runtime's plan executor lower through here, so the PTX a plan
@@ -104,8 +105,11 @@ impl KernelSpec {
             } => {
                 let m = rows.resolve(bindings)? as usize;
                 let epilogue = epilogue_of(*epilogue);
-                if m <= GEMV_MAX_ROWS {
-                    KernelSpec::Gemv(GemvSpec::new(*dtype, m.max(1), *k, epilogue))
+                let gemv = GemvSpec::new(*dtype, m.max(1), *k, epilogue);
+                // GEMV takes K in whole chunks of its warp's loads; a narrower K goes to GEMM,
+                // which takes any row count.
+                if m <= GEMV_MAX_ROWS && gemv.validate().is_ok() {
+                    KernelSpec::Gemv(gemv)
                 } else {
                     KernelSpec::Gemm(GemmSpec::for_rows(*dtype, m, *k, epilogue))
                 }
@@ -355,6 +359,20 @@ mod tests {
         let scalars = spec.scalars(&many, &bindings).unwrap();
         assert_eq!(scalars["m"], Scalar::U32(100));
         assert_eq!(spec.operand_params().0, vec!["x", "weight", "bias"]);
+    }
+
+    #[test]
+    fn few_rows_of_a_k_gemv_cannot_take_go_to_gemm() {
+        let family = Family::Linear {
+            rows: SymExpr::constant(1),
+            n: 64,
+            k: 128,
+            dtype: DType::BF16,
+            epilogue: LinearEpilogue::None,
+        };
+        let spec = KernelSpec::for_family(&family, &Bindings::new()).unwrap();
+        assert!(matches!(spec, KernelSpec::Gemm(_)), "{spec:?}");
+        spec.generate().unwrap();
     }
 
     #[test]
