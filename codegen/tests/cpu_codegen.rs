@@ -1,7 +1,7 @@
 //! The Cranelift CPU generators without a JIT: every spec builds a function that passes the
 //! verifier and compiles for the host, with and without FMA; output is deterministic; the
 //! signature follows the documented ABI; specs round-trip through JSON and invalid ones are
-//! refused.
+//! refused. RMSNorm: its vector/scalar loop shape.
 
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::isa::OwnedTargetIsa;
@@ -9,7 +9,7 @@ use cranelift_codegen::{settings, verify_function, Context};
 use kiln_codegen::cpu::spec::AbiType;
 use kiln_codegen::cpu::{
     build_function, signature, CpuCodegenError, CpuKernelSpec, CpuTarget, DotSpec, ElemType,
-    ElementFormat, MapSpec,
+    ElementFormat, MapSpec, RmsNormSpec,
 };
 use kiln_codegen::expr::{BinaryOp, Expr, UnaryOp};
 
@@ -78,6 +78,16 @@ fn all_specs() -> Vec<CpuKernelSpec> {
             .with_formats(ElementFormat::Bf16, ElementFormat::Bf16)
             .into(),
     );
+    for residual in [false, true] {
+        for unroll in 1..=8 {
+            specs.push(
+                RmsNormSpec::new()
+                    .with_residual(residual)
+                    .with_unroll(unroll)
+                    .into(),
+            );
+        }
+    }
     specs
 }
 
@@ -106,10 +116,11 @@ fn every_spec_verifies_and_compiles_for_the_host_with_and_without_fma() {
     }
 }
 
-/// Whether a spec's code multiplies and adds (a dot, or a map with an exponential).
+/// Whether a spec's code multiplies and adds (a dot, a norm's sum of squares, or a map with an
+/// exponential).
 fn needs_multiply_add(spec: &CpuKernelSpec) -> bool {
     match spec {
-        CpuKernelSpec::Dot(_) => true,
+        CpuKernelSpec::Dot(_) | CpuKernelSpec::RmsNorm(_) => true,
         CpuKernelSpec::Map(m) => {
             let text = format!("{:?}", m.expr);
             text.contains("Exp") || text.contains("Sigmoid") || text.contains("Silu")
@@ -185,6 +196,21 @@ fn signatures_follow_the_documented_abi() {
         ["inputs", "out", "start", "end"]
     );
     assert_eq!(DotSpec::abi()[11].0, "alpha");
+    assert_eq!(
+        RmsNormSpec::abi().iter().map(|p| p.0).collect::<Vec<_>>(),
+        [
+            "x",
+            "residual",
+            "weight",
+            "out",
+            "residual_out",
+            "hidden",
+            "row_start",
+            "row_end",
+            "eps"
+        ]
+    );
+    assert_eq!(RmsNormSpec::abi()[8].1, AbiType::F64);
 }
 
 #[test]
@@ -247,4 +273,71 @@ fn invalid_specs_are_refused() {
             .into()
     )
     .contains("operand b"));
+    for unroll in [0, 9] {
+        assert!(refused(RmsNormSpec::new().with_unroll(unroll).into())
+            .contains(&format!("rms_norm: unroll {unroll}")));
+    }
+}
+
+#[test]
+fn row_kernel_specs_have_stable_json_and_malformed_json_is_refused() {
+    assert_eq!(
+        CpuKernelSpec::from(RmsNormSpec::new().with_residual(true)).cache_key(),
+        r#"{"rms_norm":{"residual":true,"unroll":4}}"#
+    );
+    // not representable: a field of the wrong type, a missing field
+    for bad in [
+        r#"{"rms_norm":{"residual":1,"unroll":4}}"#,
+        r#"{"rms_norm":{"unroll":4}}"#,
+    ] {
+        assert!(serde_json::from_str::<CpuKernelSpec>(bad).is_err(), "{bad}");
+    }
+    // representable but invalid: refused by validation
+    let spec: CpuKernelSpec =
+        serde_json::from_str(r#"{"rms_norm":{"residual":false,"unroll":0}}"#).unwrap();
+    assert!(spec.validate().is_err());
+}
+
+/// Lines of `text` that contain `pattern`.
+fn count(text: &str, pattern: &str) -> usize {
+    text.lines().filter(|l| l.contains(pattern)).count()
+}
+
+#[test]
+fn rms_norm_uses_f32x4_accumulators_and_a_scalar_tail() {
+    let isa = host();
+    let target = CpuTarget::from_isa(&*isa);
+    for residual in [false, true] {
+        for unroll in [1u32, 3, 4] {
+            let spec = RmsNormSpec::new()
+                .with_residual(residual)
+                .with_unroll(unroll);
+            let text = build_function(&spec.into(), &target)
+                .unwrap()
+                .display()
+                .to_string();
+            // vector groups per pass: `unroll` in the main loop, one more in the one-vector
+            // loop when unrolled; each pass has one scalar group
+            let groups = unroll + u32::from(unroll > 1);
+            let loads_per_group = if residual { 2 + 2 } else { 1 + 2 };
+            let stores_per_group = if residual { 2 } else { 1 };
+            let what = format!("residual {residual} unroll {unroll}\n{text}");
+            assert_eq!(
+                count(&text, "load.f32x4"),
+                (groups * loads_per_group) as usize,
+                "{what}"
+            );
+            assert_eq!(
+                count(&text, "load.f32 "),
+                loads_per_group as usize,
+                "{what}"
+            );
+            assert_eq!(
+                count(&text, "store notrap"),
+                (stores_per_group * (groups + 1)) as usize,
+                "{what}"
+            );
+            assert_eq!(count(&text, "sqrt"), 1, "{what}");
+        }
+    }
 }
