@@ -2,7 +2,7 @@
 //!
 //! This module owns the *shape* of every CPU kernel kiln generates — its specification
 //! ([`spec`]), its C ABI ([`spec::MapSpec::abi`], [`spec::DotSpec::abi`],
-//! [`spec::RmsNormSpec::abi`]) and the Cranelift IR
+//! [`spec::RmsNormSpec::abi`], [`spec::RopeSpec::abi`]) and the Cranelift IR
 //! that implements it ([`build_function`]). It must not compile, load or run code (that is
 //! `kiln_runtime::cpu`, which JIT-compiles these functions with cranelift-jit), and it must
 //! not know what attention or an expert is.
@@ -14,7 +14,9 @@
 //!   column range of C, both operands K-contiguous ("NT"), register-blocked with several SIMD
 //!   accumulators;
 //! - [`rms_norm`]: row RMSNorm `x · (1/√(mean(x²) + eps)) · w`, optionally after a fused
-//!   residual add (whose sum it also writes), with the sum of squares on f32x4 accumulators.
+//!   residual add (whose sum it also writes), with the sum of squares on f32x4 accumulators;
+//! - [`rope`]: rotary position embedding ("rotate half" pairs) from caller-filled cos/sin
+//!   tables, in f64 (interpreter-exact) or f32.
 //!
 //! Building blocks: [`target`] (what the host ISA offers), [`simd`] (scalar/vector value
 //! helpers), [`load`] (element formats → compute lanes; the one place where narrow formats
@@ -46,12 +48,13 @@ pub mod loops;
 pub mod lower_expr;
 pub mod map;
 pub mod rms_norm;
+pub mod rope;
 pub mod simd;
 pub mod spec;
 pub mod target;
 
 pub use error::CpuCodegenError;
-pub use spec::{CpuKernelSpec, DotSpec, ElemType, ElementFormat, MapSpec, RmsNormSpec};
+pub use spec::{CpuKernelSpec, DotSpec, ElemType, ElementFormat, MapSpec, RmsNormSpec, RopeSpec};
 pub use target::CpuTarget;
 
 use cranelift_codegen::ir::{Function, Signature, UserFuncName};
@@ -62,6 +65,7 @@ pub fn signature(spec: &CpuKernelSpec, target: &CpuTarget) -> Signature {
         CpuKernelSpec::Map(_) => map::signature(target),
         CpuKernelSpec::Dot(_) => dot::signature(target),
         CpuKernelSpec::RmsNorm(_) => rms_norm::signature(target),
+        CpuKernelSpec::Rope(_) => rope::signature(target),
     }
 }
 
@@ -80,6 +84,7 @@ pub fn build_function(
         CpuKernelSpec::Map(map) => map::build(map, target, &mut function),
         CpuKernelSpec::Dot(dot) => dot::build(dot, target, &mut function),
         CpuKernelSpec::RmsNorm(norm) => rms_norm::build(norm, target, &mut function),
+        CpuKernelSpec::Rope(rope) => rope::build(rope, target, &mut function),
     }
     Ok(function)
 }

@@ -390,6 +390,89 @@ impl Default for RmsNormSpec {
     }
 }
 
+/// Rotary position embedding with "rotate half" pairing (the interpreter's `Op::Rope`): in
+/// every head of `head_dim` elements, element `i < head_dim / 2` pairs with `i + head_dim / 2`,
+/// and for the token's angles `(cos_i, sin_i)`
+/// `out[i] = x[i] · cos_i − x[i + h] · sin_i`, `out[i + h] = x[i + h] · cos_i + x[i] · sin_i`
+/// (`h = head_dim / 2`), for tokens in `[token_start, token_end)`.
+///
+/// Cranelift has no sine or cosine, so the kernel does not compute angles: the caller passes
+/// tables of `cos(position · theta^(−2i/head_dim))` and the sine, one row of `head_dim / 2`
+/// entries per token, and the kernel does the rotation multiply-adds on vectors. `theta` and
+/// the positions therefore never reach generated code (the runtime wrapper takes them at run
+/// time and fills the tables).
+///
+/// C ABI (`extern "C"`, no return value):
+/// `fn(x: *const u8, out: *mut u8, cos: *const u8, sin: *const u8, heads: usize,
+///     head_dim: usize, token_start: usize, token_end: usize)`: `x` and `out` are row-major
+/// f32 arrays of `[tokens, heads, head_dim]`; `cos` and `sin` hold
+/// `token_end − token_start` rows of `head_dim / 2` elements of the `rotation` type, row `t`
+/// belonging to token `token_start + t`. `head_dim` must be even (an odd one leaves the last
+/// element of each head unwritten). Tokens outside the range are neither read nor written.
+///
+/// Numerics: with `rotation = F64` the pair is promoted to f64, rotated with separate
+/// multiplies and a subtract/add (no fused multiply-add), and rounded to f32 — the
+/// interpreter's arithmetic exactly, so with f64 tables from the same formula the result is
+/// bit-identical. With `F32` the tables are f32 and the rotation runs on f32x4 (twice the
+/// lanes), within a few f32 ulps of the pair's magnitude.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RopeSpec {
+    /// Precision of the tables and of the rotation arithmetic.
+    pub rotation: ElemType,
+    /// Vectors of pairs per main-loop iteration (1–8).
+    pub unroll: u32,
+}
+
+impl RopeSpec {
+    /// The interpreter-exact RoPE: f64 tables and rotation, two vectors per iteration.
+    pub fn new() -> RopeSpec {
+        RopeSpec {
+            rotation: ElemType::F64,
+            unroll: 2,
+        }
+    }
+
+    pub fn with_rotation(mut self, rotation: ElemType) -> RopeSpec {
+        self.rotation = rotation;
+        self
+    }
+
+    /// The kernel's C ABI parameters, in order.
+    pub fn abi() -> &'static [AbiParam] {
+        &[
+            ("x", AbiType::Pointer),
+            ("out", AbiType::Pointer),
+            ("cos", AbiType::Pointer),
+            ("sin", AbiType::Pointer),
+            ("heads", AbiType::Usize),
+            ("head_dim", AbiType::Usize),
+            ("token_start", AbiType::Usize),
+            ("token_end", AbiType::Usize),
+        ]
+    }
+
+    pub fn with_unroll(mut self, unroll: u32) -> RopeSpec {
+        self.unroll = unroll;
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), CpuCodegenError> {
+        if !(1..=8).contains(&self.unroll) {
+            return Err(CpuCodegenError::InvalidSpec(format!(
+                "rope: unroll {} outside 1..=8",
+                self.unroll
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Default for RopeSpec {
+    fn default() -> RopeSpec {
+        RopeSpec::new()
+    }
+}
+
 /// Any CPU kernel kiln generates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -397,6 +480,7 @@ pub enum CpuKernelSpec {
     Map(MapSpec),
     Dot(DotSpec),
     RmsNorm(RmsNormSpec),
+    Rope(RopeSpec),
 }
 
 impl CpuKernelSpec {
@@ -405,6 +489,7 @@ impl CpuKernelSpec {
             CpuKernelSpec::Map(m) => m.validate(),
             CpuKernelSpec::Dot(d) => d.validate(),
             CpuKernelSpec::RmsNorm(r) => r.validate(),
+            CpuKernelSpec::Rope(r) => r.validate(),
         }
     }
 
@@ -420,6 +505,7 @@ impl CpuKernelSpec {
             CpuKernelSpec::Map(_) => MapSpec::abi(),
             CpuKernelSpec::Dot(_) => DotSpec::abi(),
             CpuKernelSpec::RmsNorm(_) => RmsNormSpec::abi(),
+            CpuKernelSpec::Rope(_) => RopeSpec::abi(),
         }
     }
 }
@@ -439,5 +525,11 @@ impl From<DotSpec> for CpuKernelSpec {
 impl From<RmsNormSpec> for CpuKernelSpec {
     fn from(spec: RmsNormSpec) -> CpuKernelSpec {
         CpuKernelSpec::RmsNorm(spec)
+    }
+}
+
+impl From<RopeSpec> for CpuKernelSpec {
+    fn from(spec: RopeSpec) -> CpuKernelSpec {
+        CpuKernelSpec::Rope(spec)
     }
 }
