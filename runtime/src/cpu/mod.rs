@@ -7,6 +7,8 @@
 //! - [`dot`]: [`DotKernel`], `C = alpha·A·Bᵀ + beta·C` over row × column blocks;
 //! - [`rms_norm`]: [`RmsNormKernel`], row RMSNorm (optionally after a fused residual add) over
 //!   tasks of whole rows;
+//! - [`rope`]: [`RopeKernel`], rotary position embedding over tasks of whole tokens, with the
+//!   cos/sin tables ([`RopeTables`]) computed on the host;
 //! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`];
 //! - [`vector_state`]: the `vzeroupper` every call into generated code is preceded by.
 //!
@@ -20,6 +22,7 @@ pub mod jit;
 pub mod map;
 pub mod parallel;
 pub mod rms_norm;
+pub mod rope;
 pub mod vector_state;
 
 pub use dot::{DotKernel, DotShape};
@@ -29,4 +32,5 @@ pub use jit::{CompiledFn, CpuJit};
 pub use map::MapKernel;
 pub use parallel::Parallelism;
 pub use rms_norm::RmsNormKernel;
+pub use rope::{RopeKernel, RopeTables};
 pub use vector_state::clear_upper_vector_state;
