@@ -1,7 +1,8 @@
 //! The Cranelift CPU generators without a JIT: every spec builds a function that passes the
 //! verifier and compiles for the host, with and without FMA; output is deterministic; the
 //! signature follows the documented ABI; specs round-trip through JSON and invalid ones are
-//! refused.
+//! refused. RMSNorm and RoPE: their vector/scalar loop shape, and RoPE's f64 path widening f32
+//! pairs and never fusing a multiply-add.
 
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::isa::OwnedTargetIsa;
@@ -9,7 +10,7 @@ use cranelift_codegen::{settings, verify_function, Context};
 use kiln_codegen::cpu::spec::AbiType;
 use kiln_codegen::cpu::{
     build_function, signature, CpuCodegenError, CpuKernelSpec, CpuTarget, DotSpec, ElemType,
-    ElementFormat, MapSpec,
+    ElementFormat, MapSpec, RmsNormSpec, RopeSpec,
 };
 use kiln_codegen::expr::{BinaryOp, Expr, UnaryOp};
 
@@ -78,6 +79,26 @@ fn all_specs() -> Vec<CpuKernelSpec> {
             .with_formats(ElementFormat::Bf16, ElementFormat::Bf16)
             .into(),
     );
+    for residual in [false, true] {
+        for unroll in 1..=8 {
+            specs.push(
+                RmsNormSpec::new()
+                    .with_residual(residual)
+                    .with_unroll(unroll)
+                    .into(),
+            );
+        }
+    }
+    for rotation in [ElemType::F32, ElemType::F64] {
+        for unroll in 1..=8 {
+            specs.push(
+                RopeSpec::new()
+                    .with_rotation(rotation)
+                    .with_unroll(unroll)
+                    .into(),
+            );
+        }
+    }
     specs
 }
 
@@ -106,10 +127,12 @@ fn every_spec_verifies_and_compiles_for_the_host_with_and_without_fma() {
     }
 }
 
-/// Whether a spec's code multiplies and adds (a dot, or a map with an exponential).
+/// Whether a spec's code multiplies and adds (a dot, a norm's sum of squares, or a map with an
+/// exponential; never RoPE, whose f64 path must round like the interpreter).
 fn needs_multiply_add(spec: &CpuKernelSpec) -> bool {
     match spec {
-        CpuKernelSpec::Dot(_) => true,
+        CpuKernelSpec::Dot(_) | CpuKernelSpec::RmsNorm(_) => true,
+        CpuKernelSpec::Rope(_) => false,
         CpuKernelSpec::Map(m) => {
             let text = format!("{:?}", m.expr);
             text.contains("Exp") || text.contains("Sigmoid") || text.contains("Silu")
@@ -185,6 +208,34 @@ fn signatures_follow_the_documented_abi() {
         ["inputs", "out", "start", "end"]
     );
     assert_eq!(DotSpec::abi()[11].0, "alpha");
+    assert_eq!(
+        RmsNormSpec::abi().iter().map(|p| p.0).collect::<Vec<_>>(),
+        [
+            "x",
+            "residual",
+            "weight",
+            "out",
+            "residual_out",
+            "hidden",
+            "row_start",
+            "row_end",
+            "eps"
+        ]
+    );
+    assert_eq!(RmsNormSpec::abi()[8].1, AbiType::F64);
+    assert_eq!(
+        RopeSpec::abi().iter().map(|p| p.0).collect::<Vec<_>>(),
+        [
+            "x",
+            "out",
+            "cos",
+            "sin",
+            "heads",
+            "head_dim",
+            "token_start",
+            "token_end"
+        ]
+    );
 }
 
 #[test]
@@ -247,4 +298,118 @@ fn invalid_specs_are_refused() {
             .into()
     )
     .contains("operand b"));
+    for unroll in [0, 9] {
+        assert!(refused(RmsNormSpec::new().with_unroll(unroll).into())
+            .contains(&format!("rms_norm: unroll {unroll}")));
+        assert!(refused(RopeSpec::new().with_unroll(unroll).into())
+            .contains(&format!("rope: unroll {unroll}")));
+    }
+}
+
+#[test]
+fn row_kernel_specs_have_stable_json_and_malformed_json_is_refused() {
+    assert_eq!(
+        CpuKernelSpec::from(RmsNormSpec::new().with_residual(true)).cache_key(),
+        r#"{"rms_norm":{"residual":true,"unroll":4}}"#
+    );
+    assert_eq!(
+        CpuKernelSpec::from(RopeSpec::new()).cache_key(),
+        r#"{"rope":{"rotation":"f64","unroll":2}}"#
+    );
+    // not representable: a rotation precision that does not exist, a missing field
+    for bad in [
+        r#"{"rope":{"rotation":"f16","unroll":2}}"#,
+        r#"{"rope":{"unroll":2}}"#,
+        r#"{"rms_norm":{"residual":1,"unroll":4}}"#,
+    ] {
+        assert!(serde_json::from_str::<CpuKernelSpec>(bad).is_err(), "{bad}");
+    }
+    // representable but invalid: refused by validation
+    let spec: CpuKernelSpec =
+        serde_json::from_str(r#"{"rms_norm":{"residual":false,"unroll":0}}"#).unwrap();
+    assert!(spec.validate().is_err());
+}
+
+/// Lines of `text` that contain `pattern`.
+fn count(text: &str, pattern: &str) -> usize {
+    text.lines().filter(|l| l.contains(pattern)).count()
+}
+
+#[test]
+fn rms_norm_uses_f32x4_accumulators_and_a_scalar_tail() {
+    let isa = host();
+    let target = CpuTarget::from_isa(&*isa);
+    for residual in [false, true] {
+        for unroll in [1u32, 3, 4] {
+            let spec = RmsNormSpec::new()
+                .with_residual(residual)
+                .with_unroll(unroll);
+            let text = build_function(&spec.into(), &target)
+                .unwrap()
+                .display()
+                .to_string();
+            // vector groups per pass: `unroll` in the main loop, one more in the one-vector
+            // loop when unrolled; each pass has one scalar group
+            let groups = unroll + u32::from(unroll > 1);
+            let loads_per_group = if residual { 2 + 2 } else { 1 + 2 };
+            let stores_per_group = if residual { 2 } else { 1 };
+            let what = format!("residual {residual} unroll {unroll}\n{text}");
+            assert_eq!(
+                count(&text, "load.f32x4"),
+                (groups * loads_per_group) as usize,
+                "{what}"
+            );
+            assert_eq!(
+                count(&text, "load.f32 "),
+                loads_per_group as usize,
+                "{what}"
+            );
+            assert_eq!(
+                count(&text, "store notrap"),
+                (stores_per_group * (groups + 1)) as usize,
+                "{what}"
+            );
+            assert_eq!(count(&text, "sqrt"), 1, "{what}");
+        }
+    }
+}
+
+#[test]
+fn rope_rotates_vectors_without_fusing_and_widens_for_f64() {
+    let isa = host();
+    let mut target = CpuTarget::from_isa(&*isa);
+    target.fma = true;
+    // vector loads per group: f32 rotation reads x₁, x₂, cos and sin as f32x4; f64 rotation
+    // reads cos and sin as f64x2 and each x pair as one 64-bit integer load
+    for (rotation, vector, loads) in [
+        (ElemType::F32, "f32x4", [("load.f32x4", 4)].as_slice()),
+        (
+            ElemType::F64,
+            "f64x2",
+            &[("load.f64x2", 2), ("load.i64", 2)],
+        ),
+    ] {
+        let spec = RopeSpec::new().with_rotation(rotation).with_unroll(2);
+        let text = build_function(&spec.into(), &target)
+            .unwrap()
+            .display()
+            .to_string();
+        assert!(!text.contains(" fma"), "{text}");
+        // three vector groups: two unrolled, one in the one-vector loop
+        for &(load, per_group) in loads {
+            assert_eq!(count(&text, load), per_group * 3, "{load}\n{text}");
+        }
+        // four rounded products per group: three vector groups and the scalar tail
+        assert_eq!(count(&text, " fmul "), 4 * (3 + 1), "{text}");
+        assert!(text.contains(vector), "{text}");
+        if rotation == ElemType::F64 {
+            // x pairs: two per group, widened; results narrowed; scalar tail promotes
+            assert_eq!(count(&text, "fvpromote_low"), 2 * 3, "{text}");
+            assert_eq!(count(&text, "fvdemote"), 2 * 3, "{text}");
+            assert_eq!(count(&text, "fpromote"), 2, "{text}");
+            assert_eq!(count(&text, "fdemote"), 2, "{text}");
+        } else {
+            assert!(!text.contains("fpromote") && !text.contains("fvpromote"));
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Cranelift lowering of CPU kernels: serialisable kernel specs in, Cranelift IR functions out.
 //!
 //! This module owns the *shape* of every CPU kernel kiln generates — its specification
-//! ([`spec`]), its C ABI ([`spec::MapSpec::abi`], [`spec::DotSpec::abi`]) and the Cranelift IR
+//! ([`spec`]), its C ABI ([`spec::MapSpec::abi`], [`spec::DotSpec::abi`],
+//! [`spec::RmsNormSpec::abi`], [`spec::RopeSpec::abi`]) and the Cranelift IR
 //! that implements it ([`build_function`]). It must not compile, load or run code (that is
 //! `kiln_runtime::cpu`, which JIT-compiles these functions with cranelift-jit), and it must
 //! not know what attention or an expert is.
@@ -11,7 +12,11 @@
 //!   vectors (f32x4 / f64x2) unrolled several times, with a scalar tail;
 //! - [`dot`]: `C[i, j] = alpha · Σ_k A[i, k] · B[j, k] (+ beta · C[i, j])` over a row and
 //!   column range of C, both operands K-contiguous ("NT"), register-blocked with several SIMD
-//!   accumulators.
+//!   accumulators;
+//! - [`rms_norm`]: row RMSNorm `x · (1/√(mean(x²) + eps)) · w`, optionally after a fused
+//!   residual add (whose sum it also writes), with the sum of squares on f32x4 accumulators;
+//! - [`rope`]: rotary position embedding ("rotate half" pairs) from caller-filled cos/sin
+//!   tables, in f64 (interpreter-exact) or f32.
 //!
 //! Building blocks: [`target`] (what the host ISA offers), [`simd`] (scalar/vector value
 //! helpers), [`load`] (element formats → compute lanes; the one place where narrow formats
@@ -42,12 +47,14 @@ pub mod load;
 pub mod loops;
 pub mod lower_expr;
 pub mod map;
+pub mod rms_norm;
+pub mod rope;
 pub mod simd;
 pub mod spec;
 pub mod target;
 
 pub use error::CpuCodegenError;
-pub use spec::{CpuKernelSpec, DotSpec, ElemType, ElementFormat, MapSpec};
+pub use spec::{CpuKernelSpec, DotSpec, ElemType, ElementFormat, MapSpec, RmsNormSpec, RopeSpec};
 pub use target::CpuTarget;
 
 use cranelift_codegen::ir::{Function, Signature, UserFuncName};
@@ -57,6 +64,8 @@ pub fn signature(spec: &CpuKernelSpec, target: &CpuTarget) -> Signature {
     match spec {
         CpuKernelSpec::Map(_) => map::signature(target),
         CpuKernelSpec::Dot(_) => dot::signature(target),
+        CpuKernelSpec::RmsNorm(_) => rms_norm::signature(target),
+        CpuKernelSpec::Rope(_) => rope::signature(target),
     }
 }
 
@@ -74,6 +83,8 @@ pub fn build_function(
     match spec {
         CpuKernelSpec::Map(map) => map::build(map, target, &mut function),
         CpuKernelSpec::Dot(dot) => dot::build(dot, target, &mut function),
+        CpuKernelSpec::RmsNorm(norm) => rms_norm::build(norm, target, &mut function),
+        CpuKernelSpec::Rope(rope) => rope::build(rope, target, &mut function),
     }
     Ok(function)
 }

@@ -308,12 +308,179 @@ impl DotSpec {
     }
 }
 
+/// Row RMSNorm, with an optional fused residual add:
+/// `out[r, i] = x[r, i] · (1 / √(Σ_i x[r, i]² / hidden + eps)) · weight[i]` for rows `r` in
+/// `[row_start, row_end)`; with `residual`, `s = x + residual` is formed first, written to
+/// `residual_out`, and normalised in place of `x` (the interpreter's `Op::RmsNorm` and
+/// `Op::AddRmsNorm`, whose sum the kernel leaves in f32: the caller rounds it to a narrower
+/// dtype if it has one).
+///
+/// C ABI (`extern "C"`, no return value):
+/// `fn(x: *const u8, residual: *const u8, weight: *const u8, out: *mut u8,
+///     residual_out: *mut u8, hidden: usize, row_start: usize, row_end: usize, eps: f64)`:
+/// `x`, `residual`, `out` and `residual_out` are row-major f32 arrays of rows of `hidden`
+/// elements, `weight` holds `hidden` f32. `residual` and `residual_out` are read and written
+/// only when the spec has `residual` (pass null otherwise). Rows outside
+/// `[row_start, row_end)` are neither read nor written.
+///
+/// Numerics: all in f32. The sum of squares runs on `unroll` independent f32x4 accumulators
+/// (fused multiply-add where the host has it), summed pairwise, then a scalar tail over the
+/// last `hidden % 4` elements; the mean divides by `hidden` as f32 (exact below 2²⁴), `eps` is
+/// rounded to f32, and the output is `(x · inverse) · weight`, in the interpreter's order. The
+/// interpreter sums in f64: the two agree to a few f32 ulps while the squares stay inside f32
+/// (|x| below ~1.8·10¹⁹; beyond that the sum overflows to infinity and the row becomes 0).
+/// Rows are independent, so how a caller splits rows over threads never changes a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RmsNormSpec {
+    /// Fuse `s = x + residual` (written to `residual_out`) before the norm.
+    pub residual: bool,
+    /// Independent vector accumulators of the sum of squares, and vectors per iteration of
+    /// the output loop (1–8).
+    pub unroll: u32,
+}
+
+impl RmsNormSpec {
+    /// A plain RMSNorm (no residual) with four accumulators.
+    pub fn new() -> RmsNormSpec {
+        RmsNormSpec {
+            residual: false,
+            unroll: 4,
+        }
+    }
+
+    pub fn with_residual(mut self, residual: bool) -> RmsNormSpec {
+        self.residual = residual;
+        self
+    }
+
+    pub fn with_unroll(mut self, unroll: u32) -> RmsNormSpec {
+        self.unroll = unroll;
+        self
+    }
+
+    /// The kernel's C ABI parameters, in order.
+    pub fn abi() -> &'static [AbiParam] {
+        &[
+            ("x", AbiType::Pointer),
+            ("residual", AbiType::Pointer),
+            ("weight", AbiType::Pointer),
+            ("out", AbiType::Pointer),
+            ("residual_out", AbiType::Pointer),
+            ("hidden", AbiType::Usize),
+            ("row_start", AbiType::Usize),
+            ("row_end", AbiType::Usize),
+            ("eps", AbiType::F64),
+        ]
+    }
+
+    pub fn validate(&self) -> Result<(), CpuCodegenError> {
+        if !(1..=8).contains(&self.unroll) {
+            return Err(CpuCodegenError::InvalidSpec(format!(
+                "rms_norm: unroll {} outside 1..=8",
+                self.unroll
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Default for RmsNormSpec {
+    fn default() -> RmsNormSpec {
+        RmsNormSpec::new()
+    }
+}
+
+/// Rotary position embedding with "rotate half" pairing (the interpreter's `Op::Rope`): in
+/// every head of `head_dim` elements, element `i < head_dim / 2` pairs with `i + head_dim / 2`,
+/// and for the token's angles `(cos_i, sin_i)`
+/// `out[i] = x[i] · cos_i − x[i + h] · sin_i`, `out[i + h] = x[i + h] · cos_i + x[i] · sin_i`
+/// (`h = head_dim / 2`), for tokens in `[token_start, token_end)`.
+///
+/// Cranelift has no sine or cosine, so the kernel does not compute angles: the caller passes
+/// tables of `cos(position · theta^(−2i/head_dim))` and the sine, one row of `head_dim / 2`
+/// entries per token, and the kernel does the rotation multiply-adds on vectors. `theta` and
+/// the positions therefore never reach generated code (the runtime wrapper takes them at run
+/// time and fills the tables).
+///
+/// C ABI (`extern "C"`, no return value):
+/// `fn(x: *const u8, out: *mut u8, cos: *const u8, sin: *const u8, heads: usize,
+///     head_dim: usize, token_start: usize, token_end: usize)`: `x` and `out` are row-major
+/// f32 arrays of `[tokens, heads, head_dim]`; `cos` and `sin` hold
+/// `token_end − token_start` rows of `head_dim / 2` elements of the `rotation` type, row `t`
+/// belonging to token `token_start + t`. `head_dim` must be even (an odd one leaves the last
+/// element of each head unwritten). Tokens outside the range are neither read nor written.
+///
+/// Numerics: with `rotation = F64` the pair is promoted to f64, rotated with separate
+/// multiplies and a subtract/add (no fused multiply-add), and rounded to f32 — the
+/// interpreter's arithmetic exactly, so with f64 tables from the same formula the result is
+/// bit-identical. With `F32` the tables are f32 and the rotation runs on f32x4 (twice the
+/// lanes), within a few f32 ulps of the pair's magnitude.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RopeSpec {
+    /// Precision of the tables and of the rotation arithmetic.
+    pub rotation: ElemType,
+    /// Vectors of pairs per main-loop iteration (1–8).
+    pub unroll: u32,
+}
+
+impl RopeSpec {
+    /// The interpreter-exact RoPE: f64 tables and rotation, two vectors per iteration.
+    pub fn new() -> RopeSpec {
+        RopeSpec {
+            rotation: ElemType::F64,
+            unroll: 2,
+        }
+    }
+
+    pub fn with_rotation(mut self, rotation: ElemType) -> RopeSpec {
+        self.rotation = rotation;
+        self
+    }
+
+    /// The kernel's C ABI parameters, in order.
+    pub fn abi() -> &'static [AbiParam] {
+        &[
+            ("x", AbiType::Pointer),
+            ("out", AbiType::Pointer),
+            ("cos", AbiType::Pointer),
+            ("sin", AbiType::Pointer),
+            ("heads", AbiType::Usize),
+            ("head_dim", AbiType::Usize),
+            ("token_start", AbiType::Usize),
+            ("token_end", AbiType::Usize),
+        ]
+    }
+
+    pub fn with_unroll(mut self, unroll: u32) -> RopeSpec {
+        self.unroll = unroll;
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), CpuCodegenError> {
+        if !(1..=8).contains(&self.unroll) {
+            return Err(CpuCodegenError::InvalidSpec(format!(
+                "rope: unroll {} outside 1..=8",
+                self.unroll
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Default for RopeSpec {
+    fn default() -> RopeSpec {
+        RopeSpec::new()
+    }
+}
+
 /// Any CPU kernel kiln generates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CpuKernelSpec {
     Map(MapSpec),
     Dot(DotSpec),
+    RmsNorm(RmsNormSpec),
+    Rope(RopeSpec),
 }
 
 impl CpuKernelSpec {
@@ -321,6 +488,8 @@ impl CpuKernelSpec {
         match self {
             CpuKernelSpec::Map(m) => m.validate(),
             CpuKernelSpec::Dot(d) => d.validate(),
+            CpuKernelSpec::RmsNorm(r) => r.validate(),
+            CpuKernelSpec::Rope(r) => r.validate(),
         }
     }
 
@@ -335,6 +504,8 @@ impl CpuKernelSpec {
         match self {
             CpuKernelSpec::Map(_) => MapSpec::abi(),
             CpuKernelSpec::Dot(_) => DotSpec::abi(),
+            CpuKernelSpec::RmsNorm(_) => RmsNormSpec::abi(),
+            CpuKernelSpec::Rope(_) => RopeSpec::abi(),
         }
     }
 }
@@ -348,5 +519,17 @@ impl From<MapSpec> for CpuKernelSpec {
 impl From<DotSpec> for CpuKernelSpec {
     fn from(spec: DotSpec) -> CpuKernelSpec {
         CpuKernelSpec::Dot(spec)
+    }
+}
+
+impl From<RmsNormSpec> for CpuKernelSpec {
+    fn from(spec: RmsNormSpec) -> CpuKernelSpec {
+        CpuKernelSpec::RmsNorm(spec)
+    }
+}
+
+impl From<RopeSpec> for CpuKernelSpec {
+    fn from(spec: RopeSpec) -> CpuKernelSpec {
+        CpuKernelSpec::Rope(spec)
     }
 }

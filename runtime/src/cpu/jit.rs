@@ -1,17 +1,21 @@
 //! The Cranelift JIT: compiles CPU kernel specs for the host (native ISA from
 //! cranelift-native, `opt_level = speed`) and caches the compiled functions by spec, counting
 //! compilations. Owns compiled code and its lifetime; it must not generate IR (that is
-//! `kiln_codegen::cpu`) or run kernels (the safe wrappers in [`map`](super::map) and
-//! [`dot`](super::dot) do).
+//! `kiln_codegen::cpu`) or run kernels (the safe wrappers in [`map`](super::map),
+//! [`dot`](super::dot), [`rms_norm`](super::rms_norm) and [`rope`](super::rope) do).
 
 use super::dot::DotKernel;
 use super::map::MapKernel;
+use super::rms_norm::RmsNormKernel;
+use super::rope::RopeKernel;
 use super::CpuError;
 use cranelift_codegen::ir::UserFuncName;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
-use kiln_codegen::cpu::{build_function, CpuKernelSpec, CpuTarget, DotSpec, MapSpec};
+use kiln_codegen::cpu::{
+    build_function, CpuKernelSpec, CpuTarget, DotSpec, MapSpec, RmsNormSpec, RopeSpec,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -44,8 +48,9 @@ pub(crate) struct Shared {
 
 /// A JIT for CPU kernels with a cache of compiled functions keyed by spec.
 ///
-/// Cloning is cheap and shares the cache. Kernel handles ([`MapKernel`], [`DotKernel`]) keep
-/// the JIT's code alive. Compiling is serialised by a lock; running is not.
+/// Cloning is cheap and shares the cache. Kernel handles ([`MapKernel`], [`DotKernel`],
+/// [`RmsNormKernel`], [`RopeKernel`]) keep the JIT's code alive. Compiling is serialised by a
+/// lock; running is not.
 #[derive(Clone)]
 pub struct CpuJit {
     shared: Arc<Shared>,
@@ -159,5 +164,19 @@ impl CpuJit {
         let function = self.compile(&CpuKernelSpec::Dot(spec))?;
         // SAFETY: `function` was compiled from a dot spec, so it has the dot ABI.
         Ok(unsafe { DotKernel::from_compiled(spec, function, self.shared.clone()) })
+    }
+
+    /// The compiled row RMSNorm of `spec` (plain, or with the residual add fused).
+    pub fn rms_norm(&self, spec: RmsNormSpec) -> Result<RmsNormKernel, CpuError> {
+        let function = self.compile(&CpuKernelSpec::RmsNorm(spec))?;
+        // SAFETY: `function` was compiled from an rms_norm spec, so it has the rms_norm ABI.
+        Ok(unsafe { RmsNormKernel::from_compiled(spec, function, self.shared.clone()) })
+    }
+
+    /// The compiled rotary position embedding of `spec`.
+    pub fn rope(&self, spec: RopeSpec) -> Result<RopeKernel, CpuError> {
+        let function = self.compile(&CpuKernelSpec::Rope(spec))?;
+        // SAFETY: `function` was compiled from a rope spec, so it has the rope ABI.
+        Ok(unsafe { RopeKernel::from_compiled(spec, function, self.shared.clone()) })
     }
 }

@@ -5,6 +5,10 @@
 //! - [`jit`]: [`CpuJit`] — native ISA, `opt_level = speed`, cache, [`CpuJit::compilations`];
 //! - [`map`]: [`MapKernel`], elementwise maps over element chunks;
 //! - [`dot`]: [`DotKernel`], `C = alpha·A·Bᵀ + beta·C` over row × column blocks;
+//! - [`rms_norm`]: [`RmsNormKernel`], row RMSNorm (optionally after a fused residual add) over
+//!   tasks of whole rows;
+//! - [`rope`]: [`RopeKernel`], rotary position embedding over tasks of whole tokens, with the
+//!   cos/sin tables ([`RopeTables`]) computed on the host;
 //! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`];
 //! - [`vector_state`]: the `vzeroupper` every call into generated code is preceded by.
 //!
@@ -17,6 +21,8 @@ pub mod error;
 pub mod jit;
 pub mod map;
 pub mod parallel;
+pub mod rms_norm;
+pub mod rope;
 pub mod vector_state;
 
 pub use dot::{DotKernel, DotShape};
@@ -25,4 +31,6 @@ pub use error::CpuError;
 pub use jit::{CompiledFn, CpuJit};
 pub use map::MapKernel;
 pub use parallel::Parallelism;
+pub use rms_norm::RmsNormKernel;
+pub use rope::{RopeKernel, RopeTables};
 pub use vector_state::clear_upper_vector_state;
