@@ -4,13 +4,16 @@
 //! [`Family`]: a linear is the Cranelift dot kernel (`x · Wᵀ`, both K-contiguous) followed by
 //! its epilogue (a map kernel adding the bias or the residual, or `silu(gate) · up` over the
 //! two halves of the product of the concatenated `[gate; up]` weights); an elementwise map
-//! is one map kernel (broadcast operands are first expanded to the result's shape). Steps
+//! is one map kernel (broadcast operands are first expanded to the result's shape); RMSNorm
+//! is the RMSNorm kernel (with the residual add fused in f32, or, in a half dtype, the sum
+//! rounded to the dtype first and then the plain kernel, as the interpreter rounds it); RoPE
+//! is the rotation kernel over cos/sin tables the runtime builds per call. Steps
 //! that only move data — the embedding gather, slices, KV append — are copies the runtime
 //! does itself, with no arithmetic. Specs hold no sizes (they are run-time arguments), so a
 //! step's spec serves every shape, and they are what a compiled artifact stores for its host
 //! steps: the runtime compiles them with Cranelift at load. An op with no entry here
-//! (RMSNorm, RoPE, attention, MoE) still runs on the reference interpreter. This file must
-//! not compile or run code.
+//! (attention, MoE) still runs on the reference interpreter. This file must not compile or
+//! run code.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
@@ -32,7 +35,7 @@
 //! ```
 
 use crate::lower::map_expr;
-use kiln_codegen::cpu::{DotSpec, ElemType, MapSpec};
+use kiln_codegen::cpu::{DotSpec, ElemType, MapSpec, RmsNormSpec, RopeSpec};
 use kiln_codegen::expr::Expr;
 use kiln_ir::dtype::DType;
 use kiln_ir::op::Op;
@@ -61,6 +64,22 @@ pub enum CpuStep {
         map: MapSpec,
         dtype: DType,
         broadcast: bool,
+    },
+    /// RMSNorm of rows of the weight's length; with a residual the outputs are
+    /// `(x + residual, norm)`: `fused` computes both in f32 when `dtype` is f32, else the sum
+    /// is rounded to `dtype` and normalised by `plain`.
+    RmsNorm {
+        plain: RmsNormSpec,
+        fused: Option<RmsNormSpec>,
+        eps: f32,
+        dtype: DType,
+    },
+    /// Rotary embedding of `[tokens, heads, head_dim]` at the tokens' positions.
+    Rope {
+        rope: RopeSpec,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
     },
     /// `Embedding`: the table's rows of the ids, copied.
     Gather,
@@ -122,6 +141,29 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
                 dtype: *dtype,
             })
         }
+        Family::RmsNorm {
+            residual,
+            eps,
+            dtype,
+            ..
+        } if float(*dtype) => Some(CpuStep::RmsNorm {
+            plain: RmsNormSpec::new(),
+            fused: residual.then(|| RmsNormSpec::new().with_residual(true)),
+            eps: *eps,
+            dtype: *dtype,
+        }),
+        Family::Rope {
+            heads,
+            head_dim,
+            theta,
+            dtype,
+            ..
+        } if float(*dtype) => Some(CpuStep::Rope {
+            rope: RopeSpec::new(),
+            heads: *heads,
+            head_dim: *head_dim,
+            theta: *theta,
+        }),
         // Integer maps (sequence lengths) compute in f32 too, as the interpreter does: exact
         // below 2^24.
         Family::Map {
@@ -218,6 +260,44 @@ mod tests {
     }
 
     #[test]
+    fn norms_and_rotations_have_steps() {
+        let norm = |residual| Family::RmsNorm {
+            rows: SymExpr::constant(1),
+            hidden: 8,
+            residual,
+            eps: 1e-5,
+            dtype: DType::BF16,
+        };
+        let Some(CpuStep::RmsNorm { fused, .. }) =
+            cpu_step(&norm(true), &of(Op::AddRmsNorm { eps: 1e-5 }))
+        else {
+            panic!("RMSNorm has a CPU step")
+        };
+        assert!(fused.is_some_and(|f| f.residual));
+        let Some(CpuStep::RmsNorm { fused, plain, .. }) =
+            cpu_step(&norm(false), &of(Op::RmsNorm { eps: 1e-5 }))
+        else {
+            panic!("RMSNorm has a CPU step")
+        };
+        assert!(fused.is_none() && !plain.residual);
+        let rope = Family::Rope {
+            tokens: SymExpr::constant(2),
+            heads: 4,
+            head_dim: 16,
+            theta: 1e4,
+            dtype: DType::F32,
+        };
+        assert!(matches!(
+            cpu_step(&rope, &of(Op::Rope { theta: 1e4 })),
+            Some(CpuStep::Rope {
+                heads: 4,
+                head_dim: 16,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn copies_and_broadcast_maps_have_steps_and_other_families_stay_interpreted() {
         let broadcast = Family::Map {
             elements: SymExpr::constant(10),
@@ -249,13 +329,13 @@ mod tests {
             op: "softmax".into(),
         };
         assert!(cpu_step(&softmax, &of(Op::Softmax)).is_none());
-        let norm = Family::RmsNorm {
-            rows: SymExpr::constant(1),
-            hidden: 8,
-            residual: false,
-            eps: 1e-5,
-            dtype: DType::F32,
+        let attention = Family::Interpreted {
+            op: "attention".into(),
         };
-        assert!(cpu_step(&norm, &of(Op::RmsNorm { eps: 1e-5 })).is_none());
+        let op = Op::Attention {
+            causal: true,
+            scale: 0.125,
+        };
+        assert!(cpu_step(&attention, &of(op)).is_none());
     }
 }

@@ -9,7 +9,7 @@
 //! decide which steps have kernels (that is `kiln_kernels::cpu_step`).
 
 use super::ExecError;
-use crate::cpu::{CpuJit, DotKernel, DotShape, MapKernel, Parallelism};
+use crate::cpu::{CpuJit, DotKernel, DotShape, MapKernel, Parallelism, RmsNormKernel, RopeKernel};
 use kiln_ir::dtype::DType;
 use kiln_ir::schedule::LinearEpilogue;
 use kiln_ir::tensor::Tensor;
@@ -29,6 +29,18 @@ pub(super) enum HostKernel {
     Map {
         map: MapKernel,
         broadcast: bool,
+    },
+    RmsNorm {
+        plain: RmsNormKernel,
+        fused: Option<RmsNormKernel>,
+        eps: f32,
+        dtype: DType,
+    },
+    Rope {
+        rope: RopeKernel,
+        heads: usize,
+        head_dim: usize,
+        theta: f32,
     },
     Gather,
     Slice {
@@ -133,6 +145,31 @@ impl HostKernels {
                     map: jit.map(map.clone()).map_err(error)?,
                     broadcast: *broadcast,
                 }),
+                Some(CpuStep::RmsNorm {
+                    plain,
+                    fused,
+                    eps,
+                    dtype,
+                }) => Some(HostKernel::RmsNorm {
+                    plain: jit.rms_norm(*plain).map_err(cpu_error(name))?,
+                    fused: match fused {
+                        Some(spec) => Some(jit.rms_norm(*spec).map_err(cpu_error(name))?),
+                        None => None,
+                    },
+                    eps: *eps,
+                    dtype: *dtype,
+                }),
+                Some(CpuStep::Rope {
+                    rope,
+                    heads,
+                    head_dim,
+                    theta,
+                }) => Some(HostKernel::Rope {
+                    rope: jit.rope(*rope).map_err(error)?,
+                    heads: *heads,
+                    head_dim: *head_dim,
+                    theta: *theta,
+                }),
                 Some(CpuStep::Gather) => Some(HostKernel::Gather),
                 Some(CpuStep::Slice { axis, start, end }) => Some(HostKernel::Slice {
                     axis: *axis,
@@ -147,9 +184,103 @@ impl HostKernels {
 }
 
 impl HostKernel {
-    /// Runs the step on `operands` (in the shapes the op reads them) for a result of
-    /// `shape`, in f32.
+    /// Runs the step on `operands` (in the shapes the op reads them) for results of
+    /// `shapes`, in f32, one vector per result.
     pub(super) fn run(
+        &self,
+        kernel: &str,
+        operands: &[&Tensor],
+        shapes: &[Vec<usize>],
+    ) -> Result<Vec<Vec<f32>>, ExecError> {
+        let bad = |message: String| ExecError::Kernel {
+            kernel: kernel.to_string(),
+            message,
+        };
+        let shape = shapes
+            .first()
+            .ok_or_else(|| bad("a step without results".into()))?;
+        let elements: usize = shape.iter().product();
+        match self {
+            HostKernel::RmsNorm {
+                plain,
+                fused,
+                eps,
+                dtype,
+            } => {
+                let weight = operands.last().ok_or_else(|| bad("no weight".into()))?;
+                let hidden = weight.data.len().max(1);
+                let rows = operands[0].data.len() / hidden;
+                let mut out = vec![0.0f32; elements];
+                let parallel = Parallelism::Rayon;
+                match (fused, operands) {
+                    (None, [x, weight]) => {
+                        plain
+                            .run(&x.data, &weight.data, &mut out, rows, *eps, parallel)
+                            .map_err(cpu_error(kernel))?;
+                        Ok(vec![out])
+                    }
+                    (Some(fused), [x, residual, weight]) => {
+                        let mut sum = vec![0.0f32; elements];
+                        fused
+                            .run_residual(
+                                &x.data,
+                                &residual.data,
+                                &weight.data,
+                                &mut sum,
+                                &mut out,
+                                rows,
+                                *eps,
+                                parallel,
+                            )
+                            .map_err(cpu_error(kernel))?;
+                        if *dtype != DType::F32 {
+                            // The interpreter normalises the sum rounded to the dtype.
+                            for value in &mut sum {
+                                *value = dtype.round(*value);
+                            }
+                            plain
+                                .run(&sum, &weight.data, &mut out, rows, *eps, parallel)
+                                .map_err(cpu_error(kernel))?;
+                        }
+                        Ok(vec![sum, out])
+                    }
+                    _ => Err(bad(format!(
+                        "{} operands for an RMSNorm {} a residual",
+                        operands.len(),
+                        if fused.is_some() { "with" } else { "without" }
+                    ))),
+                }
+            }
+            HostKernel::Rope {
+                rope,
+                heads,
+                head_dim,
+                theta,
+            } => {
+                let (x, positions) = match operands {
+                    [x, positions] => (x, positions),
+                    _ => return Err(bad("RoPE takes x and positions".into())),
+                };
+                let positions: Vec<i32> = positions.data.iter().map(|&p| p as i32).collect();
+                let mut out = vec![0.0f32; elements];
+                rope.run(
+                    &x.data,
+                    &positions,
+                    &mut out,
+                    *heads,
+                    *head_dim,
+                    *theta as f64,
+                    Parallelism::Rayon,
+                )
+                .map_err(cpu_error(kernel))?;
+                Ok(vec![out])
+            }
+            _ => Ok(vec![self.run_one(kernel, operands, shape)?]),
+        }
+    }
+
+    /// A step of one result.
+    fn run_one(
         &self,
         kernel: &str,
         operands: &[&Tensor],
@@ -319,6 +450,9 @@ impl HostKernel {
                     }
                 }
                 Ok(out)
+            }
+            HostKernel::RmsNorm { .. } | HostKernel::Rope { .. } => {
+                Err(bad("a step of several results run as one".into()))
             }
         }
     }

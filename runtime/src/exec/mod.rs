@@ -882,15 +882,35 @@ impl Executor {
         }
         let refs: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
         if let Some(Some(compiled)) = self.host_kernels.steps.get(index) {
-            let ty = &kernel.computes.outputs[0];
-            let shape = ty.shape.resolve(bindings).map_err(ExecError::Internal)?;
-            let data = compiled.run(&kernel.name, &refs, &shape)?;
-            let result = Tensor {
-                dtype: kiln_ir::dtype::DType::F32,
-                shape,
-                data,
-            };
-            host[kernel.outputs[0]] = Some(Arc::new(result.cast(ty.dtype)));
+            let shapes = kernel
+                .computes
+                .outputs
+                .iter()
+                .map(|ty| ty.shape.resolve(bindings).map_err(ExecError::Internal))
+                .collect::<Result<Vec<_>, _>>()?;
+            let results = compiled.run(&kernel.name, &refs, &shapes)?;
+            if results.len() != kernel.outputs.len() {
+                return Err(ExecError::Internal(format!(
+                    "{}: {} results for {} outputs",
+                    kernel.name,
+                    results.len(),
+                    kernel.outputs.len()
+                )));
+            }
+            for (((&id, ty), shape), data) in kernel
+                .outputs
+                .iter()
+                .zip(&kernel.computes.outputs)
+                .zip(shapes)
+                .zip(results)
+            {
+                let result = Tensor {
+                    dtype: kiln_ir::dtype::DType::F32,
+                    shape,
+                    data,
+                };
+                host[id] = Some(Arc::new(result.cast(ty.dtype)));
+            }
             self.stats.cpu_kernels += 1;
             self.stats.cpu_compiled += 1;
             return Ok(());
