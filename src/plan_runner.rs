@@ -98,6 +98,8 @@ pub struct PlanRunner {
     pub device: String,
     /// Kernels per phase and device: `(prefill gpu, prefill cpu, decode gpu, decode cpu)`.
     pub placement: (usize, usize, usize, usize),
+    /// Distinct GPU kernels the artifact holds (every one the plans can launch).
+    pub artifact_kernels: usize,
     /// When the Quest pass ran: how many decode attention kernels it put on Quest.
     pub quest_kernels: Option<usize>,
 }
@@ -259,6 +261,7 @@ impl PlanRunner {
             state_on_device,
             device: description,
             placement: (placement[0], placement[1], placement[2], placement[3]),
+            artifact_kernels: artifact.manifest.kernels.len(),
             quest_kernels,
         })
     }
