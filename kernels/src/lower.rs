@@ -102,7 +102,7 @@ impl KernelSpec {
                 epilogue,
                 ..
             } => {
-                let m = rows.resolve(bindings)? as usize;
+                let m = rows.resolve(bindings).map_err(|e| e.to_string())? as usize;
                 let epilogue = epilogue_of(*epilogue);
                 if m <= GEMV_MAX_ROWS {
                     KernelSpec::Gemv(GemvSpec::new(*dtype, m.max(1), *k, epilogue))
@@ -214,22 +214,31 @@ impl KernelSpec {
                 scalars.insert("n", Scalar::U32(u32_of("n", *n as u64)?));
             }
             (KernelSpec::Gemm(_), Family::Linear { rows, n, .. }) => {
-                scalars.insert("m", Scalar::U32(u32_of("m", rows.resolve(bindings)?)?));
+                scalars.insert(
+                    "m",
+                    Scalar::U32(u32_of(
+                        "m",
+                        rows.resolve(bindings).map_err(|e| e.to_string())?,
+                    )?),
+                );
                 scalars.insert("n", Scalar::U32(u32_of("n", *n as u64)?));
             }
             (KernelSpec::RmsNorm(_), Family::RmsNorm { rows, eps, .. }) => {
                 scalars.insert(
                     "rows",
-                    Scalar::U32(u32_of("rows", rows.resolve(bindings)?)?),
+                    Scalar::U32(u32_of(
+                        "rows",
+                        rows.resolve(bindings).map_err(|e| e.to_string())?,
+                    )?),
                 );
                 scalars.insert("eps", Scalar::F32(*eps));
             }
             (KernelSpec::Rope(_), Family::Rope { tokens, .. }) => {
-                let tokens = tokens.resolve(bindings)?;
+                let tokens = tokens.resolve(bindings).map_err(|e| e.to_string())?;
                 scalars.insert("tokens", Scalar::U32(u32_of("tokens", tokens)?));
             }
             (KernelSpec::Elementwise(_), Family::Map { elements, .. }) => {
-                let n = elements.resolve(bindings)?;
+                let n = elements.resolve(bindings).map_err(|e| e.to_string())?;
                 scalars.insert("n", Scalar::U32(u32_of("n", n)?));
             }
             (spec, family) => {

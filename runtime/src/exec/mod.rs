@@ -235,7 +235,7 @@ impl Executor {
                     let expected = buffer.shape.resolve(&Bindings::new()).map_err(|m| {
                         ExecError::BadTensor {
                             name: buffer.name.clone(),
-                            message: m,
+                            message: m.to_string(),
                         }
                     })?;
                     if tensor.dtype != buffer.dtype || tensor.shape != expected {
@@ -271,7 +271,7 @@ impl Executor {
                     let shape = ty
                         .shape
                         .resolve(&Bindings::new())
-                        .map_err(ExecError::Internal)?;
+                        .map_err(|e| ExecError::Internal(e.to_string()))?;
                     Ok(Tensor {
                         shape,
                         ..tensor.clone()
@@ -282,7 +282,7 @@ impl Executor {
             let results = interp::eval(&node, &refs, &Bindings::new()).map_err(|message| {
                 ExecError::Kernel {
                     kernel: format!("load-time {}", op.name),
-                    message,
+                    message: message.to_string(),
                 }
             })?;
             for (&id, tensor) in op.outputs.iter().zip(rounded(results, &node.outputs)) {
@@ -721,7 +721,7 @@ impl Executor {
             let shape = named
                 .shape
                 .resolve(&bindings)
-                .map_err(ExecError::Internal)?;
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
             outputs.insert(
                 name.clone(),
                 Tensor {
@@ -738,7 +738,7 @@ impl Executor {
         self.plan.buffers[id]
             .shape
             .resolve(bindings)
-            .map_err(ExecError::Internal)
+            .map_err(|e| ExecError::Internal(e.to_string()))
     }
 
     /// A device slot for buffer `id` that a kernel is about to write (or a transfer fill):
@@ -832,7 +832,10 @@ impl Executor {
                     kernel.name, self.plan.buffers[id].name
                 ))
             })?;
-            let shape = ty.shape.resolve(bindings).map_err(ExecError::Internal)?;
+            let shape = ty
+                .shape
+                .resolve(bindings)
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
             operands.push(if shape == tensor.shape {
                 tensor
             } else {
@@ -846,7 +849,7 @@ impl Executor {
         let results =
             interp::eval(&node, &refs, bindings).map_err(|message| ExecError::Kernel {
                 kernel: kernel.name.clone(),
-                message,
+                message: message.to_string(),
             })?;
         for (&id, tensor) in kernel.outputs.iter().zip(rounded(results, &node.outputs)) {
             host[id] = Some(Arc::new(tensor));
