@@ -6,6 +6,7 @@
 //! own text of a driver error, which exists only when a driver was loaded.
 
 use cudarc::driver::{sys::CUresult, DriverError};
+use kiln_codegen::kernel::LaunchRuleError;
 
 /// Everything that can go wrong in `runtime::cuda`.
 ///
@@ -111,7 +112,8 @@ pub enum CudaError {
         /// The kernel's entry name.
         kernel: String,
         /// What the launch rule reported.
-        message: String,
+        #[source]
+        message: LaunchRuleError,
     },
 
     /// The evaluated launch geometry is not launchable.
