@@ -286,6 +286,7 @@ impl Artifact {
                 | kiln_ir::schedule::Family::KvAppend { .. } => {
                     kiln_kernels::attention::program::program(&kernel.family, bindings, sm_count)
                         .map(|p| p.launches.iter().map(|l| l.kernel.key()).collect())
+                        .map_err(kiln_kernels::lower::LowerError::from)
                 }
                 family => kiln_kernels::lower::KernelSpec::for_family(family, bindings)
                     .map(|spec| vec![spec.key()]),

@@ -141,7 +141,9 @@ pub fn compile(
                 kernels.extend(generated);
             }
             Err(reason) => {
-                rejected.kernels.insert(kernel.name.clone(), reason);
+                rejected
+                    .kernels
+                    .insert(kernel.name.clone(), reason.to_string());
                 entries.push(None);
             }
         }

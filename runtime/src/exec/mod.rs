@@ -578,7 +578,7 @@ impl Executor {
         let spec = KernelSpec::for_family(&kernel.family, bindings).map_err(|message| {
             ExecError::Kernel {
                 kernel: kernel.name.clone(),
-                message,
+                message: message.to_string(),
             }
         })?;
         let key = (index, spec.key());
@@ -587,7 +587,10 @@ impl Executor {
         }
         let (name, family) = (kernel.name.clone(), kernel.family.clone());
         let generated = self.kernel_code(&name, &key.1, |lowering| {
-            Ok(lowering.lower(&family, bindings)?.1)
+            Ok(lowering
+                .lower(&family, bindings)
+                .map_err(|e| e.to_string())?
+                .1)
         })?;
         let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
             graph: self.plan.graph.clone(),
@@ -914,7 +917,7 @@ impl Executor {
             spec.scalars(&kernel.family, bindings)
                 .map_err(|message| ExecError::Kernel {
                     kernel: kernel.name.clone(),
-                    message,
+                    message: message.to_string(),
                 })?;
         for (name, value) in scalars {
             args = args.set(
