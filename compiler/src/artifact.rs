@@ -173,10 +173,10 @@ impl Artifact {
                 if buffer.kind != BufferKind::Weight {
                     continue;
                 }
-                let shape = buffer.shape.resolve(&Bindings::new()).map_err(|message| {
-                    CompileError::Kernel {
-                        kernel: buffer.name.clone(),
-                        message: format!("a weight's shape must be concrete: {message}"),
+                let shape = buffer.shape.resolve(&Bindings::new()).map_err(|source| {
+                    CompileError::WeightShape {
+                        name: buffer.name.clone(),
+                        source,
                     }
                 })?;
                 weights.insert(

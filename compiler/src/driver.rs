@@ -158,9 +158,10 @@ pub fn compile(
             for kernel in plan.kernels.iter().filter(|k| k.device == Device::Gpu) {
                 let generated = lowering
                     .lower_all(&kernel.family, &class, sm_count)
-                    .map_err(|message| CompileError::Kernel {
+                    .map_err(|source| CompileError::Lower {
                         kernel: kernel.name.clone(),
-                        message: format!("at seq = {rows}: {message}"),
+                        rows,
+                        source,
                     })?;
                 kernels.extend(generated);
             }
