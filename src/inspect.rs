@@ -51,7 +51,7 @@ pub fn inspect(config: &ModelConfig, workload: Workload) -> Result<ModelReport> 
     for phase in [Phase::Prefill, Phase::Decode] {
         let graph = build_model(config, phase)?;
         if parameters.is_none() {
-            parameters = Some(parameter_count(&graph).map_err(anyhow::Error::msg)?);
+            parameters = Some(parameter_count(&graph)?);
         }
         let (seq, ctx) = match phase {
             Phase::Prefill => (workload.prompt_len, workload.prompt_len),
@@ -60,7 +60,7 @@ pub fn inspect(config: &ModelConfig, workload: Workload) -> Result<ModelReport> 
         let bindings =
             Bindings::from_pairs(&[("batch", workload.batch), ("seq", seq), ("ctx", ctx)]);
         let tokens = workload.batch * seq;
-        let mut per_token = op_costs(&graph, &bindings).map_err(anyhow::Error::msg)?;
+        let mut per_token = op_costs(&graph, &bindings)?;
         for cost in &mut per_token {
             cost.flops /= tokens as f64;
             cost.bytes /= tokens as f64;

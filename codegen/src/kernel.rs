@@ -5,7 +5,8 @@
 //! (device pointers first, then `u32`/`f32` scalars), and carries a [`LaunchRule`]: grid and
 //! block sizes as rules over the scalar parameters, evaluated by the runtime at launch time.
 //! The runtime binds arguments by parameter name, never by a position guessed at the call
-//! site. Everything here is serialisable so plans can store it. No PTX is built here.
+//! site; a rule that cannot be evaluated is a [`LaunchRuleError`]. Everything here is
+//! serialisable so plans can store it. No PTX is built here.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,6 +37,17 @@ pub enum ParamKind {
 pub struct Param {
     pub name: String,
     pub kind: ParamKind,
+}
+
+/// Why a launch rule could not be evaluated for the scalars given, naming the scalar.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchRuleError {
+    #[error("launch rule divides `{name}` by zero")]
+    ZeroDivisor { name: String },
+    #[error("launch rule needs scalar `{name}`, which was not given")]
+    MissingScalar { name: String },
+    #[error("launch extent {value} does not fit in u32")]
+    TooLarge { value: u64 },
 }
 
 /// One launch dimension: `constant × Π ceil(scalar / divisor)` over named `u32` parameters.
@@ -78,18 +90,18 @@ impl Extent {
 
     /// The extent for the given scalar values; an error names a missing scalar, a zero
     /// divisor or an extent too large for a launch.
-    pub fn evaluate(&self, scalars: &BTreeMap<String, u64>) -> Result<u32, String> {
+    pub fn evaluate(&self, scalars: &BTreeMap<String, u64>) -> Result<u32, LaunchRuleError> {
         let mut value = self.constant as u64;
         for (name, divisor) in &self.terms {
             if *divisor == 0 {
-                return Err(format!("launch rule divides `{name}` by zero"));
+                return Err(LaunchRuleError::ZeroDivisor { name: name.clone() });
             }
             let scalar = scalars
                 .get(name)
-                .ok_or_else(|| format!("launch rule needs scalar `{name}`, which was not given"))?;
+                .ok_or_else(|| LaunchRuleError::MissingScalar { name: name.clone() })?;
             value = value.saturating_mul(scalar.div_ceil(*divisor as u64));
         }
-        u32::try_from(value).map_err(|_| format!("launch extent {value} does not fit in u32"))
+        u32::try_from(value).map_err(|_| LaunchRuleError::TooLarge { value })
     }
 }
 
@@ -116,7 +128,7 @@ impl LaunchRule {
     pub fn evaluate(
         &self,
         scalars: &BTreeMap<String, u64>,
-    ) -> Result<([u32; 3], [u32; 3]), String> {
+    ) -> Result<([u32; 3], [u32; 3]), LaunchRuleError> {
         let mut grid = [0u32; 3];
         for (slot, extent) in grid.iter_mut().zip(&self.grid) {
             *slot = extent.evaluate(scalars)?;
@@ -154,7 +166,7 @@ mod tests {
         let scalars = BTreeMap::from([("rows".to_string(), 17u64), ("batch".to_string(), 3)]);
         assert_eq!(rule.evaluate(&scalars).unwrap(), ([9, 1, 1], [256, 1, 1]));
         let err = rule.evaluate(&BTreeMap::new()).unwrap_err();
-        assert!(err.contains("`rows`"), "{err}");
+        assert!(err.to_string().contains("`rows`"), "{err}");
         let huge = BTreeMap::from([("rows".to_string(), u64::MAX), ("batch".to_string(), 2)]);
         assert!(rule.evaluate(&huge).is_err());
     }

@@ -177,10 +177,10 @@ impl Artifact {
                 if buffer.kind != BufferKind::Weight {
                     continue;
                 }
-                let shape = buffer.shape.resolve(&Bindings::new()).map_err(|message| {
-                    CompileError::Kernel {
-                        kernel: buffer.name.clone(),
-                        message: format!("a weight's shape must be concrete: {message}"),
+                let shape = buffer.shape.resolve(&Bindings::new()).map_err(|source| {
+                    CompileError::WeightShape {
+                        name: buffer.name.clone(),
+                        source,
                     }
                 })?;
                 weights.insert(
@@ -308,6 +308,7 @@ impl Artifact {
                 | kiln_ir::schedule::Family::KvAppend { .. } => {
                     kiln_kernels::attention::program::program(&kernel.family, bindings, sm_count)
                         .map(|p| p.launches.iter().map(|l| l.kernel.key()).collect())
+                        .map_err(kiln_kernels::lower::LowerError::from)
                 }
                 family => kiln_kernels::lower::KernelSpec::for_family(family, bindings)
                     .map(|spec| vec![spec.key()]),

@@ -141,7 +141,9 @@ pub fn compile(
                 kernels.extend(generated);
             }
             Err(reason) => {
-                rejected.kernels.insert(kernel.name.clone(), reason);
+                rejected
+                    .kernels
+                    .insert(kernel.name.clone(), reason.to_string());
                 entries.push(None);
             }
         }
@@ -164,9 +166,10 @@ pub fn compile(
             for kernel in plan.kernels.iter().filter(|k| k.device == Device::Gpu) {
                 let generated = lowering
                     .lower_all(&kernel.family, &class, sm_count)
-                    .map_err(|message| CompileError::Kernel {
+                    .map_err(|source| CompileError::Lower {
                         kernel: kernel.name.clone(),
-                        message: format!("at seq = {rows}: {message}"),
+                        rows,
+                        source,
                     })?;
                 kernels.extend(generated);
             }

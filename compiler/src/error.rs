@@ -4,7 +4,9 @@
 use kiln_ir::passes::quest::QuestPassError;
 use kiln_ir::rewrite::RewriteError;
 use kiln_ir::schedule::ScheduleError;
+use kiln_ir::shape::ShapeError;
 use kiln_ir::verify::VerifyError;
+use kiln_kernels::lower::LowerError;
 use std::path::PathBuf;
 
 /// Why a target could not be chosen or does not match a device.
@@ -64,6 +66,21 @@ pub enum CompileError {
     },
     #[error("kernel {kernel}: {message}")]
     Kernel { kernel: String, message: String },
+    /// A GPU kernel that does not lower at one of the row counts every plan must cover.
+    #[error("kernel {kernel}: at seq = {rows}: {source}")]
+    Lower {
+        kernel: String,
+        rows: usize,
+        #[source]
+        source: LowerError,
+    },
+    /// A weight buffer whose shape has a symbolic dimension.
+    #[error("kernel {name}: a weight's shape must be concrete: {source}")]
+    WeightShape {
+        name: String,
+        #[source]
+        source: ShapeError,
+    },
     #[error(transparent)]
     Target(#[from] TargetError),
 }

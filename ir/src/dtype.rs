@@ -116,6 +116,14 @@ impl fmt::Display for DType {
     }
 }
 
+/// Why values could not be packed into a narrower integer type.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PackError {
+    /// A value outside the 4-bit range, with its index in the input.
+    #[error("value {value} at index {index} does not fit in 4 bits (expected -8..=7)")]
+    OutOfRange { value: i8, index: usize },
+}
+
 /// Packs signed 4-bit values (each in `[-8, 7]`) two per byte as unsigned nibbles `q + 8`,
 /// low nibble first. An odd count leaves the last high nibble as `8` (the code of zero).
 ///
@@ -125,16 +133,16 @@ impl fmt::Display for DType {
 /// assert_eq!(packed, vec![0x_f0, 0x88]);
 /// assert_eq!(unpack_i4(&packed, 3), vec![-8, 7, 0]);
 /// ```
-pub fn pack_i4(values: &[i8]) -> Result<Vec<u8>, String> {
+pub fn pack_i4(values: &[i8]) -> Result<Vec<u8>, PackError> {
     let mut out = Vec::with_capacity(values.len().div_ceil(2));
     for (pair_index, pair) in values.chunks(2).enumerate() {
         let mut byte = 0u8;
         for (half_index, &v) in pair.iter().enumerate() {
             if !(-8..=7).contains(&v) {
-                return Err(format!(
-                    "value {v} at index {} does not fit in 4 bits (expected -8..=7)",
-                    pair_index * 2 + half_index
-                ));
+                return Err(PackError::OutOfRange {
+                    value: v,
+                    index: pair_index * 2 + half_index,
+                });
             }
             byte |= ((v + 8) as u8) << (4 * half_index);
         }
@@ -191,7 +199,7 @@ mod tests {
     #[test]
     fn pack_rejects_out_of_range_values() {
         let err = pack_i4(&[0, 8]).unwrap_err();
-        assert!(err.contains("index 1"), "{err}");
+        assert!(err.to_string().contains("index 1"), "{err}");
     }
 
     #[test]

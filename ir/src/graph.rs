@@ -8,7 +8,7 @@
 use crate::dtype::DType;
 use crate::op::{InputKind, Op};
 use crate::shape::Shape;
-use crate::verify::{self, VerifyError};
+use crate::verify::{self, VerifyError, VerifyProblem};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -48,6 +48,26 @@ impl fmt::Display for ValueId {
     }
 }
 
+/// A [`ValueId`] that names no value of the graph: the node or the output is missing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueRefError {
+    /// The node does not exist (yet).
+    #[error("operand {value} refers to a node that does not exist yet")]
+    MissingNode { value: ValueId },
+    /// The node exists but has fewer outputs.
+    #[error(
+        "operand {value} refers to output {} of `{label}`, which has {outputs} outputs",
+        value.output
+    )]
+    MissingOutput {
+        value: ValueId,
+        /// The node's label.
+        label: String,
+        /// How many outputs the node has.
+        outputs: usize,
+    },
+}
+
 /// One operation applied to earlier values, with its inferred result types.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
@@ -83,17 +103,21 @@ impl Graph {
         inputs: &[ValueId],
     ) -> Result<Vec<ValueId>, VerifyError> {
         let node_index = self.nodes.len();
-        let error = |message: String| VerifyError {
+        let error = |problem: VerifyProblem| VerifyError {
             node: node_index,
             label: label.to_string(),
             op: op.name(),
-            message,
+            message: Box::new(problem),
         };
         let mut input_types = Vec::with_capacity(inputs.len());
         for value in inputs {
-            input_types.push(self.value_type(*value).map_err(error)?.clone());
+            input_types.push(
+                self.value_type(*value)
+                    .map_err(|e| error(e.into()))?
+                    .clone(),
+            );
         }
-        let outputs = verify::infer(&op, &input_types).map_err(error)?;
+        let outputs = verify::infer(&op, &input_types).map_err(|e| error(e.into()))?;
         let ids = (0..outputs.len())
             .map(|output| ValueId {
                 node: node_index,
@@ -152,20 +176,19 @@ impl Graph {
         self.outputs.push((name.to_string(), value));
     }
 
-    /// The type of `value`, or a message saying why it does not exist.
-    pub fn value_type(&self, value: ValueId) -> Result<&TensorType, String> {
+    /// The type of `value`, or why it does not exist.
+    pub fn value_type(&self, value: ValueId) -> Result<&TensorType, ValueRefError> {
         let node = self
             .nodes
             .get(value.node)
-            .ok_or_else(|| format!("operand {value} refers to a node that does not exist yet"))?;
-        node.outputs.get(value.output).ok_or_else(|| {
-            format!(
-                "operand {value} refers to output {} of `{}`, which has {} outputs",
-                value.output,
-                node.label,
-                node.outputs.len()
-            )
-        })
+            .ok_or(ValueRefError::MissingNode { value })?;
+        node.outputs
+            .get(value.output)
+            .ok_or_else(|| ValueRefError::MissingOutput {
+                value,
+                label: node.label.clone(),
+                outputs: node.outputs.len(),
+            })
     }
 
     /// The graph inputs: `(node index, name, kind, type)` in node order.

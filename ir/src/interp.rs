@@ -6,9 +6,11 @@
 //! cleverness, so that it is obviously correct. It must stay that way; fast CPU code belongs
 //! to the Cranelift backend, which is tested against this file.
 
-use crate::graph::{Graph, Node};
+use crate::dtype::DType;
+use crate::graph::{Graph, Node, ValueId};
 use crate::op::{InputKind, Op, QuantScheme};
-use crate::shape::Bindings;
+use crate::quest::QuestError;
+use crate::shape::{Bindings, Shape, ShapeError};
 use crate::tensor::{strides, Tensor};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -26,7 +28,9 @@ pub enum InterpError {
     BadInput {
         graph: String,
         name: String,
-        message: String,
+        /// What is wrong with the tensor given.
+        #[source]
+        message: Box<InputError>,
     },
     #[error("graph `{graph}`: node %{node} `{label}` ({op}): {message}")]
     Node {
@@ -34,8 +38,114 @@ pub enum InterpError {
         node: usize,
         label: String,
         op: &'static str,
-        message: String,
+        /// Why the node could not be evaluated.
+        #[source]
+        message: Box<EvalError>,
     },
+}
+
+/// What is wrong with a tensor given for a graph input: its dtype or its shape.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InputError {
+    #[error("expected dtype {expected}, got {found}")]
+    DType { expected: DType, found: DType },
+    #[error("expected shape {expected}: {source}")]
+    Shape {
+        expected: Shape,
+        #[source]
+        source: ShapeError,
+    },
+}
+
+/// Why one node could not be evaluated: an operand value the op cannot take (naming the
+/// sequence, slot or position at fault), or a result that does not match its declared type.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    #[error("inputs are bound by `run`, not evaluated")]
+    Input,
+    #[error("operand {value} has not been computed")]
+    NotComputed { value: ValueId },
+    #[error("result {output} does not have its declared type: {source}")]
+    ResultType {
+        output: usize,
+        #[source]
+        source: ShapeError,
+    },
+    #[error("operand {index} does not exist")]
+    MissingOperand { index: usize },
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    #[error(transparent)]
+    Quest(#[from] QuestError),
+    #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]
+    TokenId {
+        id: f32,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("causal attention needs at least as many keys ({keys}) as queries ({queries})")]
+    CausalKeys { keys: usize, queries: usize },
+    #[error(
+        "sequence {batch} has length {length}, expected {queries}..={capacity} (at least the \
+         {queries} new tokens, at most the cache capacity)"
+    )]
+    DecodeLength {
+        batch: usize,
+        length: f32,
+        queries: usize,
+        capacity: usize,
+    },
+    #[error("sequence {batch} has length {length}, expected at least 1 (the new token)")]
+    QuestLength { batch: usize, length: f32 },
+    #[error(
+        "sequence {batch}: appending {tokens} tokens at {start} overflows the cache capacity \
+         {capacity}"
+    )]
+    CacheOverflow {
+        batch: usize,
+        tokens: usize,
+        start: f32,
+        capacity: usize,
+    },
+    #[error("k = {k} exceeds the last dimension {n}")]
+    TopK { k: usize, n: usize },
+    #[error("slot {slot} routes to expert {expert}, outside 0..{num_experts}")]
+    Expert {
+        slot: usize,
+        expert: f32,
+        num_experts: usize,
+    },
+    #[error("offsets must start at 0 and end at the slot count {slots}, got {offsets:?}")]
+    OffsetEnds { slots: f32, offsets: Vec<f32> },
+    #[error("offsets must not decrease, got {offsets:?}")]
+    OffsetOrder { offsets: Vec<f32> },
+    #[error("order is not a permutation of the slots (position {position})")]
+    Order { position: usize },
+    #[error("cannot reshape {dtype}{from:?} into {to:?}")]
+    Reshape {
+        dtype: DType,
+        from: Vec<usize>,
+        to: Vec<usize>,
+    },
+    #[error("slice {start}..{end:?} is out of range for size {size}")]
+    Slice {
+        start: i64,
+        end: Option<i64>,
+        size: i64,
+    },
+    #[error("a fused map needs at least one step")]
+    NoSteps,
+    #[error("shapes {a:?} and {b:?} do not broadcast")]
+    Broadcast { a: Vec<usize>, b: Vec<usize> },
+    #[error("sequence {batch} has length {length}, expected {queries}..={keys}")]
+    MaskLength {
+        batch: usize,
+        length: f32,
+        queries: usize,
+        keys: usize,
+    },
+    #[error("a causal mask needs at least as many keys ({keys}) as queries ({queries})")]
+    MaskKeys { keys: usize, queries: usize },
 }
 
 /// Runs `graph` on named inputs (activations, weights and state alike) and returns its named
@@ -68,12 +178,12 @@ pub fn run_with<'t>(
     let mut owned: HashMap<(usize, usize), Tensor> = HashMap::new();
     let mut borrowed: HashMap<(usize, usize), &'t Tensor> = HashMap::new();
     for (index, node) in graph.nodes.iter().enumerate() {
-        let node_error = |message: String| InterpError::Node {
+        let node_error = |message: EvalError| InterpError::Node {
             graph: graph.name.clone(),
             node: index,
             label: node.label.clone(),
             op: node.op.name(),
-            message,
+            message: Box::new(message),
         };
         if let Op::Input { name, kind, .. } = &node.op {
             let tensor = lookup(name).ok_or_else(|| InterpError::MissingInput {
@@ -82,20 +192,25 @@ pub fn run_with<'t>(
                 kind: *kind,
             })?;
             let expected = &node.outputs[0];
-            let bad = |message: String| InterpError::BadInput {
+            let bad = |message: InputError| InterpError::BadInput {
                 graph: graph.name.clone(),
                 name: name.clone(),
-                message,
+                message: Box::new(message),
             };
             if tensor.dtype != expected.dtype {
-                return Err(bad(format!(
-                    "expected dtype {}, got {}",
-                    expected.dtype, tensor.dtype
-                )));
+                return Err(bad(InputError::DType {
+                    expected: expected.dtype,
+                    found: tensor.dtype,
+                }));
             }
             bindings
                 .unify(&expected.shape, &tensor.shape)
-                .map_err(|m| bad(format!("expected shape {}: {m}", expected.shape)))?;
+                .map_err(|source| {
+                    bad(InputError::Shape {
+                        expected: expected.shape.clone(),
+                        source,
+                    })
+                })?;
             borrowed.insert((index, 0), tensor);
             continue;
         }
@@ -107,7 +222,7 @@ pub fn run_with<'t>(
                 owned
                     .get(&key)
                     .or_else(|| borrowed.get(&key).copied())
-                    .ok_or_else(|| node_error(format!("operand {v} has not been computed")))
+                    .ok_or_else(|| node_error(EvalError::NotComputed { value: *v }))
             })
             .collect::<Result<_, _>>()?;
         let mut results = eval(node, &operands, &bindings).map_err(node_error)?;
@@ -117,11 +232,9 @@ pub fn run_with<'t>(
             if tensor.dtype != ty.dtype || ty.dtype != crate::dtype::DType::F32 {
                 *tensor = tensor.cast(ty.dtype);
             }
-            bindings.unify(&ty.shape, &tensor.shape).map_err(|m| {
-                node_error(format!(
-                    "result {output} does not have its declared type: {m}"
-                ))
-            })?;
+            bindings
+                .unify(&ty.shape, &tensor.shape)
+                .map_err(|source| node_error(EvalError::ResultType { output, source }))?;
         }
         for value in &node.inputs {
             let key = (value.node, value.output);
@@ -149,11 +262,15 @@ pub fn run_with<'t>(
 
 /// Evaluates one node on its operand values. Results are in f32 with the node's dtype set;
 /// `run` rounds them.
-pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Vec<Tensor>, String> {
+pub fn eval(
+    node: &Node,
+    operands: &[&Tensor],
+    bindings: &Bindings,
+) -> Result<Vec<Tensor>, EvalError> {
     let dtype = node.outputs[0].dtype;
     let one = |shape: Vec<usize>, data: Vec<f32>| Ok(vec![Tensor { dtype, shape, data }]);
     match &node.op {
-        Op::Input { .. } => Err("inputs are bound by `run`, not evaluated".to_string()),
+        Op::Input { .. } => Err(EvalError::Input),
         Op::Constant { value, .. } => one(vec![], vec![*value]),
         Op::Embedding => {
             let (table, ids) = (operands[0], operands[1]);
@@ -161,9 +278,11 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let mut data = Vec::with_capacity(ids.len() * hidden);
             for (position, &id) in ids.data.iter().enumerate() {
                 if id < 0.0 || id as usize >= vocab {
-                    return Err(format!(
-                        "token id {id} at position {position} is outside the vocabulary of {vocab}"
-                    ));
+                    return Err(EvalError::TokenId {
+                        id,
+                        position,
+                        vocab,
+                    });
                 }
                 let row = id as usize * hidden;
                 data.extend_from_slice(&table.data[row..row + hidden]);
@@ -250,9 +369,10 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let (q, k, v) = (operands[0], operands[1], operands[2]);
             let (s, t) = (q.shape[1], k.shape[1]);
             if *causal && t < s {
-                return Err(format!(
-                    "causal attention needs at least as many keys ({t}) as queries ({s})"
-                ));
+                return Err(EvalError::CausalKeys {
+                    keys: t,
+                    queries: s,
+                });
             }
             let visible = |_batch: usize, i: usize| if *causal { i + t - s + 1 } else { t };
             Ok(vec![attention(q, k, v, *scale, visible, dtype)])
@@ -262,10 +382,12 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let (s, capacity) = (q.shape[1], k.shape[1]);
             for (batch, &length) in lengths.data.iter().enumerate() {
                 if length < s as f32 || length > capacity as f32 {
-                    return Err(format!(
-                        "sequence {batch} has length {length}, expected {s}..={capacity} \
-                         (at least the {s} new tokens, at most the cache capacity)"
-                    ));
+                    return Err(EvalError::DecodeLength {
+                        batch,
+                        length,
+                        queries: s,
+                        capacity,
+                    });
                 }
             }
             let visible = |batch: usize, i: usize| lengths.data[batch] as usize - (s - 1 - i);
@@ -284,23 +406,19 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
                 .enumerate()
                 .map(|(batch, &length)| {
                     if length < 1.0 {
-                        Err(format!(
-                            "sequence {batch} has length {length}, expected at least 1 (the new token)"
-                        ))
+                        Err(EvalError::QuestLength { batch, length })
                     } else {
                         Ok(length as usize)
                     }
                 })
-                .collect::<Result<Vec<usize>, String>>()?;
+                .collect::<Result<Vec<usize>, EvalError>>()?;
             let options = crate::quest::QuestOptions {
                 budget_tokens: *budget_tokens,
                 page_size: *page_size,
                 skip_layers: 0,
             };
-            let selection =
-                crate::quest::select(q, k, &lengths, &options).map_err(|e| e.to_string())?;
-            let mut out = crate::quest::sparse_decode(q, k, v, &lengths, *scale, &selection)
-                .map_err(|e| e.to_string())?;
+            let selection = crate::quest::select(q, k, &lengths, &options)?;
+            let mut out = crate::quest::sparse_decode(q, k, v, &lengths, *scale, &selection)?;
             out.dtype = dtype;
             Ok(vec![out])
         }
@@ -311,9 +429,12 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let mut data = cache.data.clone();
             for (batch, &first) in start.data.iter().enumerate() {
                 if first < 0.0 || first as usize + s > capacity {
-                    return Err(format!(
-                        "sequence {batch}: appending {s} tokens at {first} overflows the cache capacity {capacity}"
-                    ));
+                    return Err(EvalError::CacheOverflow {
+                        batch,
+                        tokens: s,
+                        start: first,
+                        capacity,
+                    });
                 }
                 let destination = (batch * capacity + first as usize) * row;
                 let source = batch * s * row;
@@ -350,7 +471,7 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let x = operands[0];
             let n = *x.shape.last().expect("rank ≥ 1");
             if *k > n {
-                return Err(format!("k = {k} exceeds the last dimension {n}"));
+                return Err(EvalError::TopK { k: *k, n });
             }
             let mut values = Vec::new();
             let mut indices = Vec::new();
@@ -417,9 +538,11 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let mut counts = vec![0usize; *num_experts];
             for (slot, &e) in experts.data.iter().enumerate() {
                 if e < 0.0 || e as usize >= *num_experts {
-                    return Err(format!(
-                        "slot {slot} routes to expert {e}, outside 0..{num_experts}"
-                    ));
+                    return Err(EvalError::Expert {
+                        slot,
+                        expert: e,
+                        num_experts: *num_experts,
+                    });
                 }
                 counts[e as usize] += 1;
             }
@@ -480,9 +603,7 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             for (p, &slot) in order.data.iter().enumerate() {
                 let slot = slot as usize;
                 if slot >= order.len() || std::mem::replace(&mut seen[slot], true) {
-                    return Err(format!(
-                        "order is not a permutation of the slots (position {p})"
-                    ));
+                    return Err(EvalError::Order { position: p });
                 }
                 let token = slot / k;
                 let weight = weights.data[slot] as f64;
@@ -498,7 +619,11 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let x = operands[0];
             let shape = shape.resolve(bindings)?;
             if shape.iter().product::<usize>() != x.len() {
-                return Err(format!("cannot reshape {x} into {shape:?}"));
+                return Err(EvalError::Reshape {
+                    dtype: x.dtype,
+                    from: x.shape.clone(),
+                    to: shape,
+                });
             }
             one(shape, x.data.clone())
         }
@@ -524,9 +649,11 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
             let fix = |v: i64| if v < 0 { v + size } else { v };
             let (first, last) = (fix(*start), fix(end.unwrap_or(size)));
             if first < 0 || last > size || first > last {
-                return Err(format!(
-                    "slice {start}..{end:?} is out of range for size {size}"
-                ));
+                return Err(EvalError::Slice {
+                    start: *start,
+                    end: *end,
+                    size,
+                });
             }
             let outer: usize = x.shape[..*axis].iter().product();
             let inner: usize = x.shape[axis + 1..].iter().product();
@@ -627,16 +754,20 @@ pub fn eval(node: &Node, operands: &[&Tensor], bindings: &Bindings) -> Result<Ve
                     Some(lengths) => {
                         let length = lengths.data[b];
                         if length < s as f32 || length > t as f32 {
-                            return Err(format!(
-                                "sequence {b} has length {length}, expected {s}..={t}"
-                            ));
+                            return Err(EvalError::MaskLength {
+                                batch: b,
+                                length,
+                                queries: s,
+                                keys: t,
+                            });
                         }
                         length as usize
                     }
                     None if t < s => {
-                        return Err(format!(
-                            "a causal mask needs at least as many keys ({t}) as queries ({s})"
-                        ))
+                        return Err(EvalError::MaskKeys {
+                            keys: t,
+                            queries: s,
+                        })
                     }
                     None => t,
                 };
@@ -657,7 +788,7 @@ fn eval_plain(
     operands: &[&Tensor],
     dtype: crate::dtype::DType,
     bindings: &Bindings,
-) -> Result<Tensor, String> {
+) -> Result<Tensor, EvalError> {
     let node = Node {
         op,
         inputs: Vec::new(),
@@ -677,8 +808,7 @@ fn fused_map(
     steps: &[crate::op::MapStep],
     operands: &[&Tensor],
     dtype: crate::dtype::DType,
-) -> Result<Tensor, String> {
-    use crate::dtype::DType;
+) -> Result<Tensor, EvalError> {
     use crate::op::MapStep;
     let mut values: Vec<Tensor> = Vec::with_capacity(steps.len());
     for step in steps {
@@ -686,7 +816,7 @@ fn fused_map(
             MapStep::Operand { index } => {
                 let x = operands
                     .get(index)
-                    .ok_or_else(|| format!("operand {index} does not exist"))?;
+                    .ok_or(EvalError::MissingOperand { index })?;
                 Tensor {
                     dtype: DType::F32,
                     shape: x.shape.clone(),
@@ -719,7 +849,7 @@ fn fused_map(
         };
         values.push(value);
     }
-    let mut result = values.pop().ok_or("a fused map needs at least one step")?;
+    let mut result = values.pop().ok_or(EvalError::NoSteps)?;
     result.dtype = dtype;
     Ok(result)
 }
@@ -765,23 +895,23 @@ fn swiglu_ffn(x: &[f32], gate: &Tensor, up: &Tensor, down: &Tensor) -> Vec<f32> 
 }
 
 /// Checks that `offsets` partitions the slots and `order` is a permutation of them.
-fn check_dispatch(order: &Tensor, offsets: &Tensor, num_experts: usize) -> Result<(), String> {
+fn check_dispatch(order: &Tensor, offsets: &Tensor, num_experts: usize) -> Result<(), EvalError> {
     let slots = order.len() as f32;
     if offsets.data[0] != 0.0 || offsets.data[num_experts] != slots {
-        return Err(format!(
-            "offsets must start at 0 and end at the slot count {slots}, got {:?}",
-            offsets.data
-        ));
+        return Err(EvalError::OffsetEnds {
+            slots,
+            offsets: offsets.data.clone(),
+        });
     }
     if offsets.data.windows(2).any(|w| w[0] > w[1]) {
-        return Err(format!("offsets must not decrease, got {:?}", offsets.data));
+        return Err(EvalError::OffsetOrder {
+            offsets: offsets.data.clone(),
+        });
     }
     let mut seen = vec![false; order.len()];
     for (p, &slot) in order.data.iter().enumerate() {
         if slot < 0.0 || slot >= slots || std::mem::replace(&mut seen[slot as usize], true) {
-            return Err(format!(
-                "order is not a permutation of the slots (position {p})"
-            ));
+            return Err(EvalError::Order { position: p });
         }
     }
     Ok(())
@@ -848,7 +978,7 @@ fn broadcast_binary(
     b: &Tensor,
     dtype: crate::dtype::DType,
     f: impl Fn(f32, f32) -> f32,
-) -> Result<Tensor, String> {
+) -> Result<Tensor, EvalError> {
     let rank = a.shape.len().max(b.shape.len());
     let padded = |shape: &[usize]| {
         let mut out = vec![1; rank - shape.len()];
@@ -859,10 +989,10 @@ fn broadcast_binary(
     let mut shape = Vec::with_capacity(rank);
     for (&x, &y) in sa.iter().zip(&sb) {
         if x != y && x != 1 && y != 1 {
-            return Err(format!(
-                "shapes {:?} and {:?} do not broadcast",
-                a.shape, b.shape
-            ));
+            return Err(EvalError::Broadcast {
+                a: a.shape.clone(),
+                b: b.shape.clone(),
+            });
         }
         shape.push(x.max(y));
     }
@@ -887,7 +1017,6 @@ fn broadcast_binary(
 
 /// Quantises along the last axis per [`QuantScheme`]: values, scales and (asymmetric) zeros.
 fn quantize(x: &Tensor, scheme: &QuantScheme) -> Vec<Tensor> {
-    use crate::dtype::DType;
     let group = scheme.group_size;
     let levels = (1u32 << scheme.bits) as f64;
     let qmax = levels / 2.0 - 1.0;

@@ -36,7 +36,7 @@
 //! layout: `q [B, 1, Hq, D]`, `k, v [B, C, Hkv, D]`, a length per sequence. The page of token
 //! `j` is `j / page_size`.
 
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorError};
 
 /// Options of the Quest pass and kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,6 +72,9 @@ pub enum QuestError {
     /// Operands of inconsistent shape or length.
     #[error("quest: {0}")]
     Shape(String),
+    /// A result tensor that could not be made.
+    #[error("quest: {0}")]
+    Tensor(#[from] TensorError),
 }
 
 /// The largest page size accepted (a page's metadata must fit one block's shared memory).
@@ -401,7 +404,7 @@ pub fn sparse_decode(
             }
         }
     }
-    Tensor::new(q.dtype, &q.shape, out).map_err(QuestError::Shape)
+    Tensor::new(q.dtype, &q.shape, out).map_err(QuestError::Tensor)
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {

@@ -1,13 +1,45 @@
 //! Shapes with concrete and named symbolic dimensions.
 //!
 //! Owns [`Dim`], [`Shape`], and [`Bindings`] (the values of symbolic dimensions at run
-//! time). A symbolic dimension is a name such as `batch`, `seq` or `ctx`; shapes are compared
+//! time), and [`ShapeError`], why a shape could not be resolved or unified. A symbolic dimension is a name such as `batch`, `seq` or `ctx`; shapes are compared
 //! structurally, and reshapes compare the symbolic product of their dimensions. This module
 //! knows nothing about ops or dtypes.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+
+/// Why a shape could not be resolved or matched against concrete sizes: the unbound symbol,
+/// or the dimension that disagreed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// A symbolic dimension with no value in the bindings.
+    #[error("symbolic dimension `{name}` has no value")]
+    Unbound { name: String },
+    /// Concrete sizes of another rank than the shape.
+    #[error(
+        "expected rank {} (shape {shape}), got rank {} ({sizes:?})",
+        shape.rank(),
+        sizes.len()
+    )]
+    Rank { shape: Shape, sizes: Vec<usize> },
+    /// A concrete dimension of another size.
+    #[error("dimension {axis} is {size}, expected {expected} (shape {shape})")]
+    Size {
+        axis: usize,
+        size: usize,
+        expected: usize,
+        shape: Shape,
+    },
+    /// A symbolic dimension whose name is already bound to another size.
+    #[error("dimension {axis} (`{name}`) is {size}, but `{name}` is already {bound}")]
+    Rebound {
+        axis: usize,
+        name: String,
+        size: usize,
+        bound: usize,
+    },
+}
 
 /// One dimension of a shape: a fixed size or a named size known only at run time.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -32,12 +64,12 @@ impl Dim {
     }
 
     /// The size of this dimension under `bindings`.
-    pub fn resolve(&self, bindings: &Bindings) -> Result<usize, String> {
+    pub fn resolve(&self, bindings: &Bindings) -> Result<usize, ShapeError> {
         match self {
             Dim::Const(n) => Ok(*n),
             Dim::Sym(name) => bindings
                 .get(name)
-                .ok_or_else(|| format!("symbolic dimension `{name}` has no value")),
+                .ok_or_else(|| ShapeError::Unbound { name: name.clone() }),
         }
     }
 }
@@ -124,12 +156,12 @@ impl Shape {
     }
 
     /// The concrete sizes under `bindings`.
-    pub fn resolve(&self, bindings: &Bindings) -> Result<Vec<usize>, String> {
+    pub fn resolve(&self, bindings: &Bindings) -> Result<Vec<usize>, ShapeError> {
         self.0.iter().map(|d| d.resolve(bindings)).collect()
     }
 
     /// The number of elements under `bindings`.
-    pub fn num_elements(&self, bindings: &Bindings) -> Result<usize, String> {
+    pub fn num_elements(&self, bindings: &Bindings) -> Result<usize, ShapeError> {
         Ok(self.resolve(bindings)?.iter().product())
     }
 }
@@ -175,27 +207,32 @@ impl Bindings {
 
     /// Unifies `shape` with concrete `sizes`, binding unbound names and checking bound ones.
     /// The error says which dimension disagreed.
-    pub fn unify(&mut self, shape: &Shape, sizes: &[usize]) -> Result<(), String> {
+    pub fn unify(&mut self, shape: &Shape, sizes: &[usize]) -> Result<(), ShapeError> {
         if shape.rank() != sizes.len() {
-            return Err(format!(
-                "expected rank {} (shape {shape}), got rank {} ({sizes:?})",
-                shape.rank(),
-                sizes.len()
-            ));
+            return Err(ShapeError::Rank {
+                shape: shape.clone(),
+                sizes: sizes.to_vec(),
+            });
         }
         for (axis, (dim, &size)) in shape.0.iter().zip(sizes).enumerate() {
             match dim {
                 Dim::Const(n) if *n != size => {
-                    return Err(format!(
-                        "dimension {axis} is {size}, expected {n} (shape {shape})"
-                    ))
+                    return Err(ShapeError::Size {
+                        axis,
+                        size,
+                        expected: *n,
+                        shape: shape.clone(),
+                    })
                 }
                 Dim::Const(_) => {}
                 Dim::Sym(name) => match self.get(name) {
                     Some(bound) if bound != size => {
-                        return Err(format!(
-                            "dimension {axis} (`{name}`) is {size}, but `{name}` is already {bound}"
-                        ))
+                        return Err(ShapeError::Rebound {
+                            axis,
+                            name: name.clone(),
+                            size,
+                            bound,
+                        })
                     }
                     Some(_) => {}
                     None => self.set(name, size),
@@ -231,9 +268,12 @@ mod tests {
         bindings.unify(&shape, &[2, 5, 8]).unwrap();
         assert_eq!(bindings.get("seq"), Some(5));
         let err = bindings.unify(&crate::shape!["seq"], &[6]).unwrap_err();
-        assert!(err.contains("`seq` is already 5"), "{err}");
+        assert!(err.to_string().contains("`seq` is already 5"), "{err}");
         let err = bindings.unify(&shape, &[2, 5, 9]).unwrap_err();
-        assert!(err.contains("dimension 2 is 9, expected 8"), "{err}");
+        assert!(
+            err.to_string().contains("dimension 2 is 9, expected 8"),
+            "{err}"
+        );
         assert_eq!(shape.num_elements(&bindings).unwrap(), 80);
     }
 }

@@ -11,6 +11,18 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// Why a tensor could not be made from the values given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    /// The value count does not match the shape.
+    #[error("shape {shape:?} holds {expected} values, got {found}")]
+    ValueCount {
+        shape: Vec<usize>,
+        expected: usize,
+        found: usize,
+    },
+}
+
 /// The largest integer magnitude a tensor stores exactly.
 pub const MAX_EXACT_INT: i64 = 1 << 24;
 
@@ -25,13 +37,14 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor of `dtype` from values, rounded to the dtype's precision. Errors when the
     /// value count does not match the shape.
-    pub fn new(dtype: DType, shape: &[usize], mut data: Vec<f32>) -> Result<Tensor, String> {
+    pub fn new(dtype: DType, shape: &[usize], mut data: Vec<f32>) -> Result<Tensor, TensorError> {
         let expected: usize = shape.iter().product();
         if data.len() != expected {
-            return Err(format!(
-                "shape {shape:?} holds {expected} values, got {}",
-                data.len()
-            ));
+            return Err(TensorError::ValueCount {
+                shape: shape.to_vec(),
+                expected,
+                found: data.len(),
+            });
         }
         if dtype != DType::F32 {
             for value in &mut data {

@@ -9,7 +9,7 @@
 
 use crate::dtype::DType;
 use crate::graph::TensorType;
-use crate::tensor::{Tensor, MAX_EXACT_INT};
+use crate::tensor::{Tensor, TensorError, MAX_EXACT_INT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::TensorView;
@@ -87,6 +87,13 @@ pub enum WeightsError {
         name: String,
         file: PathBuf,
         message: String,
+    },
+    #[error("weight `{name}` in `{}`: {source}", .file.display())]
+    BadTensor {
+        name: String,
+        file: PathBuf,
+        #[source]
+        source: TensorError,
     },
     #[error("cannot save weight `{name}` of dtype {dtype}: safetensors has no {dtype} type")]
     UnsupportedDtype { name: String, dtype: DType },
@@ -479,10 +486,10 @@ fn convert(
             ))
         }
     };
-    Tensor::new(ty.dtype, &expected_shape, data).map_err(|message| WeightsError::BadValues {
+    Tensor::new(ty.dtype, &expected_shape, data).map_err(|source| WeightsError::BadTensor {
         name: name.to_string(),
         file: file.to_path_buf(),
-        message,
+        source,
     })
 }
 

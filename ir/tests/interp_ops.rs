@@ -2504,7 +2504,7 @@ fn bad_input_names_the_input() {
                 name: n, message, ..
             } => {
                 assert_eq!(n, name);
-                assert!(message.contains(part), "{message}");
+                assert!(message.to_string().contains(part), "{message}");
             }
             other => panic!("expected a bad-input error for `{name}`, got {other:?}"),
         }

@@ -15,7 +15,7 @@ fn t(dtype: DType, shape: kiln_ir::shape::Shape) -> TensorType {
 fn rejects(op: &Op, operands: &[TensorType], expected: &str) {
     let err = infer(op, operands).expect_err("expected a type error");
     assert!(
-        err.contains(expected),
+        err.to_string().contains(expected),
         "{err:?} does not mention {expected:?}"
     );
 }

@@ -7,7 +7,8 @@
 //! maps), the parameter names a plan kernel's inputs and outputs bind to
 //! ([`KernelSpec::operand_params`]) and its scalar arguments ([`KernelSpec::scalars`]).
 //! Both `kiln compile` and the runtime's plan executor lower through here, so the PTX a plan
-//! lists is the PTX that runs. This file must not touch a device.
+//! lists is the PTX that runs; why a family does not lower is a [`LowerError`]. This file
+//! must not touch a device.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
@@ -27,6 +28,7 @@
 //! assert!(kernel.ptx.contains(&kernel.entry));
 //! ```
 
+use crate::attention::program::ProgramError;
 use crate::elementwise::{self, ElementwiseSpec};
 use crate::gemm::{self, GemmSpec};
 use crate::gemv::{self, GemvSpec};
@@ -37,8 +39,39 @@ use kiln_codegen::expr::Expr;
 use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::op::MapStep;
 use kiln_ir::schedule::{Family, LinearEpilogue};
-use kiln_ir::shape::Bindings;
+use kiln_ir::shape::{Bindings, ShapeError};
 use std::collections::BTreeMap;
+
+/// Why a family could not be lowered to a kernel: a size that cannot be resolved or does not
+/// fit a kernel scalar (naming it), a family without a single-kernel generator, or a
+/// generator that rejected its spec.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LowerError {
+    /// A symbolic size without a value.
+    #[error(transparent)]
+    Size(#[from] ShapeError),
+    /// A size too large for a `u32` kernel scalar.
+    #[error("{name} = {value} does not fit a u32 kernel scalar")]
+    Scalar { name: &'static str, value: u64 },
+    #[error("elementwise maps with broadcast operands have no GPU generator")]
+    BroadcastMap,
+    /// An attention or KV-append family, which lowers through [`crate::attention::program`].
+    #[error(
+        "{family} runs as a program of several launches (`attention::program`), not one kernel"
+    )]
+    Program { family: String },
+    #[error("no GPU generator for `{op}`")]
+    NoGenerator { op: String },
+    /// Scalars asked of a spec for a family it does not lower.
+    #[error("spec {spec} does not lower family {family}")]
+    Mismatch { spec: String, family: String },
+    /// The generator rejected the spec.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The family's attention program could not be built.
+    #[error(transparent)]
+    AttentionProgram(#[from] ProgramError),
+}
 
 /// Linear kernels with at most this many rows use the GEMV generator (the rows are a spec
 /// constant there); more rows use GEMM.
@@ -87,14 +120,14 @@ pub fn map_expr(steps: &[MapStep]) -> Expr {
     values.pop().unwrap_or_else(|| Expr::constant(0.0))
 }
 
-fn u32_of(name: &str, value: u64) -> Result<u32, String> {
-    u32::try_from(value).map_err(|_| format!("{name} = {value} does not fit a u32 kernel scalar"))
+fn u32_of(name: &'static str, value: u64) -> Result<u32, LowerError> {
+    u32::try_from(value).map_err(|_| LowerError::Scalar { name, value })
 }
 
 impl KernelSpec {
     /// The spec that computes `family` under `bindings` (which resolve its symbolic row
     /// counts), or why no generator can.
-    pub fn for_family(family: &Family, bindings: &Bindings) -> Result<KernelSpec, String> {
+    pub fn for_family(family: &Family, bindings: &Bindings) -> Result<KernelSpec, LowerError> {
         Ok(match family {
             Family::Linear {
                 rows,
@@ -147,16 +180,13 @@ impl KernelSpec {
                 inputs: *inputs,
                 expr: map_expr(steps),
             }),
-            Family::Map { .. } => {
-                return Err("elementwise maps with broadcast operands have no GPU generator".into())
-            }
+            Family::Map { .. } => return Err(LowerError::BroadcastMap),
             Family::Attention { .. } | Family::KvAppend { .. } => {
-                return Err(format!(
-                "{} runs as a program of several launches (`attention::program`), not one kernel",
-                family.describe()
-            ))
+                return Err(LowerError::Program {
+                    family: family.describe(),
+                })
             }
-            Family::Interpreted { op } => return Err(format!("no GPU generator for `{op}`")),
+            Family::Interpreted { op } => return Err(LowerError::NoGenerator { op: op.clone() }),
         })
     }
 
@@ -211,7 +241,7 @@ impl KernelSpec {
         &self,
         family: &Family,
         bindings: &Bindings,
-    ) -> Result<BTreeMap<&'static str, Scalar>, String> {
+    ) -> Result<BTreeMap<&'static str, Scalar>, LowerError> {
         let mut scalars = BTreeMap::new();
         match (self, family) {
             (KernelSpec::Gemv(_), Family::Linear { n, .. }) => {
@@ -237,11 +267,10 @@ impl KernelSpec {
                 scalars.insert("n", Scalar::U32(u32_of("n", n)?));
             }
             (spec, family) => {
-                return Err(format!(
-                    "spec {} does not lower family {}",
-                    spec.key(),
-                    family.describe()
-                ))
+                return Err(LowerError::Mismatch {
+                    spec: spec.key(),
+                    family: family.describe(),
+                })
             }
         }
         Ok(scalars)
@@ -251,7 +280,7 @@ impl KernelSpec {
 /// Generates kernels for families, each distinct spec once.
 #[derive(Debug, Default)]
 pub struct Lowering {
-    generated: BTreeMap<String, Result<GpuKernel, String>>,
+    generated: BTreeMap<String, Result<GpuKernel, SpecError>>,
 }
 
 impl Lowering {
@@ -260,12 +289,12 @@ impl Lowering {
         &mut self,
         family: &Family,
         bindings: &Bindings,
-    ) -> Result<(KernelSpec, GpuKernel), String> {
+    ) -> Result<(KernelSpec, GpuKernel), LowerError> {
         let spec = KernelSpec::for_family(family, bindings)?;
         let kernel = self
             .generated
             .entry(spec.key())
-            .or_insert_with(|| spec.generate().map_err(|e| e.to_string()))
+            .or_insert_with(|| spec.generate())
             .clone()?;
         Ok((spec, kernel))
     }
@@ -279,7 +308,7 @@ impl Lowering {
         family: &Family,
         bindings: &Bindings,
         sm_count: usize,
-    ) -> Result<Vec<(String, GpuKernel)>, String> {
+    ) -> Result<Vec<(String, GpuKernel)>, LowerError> {
         if !matches!(family, Family::Attention { .. } | Family::KvAppend { .. }) {
             let (spec, kernel) = self.lower(family, bindings)?;
             return Ok(vec![(spec.key(), kernel)]);
@@ -306,10 +335,10 @@ impl Lowering {
     pub fn program_kernel(
         &mut self,
         kernel: &crate::attention::program::ProgramKernel,
-    ) -> Result<GpuKernel, String> {
+    ) -> Result<GpuKernel, SpecError> {
         self.generated
             .entry(kernel.key())
-            .or_insert_with(|| kernel.generate().map_err(|e| e.to_string()))
+            .or_insert_with(|| kernel.generate())
             .clone()
     }
 
@@ -443,6 +472,6 @@ mod tests {
             op: "attention".into(),
         };
         let err = KernelSpec::for_family(&family, &Bindings::new()).unwrap_err();
-        assert!(err.contains("attention"), "{err}");
+        assert!(err.to_string().contains("attention"), "{err}");
     }
 }

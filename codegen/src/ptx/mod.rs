@@ -89,19 +89,26 @@ impl fmt::Display for Target {
     }
 }
 
-impl FromStr for Target {
-    type Err = String;
+/// Why a string does not name a PTX target.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParseTargetError {
+    #[error("unknown PTX target `{name}` (expected sm_80, sm_86, sm_89, sm_90 or sm_90a)")]
+    Unknown { name: String },
+}
 
-    fn from_str(s: &str) -> Result<Target, String> {
+impl FromStr for Target {
+    type Err = ParseTargetError;
+
+    fn from_str(s: &str) -> Result<Target, ParseTargetError> {
         match s {
             "sm_80" => Ok(Target::Sm80),
             "sm_86" => Ok(Target::Sm86),
             "sm_89" => Ok(Target::Sm89),
             "sm_90" => Ok(Target::Sm90),
             "sm_90a" => Ok(Target::Sm90a),
-            other => Err(format!(
-                "unknown PTX target `{other}` (expected sm_80, sm_86, sm_89, sm_90 or sm_90a)"
-            )),
+            other => Err(ParseTargetError::Unknown {
+                name: other.to_string(),
+            }),
         }
     }
 }

@@ -9,9 +9,9 @@
 //! budget's rows; MoE experts read only the experts that receive tokens, estimated for
 //! uniform routing). This module must not execute graphs.
 
-use crate::graph::{Graph, Node, TensorType};
+use crate::graph::{Graph, Node, TensorType, ValueRefError};
 use crate::op::{InputKind, Op};
-use crate::shape::Bindings;
+use crate::shape::{Bindings, ShapeError};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -35,23 +35,51 @@ pub struct ParameterCount {
     pub bytes: u64,
 }
 
-fn elements(ty: &TensorType, bindings: &Bindings) -> Result<f64, String> {
+/// Why a graph or a node could not be costed: a dimension without a value (naming the weight
+/// or the node) or an operand that names no value.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CostError {
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    #[error(transparent)]
+    Operand(#[from] ValueRefError),
+    /// A weight whose size is not known without bindings.
+    #[error("weight `{name}`: {source}")]
+    Weight {
+        name: String,
+        #[source]
+        source: ShapeError,
+    },
+    /// A node of the graph that could not be costed.
+    #[error("node %{index} `{label}`: {source}")]
+    Node {
+        index: usize,
+        label: String,
+        #[source]
+        source: Box<CostError>,
+    },
+}
+
+fn elements(ty: &TensorType, bindings: &Bindings) -> Result<f64, CostError> {
     Ok(ty.shape.num_elements(bindings)? as f64)
 }
 
-fn bytes_of(ty: &TensorType, bindings: &Bindings) -> Result<f64, String> {
+fn bytes_of(ty: &TensorType, bindings: &Bindings) -> Result<f64, CostError> {
     Ok(elements(ty, bindings)? * ty.dtype.bits() as f64 / 8.0)
 }
 
 /// Parameters of `graph` (its weight inputs).
-pub fn parameter_count(graph: &Graph) -> Result<ParameterCount, String> {
+pub fn parameter_count(graph: &Graph) -> Result<ParameterCount, CostError> {
     let empty = Bindings::new();
     let mut count = ParameterCount::default();
     for (name, ty) in graph.weights() {
         let n = ty
             .shape
             .num_elements(&empty)
-            .map_err(|e| format!("weight `{name}`: {e}"))? as u64;
+            .map_err(|source| CostError::Weight {
+                name: name.to_string(),
+                source,
+            })? as u64;
         count.total += n;
         count.active_per_token += n;
         count.bytes += ty.dtype.storage_bytes(n as usize) as u64;
@@ -67,7 +95,7 @@ pub fn parameter_count(graph: &Graph) -> Result<ParameterCount, String> {
                         .value_type(*v)
                         .map(|t| t.shape.num_elements(&empty).unwrap_or(0) as u64)
                 })
-                .sum::<Result<u64, String>>()?;
+                .sum::<Result<u64, ValueRefError>>()?;
             let idle = expert_weights - expert_weights * k as u64 / *num_experts as u64;
             count.active_per_token -= idle;
         }
@@ -83,11 +111,15 @@ fn slots_per_token(graph: &Graph, node: &Node) -> Option<usize> {
 
 /// FLOPs and bytes of every node of `graph` under `bindings`, summed per op kind and sorted
 /// by op name. `Input` and `Constant` nodes cost nothing.
-pub fn op_costs(graph: &Graph, bindings: &Bindings) -> Result<Vec<OpCost>, String> {
+pub fn op_costs(graph: &Graph, bindings: &Bindings) -> Result<Vec<OpCost>, CostError> {
     let mut by_op: BTreeMap<&'static str, OpCost> = BTreeMap::new();
     for (index, node) in graph.nodes.iter().enumerate() {
-        let (flops, bytes) = node_cost(graph, node, bindings)
-            .map_err(|e| format!("node %{index} `{}`: {e}", node.label))?;
+        let (flops, bytes) =
+            node_cost(graph, node, bindings).map_err(|source| CostError::Node {
+                index,
+                label: node.label.clone(),
+                source: Box::new(source),
+            })?;
         if matches!(node.op, Op::Input { .. } | Op::Constant { .. }) {
             continue;
         }
@@ -103,7 +135,7 @@ pub fn op_costs(graph: &Graph, bindings: &Bindings) -> Result<Vec<OpCost>, Strin
 }
 
 /// `(flops, bytes)` of one node.
-pub fn node_cost(graph: &Graph, node: &Node, bindings: &Bindings) -> Result<(f64, f64), String> {
+pub fn node_cost(graph: &Graph, node: &Node, bindings: &Bindings) -> Result<(f64, f64), CostError> {
     let operand = |i: usize| graph.value_type(node.inputs[i]);
     let dims = |ty: &TensorType| ty.shape.resolve(bindings);
     let out = &node.outputs[0];
@@ -112,12 +144,12 @@ pub fn node_cost(graph: &Graph, node: &Node, bindings: &Bindings) -> Result<(f64
         .outputs
         .iter()
         .map(|t| bytes_of(t, bindings))
-        .sum::<Result<f64, String>>()?;
+        .sum::<Result<f64, CostError>>()?;
     let read_all: f64 = node
         .inputs
         .iter()
         .map(|v| bytes_of(graph.value_type(*v)?, bindings))
-        .sum::<Result<f64, String>>()?;
+        .sum::<Result<f64, CostError>>()?;
     Ok(match &node.op {
         Op::Input { .. } | Op::Constant { .. } => (0.0, 0.0),
         Op::Linear => {

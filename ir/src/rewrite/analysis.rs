@@ -15,7 +15,7 @@
 use super::language::{ENode, NodeOp};
 use crate::graph::TensorType;
 use crate::op::{InputKind, Op};
-use crate::verify;
+use crate::verify::{self, TypeError};
 use egg::{Analysis, DidMerge, Id, Language};
 
 /// The e-graph of the rewriter.
@@ -48,6 +48,36 @@ pub struct TypeAnalysis {
     pub problems: Vec<String>,
 }
 
+/// Why an e-node has no type: an operand that is not a single value, a projection past the
+/// end of its tuple, or an op whose type rule rejects its operand types.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum NodeTypeError {
+    #[error(
+        "operand {index} of {node} is not a single value: {}",
+        show_types(types)
+    )]
+    NotSingle {
+        index: usize,
+        /// The e-node's op name.
+        node: &'static str,
+        types: Vec<TensorType>,
+    },
+    #[error("projection {index} of a node with results {}", show_types(types))]
+    Projection {
+        index: usize,
+        types: Vec<TensorType>,
+    },
+    /// The op's type rule rejects the operand types (boxed: type errors are large).
+    #[error(transparent)]
+    Type(Box<TypeError>),
+}
+
+impl From<TypeError> for NodeTypeError {
+    fn from(error: TypeError) -> NodeTypeError {
+        NodeTypeError::Type(Box::new(error))
+    }
+}
+
 /// Shows a list of types as `(f32[2, 3], i32[2])`.
 pub fn show_types(types: &[TensorType]) -> String {
     let parts: Vec<String> = types.iter().map(|t| t.to_string()).collect();
@@ -55,37 +85,39 @@ pub fn show_types(types: &[TensorType]) -> String {
 }
 
 /// The operand types of a graph-op node, each of which must be a single value.
-pub fn operand_types(egraph: &EGraph, enode: &ENode) -> Result<Vec<TensorType>, String> {
+pub fn operand_types(egraph: &EGraph, enode: &ENode) -> Result<Vec<TensorType>, NodeTypeError> {
     enode
         .children()
         .iter()
         .enumerate()
         .map(|(i, &child)| {
             let data = &egraph[child].data;
-            data.single().cloned().ok_or_else(|| {
-                format!(
-                    "operand {i} of {} is not a single value: {}",
-                    enode.name(),
-                    show_types(&data.types)
-                )
-            })
+            data.single()
+                .cloned()
+                .ok_or_else(|| NodeTypeError::NotSingle {
+                    index: i,
+                    node: enode.name(),
+                    types: data.types.clone(),
+                })
         })
         .collect()
 }
 
 /// The result types of `enode` from its operands' types.
-pub fn node_types(egraph: &EGraph, enode: &ENode) -> Result<Vec<TensorType>, String> {
+pub fn node_types(egraph: &EGraph, enode: &ENode) -> Result<Vec<TensorType>, NodeTypeError> {
     match enode.node_op() {
         NodeOp::Project(index) => {
             let tuple = &egraph[enode.children()[0]].data.types;
-            tuple.get(*index).cloned().map(|t| vec![t]).ok_or_else(|| {
-                format!(
-                    "projection {index} of a node with results {}",
-                    show_types(tuple)
-                )
-            })
+            tuple
+                .get(*index)
+                .cloned()
+                .map(|t| vec![t])
+                .ok_or_else(|| NodeTypeError::Projection {
+                    index: *index,
+                    types: tuple.clone(),
+                })
         }
-        NodeOp::Graph(op) => verify::infer(op, &operand_types(egraph, enode)?),
+        NodeOp::Graph(op) => Ok(verify::infer(op, &operand_types(egraph, enode)?)?),
     }
 }
 

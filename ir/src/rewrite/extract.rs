@@ -19,11 +19,11 @@
 //! extraction, every e-class counted once, drops. Everything iterates in e-class id order and
 //! ties keep the earlier choice, so the result is deterministic.
 
-use super::analysis::EGraph;
+use super::analysis::{EGraph, NodeTypeError};
 use super::language::{ENode, NodeOp};
 use super::RewriteError;
 use crate::graph::{Graph, Node, ValueId};
-use crate::model::cost::node_cost;
+use crate::model::cost::{node_cost, CostError};
 use crate::op::{InputKind, Op};
 use crate::shape::Bindings;
 use egg::{Id, Language};
@@ -85,6 +85,16 @@ impl Work {
     }
 }
 
+/// Why the work of an e-node could not be estimated: its operands have no single type, or the
+/// cost model could not count it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum WorkError {
+    #[error(transparent)]
+    Operands(#[from] NodeTypeError),
+    #[error(transparent)]
+    Cost(#[from] CostError),
+}
+
 /// A target and the sizes of symbolic dimensions.
 #[derive(Clone, Debug)]
 pub struct CostModel {
@@ -117,7 +127,7 @@ impl CostModel {
         op: &Op,
         operand_types: &[crate::graph::TensorType],
         outputs: &[crate::graph::TensorType],
-    ) -> Result<Work, String> {
+    ) -> Result<Work, CostError> {
         if is_free(op) {
             return Ok(Work::default());
         }
@@ -153,7 +163,7 @@ impl CostModel {
     }
 
     /// The per-call work of e-node `node` of e-class `class`.
-    pub fn enode_work(&self, egraph: &EGraph, class: Id, node: &ENode) -> Result<Work, String> {
+    pub fn enode_work(&self, egraph: &EGraph, class: Id, node: &ENode) -> Result<Work, WorkError> {
         let NodeOp::Graph(op) = node.node_op() else {
             return Ok(Work::default());
         };
@@ -161,7 +171,7 @@ impl CostModel {
             return Ok(Work::default());
         }
         let operand_types = super::analysis::operand_types(egraph, node)?;
-        self.op_work(op, &operand_types, &egraph[class].data.types)
+        Ok(self.op_work(op, &operand_types, &egraph[class].data.types)?)
     }
 }
 
@@ -186,7 +196,7 @@ pub struct GraphSummary {
 }
 
 /// Counts the nodes of `graph` and estimates its per-call cost under `model`.
-pub fn summarize(graph: &Graph, model: &CostModel) -> Result<GraphSummary, String> {
+pub fn summarize(graph: &Graph, model: &CostModel) -> Result<GraphSummary, CostError> {
     let mut load_time: Vec<Vec<bool>> = Vec::with_capacity(graph.nodes.len());
     let mut summary = GraphSummary {
         nodes: graph.nodes.len(),
@@ -209,8 +219,12 @@ pub fn summarize(graph: &Graph, model: &CostModel) -> Result<GraphSummary, Strin
             summary.load_time += 1;
             continue;
         }
-        let (flops, bytes) = node_cost(graph, node, &model.bindings)
-            .map_err(|e| format!("node %{index} `{}`: {e}", node.label))?;
+        let (flops, bytes) =
+            node_cost(graph, node, &model.bindings).map_err(|source| CostError::Node {
+                index,
+                label: node.label.clone(),
+                source: Box::new(source),
+            })?;
         let operand_types: Vec<_> = node
             .inputs
             .iter()
@@ -301,9 +315,13 @@ pub fn extract(
         for node in &egraph[id].nodes {
             let node = node.clone().map_children(|child| egraph.find(child));
             let children: Vec<usize> = node.children().iter().map(|ch| index[ch]).collect();
-            let work = model
-                .enode_work(egraph, id, &node)
-                .map_err(|e| RewriteError::Cost(format!("{node:?}: {e}")))?;
+            let work =
+                model
+                    .enode_work(egraph, id, &node)
+                    .map_err(|source| RewriteError::NodeCost {
+                        enode: node.clone(),
+                        source: Box::new(source),
+                    })?;
             let mut seconds = work.seconds(&model.target);
             if work.launches > 0.0 {
                 // Never free, so that no cycle of nodes can look as cheap as its entry.

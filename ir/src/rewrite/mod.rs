@@ -40,6 +40,7 @@ pub use rules::RuleSet;
 pub use stage::{default_stages, Stage, StageLimits, StageReport, StageStop};
 
 use crate::graph::Graph;
+use crate::model::cost::CostError;
 use crate::op::Op;
 use crate::shape::{Bindings, Dim};
 use crate::verify::VerifyError;
@@ -83,9 +84,16 @@ pub enum RewriteError {
     /// Two merged e-classes (or a rule's two sides) have different types: a wrong rule.
     #[error("type conflict in stage `{stage}` (a rewrite rule is wrong): {message}")]
     TypeConflict { stage: String, message: String },
-    /// The cost model could not cost a node.
+    /// The cost model could not cost a node of the graph.
     #[error("cost model: {0}")]
-    Cost(String),
+    Cost(#[source] CostError),
+    /// The cost model could not cost an e-node.
+    #[error("cost model: {enode:?}: {source}")]
+    NodeCost {
+        enode: language::ENode,
+        #[source]
+        source: Box<extract::WorkError>,
+    },
     /// No graph could be built from the e-graph.
     #[error("extraction: {0}")]
     Extraction(String),

@@ -4,7 +4,7 @@
 //! Owns [`SymExpr`]: built from a [`Shape`] (its element count) and resolved under
 //! [`Bindings`]. It knows nothing about ops, kernels or devices.
 
-use crate::shape::{Bindings, Dim, Shape};
+use crate::shape::{Bindings, Dim, Shape, ShapeError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -67,13 +67,13 @@ impl SymExpr {
             .then(|| self.factor.div_ceil(self.divisor))
     }
 
-    /// The value under `bindings`.
-    pub fn resolve(&self, bindings: &Bindings) -> Result<u64, String> {
+    /// The value under `bindings`; an unbound symbol is a [`ShapeError::Unbound`].
+    pub fn resolve(&self, bindings: &Bindings) -> Result<u64, ShapeError> {
         let mut value = self.factor;
         for name in &self.symbols {
             let n = bindings
                 .get(name)
-                .ok_or_else(|| format!("symbolic dimension `{name}` has no value"))?;
+                .ok_or_else(|| ShapeError::Unbound { name: name.clone() })?;
             value *= n as u64;
         }
         Ok(value.div_ceil(self.divisor))

@@ -19,7 +19,8 @@
 //!   than the budget, which is the dense fallback of the op.
 //! - **KV append**: one in-place `cache_append` launch (the result *is* operand 0).
 //!
-//! It generates nothing itself beyond calling the generators, and must not launch anything.
+//! Why a family has no program is a [`ProgramError`]. It generates nothing itself beyond
+//! calling the generators, and must not launch anything.
 
 use super::decode::{self, DecodeAttentionSpec};
 use super::paged::{PageOrder, PagedKv};
@@ -32,8 +33,39 @@ use crate::quest::top_k::{self, QuestTopKSpec};
 use crate::SpecError;
 use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::schedule::{AttentionKind, Family};
-use kiln_ir::shape::Bindings;
+use kiln_ir::shape::{Bindings, ShapeError};
 use std::collections::BTreeMap;
+
+/// Why a plan kernel has no program: a size that cannot be resolved or does not fit a kernel
+/// scalar (naming it), a layout no generator accepts, or a family that is not attention.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProgramError {
+    /// A symbolic size without a value.
+    #[error("{what}: {source}")]
+    Size {
+        what: &'static str,
+        #[source]
+        source: ShapeError,
+    },
+    /// A size too large for a `u32` kernel scalar.
+    #[error("{name} = {value} does not fit in u32")]
+    Scalar { name: &'static str, value: usize },
+    /// The paged layout is not one the generators build.
+    #[error(transparent)]
+    Layout(#[from] SpecError),
+    #[error("Quest decode takes one query per sequence, got {queries}")]
+    QuestQueries { queries: usize },
+    #[error(
+        "Quest on the GPU needs the cache capacity ({keys}) to be a multiple of the page size \
+         ({page_size})"
+    )]
+    QuestCapacity { keys: usize, page_size: usize },
+    #[error("{family} is not an attention family")]
+    NotAttention { family: String },
+    /// The cache capacity does not fit the page-bounds rebuild scalar.
+    #[error(transparent)]
+    Capacity(#[from] std::num::TryFromIntError),
+}
 
 /// One kernel of a program, by spec.
 #[derive(Clone, Debug, PartialEq)]
@@ -109,19 +141,19 @@ pub struct AttentionProgram {
 }
 
 fn resolve(
-    what: &str,
+    what: &'static str,
     expr: &kiln_ir::schedule::SymExpr,
     bindings: &Bindings,
-) -> Result<usize, String> {
+) -> Result<usize, ProgramError> {
     expr.resolve(bindings)
         .map(|v| v as usize)
-        .map_err(|m| format!("{what}: {m}"))
+        .map_err(|source| ProgramError::Size { what, source })
 }
 
-fn u32_of(name: &str, value: usize) -> Result<Scalar, String> {
+fn u32_of(name: &'static str, value: usize) -> Result<Scalar, ProgramError> {
     u32::try_from(value)
         .map(Scalar::U32)
-        .map_err(|_| format!("{name} = {value} does not fit in u32"))
+        .map_err(|_| ProgramError::Scalar { name, value })
 }
 
 /// The largest power of two `<= cap` that divides `n` (1 for `n = 0`).
@@ -139,7 +171,7 @@ pub fn program(
     family: &Family,
     bindings: &Bindings,
     sm_count: usize,
-) -> Result<AttentionProgram, String> {
+) -> Result<AttentionProgram, ProgramError> {
     match family {
         Family::KvAppend {
             batch,
@@ -220,7 +252,7 @@ pub fn program(
                         page_size_dividing(keys, 64)
                     };
                     let layout = layout(page);
-                    layout.validate("attention").map_err(|e| e.to_string())?;
+                    layout.validate("attention")?;
                     prefill_program(
                         layout,
                         &shape,
@@ -229,7 +261,7 @@ pub fn program(
                 }
                 AttentionKind::Decode => {
                     let layout = layout(page_size_dividing(keys, 16));
-                    layout.validate("attention").map_err(|e| e.to_string())?;
+                    layout.validate("attention")?;
                     if queries == 1 {
                         decode_program(layout, &shape, None)
                     } else {
@@ -241,22 +273,23 @@ pub fn program(
                     page_size,
                 } => {
                     let layout = layout(*page_size);
-                    layout.validate("attention").map_err(|e| e.to_string())?;
+                    layout.validate("attention")?;
                     if queries != 1 {
-                        return Err(format!(
-                            "Quest decode takes one query per sequence, got {queries}"
-                        ));
+                        return Err(ProgramError::QuestQueries { queries });
                     }
                     if !keys.is_multiple_of(*page_size) {
-                        return Err(format!(
-                            "Quest on the GPU needs the cache capacity ({keys}) to be a multiple of the page size ({page_size})"
-                        ));
+                        return Err(ProgramError::QuestCapacity {
+                            keys,
+                            page_size: *page_size,
+                        });
                     }
                     decode_program(layout, &shape, Some(budget_tokens / page_size))
                 }
             }
         }
-        other => Err(format!("{} is not an attention family", other.describe())),
+        other => Err(ProgramError::NotAttention {
+            family: other.describe(),
+        }),
     }
 }
 
@@ -274,7 +307,7 @@ fn prefill_program(
     layout: PagedKv,
     shape: &Shape,
     seq_lens: ProgramBuffer,
-) -> Result<AttentionProgram, String> {
+) -> Result<AttentionProgram, ProgramError> {
     let max_pages = shape.keys.div_ceil(layout.page_size);
     let spec = PrefillAttentionSpec::new(layout);
     let scalars = BTreeMap::from([
@@ -327,7 +360,7 @@ fn decode_program(
     layout: PagedKv,
     shape: &Shape,
     budget_pages: Option<usize>,
-) -> Result<AttentionProgram, String> {
+) -> Result<AttentionProgram, ProgramError> {
     let batch = shape.batch;
     let max_pages = shape.keys / layout.page_size;
     let spec = DecodeAttentionSpec::new(layout, budget_pages.is_some());
@@ -416,7 +449,7 @@ fn decode_program(
             "selected_counts",
             ProgramBuffer::Workspace { bytes: rows * 4 },
         );
-        bounds_refresh = Some((0, u32::try_from(shape.keys).map_err(|e| e.to_string())?));
+        bounds_refresh = Some((0, u32::try_from(shape.keys)?));
         launches.push(ProgramLaunch {
             kernel: ProgramKernel::PageBounds(PageBoundsSpec { layout }),
             buffers: vec![
@@ -599,7 +632,10 @@ mod tests {
             4100,
         );
         let err = program(&family, &Bindings::new(), 132).unwrap_err();
-        assert!(err.contains("multiple of the page size"), "{err}");
+        assert!(
+            err.to_string().contains("multiple of the page size"),
+            "{err}"
+        );
     }
 
     #[test]

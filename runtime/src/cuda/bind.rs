@@ -2,7 +2,7 @@
 //!
 //! Owns [`Arg`], [`Args`], [`BufferArg`] and [`bind`]: matching arguments to parameters by
 //! name, checking kinds, evaluating the kernel's `LaunchRule` over the `u32` scalars, and
-//! checking the geometry against CUDA's limits. Everything here is pure Rust and needs no
+//! checking the geometry against CUDA's limits ([`GeometryError`]). Everything here is pure Rust and needs no
 //! GPU, so it is unit-tested on any machine; it must never call the driver.
 
 use super::element::ElemType;
@@ -168,6 +168,35 @@ pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
 const MAX_BLOCK: [u32; 3] = [1024, 1024, 64];
 const MAX_GRID: [u32; 3] = [i32::MAX as u32, 65535, 65535];
 
+/// Why a launch geometry cannot be launched: which axis or limit it breaks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    #[error("the grid is empty ({grid:?}): nothing would run")]
+    EmptyGrid { grid: [u32; 3] },
+    #[error("grid {axis} = {size} exceeds CUDA's limit of {limit}")]
+    GridTooLarge {
+        axis: &'static str,
+        size: u32,
+        limit: u32,
+    },
+    #[error("the block is empty ({block:?})")]
+    EmptyBlock { block: [u32; 3] },
+    #[error("block {axis} = {size} exceeds CUDA's limit of {limit}")]
+    BlockTooLarge {
+        axis: &'static str,
+        size: u32,
+        limit: u32,
+    },
+    #[error("a block of {block:?} has {threads} threads, more than CUDA's {limit}")]
+    TooManyThreads {
+        block: [u32; 3],
+        threads: u64,
+        limit: u64,
+    },
+    #[error("{bytes} bytes of dynamic shared memory exceed this device's {limit} per block")]
+    SharedMemory { bytes: u32, limit: u32 },
+}
+
 /// A launch with its arguments bound: values in the kernel's declared parameter order, and
 /// the geometry its launch rule gives for these scalars.
 #[derive(Clone, Debug, PartialEq)]
@@ -256,37 +285,36 @@ pub fn bind(
 }
 
 /// Checks a geometry against CUDA's launch limits.
-fn check_geometry(g: &Geometry) -> Result<(), String> {
+fn check_geometry(g: &Geometry) -> Result<(), GeometryError> {
     const AXES: [&str; 3] = ["x", "y", "z"];
     for axis in 0..3 {
         if g.grid[axis] == 0 {
-            return Err(format!(
-                "the grid is empty ({:?}): nothing would run",
-                g.grid
-            ));
+            return Err(GeometryError::EmptyGrid { grid: g.grid });
         }
         if g.grid[axis] > MAX_GRID[axis] {
-            return Err(format!(
-                "grid {} = {} exceeds CUDA's limit of {}",
-                AXES[axis], g.grid[axis], MAX_GRID[axis]
-            ));
+            return Err(GeometryError::GridTooLarge {
+                axis: AXES[axis],
+                size: g.grid[axis],
+                limit: MAX_GRID[axis],
+            });
         }
         if g.block[axis] == 0 {
-            return Err(format!("the block is empty ({:?})", g.block));
+            return Err(GeometryError::EmptyBlock { block: g.block });
         }
         if g.block[axis] > MAX_BLOCK[axis] {
-            return Err(format!(
-                "block {} = {} exceeds CUDA's limit of {}",
-                AXES[axis], g.block[axis], MAX_BLOCK[axis]
-            ));
+            return Err(GeometryError::BlockTooLarge {
+                axis: AXES[axis],
+                size: g.block[axis],
+                limit: MAX_BLOCK[axis],
+            });
         }
     }
     if g.threads_per_block() > MAX_THREADS_PER_BLOCK {
-        return Err(format!(
-            "a block of {:?} has {} threads, more than CUDA's {MAX_THREADS_PER_BLOCK}",
-            g.block,
-            g.threads_per_block()
-        ));
+        return Err(GeometryError::TooManyThreads {
+            block: g.block,
+            threads: g.threads_per_block(),
+            limit: MAX_THREADS_PER_BLOCK,
+        });
     }
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! not call the driver itself: formatting an error never touches CUDA, except for cudarc's
 //! own text of a driver error, which exists only when a driver was loaded.
 
+use super::bind::GeometryError;
 use cudarc::driver::{sys::CUresult, DriverError};
+use kiln_codegen::kernel::LaunchRuleError;
 
 /// Everything that can go wrong in `runtime::cuda`.
 ///
@@ -111,7 +113,8 @@ pub enum CudaError {
         /// The kernel's entry name.
         kernel: String,
         /// What the launch rule reported.
-        message: String,
+        #[source]
+        message: LaunchRuleError,
     },
 
     /// The evaluated launch geometry is not launchable.
@@ -120,7 +123,8 @@ pub enum CudaError {
         /// The kernel's entry name.
         kernel: String,
         /// What is wrong.
-        reason: String,
+        #[source]
+        reason: GeometryError,
     },
 
     /// The kernel was generated for an architecture this device cannot run.

@@ -5,7 +5,7 @@
 //! kernel's declared order, and queue the launch on the device's stream. It does not wait for
 //! the kernel (see [`CudaDevice::synchronize`]) and must not build or inspect PTX.
 
-use super::bind::{bind, ArgValue, Args, BoundLaunch};
+use super::bind::{bind, ArgValue, Args, BoundLaunch, GeometryError};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::module_cache::LoadedKernel;
@@ -59,10 +59,10 @@ impl LoadedKernel {
         if bytes > self.max_shared_bytes {
             return Err(CudaError::LaunchGeometry {
                 kernel: self.kernel.entry.clone(),
-                reason: format!(
-                    "{bytes} bytes of dynamic shared memory exceed this device's {} per block",
-                    self.max_shared_bytes
-                ),
+                reason: GeometryError::SharedMemory {
+                    bytes,
+                    limit: self.max_shared_bytes,
+                },
             });
         }
         self.function

@@ -40,7 +40,8 @@ mod tensor;
 mod timing;
 
 pub use bind::{
-    bind, Arg, ArgValue, Args, BoundLaunch, BufferArg, DeviceId, Geometry, MAX_THREADS_PER_BLOCK,
+    bind, Arg, ArgValue, Args, BoundLaunch, BufferArg, DeviceId, Geometry, GeometryError,
+    MAX_THREADS_PER_BLOCK,
 };
 pub use buffer::{DeviceBuffer, PinnedBuffer};
 pub use device::{driver_library_names, driver_present, CudaDevice, DeviceInfo};

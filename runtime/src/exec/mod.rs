@@ -240,7 +240,7 @@ impl Executor {
                     let expected = buffer.shape.resolve(&Bindings::new()).map_err(|m| {
                         ExecError::BadTensor {
                             name: buffer.name.clone(),
-                            message: m,
+                            message: m.to_string(),
                         }
                     })?;
                     if tensor.dtype != buffer.dtype || tensor.shape != expected {
@@ -276,7 +276,7 @@ impl Executor {
                     let shape = ty
                         .shape
                         .resolve(&Bindings::new())
-                        .map_err(ExecError::Internal)?;
+                        .map_err(|e| ExecError::Internal(e.to_string()))?;
                     Ok(Tensor {
                         shape,
                         ..tensor.clone()
@@ -287,7 +287,7 @@ impl Executor {
             let results = interp::eval(&node, &refs, &Bindings::new()).map_err(|message| {
                 ExecError::Kernel {
                     kernel: format!("load-time {}", op.name),
-                    message,
+                    message: message.to_string(),
                 }
             })?;
             for (&id, tensor) in op.outputs.iter().zip(rounded(results, &node.outputs)) {
@@ -616,7 +616,7 @@ impl Executor {
         let spec = KernelSpec::for_family(&kernel.family, bindings).map_err(|message| {
             ExecError::Kernel {
                 kernel: kernel.name.clone(),
-                message,
+                message: message.to_string(),
             }
         })?;
         let key = (index, spec.key());
@@ -625,7 +625,10 @@ impl Executor {
         }
         let (name, family) = (kernel.name.clone(), kernel.family.clone());
         let generated = self.kernel_code(&name, &key.1, |lowering| {
-            Ok(lowering.lower(&family, bindings)?.1)
+            Ok(lowering
+                .lower(&family, bindings)
+                .map_err(|e| e.to_string())?
+                .1)
         })?;
         let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
             graph: self.plan.graph.clone(),
@@ -759,7 +762,7 @@ impl Executor {
             let shape = named
                 .shape
                 .resolve(&bindings)
-                .map_err(ExecError::Internal)?;
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
             outputs.insert(
                 name.clone(),
                 Tensor {
@@ -776,7 +779,7 @@ impl Executor {
         self.plan.buffers[id]
             .shape
             .resolve(bindings)
-            .map_err(ExecError::Internal)
+            .map_err(|e| ExecError::Internal(e.to_string()))
     }
 
     /// A device slot for buffer `id` that a kernel is about to write (or a transfer fill):
@@ -870,7 +873,10 @@ impl Executor {
                     kernel.name, self.plan.buffers[id].name
                 ))
             })?;
-            let shape = ty.shape.resolve(bindings).map_err(ExecError::Internal)?;
+            let shape = ty
+                .shape
+                .resolve(bindings)
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
             operands.push(if shape == tensor.shape {
                 tensor
             } else {
@@ -918,7 +924,7 @@ impl Executor {
         let results =
             interp::eval(&node, &refs, bindings).map_err(|message| ExecError::Kernel {
                 kernel: kernel.name.clone(),
-                message,
+                message: message.to_string(),
             })?;
         for (&id, tensor) in kernel.outputs.iter().zip(rounded(results, &node.outputs)) {
             host[id] = Some(Arc::new(tensor));
@@ -983,7 +989,7 @@ impl Executor {
             spec.scalars(&kernel.family, bindings)
                 .map_err(|message| ExecError::Kernel {
                     kernel: kernel.name.clone(),
-                    message,
+                    message: message.to_string(),
                 })?;
         for (name, value) in scalars {
             args = args.set(

@@ -60,7 +60,7 @@ impl Executor {
         let built =
             program(&kernel.family, bindings, sm_count).map_err(|message| ExecError::Kernel {
                 kernel: kernel.name.clone(),
-                message,
+                message: message.to_string(),
             })?;
         let built = Arc::new(built);
         self.programs.insert(key, built.clone());
@@ -80,8 +80,9 @@ impl Executor {
             return Ok(l.clone());
         }
         let name = self.plan.kernels[index].name.clone();
-        let generated =
-            self.kernel_code(&name, &key.1, |lowering| lowering.program_kernel(spec))?;
+        let generated = self.kernel_code(&name, &key.1, |lowering| {
+            lowering.program_kernel(spec).map_err(|e| e.to_string())
+        })?;
         let device = self.device_or_error()?;
         let loaded = Arc::new(Lowered {
             spec: None,
