@@ -182,7 +182,7 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let device = match args.device.as_str() {
         "reference" => None,
-        other => Some(other.parse::<RunDevice>().map_err(anyhow::Error::msg)?),
+        other => Some(other.parse::<RunDevice>()?),
     };
     let on_gpu = match device {
         Some(RunDevice::Cuda) => true,
@@ -491,10 +491,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", one_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: a cause whose text the line
+/// already holds (many errors print their source in their own message) is not repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 impl RunArgs {

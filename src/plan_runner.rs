@@ -45,16 +45,19 @@ pub enum RunDevice {
     Auto,
 }
 
+/// A device name `kiln run` does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown device `{0}` (devices: cuda, cpu, auto)")]
+pub struct UnknownDevice(pub String);
+
 impl FromStr for RunDevice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<RunDevice, String> {
+    type Err = UnknownDevice;
+    fn from_str(s: &str) -> Result<RunDevice, UnknownDevice> {
         match s {
             "cuda" => Ok(RunDevice::Cuda),
             "cpu" => Ok(RunDevice::Cpu),
             "auto" => Ok(RunDevice::Auto),
-            other => Err(format!(
-                "unknown device `{other}` (devices: cuda, cpu, auto)"
-            )),
+            other => Err(UnknownDevice(other.to_string())),
         }
     }
 }

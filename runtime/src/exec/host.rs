@@ -57,14 +57,23 @@ pub(super) struct HostKernels {
     pub(super) steps: Vec<Option<HostKernel>>,
 }
 
+/// An operand that does not broadcast to the result's shape.
+#[derive(Debug, thiserror::Error)]
+#[error("an operand of shape {operand:?} does not broadcast to {result:?}")]
+struct BroadcastError {
+    operand: Vec<usize>,
+    result: Vec<usize>,
+}
+
 /// `tensor` broadcast to `shape` (trailing dimensions aligned; a dimension of 1 repeats).
-fn expand(tensor: &Tensor, shape: &[usize]) -> Result<Vec<f32>, String> {
+fn expand(tensor: &Tensor, shape: &[usize]) -> Result<Vec<f32>, BroadcastError> {
+    let error = || BroadcastError {
+        operand: tensor.shape.clone(),
+        result: shape.to_vec(),
+    };
     let rank = shape.len();
     if tensor.shape.len() > rank {
-        return Err(format!(
-            "an operand of shape {:?} does not broadcast to {shape:?}",
-            tensor.shape
-        ));
+        return Err(error());
     }
     let mut padded = vec![1; rank - tensor.shape.len()];
     padded.extend_from_slice(&tensor.shape);
@@ -72,10 +81,7 @@ fn expand(tensor: &Tensor, shape: &[usize]) -> Result<Vec<f32>, String> {
     let mut stride = 1;
     for axis in (0..rank).rev() {
         if padded[axis] != 1 && padded[axis] != shape[axis] {
-            return Err(format!(
-                "an operand of shape {:?} does not broadcast to {shape:?}",
-                tensor.shape
-            ));
+            return Err(error());
         }
         strides[axis] = if padded[axis] == 1 { 0 } else { stride };
         stride *= padded[axis];
@@ -298,7 +304,9 @@ impl HostKernel {
                     .iter()
                     .map(|t| {
                         if *broadcast && t.data.len() != elements {
-                            expand(t, shape).map(std::borrow::Cow::Owned).map_err(bad)
+                            expand(t, shape)
+                                .map(std::borrow::Cow::Owned)
+                                .map_err(|e| bad(e.to_string()))
                         } else {
                             Ok(std::borrow::Cow::Borrowed(t.data.as_slice()))
                         }
@@ -477,6 +485,7 @@ mod tests {
         let scalar = Tensor::f32(&[], vec![4.0]);
         assert_eq!(expand(&scalar, &[2]).unwrap(), vec![4.0, 4.0]);
         let wrong = Tensor::f32(&[2], vec![1.0, 2.0]);
-        assert!(expand(&wrong, &[2, 3]).unwrap_err().contains("[2]"));
+        let err = expand(&wrong, &[2, 3]).unwrap_err().to_string();
+        assert!(err.contains("[2]") && err.contains("[2, 3]"), "{err}");
     }
 }

@@ -49,7 +49,7 @@ use kiln_ir::schedule::{BufferId, BufferKind, Device, Pass, PlanMemory, Schedule
 use kiln_ir::shape::Bindings;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
-use kiln_kernels::lower::{KernelSpec, Lowering, Scalar};
+use kiln_kernels::lower::{KernelSpec, LowerError, Lowering, Scalar};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -421,15 +421,14 @@ impl Executor {
         &mut self,
         kernel: &str,
         key: &str,
-        generate: impl FnOnce(&mut Lowering) -> Result<GpuKernel, String>,
+        generate: impl FnOnce(&mut Lowering) -> Result<GpuKernel, LowerError>,
     ) -> Result<GpuKernel, ExecError> {
         match &self.source {
             KernelSource::Generate => {
-                let generated =
-                    generate(&mut self.lowering).map_err(|message| ExecError::Kernel {
-                        kernel: kernel.to_string(),
-                        message,
-                    })?;
+                let generated = generate(&mut self.lowering).map_err(|e| ExecError::Kernel {
+                    kernel: kernel.to_string(),
+                    message: e.to_string(),
+                })?;
                 self.stats.kernels_generated += 1;
                 Ok(generated)
             }
@@ -625,10 +624,7 @@ impl Executor {
         }
         let (name, family) = (kernel.name.clone(), kernel.family.clone());
         let generated = self.kernel_code(&name, &key.1, |lowering| {
-            Ok(lowering
-                .lower(&family, bindings)
-                .map_err(|e| e.to_string())?
-                .1)
+            Ok(lowering.lower(&family, bindings)?.1)
         })?;
         let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
             graph: self.plan.graph.clone(),
@@ -892,7 +888,11 @@ impl Executor {
                 .computes
                 .outputs
                 .iter()
-                .map(|ty| ty.shape.resolve(bindings).map_err(ExecError::Internal))
+                .map(|ty| {
+                    ty.shape
+                        .resolve(bindings)
+                        .map_err(|e| ExecError::Internal(e.to_string()))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let results = compiled.run(&kernel.name, &refs, &shapes)?;
             if results.len() != kernel.outputs.len() {

@@ -80,9 +80,8 @@ impl Executor {
             return Ok(l.clone());
         }
         let name = self.plan.kernels[index].name.clone();
-        let generated = self.kernel_code(&name, &key.1, |lowering| {
-            lowering.program_kernel(spec).map_err(|e| e.to_string())
-        })?;
+        let generated =
+            self.kernel_code(&name, &key.1, |lowering| Ok(lowering.program_kernel(spec)?))?;
         let device = self.device_or_error()?;
         let loaded = Arc::new(Lowered {
             spec: None,
