@@ -106,10 +106,10 @@ fn every_spec_verifies_and_compiles_for_the_host_with_and_without_fma() {
     }
 }
 
-/// Whether a spec's code multiplies and adds (a dot, or a map with an exponential).
+/// Whether a spec's code multiplies and adds (a dot, a softmax, or a map with an exponential).
 fn needs_multiply_add(spec: &CpuKernelSpec) -> bool {
     match spec {
-        CpuKernelSpec::Dot(_) => true,
+        CpuKernelSpec::Dot(_) | CpuKernelSpec::Softmax(_) => true,
         CpuKernelSpec::Map(m) => {
             let text = format!("{:?}", m.expr);
             text.contains("Exp") || text.contains("Sigmoid") || text.contains("Silu")

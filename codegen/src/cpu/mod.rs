@@ -11,7 +11,9 @@
 //!   vectors (f32x4 / f64x2) unrolled several times, with a scalar tail;
 //! - [`dot`]: `C[i, j] = alpha · Σ_k A[i, k] · B[j, k] (+ beta · C[i, j])` over a row and
 //!   column range of C, both operands K-contiguous ("NT"), register-blocked with several SIMD
-//!   accumulators.
+//!   accumulators;
+//! - [`softmax`]: in-place row softmax of `scale·x` over a per-row count of leading elements
+//!   (zeros after them), the key mask of attention ([`SoftmaxSpec`]).
 //!
 //! Building blocks: [`target`] (what the host ISA offers), [`simd`] (scalar/vector value
 //! helpers), [`load`] (element formats → compute lanes; the one place where narrow formats
@@ -43,10 +45,13 @@ pub mod loops;
 pub mod lower_expr;
 pub mod map;
 pub mod simd;
+pub mod softmax;
+pub mod softmax_spec;
 pub mod spec;
 pub mod target;
 
 pub use error::CpuCodegenError;
+pub use softmax_spec::SoftmaxSpec;
 pub use spec::{CpuKernelSpec, DotSpec, ElemType, ElementFormat, MapSpec};
 pub use target::CpuTarget;
 
@@ -57,6 +62,7 @@ pub fn signature(spec: &CpuKernelSpec, target: &CpuTarget) -> Signature {
     match spec {
         CpuKernelSpec::Map(_) => map::signature(target),
         CpuKernelSpec::Dot(_) => dot::signature(target),
+        CpuKernelSpec::Softmax(_) => softmax::signature(target),
     }
 }
 
@@ -74,6 +80,7 @@ pub fn build_function(
     match spec {
         CpuKernelSpec::Map(map) => map::build(map, target, &mut function),
         CpuKernelSpec::Dot(dot) => dot::build(dot, target, &mut function),
+        CpuKernelSpec::Softmax(softmax) => softmax::build(softmax, target, &mut function),
     }
     Ok(function)
 }

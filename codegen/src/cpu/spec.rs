@@ -314,6 +314,7 @@ impl DotSpec {
 pub enum CpuKernelSpec {
     Map(MapSpec),
     Dot(DotSpec),
+    Softmax(super::softmax_spec::SoftmaxSpec),
 }
 
 impl CpuKernelSpec {
@@ -321,6 +322,7 @@ impl CpuKernelSpec {
         match self {
             CpuKernelSpec::Map(m) => m.validate(),
             CpuKernelSpec::Dot(d) => d.validate(),
+            CpuKernelSpec::Softmax(s) => s.validate(),
         }
     }
 
@@ -335,6 +337,7 @@ impl CpuKernelSpec {
         match self {
             CpuKernelSpec::Map(_) => MapSpec::abi(),
             CpuKernelSpec::Dot(_) => DotSpec::abi(),
+            CpuKernelSpec::Softmax(_) => super::softmax_spec::SoftmaxSpec::abi(),
         }
     }
 }
