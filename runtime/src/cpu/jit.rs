@@ -6,12 +6,13 @@
 
 use super::dot::DotKernel;
 use super::map::MapKernel;
+use super::softmax::SoftmaxKernel;
 use super::CpuError;
 use cranelift_codegen::ir::UserFuncName;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
-use kiln_codegen::cpu::{build_function, CpuKernelSpec, CpuTarget, DotSpec, MapSpec};
+use kiln_codegen::cpu::{build_function, CpuKernelSpec, CpuTarget, DotSpec, MapSpec, SoftmaxSpec};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -159,5 +160,12 @@ impl CpuJit {
         let function = self.compile(&CpuKernelSpec::Dot(spec))?;
         // SAFETY: `function` was compiled from a dot spec, so it has the dot ABI.
         Ok(unsafe { DotKernel::from_compiled(spec, function, self.shared.clone()) })
+    }
+
+    /// The compiled row softmax kernel of `spec`.
+    pub fn softmax(&self, spec: SoftmaxSpec) -> Result<SoftmaxKernel, CpuError> {
+        let function = self.compile(&CpuKernelSpec::Softmax(spec))?;
+        // SAFETY: `function` was compiled from a softmax spec, so it has the softmax ABI.
+        Ok(unsafe { SoftmaxKernel::from_compiled(spec, function, self.shared.clone()) })
     }
 }

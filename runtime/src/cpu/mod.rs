@@ -5,6 +5,8 @@
 //! - [`jit`]: [`CpuJit`] — native ISA, `opt_level = speed`, cache, [`CpuJit::compilations`];
 //! - [`map`]: [`MapKernel`], elementwise maps over element chunks;
 //! - [`dot`]: [`DotKernel`], `C = alpha·A·Bᵀ + beta·C` over row × column blocks;
+//! - [`softmax`]: [`SoftmaxKernel`], in-place scaled row softmax over a per-row count of
+//!   leading elements;
 //! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`];
 //! - [`vector_state`]: the `vzeroupper` every call into generated code is preceded by.
 //!
@@ -17,6 +19,7 @@ pub mod error;
 pub mod jit;
 pub mod map;
 pub mod parallel;
+pub mod softmax;
 pub mod vector_state;
 
 pub use dot::{DotKernel, DotShape};
@@ -25,4 +28,5 @@ pub use error::CpuError;
 pub use jit::{CompiledFn, CpuJit};
 pub use map::MapKernel;
 pub use parallel::Parallelism;
+pub use softmax::{SoftmaxKernel, SoftmaxShape};
 pub use vector_state::clear_upper_vector_state;
