@@ -6,13 +6,15 @@
 //! - [`map`]: [`MapKernel`], elementwise maps over element chunks;
 //! - [`dot`]: [`DotKernel`], `C = alpha·A·Bᵀ + beta·C` over row × column blocks;
 //! - [`softmax`]: [`SoftmaxKernel`], in-place scaled row softmax over a per-row count of
-//!   leading elements;
+//!   leading elements; [`attention`]: [`CpuAttention`], prefill and decode attention from a
+//!   dot, a softmax and a dot kernel;
 //! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`];
 //! - [`vector_state`]: the `vzeroupper` every call into generated code is preceded by.
 //!
 //! It must not build kernel IR (that is `kiln_codegen::cpu`). A length, format or count
 //! mismatch is a [`CpuError`] naming the operand, never undefined behaviour.
 
+pub mod attention;
 pub mod dot;
 pub mod element;
 pub mod error;
@@ -22,6 +24,7 @@ pub mod parallel;
 pub mod softmax;
 pub mod vector_state;
 
+pub use attention::{AttentionShape, CpuAttention};
 pub use dot::{DotKernel, DotShape};
 pub use element::{Element, Float};
 pub use error::CpuError;
