@@ -18,9 +18,11 @@
 //!    queries: scores `q · Kᵀ` on the dot kernel straight from the `q` and `k` slices (row
 //!    strides `q_heads·d` and `kv_heads·d`, no copy), for the keys the block's last query
 //!    sees; the softmax kernel over each query's visible keys (scaled by `scale`; the keys
-//!    beyond are written as 0, never read); then for each query `out = P · V` on the dot
-//!    kernel over exactly its visible keys (so K and V rows beyond them are never read and
-//!    may hold garbage, as in a KV cache).
+//!    beyond are written as 0, never read); then `P · V` for the block on the dot kernel over
+//!    the same keys (a query's masked probabilities are exact zeros and those V rows are
+//!    visible to a later query of the block, hence finite), into a scratch block copied to
+//!    the output rows. K and V rows beyond what the last query sees are never read and may
+//!    hold garbage, as in a KV cache.
 //!
 //! Every task's arithmetic depends on the shapes only, so results are bit-identical for every
 //! [`Parallelism`]. Numerics: the interpreter accumulates in f64, these kernels in f32 (the
@@ -99,9 +101,11 @@ impl AttentionShape {
 /// ```
 #[derive(Clone, Debug)]
 pub struct CpuAttention {
-    scores: DotKernel,
+    /// `C = A·Bᵀ` with a 4 × 2 register tile: the scores, and `P·V` for blocks of ≥ 4 queries.
+    dot: DotKernel,
     softmax: SoftmaxKernel,
-    values: DotKernel,
+    /// `C = A·Bᵀ` with a 1 × 4 register tile: `P·V` for fewer than 4 queries (decode).
+    row_dot: DotKernel,
 }
 
 /// Which leading keys each query of a sequence sees: `first + i · step` for query `i`.
@@ -124,10 +128,9 @@ impl CpuAttention {
     /// Compiles (or takes from `jit`'s cache) the three f32 kernels.
     pub fn new(jit: &CpuJit) -> Result<CpuAttention, CpuError> {
         Ok(CpuAttention {
-            scores: jit.dot(DotSpec::new(ElemType::F32))?,
+            dot: jit.dot(DotSpec::new(ElemType::F32))?,
             softmax: jit.softmax(SoftmaxSpec::new(ElemType::F32))?,
-            // One row of P against the d rows of Vᵀ: a 1 × 4 register tile.
-            values: jit.dot(DotSpec::new(ElemType::F32).with_tile(1, 4))?,
+            row_dot: jit.dot(DotSpec::new(ElemType::F32).with_tile(1, 4))?,
         })
     }
 
@@ -274,7 +277,9 @@ impl CpuAttention {
                 }
             }
 
-            let mut scores = vec![0.0f32; Self::QUERY_BLOCK.min(s) * used];
+            let block = Self::QUERY_BLOCK.min(s);
+            let mut scores = vec![0.0f32; block * used];
+            let mut block_out = vec![0.0f32; block * d];
             for h in kv * group..(kv + 1) * group {
                 for i0 in (0..s).step_by(Self::QUERY_BLOCK) {
                     let i1 = (i0 + Self::QUERY_BLOCK).min(s);
@@ -285,34 +290,30 @@ impl CpuAttention {
                     let k_block = &k[k_row(0)..k_row(0) + (n - 1) * ldk + d];
                     let p = &mut scores[..rows * n];
                     let dot = DotShape::new(rows, n, d).with_strides(ldq, ldk, n);
-                    self.scores
+                    self.dot
                         .run(q_block, k_block, p, dot, 1.0, 0.0, Parallelism::Sequential)
                         .unwrap_or_else(|e| fail("scores", e));
                     let softmax = SoftmaxShape::new(rows, n).with_valid(seen.of(i0), seen.step);
                     self.softmax
                         .run(p, softmax, f64::from(scale), Parallelism::Sequential)
                         .unwrap_or_else(|e| fail("softmax", e));
-                    for r in 0..rows {
-                        let i = i0 + r;
-                        let keys = seen.of(i);
-                        let o = ((b * s + i) * q_heads + h) * d;
+                    // P · V for the block, over the keys its last query sees: the masked
+                    // probabilities are exact zeros, and those V rows are visible to a later
+                    // query of the block, so finite.
+                    let values = if rows >= 4 { &self.dot } else { &self.row_dot };
+                    let pv = DotShape::new(rows, d, n).with_strides(n, used, d);
+                    let o_block = &mut block_out[..rows * d];
+                    values
+                        .run(&*p, &vt, o_block, pv, 1.0, 0.0, Parallelism::Sequential)
+                        .unwrap_or_else(|e| fail("values", e));
+                    for (r, row) in o_block.chunks_exact(d).enumerate() {
+                        let o = ((b * s + i0 + r) * q_heads + h) * d;
                         assert!(o + d <= out_len);
                         // SAFETY: `out` holds this row (checked above); each (b, i, h) row is
                         // written by exactly one task, and no other reference to it exists.
                         let out_row =
                             unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(o), d) };
-                        let pv = DotShape::new(1, d, keys).with_strides(keys, used, d);
-                        self.values
-                            .run(
-                                &p[r * n..r * n + keys],
-                                &vt,
-                                out_row,
-                                pv,
-                                1.0,
-                                0.0,
-                                Parallelism::Sequential,
-                            )
-                            .unwrap_or_else(|e| fail("values", e));
+                        out_row.copy_from_slice(row);
                     }
                 }
             }
@@ -328,7 +329,7 @@ fn check_operands(
     out: &[f32],
     shape: &AttentionShape,
 ) -> Result<(), CpuError> {
-    if shape.kv_heads == 0 || shape.q_heads % shape.kv_heads != 0 {
+    if shape.kv_heads == 0 || !shape.q_heads.is_multiple_of(shape.kv_heads) {
         return Err(CpuError::operand(
             "kv_heads",
             format!(
