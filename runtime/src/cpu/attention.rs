@@ -19,9 +19,11 @@
 //!    strides `q_heads·d` and `kv_heads·d`, no copy), for the keys the block's last query
 //!    sees; the softmax kernel over each query's visible keys (scaled by `scale`; the keys
 //!    beyond are written as 0, never read); then `P · V` for the block on the dot kernel over
-//!    the same keys (a query's masked probabilities are exact zeros and those V rows are
-//!    visible to a later query of the block, hence finite), into a scratch block copied to
-//!    the output rows. K and V rows beyond what the last query sees are never read and may
+//!    the same keys (a query's masked probabilities are exact zeros, and those V rows are
+//!    visible to a later query of the block, so they hold real values), into a scratch block
+//!    copied to the output rows. One difference from the interpreter follows: an infinite or
+//!    NaN value in a V row makes the earlier queries of its block NaN (`0 · ∞`), where the
+//!    interpreter, which never reads that row for them, stays finite. K and V rows beyond what the last query sees are never read and may
 //!    hold garbage, as in a KV cache.
 //!
 //! Every task's arithmetic depends on the shapes only, so results are bit-identical for every
@@ -299,7 +301,7 @@ impl CpuAttention {
                         .unwrap_or_else(|e| fail("softmax", e));
                     // P · V for the block, over the keys its last query sees: the masked
                     // probabilities are exact zeros, and those V rows are visible to a later
-                    // query of the block, so finite.
+                    // query of the block (real values, not cache garbage).
                     let values = if rows >= 4 { &self.dot } else { &self.row_dot };
                     let pv = DotShape::new(rows, d, n).with_strides(n, used, d);
                     let o_block = &mut block_out[..rows * d];
