@@ -127,11 +127,11 @@ fn every_spec_verifies_and_compiles_for_the_host_with_and_without_fma() {
     }
 }
 
-/// Whether a spec's code multiplies and adds (a dot, a norm's sum of squares, or a map with an
-/// exponential; never RoPE, whose f64 path must round like the interpreter).
+/// Whether a spec's code multiplies and adds (a dot, a norm's sum of squares, a softmax, or a
+/// map with an exponential; never RoPE, whose f64 path must round like the interpreter).
 fn needs_multiply_add(spec: &CpuKernelSpec) -> bool {
     match spec {
-        CpuKernelSpec::Dot(_) | CpuKernelSpec::RmsNorm(_) => true,
+        CpuKernelSpec::Dot(_) | CpuKernelSpec::RmsNorm(_) | CpuKernelSpec::Softmax(_) => true,
         CpuKernelSpec::Rope(_) => false,
         CpuKernelSpec::Map(m) => {
             let text = format!("{:?}", m.expr);

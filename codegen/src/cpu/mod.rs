@@ -17,6 +17,8 @@
 //!   residual add (whose sum it also writes), with the sum of squares on f32x4 accumulators;
 //! - [`rope`]: rotary position embedding ("rotate half" pairs) from caller-filled cos/sin
 //!   tables, in f64 (interpreter-exact) or f32.
+//! - [`softmax`]: in-place row softmax of `scale·x` over a per-row count of leading elements
+//!   (zeros after them), the key mask of attention ([`SoftmaxSpec`]).
 //!
 //! Building blocks: [`target`] (what the host ISA offers), [`simd`] (scalar/vector value
 //! helpers), [`load`] (element formats → compute lanes; the one place where narrow formats
@@ -50,10 +52,13 @@ pub mod map;
 pub mod rms_norm;
 pub mod rope;
 pub mod simd;
+pub mod softmax;
+pub mod softmax_spec;
 pub mod spec;
 pub mod target;
 
 pub use error::CpuCodegenError;
+pub use softmax_spec::SoftmaxSpec;
 pub use spec::{CpuKernelSpec, DotSpec, ElemType, ElementFormat, MapSpec, RmsNormSpec, RopeSpec};
 pub use target::CpuTarget;
 
@@ -66,6 +71,7 @@ pub fn signature(spec: &CpuKernelSpec, target: &CpuTarget) -> Signature {
         CpuKernelSpec::Dot(_) => dot::signature(target),
         CpuKernelSpec::RmsNorm(_) => rms_norm::signature(target),
         CpuKernelSpec::Rope(_) => rope::signature(target),
+        CpuKernelSpec::Softmax(_) => softmax::signature(target),
     }
 }
 
@@ -85,6 +91,7 @@ pub fn build_function(
         CpuKernelSpec::Dot(dot) => dot::build(dot, target, &mut function),
         CpuKernelSpec::RmsNorm(norm) => rms_norm::build(norm, target, &mut function),
         CpuKernelSpec::Rope(rope) => rope::build(rope, target, &mut function),
+        CpuKernelSpec::Softmax(softmax) => softmax::build(softmax, target, &mut function),
     }
     Ok(function)
 }

@@ -481,6 +481,7 @@ pub enum CpuKernelSpec {
     Dot(DotSpec),
     RmsNorm(RmsNormSpec),
     Rope(RopeSpec),
+    Softmax(super::softmax_spec::SoftmaxSpec),
 }
 
 impl CpuKernelSpec {
@@ -490,6 +491,7 @@ impl CpuKernelSpec {
             CpuKernelSpec::Dot(d) => d.validate(),
             CpuKernelSpec::RmsNorm(r) => r.validate(),
             CpuKernelSpec::Rope(r) => r.validate(),
+            CpuKernelSpec::Softmax(s) => s.validate(),
         }
     }
 
@@ -506,6 +508,7 @@ impl CpuKernelSpec {
             CpuKernelSpec::Dot(_) => DotSpec::abi(),
             CpuKernelSpec::RmsNorm(_) => RmsNormSpec::abi(),
             CpuKernelSpec::Rope(_) => RopeSpec::abi(),
+            CpuKernelSpec::Softmax(_) => super::softmax_spec::SoftmaxSpec::abi(),
         }
     }
 }

@@ -2,19 +2,21 @@
 //! cranelift-native, `opt_level = speed`) and caches the compiled functions by spec, counting
 //! compilations. Owns compiled code and its lifetime; it must not generate IR (that is
 //! `kiln_codegen::cpu`) or run kernels (the safe wrappers in [`map`](super::map),
-//! [`dot`](super::dot), [`rms_norm`](super::rms_norm) and [`rope`](super::rope) do).
+//! [`dot`](super::dot), [`rms_norm`](super::rms_norm), [`rope`](super::rope) and
+//! [`softmax`](super::softmax) do).
 
 use super::dot::DotKernel;
 use super::map::MapKernel;
 use super::rms_norm::RmsNormKernel;
 use super::rope::RopeKernel;
+use super::softmax::SoftmaxKernel;
 use super::CpuError;
 use cranelift_codegen::ir::UserFuncName;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
 use kiln_codegen::cpu::{
-    build_function, CpuKernelSpec, CpuTarget, DotSpec, MapSpec, RmsNormSpec, RopeSpec,
+    build_function, CpuKernelSpec, CpuTarget, DotSpec, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -178,5 +180,12 @@ impl CpuJit {
         let function = self.compile(&CpuKernelSpec::Rope(spec))?;
         // SAFETY: `function` was compiled from a rope spec, so it has the rope ABI.
         Ok(unsafe { RopeKernel::from_compiled(spec, function, self.shared.clone()) })
+    }
+
+    /// The compiled row softmax kernel of `spec`.
+    pub fn softmax(&self, spec: SoftmaxSpec) -> Result<SoftmaxKernel, CpuError> {
+        let function = self.compile(&CpuKernelSpec::Softmax(spec))?;
+        // SAFETY: `function` was compiled from a softmax spec, so it has the softmax ABI.
+        Ok(unsafe { SoftmaxKernel::from_compiled(spec, function, self.shared.clone()) })
     }
 }

@@ -9,12 +9,16 @@
 //!   tasks of whole rows;
 //! - [`rope`]: [`RopeKernel`], rotary position embedding over tasks of whole tokens, with the
 //!   cos/sin tables ([`RopeTables`]) computed on the host;
+//! - [`softmax`]: [`SoftmaxKernel`], in-place scaled row softmax over a per-row count of
+//!   leading elements; [`attention`]: [`CpuAttention`], prefill and decode attention from a
+//!   dot, a softmax and a dot kernel;
 //! - [`element`]: which host types a kernel reads and writes; [`parallel`]: [`Parallelism`];
 //! - [`vector_state`]: the `vzeroupper` every call into generated code is preceded by.
 //!
 //! It must not build kernel IR (that is `kiln_codegen::cpu`). A length, format or count
 //! mismatch is a [`CpuError`] naming the operand, never undefined behaviour.
 
+pub mod attention;
 pub mod dot;
 pub mod element;
 pub mod error;
@@ -23,8 +27,10 @@ pub mod map;
 pub mod parallel;
 pub mod rms_norm;
 pub mod rope;
+pub mod softmax;
 pub mod vector_state;
 
+pub use attention::{AttentionShape, CpuAttention};
 pub use dot::{DotKernel, DotShape};
 pub use element::{Element, Float};
 pub use error::CpuError;
@@ -33,4 +39,5 @@ pub use map::MapKernel;
 pub use parallel::Parallelism;
 pub use rms_norm::RmsNormKernel;
 pub use rope::{RopeKernel, RopeTables};
+pub use softmax::{SoftmaxKernel, SoftmaxShape};
 pub use vector_state::clear_upper_vector_state;
