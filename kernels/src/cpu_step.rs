@@ -7,13 +7,15 @@
 //! is one map kernel (broadcast operands are first expanded to the result's shape); RMSNorm
 //! is the RMSNorm kernel (with the residual add fused in f32, or, in a half dtype, the sum
 //! rounded to the dtype first and then the plain kernel, as the interpreter rounds it); RoPE
-//! is the rotation kernel over cos/sin tables the runtime builds per call. Steps
+//! is the rotation kernel over cos/sin tables the runtime builds per call; attention (causal
+//! prefill, decode) is the runtime's CPU attention over the Cranelift dot and softmax kernels.
+//! Steps
 //! that only move data — the embedding gather, slices, KV append — are copies the runtime
 //! does itself, with no arithmetic. Specs hold no sizes (they are run-time arguments), so a
 //! step's spec serves every shape, and they are what a compiled artifact stores for its host
-//! steps: the runtime compiles them with Cranelift at load. An op with no entry here
-//! (attention, MoE) still runs on the reference interpreter. This file must not compile or
-//! run code.
+//! steps: the runtime compiles them with Cranelift at load. An op with no entry here (Quest
+//! attention, softmax, top-k, MoE routing and experts) still runs on the reference
+//! interpreter. This file must not compile or run code.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
@@ -81,6 +83,13 @@ pub enum CpuStep {
         head_dim: usize,
         theta: f32,
     },
+    /// `Attention { causal }` over the new tokens (`decode: false`) or `AttentionDecode`
+    /// over the cache up to each sequence's length (`decode: true`).
+    Attention {
+        decode: bool,
+        causal: bool,
+        scale: f32,
+    },
     /// `Embedding`: the table's rows of the ids, copied.
     Gather,
     /// `Slice`: a range along one axis, copied.
@@ -112,6 +121,20 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
             })
         }
         Op::KvAppend => return Some(CpuStep::KvAppend),
+        Op::Attention { causal, scale } => {
+            return Some(CpuStep::Attention {
+                decode: false,
+                causal: *causal,
+                scale: *scale,
+            })
+        }
+        Op::AttentionDecode { scale } => {
+            return Some(CpuStep::Attention {
+                decode: true,
+                causal: true,
+                scale: *scale,
+            })
+        }
         _ => {}
     }
     match family {
@@ -329,13 +352,22 @@ mod tests {
             op: "softmax".into(),
         };
         assert!(cpu_step(&softmax, &of(Op::Softmax)).is_none());
+        let quest = Family::Interpreted {
+            op: "quest_attention_decode".into(),
+        };
+        let op = Op::QuestAttentionDecode {
+            scale: 0.125,
+            budget_tokens: 64,
+            page_size: 16,
+        };
+        assert!(cpu_step(&quest, &of(op)).is_none());
         let attention = Family::Interpreted {
             op: "attention".into(),
         };
-        let op = Op::Attention {
-            causal: true,
-            scale: 0.125,
-        };
-        assert!(cpu_step(&attention, &of(op)).is_none());
+        let op = Op::AttentionDecode { scale: 0.125 };
+        assert!(matches!(
+            cpu_step(&attention, &of(op)),
+            Some(CpuStep::Attention { decode: true, .. })
+        ));
     }
 }

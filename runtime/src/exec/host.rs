@@ -9,7 +9,10 @@
 //! decide which steps have kernels (that is `kiln_kernels::cpu_step`).
 
 use super::ExecError;
-use crate::cpu::{CpuJit, DotKernel, DotShape, MapKernel, Parallelism, RmsNormKernel, RopeKernel};
+use crate::cpu::{
+    AttentionShape, CpuAttention, CpuJit, DotKernel, DotShape, MapKernel, Parallelism,
+    RmsNormKernel, RopeKernel,
+};
 use kiln_ir::dtype::DType;
 use kiln_ir::schedule::LinearEpilogue;
 use kiln_ir::tensor::Tensor;
@@ -42,6 +45,12 @@ pub(super) enum HostKernel {
         head_dim: usize,
         theta: f32,
     },
+    Attention {
+        attention: CpuAttention,
+        decode: bool,
+        causal: bool,
+        scale: f32,
+    },
     Gather,
     Slice {
         axis: usize,
@@ -55,6 +64,42 @@ pub(super) enum HostKernel {
 #[derive(Default)]
 pub(super) struct HostKernels {
     pub(super) steps: Vec<Option<HostKernel>>,
+}
+
+/// `Concat { axis }` of `operands` (of equal rank, equal but for `axis`), copied; `None` for
+/// any other op or operands that do not fit.
+pub(super) fn concat(op: &kiln_ir::op::Op, operands: &[&Tensor]) -> Option<Tensor> {
+    let kiln_ir::op::Op::Concat { axis } = op else {
+        return None;
+    };
+    let first = operands.first()?;
+    let fits = operands.iter().all(|x| {
+        x.shape.len() == first.shape.len()
+            && *axis < x.shape.len()
+            && x.shape
+                .iter()
+                .zip(&first.shape)
+                .enumerate()
+                .all(|(i, (a, b))| i == *axis || a == b)
+    });
+    if !fits {
+        return None;
+    }
+    let outer: usize = first.shape[..*axis].iter().product();
+    let mut data = Vec::with_capacity(operands.iter().map(|x| x.data.len()).sum());
+    for o in 0..outer {
+        for x in operands {
+            let chunk: usize = x.shape[*axis..].iter().product();
+            data.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    let mut shape = first.shape.clone();
+    shape[*axis] = operands.iter().map(|x| x.shape[*axis]).sum();
+    Some(Tensor {
+        dtype: first.dtype,
+        shape,
+        data,
+    })
 }
 
 /// An operand that does not broadcast to the result's shape.
@@ -175,6 +220,16 @@ impl HostKernels {
                     heads: *heads,
                     head_dim: *head_dim,
                     theta: *theta,
+                }),
+                Some(CpuStep::Attention {
+                    decode,
+                    causal,
+                    scale,
+                }) => Some(HostKernel::Attention {
+                    attention: CpuAttention::new(jit).map_err(error)?,
+                    decode: *decode,
+                    causal: *causal,
+                    scale: *scale,
                 }),
                 Some(CpuStep::Gather) => Some(HostKernel::Gather),
                 Some(CpuStep::Slice { axis, start, end }) => Some(HostKernel::Slice {
@@ -316,6 +371,40 @@ impl HostKernel {
                 let mut out = vec![0.0f32; elements];
                 map.run(&inputs, &mut out, parallel)
                     .map_err(cpu_error(kernel))?;
+                Ok(out)
+            }
+            HostKernel::Attention {
+                attention,
+                decode,
+                causal,
+                scale,
+            } => {
+                let (q, k, v) = match operands {
+                    [q, k, v, ..] if q.shape.len() == 4 && k.shape.len() == 4 => (q, k, v),
+                    _ => return Err(bad("attention takes q, k and v of rank 4".into())),
+                };
+                let shape = AttentionShape::new(
+                    q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3],
+                );
+                let mut out = vec![0.0f32; elements];
+                let result = if *decode {
+                    let lengths = operands.get(3).ok_or_else(|| bad("no lengths".into()))?;
+                    attention.run_decode(
+                        &q.data,
+                        &k.data,
+                        &v.data,
+                        &lengths.data,
+                        shape,
+                        *scale,
+                        &mut out,
+                        parallel,
+                    )
+                } else {
+                    attention.run_prefill(
+                        &q.data, &k.data, &v.data, shape, *scale, *causal, &mut out, parallel,
+                    )
+                };
+                result.map_err(cpu_error(kernel))?;
                 Ok(out)
             }
             HostKernel::Gather => {
@@ -469,6 +558,20 @@ impl HostKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concat_copies_along_the_axis() {
+        use kiln_ir::op::Op;
+        let a = Tensor::f32(&[2, 1], vec![1.0, 2.0]);
+        let b = Tensor::f32(&[2, 2], vec![3.0, 4.0, 5.0, 6.0]);
+        let joined = concat(&Op::Concat { axis: 1 }, &[&a, &b]).unwrap();
+        assert_eq!(joined.shape, vec![2, 3]);
+        assert_eq!(joined.data, vec![1.0, 3.0, 4.0, 2.0, 5.0, 6.0]);
+        let rows = concat(&Op::Concat { axis: 0 }, &[&b, &b]).unwrap();
+        assert_eq!(rows.shape, vec![4, 2]);
+        assert!(concat(&Op::Concat { axis: 0 }, &[&a, &b]).is_none());
+        assert!(concat(&Op::Add, &[&a, &a]).is_none());
+    }
 
     #[test]
     fn expand_repeats_dimensions_of_one_with_trailing_alignment() {

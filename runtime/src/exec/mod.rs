@@ -284,12 +284,17 @@ impl Executor {
                 })
                 .collect::<Result<_, ExecError>>()?;
             let refs: Vec<&Tensor> = reshaped.iter().collect();
-            let results = interp::eval(&node, &refs, &Bindings::new()).map_err(|message| {
-                ExecError::Kernel {
-                    kernel: format!("load-time {}", op.name),
-                    message: message.to_string(),
-                }
-            })?;
+            // Concatenations (the SwiGLU weights) are copies; anything else still runs on the
+            // interpreter.
+            let results = match host::concat(&node.op, &refs) {
+                Some(result) => vec![result],
+                None => interp::eval(&node, &refs, &Bindings::new()).map_err(|message| {
+                    ExecError::Kernel {
+                        kernel: format!("load-time {}", op.name),
+                        message: message.to_string(),
+                    }
+                })?,
+            };
             for (&id, tensor) in op.outputs.iter().zip(rounded(results, &node.outputs)) {
                 host[id] = Some(Arc::new(tensor));
             }
