@@ -8,14 +8,15 @@
 //! is the RMSNorm kernel (with the residual add fused in f32, or, in a half dtype, the sum
 //! rounded to the dtype first and then the plain kernel, as the interpreter rounds it); RoPE
 //! is the rotation kernel over cos/sin tables the runtime builds per call; attention (causal
-//! prefill, decode) is the runtime's CPU attention over the Cranelift dot and softmax kernels.
-//! Steps
+//! prefill, decode) is the runtime's CPU attention over the Cranelift dot and softmax kernels;
+//! the MoE experts (`MoeExpertFfn`) gather each expert's routed rows and run its SwiGLU FFN as
+//! two dot kernels, a map and a dot kernel — the CPU expert Fiddler places. Steps
 //! that only move data — the embedding gather, slices, KV append — are copies the runtime
 //! does itself, with no arithmetic. Specs hold no sizes (they are run-time arguments), so a
 //! step's spec serves every shape, and they are what a compiled artifact stores for its host
 //! steps: the runtime compiles them with Cranelift at load. An op with no entry here (Quest
-//! attention, softmax, top-k, MoE routing and experts) still runs on the reference
-//! interpreter. This file must not compile or run code.
+//! attention, softmax, top-k, the MoE router, dispatch and combine) still runs on the
+//! reference interpreter. This file must not compile or run code.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
@@ -90,6 +91,15 @@ pub enum CpuStep {
         causal: bool,
         scale: f32,
     },
+    /// `MoeExpertFfn`: per expert, its routed rows gathered, then
+    /// `down · (silu(gate · x) ⊙ (up · x))` with the products and the activation rounded to
+    /// `dtype` (as a kernel that stores them would).
+    MoeExperts {
+        dot: DotSpec,
+        activation: MapSpec,
+        num_experts: usize,
+        dtype: DType,
+    },
     /// `Embedding`: the table's rows of the ids, copied.
     Gather,
     /// `Slice`: a range along one axis, copied.
@@ -121,6 +131,15 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
             })
         }
         Op::KvAppend => return Some(CpuStep::KvAppend),
+        Op::MoeExpertFfn { num_experts } => {
+            let dtype = computes.outputs.first()?.dtype;
+            return float(dtype).then(|| CpuStep::MoeExperts {
+                dot: DotSpec::new(ElemType::F32),
+                activation: MapSpec::new(Expr::input(0).silu() * Expr::input(1), 2, ElemType::F32),
+                num_experts: *num_experts,
+                dtype,
+            });
+        }
         Op::Attention { causal, scale } => {
             return Some(CpuStep::Attention {
                 decode: false,

@@ -51,6 +51,12 @@ pub(super) enum HostKernel {
         causal: bool,
         scale: f32,
     },
+    MoeExperts {
+        dot: DotKernel,
+        activation: MapKernel,
+        num_experts: usize,
+        dtype: DType,
+    },
     Gather,
     Slice {
         axis: usize,
@@ -100,6 +106,114 @@ pub(super) fn concat(op: &kiln_ir::op::Op, operands: &[&Tensor]) -> Option<Tenso
         shape,
         data,
     })
+}
+
+/// Why the MoE experts step could not run: routing tables that do not describe the slots.
+#[derive(Debug, thiserror::Error)]
+enum MoeError {
+    #[error(
+        "the MoE experts step takes x, order, offsets and 3 weights per expert; got {0} operands"
+    )]
+    Operands(usize),
+    #[error("offsets {offsets:?} do not partition the {slots} slots")]
+    Offsets { offsets: Vec<f32>, slots: usize },
+    #[error("slot {slot} routes token {token}, beyond the {tokens} tokens")]
+    Token {
+        slot: usize,
+        token: usize,
+        tokens: usize,
+    },
+    #[error(transparent)]
+    Kernel(#[from] crate::cpu::CpuError),
+}
+
+/// `MoeExpertFfn` on the dot and map kernels (see `CpuStep::MoeExperts`): `out` row `p` is
+/// the FFN of the expert whose offsets range holds `p`, applied to token `order[p] / k`.
+fn moe_experts(
+    dot: &DotKernel,
+    activation: &MapKernel,
+    num_experts: usize,
+    dtype: DType,
+    operands: &[&Tensor],
+    elements: usize,
+) -> Result<Vec<f32>, MoeError> {
+    if operands.len() != 3 + 3 * num_experts {
+        return Err(MoeError::Operands(operands.len()));
+    }
+    let (x, order, offsets) = (operands[0], operands[1], operands[2]);
+    let hidden = x.shape.last().copied().unwrap_or(1).max(1);
+    let tokens = x.data.len() / hidden;
+    let k = order.shape.last().copied().unwrap_or(1).max(1);
+    let slots = order.data.len();
+    let bounds: Vec<usize> = offsets.data.iter().map(|&o| o as usize).collect();
+    let partitions = bounds.len() == num_experts + 1
+        && bounds.first() == Some(&0)
+        && bounds.last() == Some(&slots)
+        && bounds.windows(2).all(|w| w[0] <= w[1])
+        && slots * hidden == elements;
+    if !partitions {
+        return Err(MoeError::Offsets {
+            offsets: offsets.data.clone(),
+            slots,
+        });
+    }
+    let round = |values: &mut [f32]| {
+        if dtype != DType::F32 {
+            for value in values {
+                *value = dtype.round(*value);
+            }
+        }
+    };
+    let parallel = Parallelism::Rayon;
+    let mut out = vec![0.0f32; elements];
+    for expert in 0..num_experts {
+        let (first, last) = (bounds[expert], bounds[expert + 1]);
+        let rows = last - first;
+        if rows == 0 {
+            continue;
+        }
+        let (gate, up, down) = (
+            operands[3 + 3 * expert],
+            operands[4 + 3 * expert],
+            operands[5 + 3 * expert],
+        );
+        let width = gate.data.len() / hidden;
+        let mut gathered = Vec::with_capacity(rows * hidden);
+        for slot in first..last {
+            let token = order.data[slot] as usize / k;
+            if token >= tokens {
+                return Err(MoeError::Token {
+                    slot,
+                    token,
+                    tokens,
+                });
+            }
+            gathered.extend_from_slice(&x.data[token * hidden..(token + 1) * hidden]);
+        }
+        let product = |weight: &Tensor| -> Result<Vec<f32>, MoeError> {
+            let mut result = vec![0.0f32; rows * width];
+            let shape = DotShape::new(rows, width, hidden);
+            dot.run(
+                &gathered,
+                &weight.data,
+                &mut result,
+                shape,
+                1.0,
+                0.0,
+                parallel,
+            )?;
+            round(&mut result);
+            Ok(result)
+        };
+        let (g, u) = (product(gate)?, product(up)?);
+        let mut activated = vec![0.0f32; rows * width];
+        activation.run(&[&g, &u], &mut activated, parallel)?;
+        round(&mut activated);
+        let shape = DotShape::new(rows, hidden, width);
+        let rows_out = &mut out[first * hidden..last * hidden];
+        dot.run(&activated, &down.data, rows_out, shape, 1.0, 0.0, parallel)?;
+    }
+    Ok(out)
 }
 
 /// An operand that does not broadcast to the result's shape.
@@ -230,6 +344,17 @@ impl HostKernels {
                     decode: *decode,
                     causal: *causal,
                     scale: *scale,
+                }),
+                Some(CpuStep::MoeExperts {
+                    dot,
+                    activation,
+                    num_experts,
+                    dtype,
+                }) => Some(HostKernel::MoeExperts {
+                    dot: jit.dot(*dot).map_err(cpu_error(name))?,
+                    activation: jit.map(activation.clone()).map_err(error)?,
+                    num_experts: *num_experts,
+                    dtype: *dtype,
                 }),
                 Some(CpuStep::Gather) => Some(HostKernel::Gather),
                 Some(CpuStep::Slice { axis, start, end }) => Some(HostKernel::Slice {
@@ -407,6 +532,13 @@ impl HostKernel {
                 result.map_err(cpu_error(kernel))?;
                 Ok(out)
             }
+            HostKernel::MoeExperts {
+                dot,
+                activation,
+                num_experts,
+                dtype,
+            } => moe_experts(dot, activation, *num_experts, *dtype, operands, elements)
+                .map_err(|message| bad(message.to_string())),
             HostKernel::Gather => {
                 let (table, ids) = match operands {
                     [table, ids] if table.shape.len() == 2 => (table, ids),
