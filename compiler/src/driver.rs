@@ -55,14 +55,17 @@ impl CompileOptions {
         options
     }
 
-    /// These options for `target` (a CPU target has no GPU families).
+    /// These options for `target`: a GPU target places what `kiln_kernels` generates
+    /// ([`kiln_kernels::lower::gpu_capabilities`]), a CPU target nothing on the GPU.
     pub fn for_target(mut self, target: Target) -> CompileOptions {
-        if !target.is_gpu() {
-            self.schedule.gpu = GpuCapabilities {
+        self.schedule.gpu = if target.is_gpu() {
+            kiln_kernels::lower::gpu_capabilities()
+        } else {
+            GpuCapabilities {
                 families: Default::default(),
                 dtypes: Default::default(),
-            };
-        }
+            }
+        };
         self.target = target;
         self
     }

@@ -277,6 +277,27 @@ impl KernelSpec {
     }
 }
 
+/// What this crate's generators take, for placement: the families and dtypes a plan may put
+/// on the GPU (the compiler schedules with this; every kind listed lowers, see the tests).
+pub fn gpu_capabilities() -> kiln_ir::schedule::GpuCapabilities {
+    use kiln_ir::schedule::FamilyKind;
+    kiln_ir::schedule::GpuCapabilities {
+        families: [
+            FamilyKind::Linear,
+            FamilyKind::RmsNorm,
+            FamilyKind::Rope,
+            FamilyKind::Map,
+            FamilyKind::Attention,
+            FamilyKind::KvAppend,
+        ]
+        .into_iter()
+        .collect(),
+        dtypes: [kiln_ir::dtype::DType::F16, kiln_ir::dtype::DType::BF16]
+            .into_iter()
+            .collect(),
+    }
+}
+
 /// Generates kernels for families, each distinct spec once.
 #[derive(Debug, Default)]
 pub struct Lowering {
@@ -464,6 +485,74 @@ mod tests {
         assert_eq!(lowering.len(), families.len());
         lowering.lower(&families[0], &bindings).unwrap();
         assert_eq!(lowering.len(), families.len(), "a spec is generated once");
+    }
+
+    #[test]
+    fn every_capability_lowers() {
+        use kiln_ir::schedule::{AttentionKind, FamilyKind};
+        let bindings = Bindings::from_pairs(&[("seq", 4)]);
+        let capabilities = gpu_capabilities();
+        let mut lowering = Lowering::default();
+        let examples = |dtype: DType| {
+            [
+                Family::Linear {
+                    rows: seq(),
+                    n: 64,
+                    k: 256,
+                    dtype,
+                    epilogue: LinearEpilogue::None,
+                },
+                Family::RmsNorm {
+                    rows: seq(),
+                    hidden: 256,
+                    residual: false,
+                    eps: 1e-5,
+                    dtype,
+                },
+                Family::Rope {
+                    tokens: seq(),
+                    heads: 4,
+                    head_dim: 64,
+                    theta: 1e4,
+                    dtype,
+                },
+                Family::Map {
+                    elements: seq().times(256),
+                    inputs: 1,
+                    steps: vec![MapStep::Operand { index: 0 }, MapStep::Silu { x: 0 }],
+                    broadcast: false,
+                    dtype,
+                },
+                Family::Attention {
+                    kind: AttentionKind::Decode,
+                    batch: SymExpr::constant(1),
+                    queries: SymExpr::constant(1),
+                    keys: SymExpr::constant(256),
+                    q_heads: 8,
+                    kv_heads: 2,
+                    head_dim: 128,
+                    scale: 0.1,
+                    dtype,
+                },
+                Family::KvAppend {
+                    batch: SymExpr::constant(1),
+                    new_tokens: SymExpr::constant(1),
+                    capacity: SymExpr::constant(256),
+                    kv_heads: 2,
+                    head_dim: 128,
+                    dtype,
+                },
+            ]
+        };
+        let kinds: std::collections::BTreeSet<FamilyKind> =
+            examples(DType::BF16).iter().map(|f| f.kind()).collect();
+        assert_eq!(kinds, capabilities.families, "one example per capability");
+        for &dtype in &capabilities.dtypes {
+            for family in &examples(dtype) {
+                let launches = lowering.lower_all(family, &bindings, 132).unwrap();
+                assert!(!launches.is_empty(), "{}", family.describe());
+            }
+        }
     }
 
     #[test]

@@ -109,18 +109,51 @@ pub enum AttentionKind {
     },
 }
 
-impl Family {
-    /// The family's short name, as used in reports and placement capabilities.
-    pub fn name(&self) -> &'static str {
+/// Which family a [`Family`] is, without its parameters: what placement capabilities list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FamilyKind {
+    Linear,
+    RmsNorm,
+    Rope,
+    Map,
+    Attention,
+    KvAppend,
+    Interpreted,
+}
+
+impl FamilyKind {
+    /// The short name used in reports (`linear`, `rms_norm`, …), as serialised.
+    pub fn name(self) -> &'static str {
         match self {
-            Family::Linear { .. } => "linear",
-            Family::RmsNorm { .. } => "rms_norm",
-            Family::Rope { .. } => "rope",
-            Family::Map { .. } => "map",
-            Family::Attention { .. } => "attention",
-            Family::KvAppend { .. } => "kv_append",
-            Family::Interpreted { .. } => "interpreted",
+            FamilyKind::Linear => "linear",
+            FamilyKind::RmsNorm => "rms_norm",
+            FamilyKind::Rope => "rope",
+            FamilyKind::Map => "map",
+            FamilyKind::Attention => "attention",
+            FamilyKind::KvAppend => "kv_append",
+            FamilyKind::Interpreted => "interpreted",
         }
+    }
+}
+
+impl Family {
+    /// Which family this is.
+    pub fn kind(&self) -> FamilyKind {
+        match self {
+            Family::Linear { .. } => FamilyKind::Linear,
+            Family::RmsNorm { .. } => FamilyKind::RmsNorm,
+            Family::Rope { .. } => FamilyKind::Rope,
+            Family::Map { .. } => FamilyKind::Map,
+            Family::Attention { .. } => FamilyKind::Attention,
+            Family::KvAppend { .. } => FamilyKind::KvAppend,
+            Family::Interpreted { .. } => FamilyKind::Interpreted,
+        }
+    }
+
+    /// The family's short name, as used in reports.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
     }
 
     /// The dtype the family computes in, if it has one.

@@ -31,7 +31,7 @@ pub mod placement;
 pub mod size;
 
 pub use computation::Computation;
-pub use family::{classify, AttentionKind, Family, LinearEpilogue};
+pub use family::{classify, AttentionKind, Family, FamilyKind, LinearEpilogue};
 pub use memory::{MemoryPlan, PlanMemory};
 pub use pass::{Pass, PassRecord, PassReport};
 pub use placement::{recompute_transfers, ForceCpu, GpuCapabilities};

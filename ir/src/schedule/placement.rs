@@ -7,7 +7,7 @@
 //! reads that is only valid on the GPU is copied to the host first, and vice versa.
 //! Graph inputs start on the host; graph outputs end on the host.
 
-use super::family::Family;
+use super::family::{Family, FamilyKind};
 use super::pass::{Pass, PassReport};
 use super::{BufferKind, Device, Schedule, Transfer};
 use crate::dtype::DType;
@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 /// What the GPU backend can generate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuCapabilities {
-    /// Family names ([`Family::name`]) with a GPU generator.
-    pub families: BTreeSet<String>,
+    /// Families with a GPU generator.
+    pub families: BTreeSet<FamilyKind>,
     /// Dtypes those generators accept.
     pub dtypes: BTreeSet<DType>,
 }
@@ -30,15 +30,14 @@ impl Default for GpuCapabilities {
     fn default() -> GpuCapabilities {
         GpuCapabilities {
             families: [
-                "linear",
-                "rms_norm",
-                "rope",
-                "map",
-                "attention",
-                "kv_append",
+                FamilyKind::Linear,
+                FamilyKind::RmsNorm,
+                FamilyKind::Rope,
+                FamilyKind::Map,
+                FamilyKind::Attention,
+                FamilyKind::KvAppend,
             ]
             .into_iter()
-            .map(String::from)
             .collect(),
             dtypes: [DType::F16, DType::BF16].into_iter().collect(),
         }
@@ -48,7 +47,7 @@ impl Default for GpuCapabilities {
 impl GpuCapabilities {
     /// Where a kernel of `family` runs.
     pub fn place(&self, family: &Family) -> Device {
-        let supported = self.families.contains(family.name())
+        let supported = self.families.contains(&family.kind())
             && family.dtype().is_some_and(|d| self.dtypes.contains(&d))
             && !matches!(
                 family,
