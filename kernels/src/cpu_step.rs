@@ -10,13 +10,16 @@
 //! is the rotation kernel over cos/sin tables the runtime builds per call; attention (causal
 //! prefill, decode) is the runtime's CPU attention over the Cranelift dot and softmax kernels;
 //! the MoE experts (`MoeExpertFfn`) gather each expert's routed rows and run its SwiGLU FFN as
-//! two dot kernels, a map and a dot kernel — the CPU expert Fiddler places. Steps
+//! two dot kernels, a map and a dot kernel — the CPU expert Fiddler places; the MoE router is
+//! the softmax kernel (in f64, as the interpreter computes it) followed by the top-k choice,
+//! and dispatch and combine are the runtime's routing bookkeeping (a counting sort, a
+//! weighted sum of each token's expert rows). Steps
 //! that only move data — the embedding gather, slices, KV append — are copies the runtime
 //! does itself, with no arithmetic. Specs hold no sizes (they are run-time arguments), so a
 //! step's spec serves every shape, and they are what a compiled artifact stores for its host
 //! steps: the runtime compiles them with Cranelift at load. An op with no entry here (Quest
-//! attention, softmax, top-k, the MoE router, dispatch and combine) still runs on the
-//! reference interpreter. This file must not compile or run code.
+//! attention, a stand-alone softmax or top-k, quantization) still runs on the reference
+//! interpreter. This file must not compile or run code.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
@@ -38,7 +41,7 @@
 //! ```
 
 use crate::lower::map_expr;
-use kiln_codegen::cpu::{DotSpec, ElemType, MapSpec, RmsNormSpec, RopeSpec};
+use kiln_codegen::cpu::{DotSpec, ElemType, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec};
 use kiln_codegen::expr::Expr;
 use kiln_ir::dtype::DType;
 use kiln_ir::op::Op;
@@ -100,6 +103,18 @@ pub enum CpuStep {
         num_experts: usize,
         dtype: DType,
     },
+    /// `MoeRouter`: each row's softmax (the softmax kernel in f64), its `top_k` experts
+    /// (largest first, ties to the lower index) and their weights, renormalised when
+    /// `normalize`.
+    MoeRouter {
+        softmax: SoftmaxSpec,
+        top_k: usize,
+        normalize: bool,
+    },
+    /// `MoeDispatch`: the slots sorted by expert (stable) and each expert's offsets.
+    MoeDispatch { num_experts: usize },
+    /// `MoeCombine`: each token's expert rows summed with their router weights.
+    MoeCombine,
     /// `Embedding`: the table's rows of the ids, copied.
     Gather,
     /// `Slice`: a range along one axis, copied.
@@ -131,6 +146,19 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
             })
         }
         Op::KvAppend => return Some(CpuStep::KvAppend),
+        Op::MoeRouter { top_k, normalize } => {
+            return Some(CpuStep::MoeRouter {
+                softmax: SoftmaxSpec::new(ElemType::F64),
+                top_k: *top_k,
+                normalize: *normalize,
+            })
+        }
+        Op::MoeDispatch { num_experts } => {
+            return Some(CpuStep::MoeDispatch {
+                num_experts: *num_experts,
+            })
+        }
+        Op::MoeCombine => return Some(CpuStep::MoeCombine),
         Op::MoeExpertFfn { num_experts } => {
             let dtype = computes.outputs.first()?.dtype;
             return float(dtype).then(|| CpuStep::MoeExperts {

@@ -11,7 +11,7 @@
 use super::ExecError;
 use crate::cpu::{
     AttentionShape, CpuAttention, CpuJit, DotKernel, DotShape, MapKernel, Parallelism,
-    RmsNormKernel, RopeKernel,
+    RmsNormKernel, RopeKernel, SoftmaxKernel, SoftmaxShape,
 };
 use kiln_ir::dtype::DType;
 use kiln_ir::schedule::LinearEpilogue;
@@ -57,6 +57,15 @@ pub(super) enum HostKernel {
         num_experts: usize,
         dtype: DType,
     },
+    MoeRouter {
+        softmax: SoftmaxKernel,
+        top_k: usize,
+        normalize: bool,
+    },
+    MoeDispatch {
+        num_experts: usize,
+    },
+    MoeCombine,
     Gather,
     Slice {
         axis: usize,
@@ -216,6 +225,16 @@ fn moe_experts(
     Ok(out)
 }
 
+/// Indices of the `k` largest values, largest first; ties (−0 and +0 included) go to the
+/// lower index.
+fn top_k_indices(row: &[f32], k: usize) -> Vec<usize> {
+    let key = |v: f32| if v == 0.0 { 0.0 } else { v };
+    let mut indices: Vec<usize> = (0..row.len()).collect();
+    indices.sort_by(|&a, &b| key(row[b]).total_cmp(&key(row[a]))); // stable
+    indices.truncate(k);
+    indices
+}
+
 /// An operand that does not broadcast to the result's shape.
 #[derive(Debug, thiserror::Error)]
 #[error("an operand of shape {operand:?} does not broadcast to {result:?}")]
@@ -356,6 +375,19 @@ impl HostKernels {
                     num_experts: *num_experts,
                     dtype: *dtype,
                 }),
+                Some(CpuStep::MoeRouter {
+                    softmax,
+                    top_k,
+                    normalize,
+                }) => Some(HostKernel::MoeRouter {
+                    softmax: jit.softmax(*softmax).map_err(cpu_error(name))?,
+                    top_k: *top_k,
+                    normalize: *normalize,
+                }),
+                Some(CpuStep::MoeDispatch { num_experts }) => Some(HostKernel::MoeDispatch {
+                    num_experts: *num_experts,
+                }),
+                Some(CpuStep::MoeCombine) => Some(HostKernel::MoeCombine),
                 Some(CpuStep::Gather) => Some(HostKernel::Gather),
                 Some(CpuStep::Slice { axis, start, end }) => Some(HostKernel::Slice {
                     axis: *axis,
@@ -461,6 +493,69 @@ impl HostKernel {
                 .map_err(cpu_error(kernel))?;
                 Ok(vec![out])
             }
+            HostKernel::MoeRouter {
+                softmax,
+                top_k,
+                normalize,
+            } => {
+                let logits = operands
+                    .first()
+                    .ok_or_else(|| bad("the router takes logits".into()))?;
+                let experts = logits.shape.last().copied().unwrap_or(0);
+                if experts == 0 || *top_k > experts {
+                    return Err(bad(format!("top {top_k} of {experts} experts")));
+                }
+                let rows = logits.data.len() / experts;
+                let mut probabilities: Vec<f64> = logits.data.iter().map(|&v| v as f64).collect();
+                softmax
+                    .run(
+                        &mut probabilities,
+                        SoftmaxShape::new(rows, experts),
+                        1.0,
+                        Parallelism::Sequential,
+                    )
+                    .map_err(cpu_error(kernel))?;
+                let mut weights = Vec::with_capacity(rows * top_k);
+                let mut chosen = Vec::with_capacity(rows * top_k);
+                for row in probabilities.chunks(experts) {
+                    let row: Vec<f32> = row.iter().map(|&p| p as f32).collect();
+                    let picked = top_k_indices(&row, *top_k);
+                    let total: f64 = picked.iter().map(|&e| row[e] as f64).sum();
+                    for e in picked {
+                        let p = row[e] as f64;
+                        weights.push(if *normalize {
+                            (p / total) as f32
+                        } else {
+                            p as f32
+                        });
+                        chosen.push(e as f32);
+                    }
+                }
+                Ok(vec![weights, chosen])
+            }
+            HostKernel::MoeDispatch { num_experts } => {
+                let experts = operands
+                    .first()
+                    .ok_or_else(|| bad("dispatch takes the chosen experts".into()))?;
+                let mut counts = vec![0usize; *num_experts];
+                for (slot, &e) in experts.data.iter().enumerate() {
+                    if e < 0.0 || e as usize >= *num_experts {
+                        return Err(bad(format!(
+                            "slot {slot} routes to expert {e}, outside 0..{num_experts}"
+                        )));
+                    }
+                    counts[e as usize] += 1;
+                }
+                let mut order: Vec<usize> = (0..experts.data.len()).collect();
+                order.sort_by_key(|&slot| experts.data[slot] as usize); // stable
+                let mut offsets = vec![0f32];
+                let mut running = 0usize;
+                for count in counts {
+                    running += count;
+                    offsets.push(running as f32);
+                }
+                Ok(vec![order.iter().map(|&s| s as f32).collect(), offsets])
+            }
             _ => Ok(vec![self.run_one(kernel, operands, shape)?]),
         }
     }
@@ -539,6 +634,35 @@ impl HostKernel {
                 dtype,
             } => moe_experts(dot, activation, *num_experts, *dtype, operands, elements)
                 .map_err(|message| bad(message.to_string())),
+            HostKernel::MoeCombine => {
+                let (y, order, weights) = match operands {
+                    [y, order, weights] => (y, order, weights),
+                    _ => return Err(bad("combine takes rows, order and weights".into())),
+                };
+                let hidden = y.shape.last().copied().unwrap_or(1).max(1);
+                let k = order.shape.last().copied().unwrap_or(1).max(1);
+                let slots = order.data.len();
+                let mut seen = vec![false; slots];
+                let mut sums = vec![0.0f64; elements];
+                for (position, &slot) in order.data.iter().enumerate() {
+                    let slot = slot as usize;
+                    if slot >= slots || std::mem::replace(&mut seen[slot], true) {
+                        return Err(bad(format!(
+                            "order is not a permutation of the slots (position {position})"
+                        )));
+                    }
+                    let token = slot / k;
+                    let weight = weights.data[slot] as f64;
+                    let row = &y.data[position * hidden..(position + 1) * hidden];
+                    for (sum, &value) in sums[token * hidden..(token + 1) * hidden]
+                        .iter_mut()
+                        .zip(row)
+                    {
+                        *sum += weight * value as f64;
+                    }
+                }
+                Ok(sums.into_iter().map(|v| v as f32).collect())
+            }
             HostKernel::Gather => {
                 let (table, ids) = match operands {
                     [table, ids] if table.shape.len() == 2 => (table, ids),
@@ -680,7 +804,10 @@ impl HostKernel {
                 }
                 Ok(out)
             }
-            HostKernel::RmsNorm { .. } | HostKernel::Rope { .. } => {
+            HostKernel::RmsNorm { .. }
+            | HostKernel::Rope { .. }
+            | HostKernel::MoeRouter { .. }
+            | HostKernel::MoeDispatch { .. } => {
                 Err(bad("a step of several results run as one".into()))
             }
         }
@@ -690,6 +817,13 @@ impl HostKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_takes_the_largest_and_breaks_ties_to_the_lower_index() {
+        assert_eq!(top_k_indices(&[0.1, 0.5, 0.2, 0.5], 2), vec![1, 3]);
+        assert_eq!(top_k_indices(&[-0.0, 0.0, -1.0], 2), vec![0, 1]);
+        assert_eq!(top_k_indices(&[3.0, 1.0, 2.0], 3), vec![0, 2, 1]);
+    }
 
     #[test]
     fn concat_copies_along_the_axis() {
