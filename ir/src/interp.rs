@@ -8,6 +8,7 @@
 
 use crate::dtype::DType;
 use crate::graph::{Graph, Node, ValueId};
+use crate::movement;
 use crate::op::{InputKind, Op, QuantScheme};
 use crate::quest::QuestError;
 use crate::shape::{Bindings, Shape, ShapeError};
@@ -77,12 +78,9 @@ pub enum EvalError {
     Shape(#[from] ShapeError),
     #[error(transparent)]
     Quest(#[from] QuestError),
-    #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]
-    TokenId {
-        id: f32,
-        position: usize,
-        vocab: usize,
-    },
+    /// A gather, append, slice or MoE routing index out of range.
+    #[error(transparent)]
+    Movement(#[from] crate::movement::MovementError),
     #[error("causal attention needs at least as many keys ({keys}) as queries ({queries})")]
     CausalKeys { keys: usize, queries: usize },
     #[error(
@@ -97,41 +95,17 @@ pub enum EvalError {
     },
     #[error("sequence {batch} has length {length}, expected at least 1 (the new token)")]
     QuestLength { batch: usize, length: f32 },
-    #[error(
-        "sequence {batch}: appending {tokens} tokens at {start} overflows the cache capacity \
-         {capacity}"
-    )]
-    CacheOverflow {
-        batch: usize,
-        tokens: usize,
-        start: f32,
-        capacity: usize,
-    },
     #[error("k = {k} exceeds the last dimension {n}")]
     TopK { k: usize, n: usize },
-    #[error("slot {slot} routes to expert {expert}, outside 0..{num_experts}")]
-    Expert {
-        slot: usize,
-        expert: f32,
-        num_experts: usize,
-    },
     #[error("offsets must start at 0 and end at the slot count {slots}, got {offsets:?}")]
     OffsetEnds { slots: f32, offsets: Vec<f32> },
     #[error("offsets must not decrease, got {offsets:?}")]
     OffsetOrder { offsets: Vec<f32> },
-    #[error("order is not a permutation of the slots (position {position})")]
-    Order { position: usize },
     #[error("cannot reshape {dtype}{from:?} into {to:?}")]
     Reshape {
         dtype: DType,
         from: Vec<usize>,
         to: Vec<usize>,
-    },
-    #[error("slice {start}..{end:?} is out of range for size {size}")]
-    Slice {
-        start: i64,
-        end: Option<i64>,
-        size: i64,
     },
     #[error("a fused map needs at least one step")]
     NoSteps,
@@ -273,22 +247,7 @@ pub fn eval(
         Op::Input { .. } => Err(EvalError::Input),
         Op::Constant { value, .. } => one(vec![], vec![*value]),
         Op::Embedding => {
-            let (table, ids) = (operands[0], operands[1]);
-            let (vocab, hidden) = (table.shape[0], table.shape[1]);
-            let mut data = Vec::with_capacity(ids.len() * hidden);
-            for (position, &id) in ids.data.iter().enumerate() {
-                if id < 0.0 || id as usize >= vocab {
-                    return Err(EvalError::TokenId {
-                        id,
-                        position,
-                        vocab,
-                    });
-                }
-                let row = id as usize * hidden;
-                data.extend_from_slice(&table.data[row..row + hidden]);
-            }
-            let mut shape = ids.shape.clone();
-            shape.push(hidden);
+            let (shape, data) = movement::gather(operands[0], operands[1])?;
             one(shape, data)
         }
         Op::RmsNorm { eps } => {
@@ -423,25 +382,8 @@ pub fn eval(
             Ok(vec![out])
         }
         Op::KvAppend => {
-            let (cache, new, start) = (operands[0], operands[1], operands[2]);
-            let (capacity, s) = (cache.shape[1], new.shape[1]);
-            let row = cache.shape[2] * cache.shape[3];
-            let mut data = cache.data.clone();
-            for (batch, &first) in start.data.iter().enumerate() {
-                if first < 0.0 || first as usize + s > capacity {
-                    return Err(EvalError::CacheOverflow {
-                        batch,
-                        tokens: s,
-                        start: first,
-                        capacity,
-                    });
-                }
-                let destination = (batch * capacity + first as usize) * row;
-                let source = batch * s * row;
-                data[destination..destination + s * row]
-                    .copy_from_slice(&new.data[source..source + s * row]);
-            }
-            one(cache.shape.clone(), data)
+            let data = movement::append(operands[0], operands[1], operands[2])?;
+            one(operands[0].shape.clone(), data)
         }
         Op::Silu => one(
             operands[0].shape.clone(),
@@ -476,7 +418,7 @@ pub fn eval(
             let mut values = Vec::new();
             let mut indices = Vec::new();
             for row in x.data.chunks(n) {
-                for index in top_k(row, *k) {
+                for index in movement::top_k(row, *k) {
                     values.push(row[index]);
                     indices.push(index as f32);
                 }
@@ -506,7 +448,7 @@ pub fn eval(
             let mut chosen = Vec::new();
             for row in logits.data.chunks(experts) {
                 let probabilities = softmax(row);
-                let picked = top_k(&probabilities, *k);
+                let picked = movement::top_k(&probabilities, *k);
                 let total: f64 = picked.iter().map(|&e| probabilities[e] as f64).sum();
                 for e in picked {
                     let p = probabilities[e] as f64;
@@ -535,30 +477,12 @@ pub fn eval(
         }
         Op::MoeDispatch { num_experts } => {
             let experts = operands[0];
-            let mut counts = vec![0usize; *num_experts];
-            for (slot, &e) in experts.data.iter().enumerate() {
-                if e < 0.0 || e as usize >= *num_experts {
-                    return Err(EvalError::Expert {
-                        slot,
-                        expert: e,
-                        num_experts: *num_experts,
-                    });
-                }
-                counts[e as usize] += 1;
-            }
-            let mut order: Vec<usize> = (0..experts.len()).collect();
-            order.sort_by_key(|&slot| experts.data[slot] as usize); // stable
-            let mut offsets = vec![0f32];
-            let mut running = 0usize;
-            for count in counts {
-                running += count;
-                offsets.push(running as f32);
-            }
+            let (order, offsets) = movement::dispatch(experts, *num_experts)?;
             Ok(vec![
                 Tensor {
                     dtype: crate::dtype::DType::I32,
                     shape: experts.shape.clone(),
-                    data: order.iter().map(|&s| s as f32).collect(),
+                    data: order,
                 },
                 Tensor {
                     dtype: crate::dtype::DType::I32,
@@ -594,26 +518,8 @@ pub fn eval(
             one(shape, data)
         }
         Op::MoeCombine => {
-            let (y, order, weights) = (operands[0], operands[1], operands[2]);
-            let hidden = *y.shape.last().expect("rank ≥ 2");
-            let k = *order.shape.last().expect("rank ≥ 1");
-            let tokens = order.len() / k.max(1);
-            let mut seen = vec![false; order.len()];
-            let mut sums = vec![0.0f64; tokens * hidden];
-            for (p, &slot) in order.data.iter().enumerate() {
-                let slot = slot as usize;
-                if slot >= order.len() || std::mem::replace(&mut seen[slot], true) {
-                    return Err(EvalError::Order { position: p });
-                }
-                let token = slot / k;
-                let weight = weights.data[slot] as f64;
-                for h in 0..hidden {
-                    sums[token * hidden + h] += weight * y.data[p * hidden + h] as f64;
-                }
-            }
-            let mut shape = order.shape[..order.shape.len() - 1].to_vec();
-            shape.push(hidden);
-            one(shape, sums.into_iter().map(|v| v as f32).collect())
+            let (shape, data) = movement::combine(operands[0], operands[1], operands[2])?;
+            one(shape, data)
         }
         Op::Reshape { shape } => {
             let x = operands[0];
@@ -644,41 +550,11 @@ pub fn eval(
             one(out_shape, data)
         }
         Op::Slice { axis, start, end } => {
-            let x = operands[0];
-            let size = x.shape[*axis] as i64;
-            let fix = |v: i64| if v < 0 { v + size } else { v };
-            let (first, last) = (fix(*start), fix(end.unwrap_or(size)));
-            if first < 0 || last > size || first > last {
-                return Err(EvalError::Slice {
-                    start: *start,
-                    end: *end,
-                    size,
-                });
-            }
-            let outer: usize = x.shape[..*axis].iter().product();
-            let inner: usize = x.shape[axis + 1..].iter().product();
-            let mut data = Vec::new();
-            for o in 0..outer {
-                let base = o * x.shape[*axis] * inner;
-                data.extend_from_slice(
-                    &x.data[base + first as usize * inner..base + last as usize * inner],
-                );
-            }
-            let mut shape = x.shape.clone();
-            shape[*axis] = (last - first) as usize;
+            let (shape, data) = movement::slice(operands[0], *axis, *start, *end)?;
             one(shape, data)
         }
         Op::Concat { axis } => {
-            let outer: usize = operands[0].shape[..*axis].iter().product();
-            let mut data = Vec::new();
-            for o in 0..outer {
-                for x in operands {
-                    let chunk: usize = x.shape[*axis..].iter().product();
-                    data.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
-                }
-            }
-            let mut shape = operands[0].shape.clone();
-            shape[*axis] = operands.iter().map(|x| x.shape[*axis]).sum();
+            let (shape, data) = movement::concat(operands, *axis);
             one(shape, data)
         }
         Op::Cast { to } => Ok(vec![operands[0].cast(*to)]),
@@ -867,16 +743,6 @@ fn softmax(row: &[f32]) -> Vec<f32> {
     exps.iter().map(|&e| (e / total) as f32).collect()
 }
 
-/// Indices of the `k` largest values, descending; ties go to the lower index.
-fn top_k(row: &[f32], k: usize) -> Vec<usize> {
-    let mut indices: Vec<usize> = (0..row.len()).collect();
-    // −0 and +0 are equal (a tie), which `total_cmp` alone would order.
-    let key = |v: f32| if v == 0.0 { 0.0 } else { v };
-    indices.sort_by(|&a, &b| key(row[b]).total_cmp(&key(row[a]))); // stable: ties keep index order
-    indices.truncate(k);
-    indices
-}
-
 /// `down · (silu(gate · x) ⊙ (up · x))` for one token.
 fn swiglu_ffn(x: &[f32], gate: &Tensor, up: &Tensor, down: &Tensor) -> Vec<f32> {
     let (width, hidden) = (gate.shape[0], gate.shape[1]);
@@ -911,7 +777,7 @@ fn check_dispatch(order: &Tensor, offsets: &Tensor, num_experts: usize) -> Resul
     let mut seen = vec![false; order.len()];
     for (p, &slot) in order.data.iter().enumerate() {
         if slot < 0.0 || slot >= slots || std::mem::replace(&mut seen[slot as usize], true) {
-            return Err(EvalError::Order { position: p });
+            return Err(crate::movement::MovementError::Order { position: p }.into());
         }
     }
     Ok(())

@@ -22,6 +22,7 @@ pub mod dtype;
 pub mod graph;
 pub mod interp;
 pub mod model;
+pub mod movement;
 pub mod op;
 pub mod passes;
 pub mod quest;

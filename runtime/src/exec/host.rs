@@ -4,9 +4,11 @@
 //! process's [`CpuJit`]) and the running of one step: the linear's product on the dot kernel,
 //! rounded to the step's dtype as the interpreter rounds it, then its epilogue map row by
 //! row; a map over whole operands (broadcast operands expanded to the result's shape first);
-//! and the copies (embedding gather, slice, KV append) with the interpreter's bounds checks.
-//! Results are cast to the result dtype by the caller, as for every host step. It must not build kernel IR (that is `kiln_codegen::cpu`) or
-//! decide which steps have kernels (that is `kiln_kernels::cpu_step`).
+//! and the copies and MoE routing bookkeeping (embedding gather, slice, KV append, concat,
+//! dispatch, combine, the router's top-k), which are `kiln_ir::movement`'s, shared with the
+//! interpreter. Results are cast to the result dtype by the caller, as for every host step.
+//! It must not build kernel IR (that is `kiln_codegen::cpu`) or decide which steps have
+//! kernels (that is `kiln_kernels::cpu_step`).
 
 use super::ExecError;
 use crate::cpu::{
@@ -14,6 +16,7 @@ use crate::cpu::{
     RmsNormKernel, RopeKernel, SoftmaxKernel, SoftmaxShape,
 };
 use kiln_ir::dtype::DType;
+use kiln_ir::movement;
 use kiln_ir::schedule::LinearEpilogue;
 use kiln_ir::tensor::Tensor;
 use kiln_kernels::cpu_step::CpuStep;
@@ -100,16 +103,7 @@ pub(super) fn concat(op: &kiln_ir::op::Op, operands: &[&Tensor]) -> Option<Tenso
     if !fits {
         return None;
     }
-    let outer: usize = first.shape[..*axis].iter().product();
-    let mut data = Vec::with_capacity(operands.iter().map(|x| x.data.len()).sum());
-    for o in 0..outer {
-        for x in operands {
-            let chunk: usize = x.shape[*axis..].iter().product();
-            data.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
-        }
-    }
-    let mut shape = first.shape.clone();
-    shape[*axis] = operands.iter().map(|x| x.shape[*axis]).sum();
+    let (shape, data) = movement::concat(operands, *axis);
     Some(Tensor {
         dtype: first.dtype,
         shape,
@@ -223,16 +217,6 @@ fn moe_experts(
         dot.run(&activated, &down.data, rows_out, shape, 1.0, 0.0, parallel)?;
     }
     Ok(out)
-}
-
-/// Indices of the `k` largest values, largest first; ties (−0 and +0 included) go to the
-/// lower index.
-fn top_k_indices(row: &[f32], k: usize) -> Vec<usize> {
-    let key = |v: f32| if v == 0.0 { 0.0 } else { v };
-    let mut indices: Vec<usize> = (0..row.len()).collect();
-    indices.sort_by(|&a, &b| key(row[b]).total_cmp(&key(row[a]))); // stable
-    indices.truncate(k);
-    indices
 }
 
 /// An operand that does not broadcast to the result's shape.
@@ -519,7 +503,7 @@ impl HostKernel {
                 let mut chosen = Vec::with_capacity(rows * top_k);
                 for row in probabilities.chunks(experts) {
                     let row: Vec<f32> = row.iter().map(|&p| p as f32).collect();
-                    let picked = top_k_indices(&row, *top_k);
+                    let picked = movement::top_k(&row, *top_k);
                     let total: f64 = picked.iter().map(|&e| row[e] as f64).sum();
                     for e in picked {
                         let p = row[e] as f64;
@@ -537,24 +521,9 @@ impl HostKernel {
                 let experts = operands
                     .first()
                     .ok_or_else(|| bad("dispatch takes the chosen experts".into()))?;
-                let mut counts = vec![0usize; *num_experts];
-                for (slot, &e) in experts.data.iter().enumerate() {
-                    if e < 0.0 || e as usize >= *num_experts {
-                        return Err(bad(format!(
-                            "slot {slot} routes to expert {e}, outside 0..{num_experts}"
-                        )));
-                    }
-                    counts[e as usize] += 1;
-                }
-                let mut order: Vec<usize> = (0..experts.data.len()).collect();
-                order.sort_by_key(|&slot| experts.data[slot] as usize); // stable
-                let mut offsets = vec![0f32];
-                let mut running = 0usize;
-                for count in counts {
-                    running += count;
-                    offsets.push(running as f32);
-                }
-                Ok(vec![order.iter().map(|&s| s as f32).collect(), offsets])
+                let (order, offsets) =
+                    movement::dispatch(experts, *num_experts).map_err(|e| bad(e.to_string()))?;
+                Ok(vec![order, offsets])
             }
             _ => Ok(vec![self.run_one(kernel, operands, shape)?]),
         }
@@ -634,101 +603,38 @@ impl HostKernel {
                 dtype,
             } => moe_experts(dot, activation, *num_experts, *dtype, operands, elements)
                 .map_err(|message| bad(message.to_string())),
-            HostKernel::MoeCombine => {
-                let (y, order, weights) = match operands {
-                    [y, order, weights] => (y, order, weights),
-                    _ => return Err(bad("combine takes rows, order and weights".into())),
-                };
-                let hidden = y.shape.last().copied().unwrap_or(1).max(1);
-                let k = order.shape.last().copied().unwrap_or(1).max(1);
-                let slots = order.data.len();
-                let mut seen = vec![false; slots];
-                let mut sums = vec![0.0f64; elements];
-                for (position, &slot) in order.data.iter().enumerate() {
-                    let slot = slot as usize;
-                    if slot >= slots || std::mem::replace(&mut seen[slot], true) {
-                        return Err(bad(format!(
-                            "order is not a permutation of the slots (position {position})"
-                        )));
-                    }
-                    let token = slot / k;
-                    let weight = weights.data[slot] as f64;
-                    let row = &y.data[position * hidden..(position + 1) * hidden];
-                    for (sum, &value) in sums[token * hidden..(token + 1) * hidden]
-                        .iter_mut()
-                        .zip(row)
-                    {
-                        *sum += weight * value as f64;
-                    }
-                }
-                Ok(sums.into_iter().map(|v| v as f32).collect())
-            }
-            HostKernel::Gather => {
-                let (table, ids) = match operands {
-                    [table, ids] if table.shape.len() == 2 => (table, ids),
-                    _ => return Err(bad("a gather takes a [vocab, hidden] table and ids".into())),
-                };
-                let (vocab, hidden) = (table.shape[0], table.shape[1]);
-                let mut out = Vec::with_capacity(ids.data.len() * hidden);
-                for (position, &id) in ids.data.iter().enumerate() {
-                    if id < 0.0 || id as usize >= vocab {
-                        return Err(bad(format!(
-                            "token id {id} at position {position} is outside the vocabulary of {vocab}"
-                        )));
-                    }
-                    let row = id as usize * hidden;
-                    out.extend_from_slice(&table.data[row..row + hidden]);
-                }
-                Ok(out)
-            }
+            HostKernel::MoeCombine => match operands {
+                [y, order, weights] => Ok(movement::combine(y, order, weights)
+                    .map_err(|e| bad(e.to_string()))?
+                    .1),
+                _ => Err(bad("combine takes rows, order and weights".into())),
+            },
+            HostKernel::Gather => match operands {
+                [table, ids] if table.shape.len() == 2 => Ok(movement::gather(table, ids)
+                    .map_err(|e| bad(e.to_string()))?
+                    .1),
+                _ => Err(bad("a gather takes a [vocab, hidden] table and ids".into())),
+            },
             HostKernel::Slice { axis, start, end } => {
                 let x = operands
                     .first()
                     .ok_or_else(|| bad("a slice takes one operand".into()))?;
-                let size = *x.shape.get(*axis).ok_or_else(|| {
-                    bad(format!("axis {axis} of a rank-{} operand", x.shape.len()))
-                })? as i64;
-                let fix = |v: i64| if v < 0 { v + size } else { v };
-                let (first, last) = (fix(*start), fix(end.unwrap_or(size)));
-                if first < 0 || last > size || first > last {
+                if *axis >= x.shape.len() {
                     return Err(bad(format!(
-                        "slice {start}..{end:?} is out of range for size {size}"
+                        "axis {axis} of a rank-{} operand",
+                        x.shape.len()
                     )));
                 }
-                let outer: usize = x.shape[..*axis].iter().product();
-                let inner: usize = x.shape[axis + 1..].iter().product();
-                let mut out = Vec::with_capacity(elements);
-                for o in 0..outer {
-                    let base = o * x.shape[*axis] * inner;
-                    out.extend_from_slice(
-                        &x.data[base + first as usize * inner..base + last as usize * inner],
-                    );
-                }
-                Ok(out)
+                Ok(movement::slice(x, *axis, *start, *end)
+                    .map_err(|e| bad(e.to_string()))?
+                    .1)
             }
-            HostKernel::KvAppend => {
-                let (cache, new, start) = match operands {
-                    [cache, new, start] if cache.shape.len() == 4 && new.shape.len() == 4 => {
-                        (cache, new, start)
-                    }
-                    _ => return Err(bad("KV append takes a cache, new rows and starts".into())),
-                };
-                let (capacity, tokens) = (cache.shape[1], new.shape[1]);
-                let row = cache.shape[2] * cache.shape[3];
-                let mut out = cache.data.clone();
-                for (batch, &first) in start.data.iter().enumerate() {
-                    if first < 0.0 || first as usize + tokens > capacity {
-                        return Err(bad(format!(
-                            "sequence {batch}: appending {tokens} tokens at {first} overflows the cache capacity {capacity}"
-                        )));
-                    }
-                    let destination = (batch * capacity + first as usize) * row;
-                    let source = batch * tokens * row;
-                    out[destination..destination + tokens * row]
-                        .copy_from_slice(&new.data[source..source + tokens * row]);
+            HostKernel::KvAppend => match operands {
+                [cache, new, start] if cache.shape.len() == 4 && new.shape.len() == 4 => {
+                    movement::append(cache, new, start).map_err(|e| bad(e.to_string()))
                 }
-                Ok(out)
-            }
+                _ => Err(bad("KV append takes a cache, new rows and starts".into())),
+            },
             HostKernel::Linear {
                 dot,
                 epilogue,
@@ -817,13 +723,6 @@ impl HostKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_k_takes_the_largest_and_breaks_ties_to_the_lower_index() {
-        assert_eq!(top_k_indices(&[0.1, 0.5, 0.2, 0.5], 2), vec![1, 3]);
-        assert_eq!(top_k_indices(&[-0.0, 0.0, -1.0], 2), vec![0, 1]);
-        assert_eq!(top_k_indices(&[3.0, 1.0, 2.0], 3), vec![0, 2, 1]);
-    }
 
     #[test]
     fn concat_copies_along_the_axis() {

@@ -1,0 +1,233 @@
+//! Data movement and MoE routing bookkeeping, shared by the reference interpreter and the
+//! runtime's host steps.
+//!
+//! Owns the ops that only move or reorder values — the embedding gather, KV append, slices,
+//! concatenation, top-k choice, MoE dispatch (a stable counting sort) and combine (each
+//! token's expert rows summed with their weights, in f64) — as plain functions over
+//! [`Tensor`]s, with their bounds checks ([`MovementError`]). There is nothing to cross-check
+//! in a copy, so both the interpreter and the runtime call these; arithmetic kernels stay
+//! separate (the interpreter is their oracle). This module must not evaluate graphs.
+//!
+//! ```
+//! use kiln_ir::movement::top_k;
+//! assert_eq!(top_k(&[0.1, 0.5, 0.2, 0.5], 2), vec![1, 3]);
+//! ```
+
+use crate::tensor::Tensor;
+
+/// Why a data-movement op could not run: an index outside what it indexes.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum MovementError {
+    #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]
+    TokenId {
+        id: f32,
+        position: usize,
+        vocab: usize,
+    },
+    #[error(
+        "sequence {batch}: appending {tokens} tokens at {start} overflows the cache capacity \
+         {capacity}"
+    )]
+    CacheOverflow {
+        batch: usize,
+        tokens: usize,
+        start: f32,
+        capacity: usize,
+    },
+    #[error("slice {start}..{end:?} is out of range for size {size}")]
+    Slice {
+        start: i64,
+        end: Option<i64>,
+        size: i64,
+    },
+    #[error("slot {slot} routes to expert {expert}, outside 0..{num_experts}")]
+    Expert {
+        slot: usize,
+        expert: f32,
+        num_experts: usize,
+    },
+    #[error("order is not a permutation of the slots (position {position})")]
+    Order { position: usize },
+}
+
+/// A result's shape and values.
+pub type Values = (Vec<usize>, Vec<f32>);
+
+/// `Embedding`: the rows of `table [vocab, hidden]` named by `ids`, shaped `ids.shape + [hidden]`.
+pub fn gather(table: &Tensor, ids: &Tensor) -> Result<Values, MovementError> {
+    let (vocab, hidden) = (table.shape[0], table.shape[1]);
+    let mut data = Vec::with_capacity(ids.len() * hidden);
+    for (position, &id) in ids.data.iter().enumerate() {
+        if id < 0.0 || id as usize >= vocab {
+            return Err(MovementError::TokenId {
+                id,
+                position,
+                vocab,
+            });
+        }
+        let row = id as usize * hidden;
+        data.extend_from_slice(&table.data[row..row + hidden]);
+    }
+    let mut shape = ids.shape.clone();
+    shape.push(hidden);
+    Ok((shape, data))
+}
+
+/// `KvAppend`: `cache [batch, capacity, heads, dim]` with `new [batch, tokens, heads, dim]`
+/// written at rows `start[b]..`.
+pub fn append(cache: &Tensor, new: &Tensor, start: &Tensor) -> Result<Vec<f32>, MovementError> {
+    let (capacity, tokens) = (cache.shape[1], new.shape[1]);
+    let row = cache.shape[2] * cache.shape[3];
+    let mut data = cache.data.clone();
+    for (batch, &first) in start.data.iter().enumerate() {
+        if first < 0.0 || first as usize + tokens > capacity {
+            return Err(MovementError::CacheOverflow {
+                batch,
+                tokens,
+                start: first,
+                capacity,
+            });
+        }
+        let destination = (batch * capacity + first as usize) * row;
+        let source = batch * tokens * row;
+        data[destination..destination + tokens * row]
+            .copy_from_slice(&new.data[source..source + tokens * row]);
+    }
+    Ok(data)
+}
+
+/// `Slice`: `x[.., start..end, ..]` along `axis`; negative bounds count from the end.
+pub fn slice(
+    x: &Tensor,
+    axis: usize,
+    start: i64,
+    end: Option<i64>,
+) -> Result<Values, MovementError> {
+    let size = x.shape[axis] as i64;
+    let fix = |v: i64| if v < 0 { v + size } else { v };
+    let (first, last) = (fix(start), fix(end.unwrap_or(size)));
+    if first < 0 || last > size || first > last {
+        return Err(MovementError::Slice { start, end, size });
+    }
+    let outer: usize = x.shape[..axis].iter().product();
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let mut data = Vec::new();
+    for o in 0..outer {
+        let base = o * x.shape[axis] * inner;
+        data.extend_from_slice(
+            &x.data[base + first as usize * inner..base + last as usize * inner],
+        );
+    }
+    let mut shape = x.shape.clone();
+    shape[axis] = (last - first) as usize;
+    Ok((shape, data))
+}
+
+/// `Concat`: the operands joined along `axis` (they agree on every other dimension).
+pub fn concat(operands: &[&Tensor], axis: usize) -> Values {
+    let outer: usize = operands[0].shape[..axis].iter().product();
+    let mut data = Vec::new();
+    for o in 0..outer {
+        for x in operands {
+            let chunk: usize = x.shape[axis..].iter().product();
+            data.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    let mut shape = operands[0].shape.clone();
+    shape[axis] = operands.iter().map(|x| x.shape[axis]).sum();
+    (shape, data)
+}
+
+/// Indices of the `k` largest values, descending; ties go to the lower index.
+pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut indices: Vec<usize> = (0..row.len()).collect();
+    // −0 and +0 are equal (a tie), which `total_cmp` alone would order.
+    let key = |v: f32| if v == 0.0 { 0.0 } else { v };
+    indices.sort_by(|&a, &b| key(row[b]).total_cmp(&key(row[a]))); // stable: ties keep index order
+    indices.truncate(k);
+    indices
+}
+
+/// `MoeDispatch`: the slots sorted by their expert (stable) and the `num_experts + 1`
+/// offsets of each expert's run.
+pub fn dispatch(
+    experts: &Tensor,
+    num_experts: usize,
+) -> Result<(Vec<f32>, Vec<f32>), MovementError> {
+    let mut counts = vec![0usize; num_experts];
+    for (slot, &e) in experts.data.iter().enumerate() {
+        if e < 0.0 || e as usize >= num_experts {
+            return Err(MovementError::Expert {
+                slot,
+                expert: e,
+                num_experts,
+            });
+        }
+        counts[e as usize] += 1;
+    }
+    let mut order: Vec<usize> = (0..experts.len()).collect();
+    order.sort_by_key(|&slot| experts.data[slot] as usize); // stable
+    let mut offsets = vec![0f32];
+    let mut running = 0usize;
+    for count in counts {
+        running += count;
+        offsets.push(running as f32);
+    }
+    Ok((order.iter().map(|&s| s as f32).collect(), offsets))
+}
+
+/// `MoeCombine`: `out[t] = Σⱼ weights[t, j] · y[p]` where `order[p] = t·k + j`, summed in
+/// f64; `order` must be a permutation of the slots.
+pub fn combine(y: &Tensor, order: &Tensor, weights: &Tensor) -> Result<Values, MovementError> {
+    let hidden = *y.shape.last().expect("rank ≥ 2");
+    let k = *order.shape.last().expect("rank ≥ 1");
+    let tokens = order.len() / k.max(1);
+    let mut seen = vec![false; order.len()];
+    let mut sums = vec![0.0f64; tokens * hidden];
+    for (p, &slot) in order.data.iter().enumerate() {
+        let slot = slot as usize;
+        if slot >= order.len() || std::mem::replace(&mut seen[slot], true) {
+            return Err(MovementError::Order { position: p });
+        }
+        let token = slot / k;
+        let weight = weights.data[slot] as f64;
+        for h in 0..hidden {
+            sums[token * hidden + h] += weight * y.data[p * hidden + h] as f64;
+        }
+    }
+    let mut shape = order.shape[..order.shape.len() - 1].to_vec();
+    shape.push(hidden);
+    Ok((shape, sums.into_iter().map(|v| v as f32).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_breaks_ties_to_the_lower_index_and_treats_zeros_as_equal() {
+        assert_eq!(top_k(&[-0.0, 0.0, -1.0], 2), vec![0, 1]);
+        assert_eq!(top_k(&[3.0, 1.0, 2.0], 3), vec![0, 2, 1]);
+    }
+
+    #[test]
+    fn dispatch_sorts_slots_by_expert_stably_and_combine_undoes_it() {
+        let experts = Tensor::f32(&[2, 2], vec![1.0, 0.0, 1.0, 2.0]);
+        let (order, offsets) = dispatch(&experts, 3).unwrap();
+        assert_eq!(order, vec![1.0, 0.0, 2.0, 3.0]);
+        assert_eq!(offsets, vec![0.0, 1.0, 3.0, 4.0]);
+        let order = Tensor::f32(&[2, 2], order);
+        let y = Tensor::f32(&[4, 1], vec![10.0, 20.0, 30.0, 40.0]);
+        let weights = Tensor::f32(&[2, 2], vec![0.5, 0.25, 1.0, 2.0]);
+        let (shape, out) = combine(&y, &order, &weights).unwrap();
+        assert_eq!(shape, vec![2, 1]);
+        // token 0: slot 0 (row 1, ×0.5) + slot 1 (row 0, ×0.25); token 1: 30 + 2·40
+        assert_eq!(out, vec![20.0 * 0.5 + 10.0 * 0.25, 30.0 + 80.0]);
+        let bad = Tensor::f32(&[1, 2], vec![0.0, 0.0]);
+        assert_eq!(
+            combine(&y, &bad, &weights).unwrap_err(),
+            MovementError::Order { position: 1 }
+        );
+        assert!(dispatch(&Tensor::f32(&[1], vec![3.0]), 3).is_err());
+    }
+}
