@@ -235,7 +235,7 @@ fn tiny_mixtral_d128_f16_attention_on_the_gpu_matches_cpu() {
 }
 
 /// Quest on the GPU (page bounds, estimate, top-K, sparse decode) in a model plan against
-/// the CPU plan's interpreted Quest, with a budget (512 tokens) above the sequence's 21
+/// the CPU plan's Quest host step, with a budget (512 tokens) above the sequence's 21
 /// pages: every page is selected (the op's dense fallback), so the runs must agree at every
 /// step. `quest_attention_program_matches_the_interpreter_call_after_call` checks a sparse
 /// selection on identical inputs.

@@ -50,7 +50,7 @@ fn the_plan_records_the_quest_pass_and_its_options() {
     assert_eq!(quest_nodes, 1);
     assert_eq!(model.quest.as_ref().unwrap().changed, 1);
     // The Quest node is a kernel of the plan, of the attention family (tiny-llama is f32,
-    // which the GPU generators do not take, so it runs on the CPU through the interpreter).
+    // which the GPU generators do not take, so it runs on its CPU step).
     assert!(model.plan.kernels.iter().any(|k| k
         .family
         .describe()

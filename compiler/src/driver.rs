@@ -162,6 +162,16 @@ pub fn compile(
             alignment: memory.alignment.max(1),
         });
     }
+    // Every host step must have CPU kernels: nothing is interpreted at run time.
+    for kernel in plan.kernels.iter().filter(|k| k.device == Device::Cpu) {
+        if kiln_kernels::cpu_step::cpu_step(&kernel.family, &kernel.computes).is_none() {
+            return Err(CompileError::NoCpuKernel {
+                kernel: kernel.name.clone(),
+                op: kernel.computes.op.name().to_string(),
+                gpu_rejected: rejected.kernels.get(&kernel.name).cloned(),
+            });
+        }
+    }
     if options.every_row_class && phase == Phase::Prefill {
         for rows in kiln_kernels::lower::Lowering::linear_row_classes() {
             let mut class = bindings.clone();
@@ -259,7 +269,7 @@ fn render_report(
     let mut families: BTreeMap<(String, String), usize> = BTreeMap::new();
     for k in &plan.kernels {
         let name = match &k.family {
-            Family::Interpreted { op } => format!("interpreted {op}"),
+            Family::HostOnly { op } => format!("host_only {op}"),
             f => f.name().to_string(),
         };
         *families

@@ -66,6 +66,17 @@ pub enum CompileError {
     },
     #[error("kernel {kernel}: {message}")]
     Kernel { kernel: String, message: String },
+    /// A step placed on the host (by placement, or because its GPU kernel did not lower)
+    /// whose op has no CPU kernel.
+    #[error(
+        "kernel {kernel}: `{op}` runs on the CPU here{}, but kiln has no CPU kernel for it",
+        gpu_rejected.as_ref().map(|r| format!(" (its GPU kernel was rejected: {r})")).unwrap_or_default()
+    )]
+    NoCpuKernel {
+        kernel: String,
+        op: String,
+        gpu_rejected: Option<String>,
+    },
     /// A GPU kernel that does not lower at one of the row counts every plan must cover.
     #[error("kernel {kernel}: at seq = {rows}: {source}")]
     Lower {

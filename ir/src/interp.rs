@@ -111,15 +111,6 @@ pub enum EvalError {
     NoSteps,
     #[error("shapes {a:?} and {b:?} do not broadcast")]
     Broadcast { a: Vec<usize>, b: Vec<usize> },
-    #[error("sequence {batch} has length {length}, expected {queries}..={keys}")]
-    MaskLength {
-        batch: usize,
-        length: f32,
-        queries: usize,
-        keys: usize,
-    },
-    #[error("a causal mask needs at least as many keys ({keys}) as queries ({queries})")]
-    MaskKeys { keys: usize, queries: usize },
 }
 
 /// Runs `graph` on named inputs (activations, weights and state alike) and returns its named
@@ -534,20 +525,8 @@ pub fn eval(
             one(shape, x.data.clone())
         }
         Op::Transpose { perm } => {
-            let x = operands[0];
-            let in_strides = x.strides();
-            let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
-            let mut data = Vec::with_capacity(x.len());
-            for flat in 0..x.len() {
-                let index = unravel(flat, &out_shape);
-                let source: usize = index
-                    .iter()
-                    .zip(perm)
-                    .map(|(&i, &p)| i * in_strides[p])
-                    .sum();
-                data.push(x.data[source]);
-            }
-            one(out_shape, data)
+            let (shape, data) = movement::transpose(operands[0], perm)?;
+            one(shape, data)
         }
         Op::Slice { axis, start, end } => {
             let (shape, data) = movement::slice(operands[0], *axis, *start, *end)?;
@@ -622,37 +601,9 @@ pub fn eval(
             )?])
         }
         Op::CausalMask => {
-            let scores = operands[0];
-            let (batch, s, t) = (scores.shape[0], scores.shape[2], scores.shape[3]);
-            let mut data = Vec::with_capacity(batch * s * t);
-            for b in 0..batch {
-                let length = match operands.get(1) {
-                    Some(lengths) => {
-                        let length = lengths.data[b];
-                        if length < s as f32 || length > t as f32 {
-                            return Err(EvalError::MaskLength {
-                                batch: b,
-                                length,
-                                queries: s,
-                                keys: t,
-                            });
-                        }
-                        length as usize
-                    }
-                    None if t < s => {
-                        return Err(EvalError::MaskKeys {
-                            keys: t,
-                            queries: s,
-                        })
-                    }
-                    None => t,
-                };
-                for i in 0..s {
-                    let seen = length - (s - 1 - i);
-                    data.extend((0..t).map(|j| if j < seen { 0.0 } else { f32::NEG_INFINITY }));
-                }
-            }
-            one(vec![batch, 1, s, t], data)
+            let (shape, data) =
+                movement::causal_mask(&operands[0].shape, operands.get(1).copied())?;
+            one(shape, data)
         }
     }
 }

@@ -48,6 +48,19 @@ pub enum MovementError {
     },
     #[error("order is not a permutation of the slots (position {position})")]
     Order { position: usize },
+    #[error("permutation {perm:?} does not reorder the {rank} axes of the operand")]
+    Permutation { perm: Vec<usize>, rank: usize },
+    #[error("sequence {batch} has length {length}, expected {queries}..={keys}")]
+    MaskLength {
+        batch: usize,
+        length: f32,
+        queries: usize,
+        keys: usize,
+    },
+    #[error("a causal mask needs at least as many keys ({keys}) as queries ({queries})")]
+    MaskKeys { keys: usize, queries: usize },
+    #[error("a causal mask takes scores [batch, heads, queries, keys], got shape {shape:?}")]
+    MaskScores { shape: Vec<usize> },
 }
 
 /// A result's shape and values.
@@ -136,6 +149,84 @@ pub fn concat(operands: &[&Tensor], axis: usize) -> Values {
     let mut shape = operands[0].shape.clone();
     shape[axis] = operands.iter().map(|x| x.shape[axis]).sum();
     (shape, data)
+}
+
+/// `Transpose { perm }`: axis `i` of the result is axis `perm[i]` of `x`, copied in the
+/// result's row-major order.
+pub fn transpose(x: &Tensor, perm: &[usize]) -> Result<Values, MovementError> {
+    let rank = x.shape.len();
+    let mut seen = vec![false; rank];
+    let permutes = perm.len() == rank
+        && perm
+            .iter()
+            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+    if !permutes {
+        return Err(MovementError::Permutation {
+            perm: perm.to_vec(),
+            rank,
+        });
+    }
+    let in_strides = x.strides();
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    // The source strides in the result's axis order, walked with an odometer.
+    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let mut data = Vec::with_capacity(x.len());
+    let mut index = vec![0usize; rank];
+    let mut source = 0usize;
+    for _ in 0..x.len() {
+        data.push(x.data[source]);
+        for axis in (0..rank).rev() {
+            index[axis] += 1;
+            source += strides[axis];
+            if index[axis] < shape[axis] {
+                break;
+            }
+            source -= strides[axis] * shape[axis];
+            index[axis] = 0;
+        }
+    }
+    Ok((shape, data))
+}
+
+/// `CausalMask` of `scores [batch, heads, queries, keys]`: `[batch, 1, queries, keys]`, `0`
+/// where query `i` of sequence `b` sees key `j` and `−∞` elsewhere. Query `i` sees
+/// `length − (queries − 1 − i)` keys, where `length` is `lengths[b]` (in
+/// `queries..=keys`) or, without lengths, `keys`.
+pub fn causal_mask(scores: &[usize], lengths: Option<&Tensor>) -> Result<Values, MovementError> {
+    let [batch, _, s, t] = *scores else {
+        return Err(MovementError::MaskScores {
+            shape: scores.to_vec(),
+        });
+    };
+    let mut data = Vec::with_capacity(batch * s * t);
+    for b in 0..batch {
+        let length = match lengths {
+            Some(lengths) => {
+                let length = lengths.data.get(b).copied().unwrap_or(f32::NAN);
+                if !(length >= s as f32 && length <= t as f32) {
+                    return Err(MovementError::MaskLength {
+                        batch: b,
+                        length,
+                        queries: s,
+                        keys: t,
+                    });
+                }
+                length as usize
+            }
+            None if t < s => {
+                return Err(MovementError::MaskKeys {
+                    keys: t,
+                    queries: s,
+                })
+            }
+            None => t,
+        };
+        for i in 0..s {
+            let seen = length - (s - 1 - i);
+            data.extend((0..t).map(|j| if j < seen { 0.0 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Ok((vec![batch, 1, s, t], data))
 }
 
 /// Indices of the `k` largest values, descending; ties go to the lower index.
@@ -229,5 +320,47 @@ mod tests {
             MovementError::Order { position: 1 }
         );
         assert!(dispatch(&Tensor::f32(&[1], vec![3.0]), 3).is_err());
+    }
+
+    #[test]
+    fn transpose_moves_each_element_to_its_permuted_index() {
+        // x[i, j, k] = 100i + 10j + k, shape [2, 3, 4]
+        let data = (0..24)
+            .map(|f| (100 * (f / 12) + 10 * (f / 4 % 3) + f % 4) as f32)
+            .collect();
+        let x = Tensor::f32(&[2, 3, 4], data);
+        let (shape, out) = transpose(&x, &[2, 0, 1]).unwrap();
+        assert_eq!(shape, vec![4, 2, 3]);
+        for (flat, &value) in out.iter().enumerate() {
+            let (k, i, j) = (flat / 6, flat / 3 % 2, flat % 3);
+            assert_eq!(value, (100 * i + 10 * j + k) as f32, "result index {flat}");
+        }
+        assert!(matches!(
+            transpose(&x, &[0, 0, 1]),
+            Err(MovementError::Permutation { .. })
+        ));
+    }
+
+    #[test]
+    fn causal_mask_hides_keys_beyond_each_querys_position() {
+        let lengths = Tensor::f32(&[2], vec![3.0, 4.0]);
+        let (shape, mask) = causal_mask(&[2, 8, 2, 4], Some(&lengths)).unwrap();
+        assert_eq!(shape, vec![2, 1, 2, 4]);
+        let seen: Vec<usize> = mask
+            .chunks(4)
+            .map(|row| row.iter().filter(|&&m| m == 0.0).count())
+            .collect();
+        // sequence 0 (length 3): queries see 2 and 3 keys; sequence 1 (length 4): 3 and 4.
+        assert_eq!(seen, vec![2, 3, 3, 4]);
+        assert!(mask.iter().all(|&m| m == 0.0 || m == f32::NEG_INFINITY));
+        let short = Tensor::f32(&[2], vec![1.0, 4.0]);
+        assert!(matches!(
+            causal_mask(&[2, 8, 2, 4], Some(&short)),
+            Err(MovementError::MaskLength { batch: 0, .. })
+        ));
+        assert!(matches!(
+            causal_mask(&[1, 1, 3, 2], None),
+            Err(MovementError::MaskKeys { .. })
+        ));
     }
 }

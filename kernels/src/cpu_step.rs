@@ -17,9 +17,12 @@
 //! that only move data — the embedding gather, slices, KV append — are copies the runtime
 //! does itself, with no arithmetic. Specs hold no sizes (they are run-time arguments), so a
 //! step's spec serves every shape, and they are what a compiled artifact stores for its host
-//! steps: the runtime compiles them with Cranelift at load. An op with no entry here (Quest
-//! attention, a stand-alone softmax or top-k, quantization) still runs on the reference
-//! interpreter. This file must not compile or run code.
+//! steps: the runtime compiles them with Cranelift at load. Quest decode attention is its page
+//! selection (routing code) and the attention kernel over the selected tokens; a stand-alone
+//! softmax is the softmax kernel, a matmul the dot kernel, and transposes, concatenations,
+//! casts, top-k and causal masks are runtime copies. An op with no entry here (the
+//! quantization ops, until Atom's CPU kernels exist) cannot run on the host: the compiler
+//! refuses to place it there. This file must not compile or run code.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
@@ -125,6 +128,32 @@ pub enum CpuStep {
     },
     /// `KvAppend`: the new rows copied into the cache at each sequence's start.
     KvAppend,
+    /// `QuestAttentionDecode`: per sequence and KV head, the Quest page selection (page
+    /// bounds of the cached keys, the query group's page scores, the top pages plus the
+    /// current one — `kiln_ir::quest::select`, routing code like the MoE top-k), then the
+    /// attention kernel over the selected tokens only.
+    QuestAttention {
+        scale: f32,
+        budget_tokens: usize,
+        page_size: usize,
+    },
+    /// `Softmax` over the last axis, on the softmax kernel in f64 (as the interpreter
+    /// computes it).
+    Softmax { softmax: SoftmaxSpec },
+    /// `MatMul` `[.., m, k] · [.., k, n]`: per batch, the right operand transposed to
+    /// `[n, k]`, then the dot kernel.
+    MatMul { dot: DotSpec },
+    /// `TopK { k }`: each row's `k` largest values and their indices (ties to the lower
+    /// index).
+    TopK { k: usize },
+    /// `Transpose { perm }`: a copy in the permuted order.
+    Transpose { perm: Vec<usize> },
+    /// `Concat { axis }`: the operands copied one after another along `axis`.
+    Concat { axis: usize },
+    /// `Cast`: the values copied (the caller rounds every result to its dtype).
+    Cast,
+    /// `CausalMask`: `0` where a query sees a key, `−∞` elsewhere.
+    CausalMask,
 }
 
 /// Whether a dtype's values are computed in f32 on the host (the interpreter's rule: floats
@@ -134,7 +163,7 @@ fn float(dtype: DType) -> bool {
 }
 
 /// The CPU kernels of a plan kernel of `family` computing `computes`, or `None` when it has
-/// none yet (the interpreter runs it).
+/// none (quantization, and integer linears: such a step cannot be placed on the host).
 pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
     match &computes.op {
         Op::Embedding => return Some(CpuStep::Gather),
@@ -182,6 +211,32 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
                 scale: *scale,
             })
         }
+        Op::QuestAttentionDecode {
+            scale,
+            budget_tokens,
+            page_size,
+        } => {
+            return Some(CpuStep::QuestAttention {
+                scale: *scale,
+                budget_tokens: *budget_tokens,
+                page_size: *page_size,
+            })
+        }
+        Op::Softmax => {
+            return Some(CpuStep::Softmax {
+                softmax: SoftmaxSpec::new(ElemType::F64),
+            })
+        }
+        Op::MatMul => {
+            return Some(CpuStep::MatMul {
+                dot: DotSpec::new(ElemType::F32),
+            })
+        }
+        Op::TopK { k } => return Some(CpuStep::TopK { k: *k }),
+        Op::Transpose { perm } => return Some(CpuStep::Transpose { perm: perm.clone() }),
+        Op::Concat { axis } => return Some(CpuStep::Concat { axis: *axis }),
+        Op::Cast { .. } => return Some(CpuStep::Cast),
+        Op::CausalMask => return Some(CpuStep::CausalMask),
         _ => {}
     }
     match family {
@@ -368,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn copies_and_broadcast_maps_have_steps_and_other_families_stay_interpreted() {
+    fn copies_softmax_quest_and_broadcast_maps_have_steps_but_quantization_has_none() {
         let broadcast = Family::Map {
             elements: SymExpr::constant(10),
             inputs: 2,
@@ -388,18 +443,21 @@ mod tests {
             })
         ));
         assert!(step(&linear(LinearEpilogue::None, DType::I32)).is_none());
-        let interpreted = Family::Interpreted {
+        let host_only = Family::HostOnly {
             op: "embedding".into(),
         };
         assert_eq!(
-            cpu_step(&interpreted, &of(Op::Embedding)),
+            cpu_step(&host_only, &of(Op::Embedding)),
             Some(CpuStep::Gather)
         );
-        let softmax = Family::Interpreted {
+        let softmax = Family::HostOnly {
             op: "softmax".into(),
         };
-        assert!(cpu_step(&softmax, &of(Op::Softmax)).is_none());
-        let quest = Family::Interpreted {
+        assert!(matches!(
+            cpu_step(&softmax, &of(Op::Softmax)),
+            Some(CpuStep::Softmax { softmax }) if softmax.compute == ElemType::F64
+        ));
+        let quest = Family::HostOnly {
             op: "quest_attention_decode".into(),
         };
         let op = Op::QuestAttentionDecode {
@@ -407,8 +465,26 @@ mod tests {
             budget_tokens: 64,
             page_size: 16,
         };
-        assert!(cpu_step(&quest, &of(op)).is_none());
-        let attention = Family::Interpreted {
+        assert_eq!(
+            cpu_step(&quest, &of(op)),
+            Some(CpuStep::QuestAttention {
+                scale: 0.125,
+                budget_tokens: 64,
+                page_size: 16
+            })
+        );
+        // Quantization has no CPU kernel yet: such a step cannot be placed on the host.
+        let scheme = kiln_ir::op::QuantScheme {
+            bits: 4,
+            group_size: 32,
+            symmetric: true,
+            clip: 1.0,
+        };
+        let quantize = Family::HostOnly {
+            op: "quantize".into(),
+        };
+        assert!(cpu_step(&quantize, &of(Op::Quantize { scheme })).is_none());
+        let attention = Family::HostOnly {
             op: "attention".into(),
         };
         let op = Op::AttentionDecode { scale: 0.125 };

@@ -186,7 +186,7 @@ impl KernelSpec {
                     family: family.describe(),
                 })
             }
-            Family::Interpreted { op } => return Err(LowerError::NoGenerator { op: op.clone() }),
+            Family::HostOnly { op } => return Err(LowerError::NoGenerator { op: op.clone() }),
         })
     }
 
@@ -556,8 +556,8 @@ mod tests {
     }
 
     #[test]
-    fn interpreted_families_have_no_generator() {
-        let family = Family::Interpreted {
+    fn host_only_families_have_no_generator() {
+        let family = Family::HostOnly {
             op: "attention".into(),
         };
         let err = KernelSpec::for_family(&family, &Bindings::new()).unwrap_err();

@@ -3,7 +3,7 @@
 //! Owns [`Family`] and [`classify`], which maps one kernel-like graph node to its family and
 //! parameters (sizes, dtype, epilogue). A family is what a generator needs to pick a spec;
 //! which generator (GEMV or GEMM, tile shapes) is the lowering's choice, not this file's.
-//! Every op without a dedicated family is [`Family::Interpreted`]: it runs through
+//! Every op without a dedicated family is [`Family::HostOnly`]: it runs through
 //! `ir::interp`. This file must not know about PTX or devices.
 
 use super::size::SymExpr;
@@ -89,8 +89,9 @@ pub enum Family {
         head_dim: usize,
         dtype: DType,
     },
-    /// Any other op, run by the reference interpreter.
-    Interpreted { op: String },
+    /// Any other op: no GPU generator takes it, so it runs on the host, on its CPU step
+    /// (`kiln_kernels::cpu_step`).
+    HostOnly { op: String },
 }
 
 /// Which attention op an [`Family::Attention`] kernel computes.
@@ -119,7 +120,7 @@ pub enum FamilyKind {
     Map,
     Attention,
     KvAppend,
-    Interpreted,
+    HostOnly,
 }
 
 impl FamilyKind {
@@ -132,7 +133,7 @@ impl FamilyKind {
             FamilyKind::Map => "map",
             FamilyKind::Attention => "attention",
             FamilyKind::KvAppend => "kv_append",
-            FamilyKind::Interpreted => "interpreted",
+            FamilyKind::HostOnly => "host_only",
         }
     }
 }
@@ -147,7 +148,7 @@ impl Family {
             Family::Map { .. } => FamilyKind::Map,
             Family::Attention { .. } => FamilyKind::Attention,
             Family::KvAppend { .. } => FamilyKind::KvAppend,
-            Family::Interpreted { .. } => FamilyKind::Interpreted,
+            Family::HostOnly { .. } => FamilyKind::HostOnly,
         }
     }
 
@@ -165,7 +166,7 @@ impl Family {
             | Family::Map { dtype, .. }
             | Family::Attention { dtype, .. }
             | Family::KvAppend { dtype, .. } => Some(*dtype),
-            Family::Interpreted { .. } => None,
+            Family::HostOnly { .. } => None,
         }
     }
 
@@ -229,7 +230,7 @@ impl Family {
                 dtype,
                 ..
             } => format!("kv_append {dtype} kv_heads={kv_heads} head_dim={head_dim}"),
-            Family::Interpreted { op } => format!("interpreted {op}"),
+            Family::HostOnly { op } => format!("host_only {op}"),
         }
     }
 }
@@ -240,7 +241,7 @@ fn const_dim(dim: Option<&Dim>) -> Option<usize> {
 
 /// The family of kernel-like node `node` of `graph`.
 pub fn classify(graph: &Graph, node: &Node) -> Family {
-    classify_known(graph, node).unwrap_or_else(|| Family::Interpreted {
+    classify_known(graph, node).unwrap_or_else(|| Family::HostOnly {
         op: node.op.name().to_string(),
     })
 }

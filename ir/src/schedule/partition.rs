@@ -248,7 +248,7 @@ fn launch_of(family: &Family) -> Launch {
             ],
             128,
         ),
-        Family::Interpreted { .. } => ([one(), one(), one()], 1),
+        Family::HostOnly { .. } => ([one(), one(), one()], 1),
     };
     Launch {
         grid,

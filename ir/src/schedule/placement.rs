@@ -115,7 +115,7 @@ pub fn recompute_transfers(schedule: &mut Schedule) {
     schedule.transfers = transfers;
 }
 
-/// Moves the named kernels to the CPU (interpreted), each with a reason, and recomputes the
+/// Moves the named kernels to the CPU (their CPU steps), each with a reason, and recomputes the
 /// transfers. Options: the kernel names and reasons.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ForceCpu {

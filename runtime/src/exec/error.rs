@@ -17,6 +17,9 @@ pub enum ExecError {
     /// A given tensor has the wrong dtype or shape.
     #[error("tensor `{name}`: {message}")]
     BadTensor { name: String, message: String },
+    /// A step on the host whose op has no CPU kernel.
+    #[error("kernel {kernel}: `{op}` has no CPU kernel, so it cannot run on the host")]
+    NoCpuKernel { kernel: String, op: String },
     /// A kernel could not be lowered or evaluated.
     #[error("kernel {kernel}: {message}")]
     Kernel { kernel: String, message: String },

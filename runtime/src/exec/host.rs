@@ -17,7 +17,8 @@ use crate::cpu::{
 };
 use kiln_ir::dtype::DType;
 use kiln_ir::movement;
-use kiln_ir::schedule::LinearEpilogue;
+use kiln_ir::quest::{self, QuestOptions};
+use kiln_ir::schedule::{Device, LinearEpilogue, Schedule};
 use kiln_ir::tensor::Tensor;
 use kiln_kernels::cpu_step::CpuStep;
 
@@ -76,6 +77,28 @@ pub(super) enum HostKernel {
         end: Option<i64>,
     },
     KvAppend,
+    QuestAttention {
+        attention: CpuAttention,
+        scale: f32,
+        options: QuestOptions,
+    },
+    Softmax {
+        softmax: SoftmaxKernel,
+    },
+    MatMul {
+        dot: DotKernel,
+    },
+    TopK {
+        k: usize,
+    },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    Concat {
+        axis: usize,
+    },
+    Cast,
+    CausalMask,
 }
 
 /// The compiled kernels of a plan's host steps, by kernel index.
@@ -109,6 +132,32 @@ pub(super) fn concat(op: &kiln_ir::op::Op, operands: &[&Tensor]) -> Option<Tenso
         shape,
         data,
     })
+}
+
+/// A load-time op (over weights and constants): a concatenation, transpose or cast, copied;
+/// `None` for any other op.
+pub(super) fn load_time(
+    op: &kiln_ir::op::Op,
+    operands: &[&Tensor],
+) -> Option<Result<Tensor, ExecError>> {
+    use kiln_ir::op::Op;
+    let first = operands.first()?;
+    match op {
+        Op::Concat { .. } => Some(concat(op, operands).ok_or_else(|| {
+            ExecError::Internal(format!("load-time concat of {} operands", operands.len()))
+        })),
+        Op::Transpose { perm } => Some(
+            movement::transpose(first, perm)
+                .map(|(shape, data)| Tensor {
+                    dtype: first.dtype,
+                    shape,
+                    data,
+                })
+                .map_err(|e| ExecError::Internal(format!("load-time transpose: {e}"))),
+        ),
+        Op::Cast { .. } => Some(Ok((*first).clone())),
+        _ => None,
+    }
 }
 
 /// Why the MoE experts step could not run: routing tables that do not describe the slots.
@@ -265,6 +314,99 @@ fn expand(tensor: &Tensor, shape: &[usize]) -> Result<Vec<f32>, BroadcastError> 
     Ok(out)
 }
 
+/// Why Quest attention could not run.
+#[derive(Debug, thiserror::Error)]
+enum QuestStepError {
+    #[error("sequence {batch} has length {length}, expected an integer in 1..={capacity}")]
+    Length {
+        batch: usize,
+        length: f32,
+        capacity: usize,
+    },
+    #[error(transparent)]
+    Selection(#[from] kiln_ir::quest::QuestError),
+    #[error(transparent)]
+    Kernel(#[from] crate::cpu::CpuError),
+}
+
+/// `QuestAttentionDecode` (see `CpuStep::QuestAttention`): `q [B, 1, Hq, D]` against the
+/// cache `k, v [B, C, Hkv, D]` with `lengths [B]`. Each (sequence, KV head) runs the attention
+/// kernel over the rows of its selected pages (gathered, in token order) for the query heads
+/// of its group; the tasks run in parallel.
+fn quest_attention(
+    attention: &CpuAttention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lengths: &Tensor,
+    scale: f32,
+    options: &QuestOptions,
+) -> Result<Vec<f32>, QuestStepError> {
+    use rayon::prelude::*;
+    let capacity = k.shape[1];
+    let lengths: Vec<usize> = lengths
+        .data
+        .iter()
+        .enumerate()
+        .map(|(batch, &length)| {
+            if length >= 1.0 && length <= capacity as f32 && length.fract() == 0.0 {
+                Ok(length as usize)
+            } else {
+                Err(QuestStepError::Length {
+                    batch,
+                    length,
+                    capacity,
+                })
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let selection = quest::select(q, k, &lengths, options)?;
+    let (q_heads, kv_heads, d) = (q.shape[2], k.shape[2], q.shape[3]);
+    let group = q_heads / kv_heads;
+    let tasks: Vec<(usize, usize)> = (0..lengths.len())
+        .flat_map(|b| (0..kv_heads).map(move |kv| (b, kv)))
+        .collect();
+    let outputs = tasks
+        .par_iter()
+        .map(|&(b, kv)| -> Result<Vec<f32>, QuestStepError> {
+            let tokens: Vec<usize> = selection.pages[b][kv]
+                .iter()
+                .flat_map(|&p| p * options.page_size..((p + 1) * options.page_size).min(lengths[b]))
+                .collect();
+            let row = |j: usize| ((b * capacity + j) * kv_heads + kv) * d;
+            let keys: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&j| k.data[row(j)..row(j) + d].iter().copied())
+                .collect();
+            let values: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&j| v.data[row(j)..row(j) + d].iter().copied())
+                .collect();
+            let first = (b * q_heads + kv * group) * d;
+            let queries = &q.data[first..first + group * d];
+            let mut out = vec![0.0f32; group * d];
+            let shape = AttentionShape::new(1, 1, tokens.len(), group, 1, d);
+            attention.run_decode(
+                queries,
+                &keys,
+                &values,
+                &[tokens.len() as f32],
+                shape,
+                scale,
+                &mut out,
+                Parallelism::Sequential,
+            )?;
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = vec![0.0f32; q.data.len()];
+    for (&(b, kv), rows) in tasks.iter().zip(outputs) {
+        let first = (b * q_heads + kv * group) * d;
+        out[first..first + group * d].copy_from_slice(&rows);
+    }
+    Ok(out)
+}
+
 fn cpu_error(kernel: &str) -> impl FnOnce(crate::cpu::CpuError) -> ExecError + '_ {
     move |e| ExecError::Kernel {
         kernel: kernel.to_string(),
@@ -273,14 +415,27 @@ fn cpu_error(kernel: &str) -> impl FnOnce(crate::cpu::CpuError) -> ExecError + '
 }
 
 impl HostKernels {
-    /// Compiles `steps` (one per plan kernel; `names` for errors).
+    /// Compiles `steps` (one per kernel of `plan`); a host kernel of the plan without a step
+    /// is an error.
     pub(super) fn compile(
+        plan: &Schedule,
         steps: &[Option<CpuStep>],
-        names: &[&str],
     ) -> Result<HostKernels, ExecError> {
+        if let Some(kernel) = plan
+            .kernels
+            .iter()
+            .zip(steps)
+            .find(|(k, s)| k.device == Device::Cpu && s.is_none())
+        {
+            return Err(ExecError::NoCpuKernel {
+                kernel: kernel.0.name.clone(),
+                op: kernel.0.computes.op.name().to_string(),
+            });
+        }
         let jit = CpuJit::global().map_err(cpu_error("the CPU JIT"))?;
         let mut compiled = Vec::with_capacity(steps.len());
-        for (step, name) in steps.iter().zip(names) {
+        for (step, kernel) in steps.iter().zip(&plan.kernels) {
+            let name = kernel.name.as_str();
             let error = cpu_error(name);
             compiled.push(match step {
                 None => None,
@@ -379,6 +534,39 @@ impl HostKernels {
                     end: *end,
                 }),
                 Some(CpuStep::KvAppend) => Some(HostKernel::KvAppend),
+                Some(CpuStep::QuestAttention {
+                    scale,
+                    budget_tokens,
+                    page_size,
+                }) => {
+                    let options = QuestOptions {
+                        budget_tokens: *budget_tokens,
+                        page_size: *page_size,
+                        skip_layers: 0,
+                    };
+                    options.validate().map_err(|e| ExecError::Kernel {
+                        kernel: name.to_string(),
+                        message: e.to_string(),
+                    })?;
+                    Some(HostKernel::QuestAttention {
+                        attention: CpuAttention::new(jit).map_err(error)?,
+                        scale: *scale,
+                        options,
+                    })
+                }
+                Some(CpuStep::Softmax { softmax }) => Some(HostKernel::Softmax {
+                    softmax: jit.softmax(*softmax).map_err(error)?,
+                }),
+                Some(CpuStep::MatMul { dot }) => Some(HostKernel::MatMul {
+                    dot: jit.dot(*dot).map_err(error)?,
+                }),
+                Some(CpuStep::TopK { k }) => Some(HostKernel::TopK { k: *k }),
+                Some(CpuStep::Transpose { perm }) => {
+                    Some(HostKernel::Transpose { perm: perm.clone() })
+                }
+                Some(CpuStep::Concat { axis }) => Some(HostKernel::Concat { axis: *axis }),
+                Some(CpuStep::Cast) => Some(HostKernel::Cast),
+                Some(CpuStep::CausalMask) => Some(HostKernel::CausalMask),
             });
         }
         Ok(HostKernels { steps: compiled })
@@ -525,6 +713,24 @@ impl HostKernel {
                     movement::dispatch(experts, *num_experts).map_err(|e| bad(e.to_string()))?;
                 Ok(vec![order, offsets])
             }
+            HostKernel::TopK { k } => {
+                let x = operands
+                    .first()
+                    .ok_or_else(|| bad("top-k takes one operand".into()))?;
+                let n = x.shape.last().copied().unwrap_or(0);
+                if *k > n || n == 0 {
+                    return Err(bad(format!("top {k} of rows of {n}")));
+                }
+                let mut values = Vec::with_capacity(x.data.len() / n * k);
+                let mut indices = Vec::with_capacity(values.capacity());
+                for row in x.data.chunks(n) {
+                    for index in movement::top_k(row, *k) {
+                        values.push(row[index]);
+                        indices.push(index as f32);
+                    }
+                }
+                Ok(vec![values, indices])
+            }
             _ => Ok(vec![self.run_one(kernel, operands, shape)?]),
         }
     }
@@ -629,6 +835,92 @@ impl HostKernel {
                     .map_err(|e| bad(e.to_string()))?
                     .1)
             }
+            HostKernel::QuestAttention {
+                attention,
+                scale,
+                options,
+            } => match operands {
+                [q, k, v, lengths] if q.shape.len() == 4 && k.shape.len() == 4 => {
+                    quest_attention(attention, q, k, v, lengths, *scale, options)
+                        .map_err(|e| bad(e.to_string()))
+                }
+                _ => Err(bad(
+                    "Quest attention takes q, k and v of rank 4 and lengths".into(),
+                )),
+            },
+            HostKernel::Softmax { softmax } => {
+                let x = operands
+                    .first()
+                    .ok_or_else(|| bad("softmax takes one operand".into()))?;
+                let n = x.shape.last().copied().unwrap_or(1).max(1);
+                let mut values: Vec<f64> = x.data.iter().map(|&v| v as f64).collect();
+                let rows = values.len() / n;
+                softmax
+                    .run(&mut values, SoftmaxShape::new(rows, n), 1.0, parallel)
+                    .map_err(cpu_error(kernel))?;
+                Ok(values.into_iter().map(|v| v as f32).collect())
+            }
+            HostKernel::MatMul { dot } => match operands {
+                [a, b] if a.shape.len() >= 2 && a.shape.len() == b.shape.len() => {
+                    let r = a.shape.len();
+                    let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
+                    if b.shape[r - 2] != k || a.shape[..r - 2] != b.shape[..r - 2] {
+                        return Err(bad(format!(
+                            "matmul of shapes {:?} and {:?}",
+                            a.shape, b.shape
+                        )));
+                    }
+                    // The dot kernel takes the right operand K-contiguous: [.., n, k].
+                    let mut perm: Vec<usize> = (0..r).collect();
+                    perm.swap(r - 2, r - 1);
+                    let (_, b_t) = movement::transpose(b, &perm).map_err(|e| bad(e.to_string()))?;
+                    let mut out = vec![0.0f32; elements];
+                    let shape = DotShape::new(m, n, k);
+                    for ((a, b), c) in a
+                        .data
+                        .chunks(m * k)
+                        .zip(b_t.chunks(n * k))
+                        .zip(out.chunks_mut(m * n))
+                    {
+                        dot.run(a, b, c, shape, 1.0, 0.0, parallel)
+                            .map_err(cpu_error(kernel))?;
+                    }
+                    Ok(out)
+                }
+                _ => Err(bad("matmul takes two operands of equal rank ≥ 2".into())),
+            },
+            HostKernel::Transpose { perm } => {
+                let x = operands
+                    .first()
+                    .ok_or_else(|| bad("a transpose takes one operand".into()))?;
+                Ok(movement::transpose(x, perm)
+                    .map_err(|e| bad(e.to_string()))?
+                    .1)
+            }
+            HostKernel::Concat { axis } => {
+                concat(&kiln_ir::op::Op::Concat { axis: *axis }, operands)
+                    .map(|t| t.data)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "operands of shapes {:?} do not concatenate along axis {axis}",
+                            operands.iter().map(|t| &t.shape).collect::<Vec<_>>()
+                        ))
+                    })
+            }
+            HostKernel::Cast => operands
+                .first()
+                .map(|x| x.data.clone())
+                .ok_or_else(|| bad("a cast takes one operand".into())),
+            HostKernel::CausalMask => {
+                let scores = operands
+                    .first()
+                    .ok_or_else(|| bad("a causal mask takes the scores".into()))?;
+                Ok(
+                    movement::causal_mask(&scores.shape, operands.get(1).copied())
+                        .map_err(|e| bad(e.to_string()))?
+                        .1,
+                )
+            }
             HostKernel::KvAppend => match operands {
                 [cache, new, start] if cache.shape.len() == 4 && new.shape.len() == 4 => {
                     movement::append(cache, new, start).map_err(|e| bad(e.to_string()))
@@ -713,9 +1005,8 @@ impl HostKernel {
             HostKernel::RmsNorm { .. }
             | HostKernel::Rope { .. }
             | HostKernel::MoeRouter { .. }
-            | HostKernel::MoeDispatch { .. } => {
-                Err(bad("a step of several results run as one".into()))
-            }
+            | HostKernel::MoeDispatch { .. }
+            | HostKernel::TopK { .. } => Err(bad("a step of several results run as one".into())),
         }
     }
 }

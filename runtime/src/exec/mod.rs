@@ -13,10 +13,11 @@
 //!    `kiln_kernels::lower`, and its PTX from the executor's [`KernelSource`]: generated in
 //!    this process, or taken from a compiled artifact's prebuilt kernels (never generated:
 //!    a spec the artifact lacks is an error). Each distinct spec is loaded once, its operands
-//!    bound to the kernel's parameters by name. A CPU kernel runs the plan step's
-//!    [`Computation`](kiln_ir::schedule::Computation) through `ir::interp::eval` (no kernel
-//!    has native CPU code in plans yet); the executor never sees the graph. The plan's transfers
-//!    move values between host and device before the kernel that needs them.
+//!    bound to the kernel's parameters by name. A CPU kernel runs the Cranelift kernels of its
+//!    step (`kiln_kernels::cpu_step`, compiled when the executor is made, or the artifact's)
+//!    and the runtime's copies (`host.rs`); a host step without CPU kernels is an error when the
+//!    executor is made, and nothing is interpreted. The executor never sees the graph. The
+//!    plan's transfers move values between host and device before the kernel that needs them.
 //!    Attention and KV append run as programs of several launches (`program.rs`); KV
 //!    append writes its cache in place.
 //! 4. **Outputs** are copied to the host and returned by name. With a [`DeviceState`]
@@ -43,7 +44,6 @@ pub use storage::{elem_type, tensor_bytes, tensor_from_bytes, DeviceSlot};
 use crate::cuda::{Arg, Args, CudaDevice, DeviceBuffer, DeviceTensor, LoadedKernel};
 use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::graph::TensorType;
-use kiln_ir::interp;
 use kiln_ir::schedule::memory::MemoryPlan;
 use kiln_ir::schedule::{BufferId, BufferKind, Device, Pass, PlanMemory, Schedule};
 use kiln_ir::shape::Bindings;
@@ -114,9 +114,8 @@ pub enum KernelSource {
 pub struct ExecStats {
     pub calls: usize,
     pub gpu_launches: usize,
+    /// Host step runs (all on Cranelift kernels and the runtime's copies).
     pub cpu_kernels: usize,
-    /// Of those, how many ran on Cranelift kernels (the rest on the reference interpreter).
-    pub cpu_compiled: usize,
     pub transfers: usize,
     /// Distinct GPU kernels loaded onto the device.
     pub kernels_loaded: usize,
@@ -184,7 +183,7 @@ fn resident_kind(kind: &BufferKind) -> bool {
     )
 }
 
-/// Rounds each `eval` result to its node's dtype, as `interp::run` does.
+/// Rounds each result to its dtype, as the interpreter rounds every node's result.
 fn rounded(results: Vec<Tensor>, types: &[TensorType]) -> Vec<Tensor> {
     results
         .into_iter()
@@ -263,7 +262,6 @@ impl Executor {
             }
         }
         for op in &plan.load_time {
-            let node = op.computes.node(&op.name);
             // Operands in the shapes the node reads them (a reshape is a view of its buffer).
             let reshaped: Vec<Tensor> = op
                 .inputs
@@ -284,18 +282,19 @@ impl Executor {
                 })
                 .collect::<Result<_, ExecError>>()?;
             let refs: Vec<&Tensor> = reshaped.iter().collect();
-            // Concatenations (the SwiGLU weights) are copies; anything else still runs on the
-            // interpreter.
-            let results = match host::concat(&node.op, &refs) {
-                Some(result) => vec![result],
-                None => interp::eval(&node, &refs, &Bindings::new()).map_err(|message| {
-                    ExecError::Kernel {
-                        kernel: format!("load-time {}", op.name),
-                        message: message.to_string(),
-                    }
-                })?,
-            };
-            for (&id, tensor) in op.outputs.iter().zip(rounded(results, &node.outputs)) {
+            // Load-time ops are copies of weights and constants (the concatenated SwiGLU
+            // weights, transposes, casts).
+            let results = vec![host::load_time(&op.computes.op, &refs).ok_or_else(|| {
+                ExecError::NoCpuKernel {
+                    kernel: format!("load-time {}", op.name),
+                    op: op.computes.op.name().to_string(),
+                }
+            })??];
+            for (&id, tensor) in op
+                .outputs
+                .iter()
+                .zip(rounded(results, &op.computes.outputs))
+            {
                 host[id] = Some(Arc::new(tensor));
             }
         }
@@ -359,6 +358,15 @@ impl Executor {
                 state_of.insert(kernel.outputs[0], name);
             }
         }
+        let steps: Vec<Option<kiln_kernels::cpu_step::CpuStep>> = plan
+            .kernels
+            .iter()
+            .map(|k| match k.device {
+                Device::Cpu => kiln_kernels::cpu_step::cpu_step(&k.family, &k.computes),
+                Device::Gpu => None,
+            })
+            .collect();
+        let host_kernels = host::HostKernels::compile(&plan, &steps)?;
         Ok(Executor {
             plan,
             device,
@@ -366,7 +374,7 @@ impl Executor {
             device_resident,
             lowering: Lowering::default(),
             source: KernelSource::Generate,
-            host_kernels: host::HostKernels::default(),
+            host_kernels,
             loaded: HashMap::new(),
             arena: None,
             memory: None,
@@ -388,10 +396,10 @@ impl Executor {
         self
     }
 
-    /// Runs the host steps that have CPU kernels (`steps`, one entry per plan kernel, from
-    /// `kiln_kernels::cpu_step`) on Cranelift code, compiled now; the others stay on the
-    /// reference interpreter. A step listed for a GPU kernel, or a list of another length,
-    /// is an error.
+    /// Runs the host steps on the CPU kernels `steps` (one entry per plan kernel, as a
+    /// compiled artifact stores them), compiled now with Cranelift, instead of those
+    /// `kiln_kernels::cpu_step` chooses. A step listed for a GPU kernel, a CPU kernel without
+    /// a step, or a list of another length is an error.
     pub fn with_cpu_steps(
         mut self,
         steps: &[Option<kiln_kernels::cpu_step::CpuStep>],
@@ -415,8 +423,7 @@ impl Executor {
                 message: "a CPU step is listed for a kernel placed on the GPU".into(),
             });
         }
-        let names: Vec<&str> = self.plan.kernels.iter().map(|k| k.name.as_str()).collect();
-        self.host_kernels = host::HostKernels::compile(steps, &names)?;
+        self.host_kernels = host::HostKernels::compile(&self.plan, steps)?;
         Ok(self)
     }
 
@@ -865,7 +872,6 @@ impl Executor {
         host: &mut [Option<Arc<Tensor>>],
     ) -> Result<(), ExecError> {
         let kernel = &self.plan.kernels[index];
-        let node = kernel.computes.node(&kernel.name);
         let mut operands = Vec::with_capacity(kernel.inputs.len());
         for (&id, ty) in kernel.inputs.iter().zip(&kernel.computes.inputs) {
             let tensor = host[id].clone().ok_or_else(|| {
@@ -923,19 +929,12 @@ impl Executor {
                 host[id] = Some(Arc::new(result.cast(ty.dtype)));
             }
             self.stats.cpu_kernels += 1;
-            self.stats.cpu_compiled += 1;
             return Ok(());
         }
-        let results =
-            interp::eval(&node, &refs, bindings).map_err(|message| ExecError::Kernel {
-                kernel: kernel.name.clone(),
-                message: message.to_string(),
-            })?;
-        for (&id, tensor) in kernel.outputs.iter().zip(rounded(results, &node.outputs)) {
-            host[id] = Some(Arc::new(tensor));
-        }
-        self.stats.cpu_kernels += 1;
-        Ok(())
+        Err(ExecError::NoCpuKernel {
+            kernel: kernel.name.clone(),
+            op: kernel.computes.op.name().to_string(),
+        })
     }
 
     fn run_gpu(
