@@ -130,6 +130,11 @@ struct RunArgs {
     /// Print the result as JSON on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Time every GPU step of the prefill and decode plans with CUDA events and write each
+    /// step's device time (median, best, mean over the calls, in µs) as JSON to FILE; the
+    /// slowest decode steps are printed too. Needs a CUDA device.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// Where to run the compiled prefill and decode plans: `cuda` (generated GPU kernels, the
     /// kernels without a GPU generator on the host), `cpu` (every kernel on the host) or
     /// `auto` (`cuda` when a CUDA device is present, else `cpu`). `reference` skips
@@ -257,6 +262,15 @@ fn run(args: RunArgs) -> Result<()> {
                     quest,
                 )?,
             };
+            if args.profile.is_some() {
+                if runner.device == "cpu" {
+                    anyhow::bail!(
+                        "--profile times GPU steps, but this run is on the CPU (no CUDA device, \
+                         or --device cpu)"
+                    );
+                }
+                runner.profile_steps(true);
+            }
             eprintln!(
                 "kiln run: plans {} and weights loaded on {} in {:.1} s; prefill of {} tokens",
                 match &args.compiled {
@@ -274,6 +288,9 @@ fn run(args: RunArgs) -> Result<()> {
                 |_| progress.inc(1),
             )
             .with_context(|| format!("running {} on {}", config.name, runner.device))?;
+            if let Some(path) = &args.profile {
+                write_profile(path, &config.name, &runner)?;
+            }
             let (p_gpu, p_cpu, d_gpu, d_cpu) = runner.placement;
             let (prefill_stats, decode_stats) = runner.stats();
             let mut ran_on = format!(
@@ -473,6 +490,35 @@ fn model_config(model: &str, dtype: Option<&str>, on_gpu: bool) -> Result<ModelC
         None => {}
     }
     Ok(config)
+}
+
+/// Writes the step timings of `runner`'s plans as JSON to `path` and prints the slowest
+/// decode steps.
+fn write_profile(path: &std::path::Path, model: &str, runner: &PlanRunner) -> Result<()> {
+    let (prefill, decode) = runner.step_timings();
+    let report = serde_json::json!({
+        "model": model,
+        "device": runner.device,
+        "prefill": prefill,
+        "decode": decode,
+    });
+    kiln::write_atomically(path, serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("writing the profile {}", path.display()))?;
+    let mut slowest = decode.clone();
+    slowest.sort_by(|a, b| b.median_us.total_cmp(&a.median_us));
+    let total: f64 = decode.iter().map(|t| t.median_us).sum();
+    eprintln!(
+        "profile: {} decode GPU steps, {total:.1} µs per call (sum of medians); slowest:",
+        decode.len()
+    );
+    for step in slowest.iter().take(5) {
+        eprintln!(
+            "  {:>9.1} µs  {}  ({})",
+            step.median_us, step.kernel, step.family
+        );
+    }
+    eprintln!("profile written to {}", path.display());
+    Ok(())
 }
 
 fn main() -> ExitCode {

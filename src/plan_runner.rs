@@ -28,7 +28,7 @@ use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
 use kiln_runtime::cuda::CudaDevice;
 use kiln_runtime::exec::{
-    DeviceState, DeviceWeights, ExecStats, Executor, KernelSource, PrebuiltKernels,
+    DeviceState, DeviceWeights, ExecStats, Executor, KernelSource, PrebuiltKernels, StepTiming,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -304,5 +304,16 @@ impl PlanRunner {
     /// What the prefill and decode executors did.
     pub fn stats(&self) -> (ExecStats, ExecStats) {
         (self.prefill.stats(), self.decode.stats())
+    }
+
+    /// Times every GPU step of both plans from now on (see `Executor::profile_steps`).
+    pub fn profile_steps(&mut self, on: bool) {
+        self.prefill.profile_steps(on);
+        self.decode.profile_steps(on);
+    }
+
+    /// The prefill and decode plans' GPU step timings since profiling started.
+    pub fn step_timings(&self) -> (Vec<StepTiming>, Vec<StepTiming>) {
+        (self.prefill.step_timings(), self.decode.step_timings())
     }
 }

@@ -5,7 +5,8 @@
 //! The artifact's tokens must equal those of the same model compiled in memory (same
 //! seed, same prompt), every GPU kernel must come from the artifact (`kernels_generated`
 //! is 0, `kernels_loaded` is not), and the logits must be finite (the arenas are poisoned
-//! with NaN before every call, so a kernel that skips elements fails).
+//! with NaN before every call, so a kernel that skips elements fails). With step profiling
+//! on, every GPU step has a device time for every call.
 
 use kiln::compiler::{Artifact, ArtifactOptions};
 use kiln::generate::{generate, GenerateOptions, Generation};
@@ -52,11 +53,40 @@ fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
         let mut loaded =
             PlanRunner::from_artifact(&artifact, &weights, 0, capacity, dir.display().to_string())
                 .unwrap();
+        loaded.profile_steps(true);
         let from_artifact = generate_with(&mut loaded, &config, &prompt);
         let (prefill, decode) = loaded.stats();
         assert_eq!(prefill.kernels_generated + decode.kernels_generated, 0);
         assert!(prefill.kernels_loaded > 0 && decode.kernels_loaded > 0);
         assert!(prefill.gpu_launches > 0 && decode.gpu_launches > 0);
+
+        // Profiling was on for the artifact's run: every GPU step of each plan has one
+        // positive device time per call.
+        let (prefill_steps, decode_steps) = loaded.step_timings();
+        let gpu_steps = |phase: kiln::ir::model::Phase| {
+            artifact
+                .plan(phase)
+                .kernels
+                .iter()
+                .filter(|k| k.device == kiln::ir::schedule::Device::Gpu)
+                .count()
+        };
+        assert_eq!(
+            prefill_steps.len(),
+            gpu_steps(kiln::ir::model::Phase::Prefill)
+        );
+        assert_eq!(
+            decode_steps.len(),
+            gpu_steps(kiln::ir::model::Phase::Decode)
+        );
+        for step in prefill_steps.iter().chain(&decode_steps) {
+            assert!(
+                step.min_us > 0.0 && step.median_us.is_finite(),
+                "{preset}: {step:?}"
+            );
+        }
+        assert!(prefill_steps.iter().all(|s| s.calls == prefill.calls));
+        assert!(decode_steps.iter().all(|s| s.calls == decode.calls));
 
         let mut in_memory = PlanRunner::new(
             &config,

@@ -164,6 +164,24 @@ pub struct Executor {
     state_of: HashMap<BufferId, String>,
     /// Where state lives between calls, when it stays on the device.
     state_store: Option<DeviceState>,
+    /// Device time of each GPU step, one sample per call, when profiling.
+    profile: Option<Vec<Vec<f64>>>,
+}
+
+/// The device time of one GPU step of the plan over the profiled calls.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StepTiming {
+    /// The plan kernel's index and name.
+    pub index: usize,
+    pub kernel: String,
+    /// Its family, as the plan's report describes it.
+    pub family: String,
+    /// Median, best and mean over the calls, in microseconds (every launch of the step,
+    /// between two events on the device's stream).
+    pub calls: usize,
+    pub median_us: f64,
+    pub min_us: f64,
+    pub mean_us: f64,
 }
 
 impl std::fmt::Debug for Executor {
@@ -387,6 +405,7 @@ impl Executor {
             in_place,
             state_of,
             state_store: None,
+            profile: None,
         })
     }
 
@@ -529,6 +548,39 @@ impl Executor {
     /// What it did so far.
     pub fn stats(&self) -> ExecStats {
         self.stats
+    }
+
+    /// Starts (or, with `false`, stops and clears) timing every GPU step of each call with
+    /// CUDA events around its launches: [`Executor::step_timings`] then gives each step's
+    /// device time, which is what a benchmark of a plan step reports. The events add a
+    /// record before and after each step, nothing else.
+    pub fn profile_steps(&mut self, on: bool) {
+        self.profile = on.then(|| vec![Vec::new(); self.plan.kernels.len()]);
+    }
+
+    /// The device time of each GPU step over the calls since profiling started, in plan
+    /// order; empty when not profiling.
+    pub fn step_timings(&self) -> Vec<StepTiming> {
+        let Some(profile) = &self.profile else {
+            return Vec::new();
+        };
+        profile
+            .iter()
+            .enumerate()
+            .filter_map(|(index, samples)| {
+                let timing = crate::cuda::Timing::from_samples(samples.clone())?;
+                let kernel = &self.plan.kernels[index];
+                Some(StepTiming {
+                    index,
+                    kernel: kernel.name.clone(),
+                    family: kernel.family.describe(),
+                    calls: samples.len(),
+                    median_us: timing.median_ms * 1e3,
+                    min_us: timing.min_ms * 1e3,
+                    mean_us: timing.mean_ms * 1e3,
+                })
+            })
+            .collect()
     }
 
     /// Binds the symbolic dimensions from the per-call tensors.
@@ -707,6 +759,8 @@ impl Executor {
         let mut transfers = self.plan.transfers.clone();
         transfers.sort_by_key(|t| t.before_kernel);
         let mut next_transfer = 0;
+        // (kernel index, start, end) events of the profiled GPU steps.
+        let mut step_events = Vec::new();
         for index in 0..=self.plan.kernels.len() {
             while next_transfer < transfers.len() && transfers[next_transfer].before_kernel == index
             {
@@ -736,12 +790,29 @@ impl Executor {
             match self.plan.kernels[index].device {
                 Device::Cpu => self.run_cpu(index, &bindings, &mut host)?,
                 Device::Gpu => {
+                    let events = match (&self.profile, &self.device) {
+                        (Some(_), Some(device)) => {
+                            let pair = (device.event()?, device.event()?);
+                            pair.0.record()?;
+                            Some(pair)
+                        }
+                        _ => None,
+                    };
                     self.run_gpu(index, &bindings, &arena_slots, &mut slots)?;
+                    if let Some((start, end)) = events {
+                        end.record()?;
+                        step_events.push((index, start, end));
+                    }
                 }
             }
         }
         if let Some(device) = &self.device {
             device.synchronize()?;
+        }
+        if let Some(profile) = &mut self.profile {
+            for (index, start, end) in step_events {
+                profile[index].push(f64::from(start.elapsed_ms(&end)?));
+            }
         }
         self.stats.calls += 1;
         if let Some(store) = &self.state_store {
