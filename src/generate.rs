@@ -4,14 +4,14 @@
 //! [`generate`] owns the step loop and the per-call inputs (token ids, positions, cache
 //! start), and runs each phase through a step function that owns the KV cache (on the host
 //! or on the device): [`generate_reference`] runs the prefill and decode graphs of
-//! `kiln_ir::model::builder` with `kiln_ir::interp` (kiln's end-to-end reference, against
+//! `kiln_models::builder` with `kiln_ir::interp` (kiln's end-to-end reference, against
 //! which compiled plans are checked token for token); `crate::plan_runner` runs compiled plans.
 
 use anyhow::{bail, Context, Result};
 use kiln_ir::interp;
-use kiln_ir::model::{build_model, ModelConfig, Phase};
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
+use kiln_models::{build_model, ModelConfig, Phase};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;

@@ -1,13 +1,13 @@
 //! `kiln inspect`: what a model is and what it costs per token.
 //!
 //! Builds the model's prefill and decode graphs and reports layers, parameters, weight bytes
-//! and per-op FLOPs and bytes per token, from `kiln_ir::model::cost`. It reports; it must not
+//! and per-op FLOPs and bytes per token, from `kiln_ir::cost`. It reports; it must not
 //! compile or run anything.
 
 use anyhow::Result;
-use kiln_ir::model::cost::{op_costs, parameter_count, OpCost, ParameterCount};
-use kiln_ir::model::{build_model, ModelConfig, Phase};
+use kiln_ir::cost::{op_costs, parameter_count, OpCost, ParameterCount};
 use kiln_ir::shape::Bindings;
+use kiln_models::{build_model, ModelConfig, Phase};
 use serde::Serialize;
 use std::fmt::Write;
 

@@ -4,9 +4,10 @@
 //! the reference generation loop ([`generate`]) and model reports ([`inspect`]). The `kiln`
 //! binary (`src/main.rs`) is a thin command-line layer over these modules.
 //!
-//! The crates below it, in pipeline order: `kiln-ir` (tensor IR, interpreter, models),
-//! `kiln-codegen` (PTX and Cranelift builders), `kiln-kernels` (kernel generators) and
-//! `kiln-runtime` (devices, plans, execution).
+//! The crates below it, in pipeline order: `kiln-ir` (tensor IR, interpreter, rewrites,
+//! passes, schedule), `kiln-models` (model configs and presets, the graph builder, weight
+//! loading), `kiln-codegen` (PTX and Cranelift builders), `kiln-kernels` (kernel generators),
+//! `kiln-runtime` (devices, plans, execution) and `kiln-compiler` (driver and artifacts).
 
 pub mod bench;
 pub mod embed;
@@ -18,6 +19,7 @@ pub mod plan_runner;
 
 pub use kiln_compiler as compiler;
 pub use kiln_ir as ir;
+pub use kiln_models as models;
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
 /// that `path` is never left half-written.

@@ -12,7 +12,7 @@ use kiln::model_source::{load_config, load_expected_weights, load_weights};
 use kiln::options::QuestArgs;
 use kiln::plan_runner::{PlanRunner, RunDevice};
 use kiln_ir::dtype::DType;
-use kiln_ir::model::{build_model, ModelConfig, Phase};
+use kiln_models::{build_model, ModelConfig, Phase};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

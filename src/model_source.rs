@@ -6,8 +6,9 @@
 
 use anyhow::{Context, Result};
 use kiln_ir::graph::{Graph, TensorType};
-use kiln_ir::model::ModelConfig;
 use kiln_ir::weights::Weights;
+use kiln_models::weights::WeightsIo;
+use kiln_models::ModelConfig;
 use std::path::Path;
 
 /// The weight tensors a graph expects, `(name, type)` in graph order.

@@ -19,13 +19,13 @@
 use crate::generate::{kv_cache_state, HostState};
 use anyhow::{bail, Context, Result};
 use kiln_compiler::{Artifact, ArtifactOptions, Target};
-use kiln_ir::model::{ModelConfig, Phase};
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::schedule::BufferKind;
 use kiln_ir::schedule::{AttentionKind, Device, Family};
 use kiln_ir::shape::Bindings;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
+use kiln_models::{ModelConfig, Phase};
 use kiln_runtime::cuda::CudaDevice;
 use kiln_runtime::exec::{
     DeviceState, DeviceWeights, ExecStats, Executor, KernelSource, PrebuiltKernels, StepTiming,

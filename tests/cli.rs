@@ -1,6 +1,7 @@
 //! End-to-end tests of the `kiln` binary: the default job, `inspect`, and the error messages
 //! users see for bad input.
 
+use kiln::models::weights::WeightsIo;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -157,7 +158,7 @@ fn bad_config_errors_name_the_file_and_field() {
 
 /// Saves random weights of `model` (built for `phase` prefill) into `path`.
 fn save_weights(model: &str, path: &Path) {
-    use kiln::ir::model::{build_model, ModelConfig, Phase};
+    use kiln::models::{build_model, ModelConfig, Phase};
     let config = ModelConfig::preset(model).unwrap();
     let graph = build_model(&config, Phase::Prefill).unwrap();
     let weights = kiln::model_source::load_weights(&graph, None, 3).unwrap();
@@ -519,8 +520,8 @@ fn weights_that_do_not_match_the_artifact_are_named() {
     let root = tempfile::tempdir().unwrap();
     let dir_text = &compile_tiny(root.path(), "tiny", Some("cpu"));
     // tiny-mixtral's checkpoint: other shapes, and none of tiny-llama's MLP weights.
-    let config = kiln::ir::model::ModelConfig::preset("tiny-mixtral").unwrap();
-    let graph = kiln::ir::model::build_model(&config, kiln::ir::model::Phase::Prefill).unwrap();
+    let config = kiln::models::ModelConfig::preset("tiny-mixtral").unwrap();
+    let graph = kiln::models::build_model(&config, kiln::models::Phase::Prefill).unwrap();
     let weights = kiln::model_source::load_weights(&graph, None, 1).unwrap();
     let file = root.path().join("mixtral.safetensors");
     weights.save(&file).unwrap();

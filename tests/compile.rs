@@ -1,7 +1,7 @@
 //! `kiln compile`: plan snapshots, determinism, atomic output and the launch reduction.
 
 use kiln::compiler::{compile, Artifact, ArtifactOptions, CompileOptions, CompiledModel};
-use kiln_ir::model::{ModelConfig, Phase};
+use kiln_models::{ModelConfig, Phase};
 use std::fmt::Write as _;
 
 fn compiled(preset: &str, phase: Phase) -> CompiledModel {

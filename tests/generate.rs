@@ -3,9 +3,9 @@
 
 use kiln::generate::{argmax, generate_reference, kv_cache_state, GenerateOptions};
 use kiln::ir::interp;
-use kiln::ir::model::{build_model, ModelConfig, Phase};
 use kiln::ir::tensor::Tensor;
 use kiln::model_source::load_weights;
+use kiln::models::{build_model, ModelConfig, Phase};
 
 /// Logits of the last token after a fresh prefill of `tokens`.
 fn prefill_logits(

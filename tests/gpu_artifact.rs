@@ -11,8 +11,8 @@
 use kiln::compiler::{Artifact, ArtifactOptions};
 use kiln::generate::{generate, GenerateOptions, Generation};
 use kiln::ir::dtype::DType;
-use kiln::ir::model::ModelConfig;
 use kiln::model_source::load_expected_weights;
+use kiln::models::ModelConfig;
 use kiln::plan_runner::{device_target, open_device, PlanRunner, RunDevice};
 
 fn generate_with(runner: &mut PlanRunner, config: &ModelConfig, prompt: &[i32]) -> Generation {
@@ -63,7 +63,7 @@ fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
         // Profiling was on for the artifact's run: every GPU step of each plan has one
         // positive device time per call.
         let (prefill_steps, decode_steps) = loaded.step_timings();
-        let gpu_steps = |phase: kiln::ir::model::Phase| {
+        let gpu_steps = |phase: kiln::models::Phase| {
             artifact
                 .plan(phase)
                 .kernels
@@ -71,14 +71,8 @@ fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
                 .filter(|k| k.device == kiln::ir::schedule::Device::Gpu)
                 .count()
         };
-        assert_eq!(
-            prefill_steps.len(),
-            gpu_steps(kiln::ir::model::Phase::Prefill)
-        );
-        assert_eq!(
-            decode_steps.len(),
-            gpu_steps(kiln::ir::model::Phase::Decode)
-        );
+        assert_eq!(prefill_steps.len(), gpu_steps(kiln::models::Phase::Prefill));
+        assert_eq!(decode_steps.len(), gpu_steps(kiln::models::Phase::Decode));
         for step in prefill_steps.iter().chain(&decode_steps) {
             assert!(
                 step.min_us > 0.0 && step.median_us.is_finite(),

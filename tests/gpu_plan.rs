@@ -22,10 +22,10 @@ mod common;
 
 use kiln::generate::{generate, GenerateOptions, Generation};
 use kiln::ir::dtype::DType;
-use kiln::ir::model::{build_model, ModelConfig, Phase};
 use kiln::ir::quest::QuestOptions;
 use kiln::ir::tensor::Tensor;
 use kiln::model_source::load_weights;
+use kiln::models::{build_model, ModelConfig, Phase};
 use kiln::plan_runner::{PlanRunner, RunDevice};
 use rand::{Rng, SeedableRng};
 

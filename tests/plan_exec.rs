@@ -11,9 +11,9 @@ mod common;
 use kiln::compiler::{compile, CompileOptions};
 use kiln::generate::{generate, generate_reference, kv_cache_state, GenerateOptions, Generation};
 use kiln::ir::dtype::DType;
-use kiln::ir::model::{build_model, ModelConfig, Phase};
 use kiln::ir::tensor::Tensor;
 use kiln::model_source::load_weights;
+use kiln::models::{build_model, ModelConfig, Phase};
 use kiln::plan_runner::{PlanRunner, RunDevice};
 use kiln_runtime::exec::{DeviceWeights, ExecError, Executor};
 
@@ -214,7 +214,7 @@ fn host_plan_matches_the_interpreter(
 /// interpreter's.
 #[test]
 fn decomposed_attention_runs_on_host_kernels() {
-    use kiln::ir::model::{build_model_with, BuildOptions};
+    use kiln::models::{build_model_with, BuildOptions};
     let config = ModelConfig::preset("tiny-llama").unwrap();
     assert!(
         config.num_attention_heads > config.num_kv_heads,

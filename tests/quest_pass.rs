@@ -5,10 +5,10 @@
 
 use kiln::compiler::{compile, CompileOptions};
 use kiln::generate::{generate, GenerateOptions};
-use kiln::ir::model::{build_model, ModelConfig, Phase};
 use kiln::ir::op::Op;
 use kiln::ir::quest::QuestOptions;
 use kiln::model_source::load_weights;
+use kiln::models::{build_model, ModelConfig, Phase};
 use kiln::plan_runner::{PlanRunner, RunDevice};
 
 fn options(quest: Option<QuestOptions>) -> CompileOptions {

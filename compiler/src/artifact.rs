@@ -22,7 +22,7 @@
 //!
 //! ```
 //! use kiln_compiler::{Artifact, ArtifactOptions, Target};
-//! use kiln_ir::model::{ModelConfig, Phase};
+//! use kiln_models::{ModelConfig, Phase};
 //! let mut config = ModelConfig::preset("tiny-llama").unwrap();
 //! config.dtype = kiln_ir::dtype::DType::BF16;
 //! let artifact = Artifact::compile(&config, &ArtifactOptions::default()).unwrap();
@@ -38,11 +38,11 @@ use crate::error::{ArtifactError, CompileError};
 use crate::target::Target;
 use kiln_codegen::kernel::{GpuKernel, LaunchRule, Param};
 use kiln_ir::dtype::DType;
-use kiln_ir::model::{ModelConfig, Phase};
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::schedule::{BufferKind, Schedule};
 use kiln_ir::shape::Bindings;
 use kiln_kernels::cpu_step::{cpu_step, CpuStep};
+use kiln_models::{ModelConfig, Phase};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;

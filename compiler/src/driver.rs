@@ -17,7 +17,6 @@
 use crate::error::CompileError;
 use crate::target::Target;
 use kiln_codegen::kernel::GpuKernel;
-use kiln_ir::model::{build_model, ModelConfig, Phase};
 use kiln_ir::passes::quest::QuestPass;
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::rewrite::{optimize, RewriteOptions, RewriteReport};
@@ -27,6 +26,7 @@ use kiln_ir::schedule::{
 };
 use kiln_ir::shape::Bindings;
 use kiln_kernels::lower::Lowering;
+use kiln_models::{build_model, ModelConfig, Phase};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 

@@ -3,8 +3,8 @@
 
 use kiln_compiler::{Artifact, ArtifactError, ArtifactOptions, Target};
 use kiln_ir::dtype::DType;
-use kiln_ir::model::{ModelConfig, Phase};
 use kiln_ir::shape::Bindings;
+use kiln_models::{ModelConfig, Phase};
 use std::path::Path;
 
 fn tiny_llama_bf16() -> ModelConfig {

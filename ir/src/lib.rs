@@ -3,11 +3,14 @@
 //! Everything the compiler knows about a model before code generation: element types
 //! ([`dtype`]), symbolic shapes ([`shape`]), the op set ([`op`]), typed graphs ([`graph`]) and
 //! their verifier ([`verify`]), host tensors ([`tensor`]), the reference interpreter
-//! ([`interp`]) that is the oracle for every generated kernel, model definitions and the graph
-//! builder ([`model`]), and weights ([`weights`]).
+//! ([`interp`]) that is the oracle for every generated kernel, the weights container
+//! ([`weights`]), analytic costs ([`cost`]), equality-saturation rewriting ([`rewrite`]),
+//! graph passes ([`passes`]) and plans of kernels ([`schedule`]).
 //!
-//! It must not generate code or touch a device: those are `kiln-codegen`, `kiln-kernels` and
-//! `kiln-runtime`, which depend on this crate and never the other way round.
+//! It must not define models or make weights (reading `config.json`, building model graphs,
+//! loading checkpoints: that is `kiln-models`), generate code or touch a device (`kiln-codegen`,
+//! `kiln-kernels` and `kiln-runtime`). Those crates depend on this one, never the other way
+//! round.
 //!
 //! ```
 //! use kiln_ir::{dtype::DType, graph::Graph, op::{InputKind, Op}, shape};
@@ -18,10 +21,10 @@
 //! assert_eq!(g.value_type(y).unwrap().to_string(), "f32[tokens, 128]");
 //! ```
 
+pub mod cost;
 pub mod dtype;
 pub mod graph;
 pub mod interp;
-pub mod model;
 pub mod movement;
 pub mod op;
 pub mod passes;

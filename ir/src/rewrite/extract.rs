@@ -2,7 +2,7 @@
 //!
 //! The cost of a node is the time it would take on the [`Target`]: a kernel launch plus the
 //! larger of its memory time (bytes moved / bandwidth) and its compute time (FLOPs / peak), a
-//! roofline. Bytes and FLOPs come from `model::cost::node_cost`, the same counts `kiln inspect`
+//! roofline. Bytes and FLOPs come from `cost::node_cost`, the same counts `kiln inspect`
 //! reports, with symbolic dimensions bound by [`CostModel::bindings`]. Layout-only nodes
 //! (`reshape`, projections), inputs and constants cost nothing, and so does a node that
 //! depends only on weights and constants: it runs once at load time, not per call.
@@ -22,8 +22,8 @@
 use super::analysis::{EGraph, NodeTypeError};
 use super::language::{ENode, NodeOp};
 use super::RewriteError;
+use crate::cost::{node_cost, CostError};
 use crate::graph::{Graph, Node, ValueId};
-use crate::model::cost::{node_cost, CostError};
 use crate::op::{InputKind, Op};
 use crate::shape::Bindings;
 use egg::{Id, Language};

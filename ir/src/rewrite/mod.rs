@@ -19,11 +19,20 @@
 //! fixed orders (node order, e-class id order, canonical op keys), never in hash order.
 //!
 //! ```
-//! use kiln_ir::model::{build_layer, ModelConfig, Phase};
 //! use kiln_ir::rewrite::{optimize, RewriteOptions};
-//! let config = ModelConfig::preset("tiny-llama").unwrap();
-//! let layer = build_layer(&config, 0, Phase::Decode).unwrap();
-//! let (fused, report) = optimize(&layer, &RewriteOptions::default()).unwrap();
+//! use kiln_ir::{dtype::DType, graph::Graph, op::{InputKind, Op}, shape};
+//! // A SwiGLU MLP as a model builder (`kiln-models`) writes it: silu(x·gateᵀ) ⊙ (x·upᵀ).
+//! let mut mlp = Graph::new("mlp");
+//! let f32 = DType::F32;
+//! let x = mlp.input("x", InputKind::Activation, f32, shape!["tokens", 64]).unwrap();
+//! let gate_w = mlp.input("gate.weight", InputKind::Weight, f32, shape![256, 64]).unwrap();
+//! let up_w = mlp.input("up.weight", InputKind::Weight, f32, shape![256, 64]).unwrap();
+//! let gate = mlp.add1("gate", Op::Linear, &[x, gate_w]).unwrap();
+//! let up = mlp.add1("up", Op::Linear, &[x, up_w]).unwrap();
+//! let silu = mlp.add1("silu", Op::Silu, &[gate]).unwrap();
+//! let y = mlp.add1("gate_mul_up", Op::Mul, &[silu, up]).unwrap();
+//! mlp.output("y", y);
+//! let (fused, report) = optimize(&mlp, &RewriteOptions::default()).unwrap();
 //! assert!(fused.nodes.iter().any(|n| n.op.name() == "swiglu_linear"));
 //! assert!(report.after.launches < report.before.launches);
 //! ```
@@ -39,8 +48,8 @@ pub use extract::{CostModel, GraphSummary, Target, Work};
 pub use rules::RuleSet;
 pub use stage::{default_stages, Stage, StageLimits, StageReport, StageStop};
 
+use crate::cost::CostError;
 use crate::graph::Graph;
-use crate::model::cost::CostError;
 use crate::op::Op;
 use crate::shape::{Bindings, Dim};
 use crate::verify::VerifyError;

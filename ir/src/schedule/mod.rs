@@ -14,11 +14,14 @@
 //! `BTreeMap`s, no timings. This module must not generate code or touch a device.
 //!
 //! ```
-//! use kiln_ir::model::{build_layer, ModelConfig, Phase};
 //! use kiln_ir::schedule::{schedule, ScheduleOptions};
-//! let config = ModelConfig::preset("tiny-llama").unwrap();
-//! let layer = build_layer(&config, 0, Phase::Decode).unwrap();
-//! let plan = schedule(&layer, &ScheduleOptions::default()).unwrap();
+//! use kiln_ir::{dtype::DType, graph::Graph, op::{InputKind, Op}, shape};
+//! let mut g = Graph::new("proj");
+//! let x = g.input("x", InputKind::Activation, DType::F16, shape!["tokens", 64]).unwrap();
+//! let w = g.input("w", InputKind::Weight, DType::F16, shape![128, 64]).unwrap();
+//! let y = g.add1("proj", Op::Linear, &[x, w]).unwrap();
+//! g.output("y", y);
+//! let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
 //! assert!(!plan.kernels.is_empty());
 //! ```
 

@@ -1,7 +1,8 @@
 //! Recovers attention from its plain-op form: `softmax(scale · QKᵀ + mask) · V`.
 //!
-//! The form is the one a framework exporter writes (and `BuildOptions::decompose_attention`
-//! builds), over `q [B, S, Hq, D]`, `k`, `v [B, T, Hkv, D]`:
+//! The form is the one a framework exporter writes (and
+//! `kiln_models::BuildOptions::decompose_attention` builds), over `q [B, S, Hq, D]`, `k`,
+//! `v [B, T, Hkv, D]`:
 //!
 //! ```text
 //! qh = transpose[0,2,1,3](q)                          [B, Hq, S, D]

@@ -6,14 +6,14 @@
 use kiln_ir::dtype::DType;
 use kiln_ir::graph::Graph;
 use kiln_ir::interp;
-use kiln_ir::model::{build_model, ModelConfig, Phase};
 use kiln_ir::op::{InputKind, Op};
 use kiln_ir::passes::quest::{QuestPass, QuestPassError};
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::rewrite::{optimize, RewriteOptions};
 use kiln_ir::shape::Shape;
 use kiln_ir::tensor::Tensor;
-use kiln_ir::weights::Weights;
+use kiln_models::weights::{Weights, WeightsIo};
+use kiln_models::{build_model, ModelConfig, Phase};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;

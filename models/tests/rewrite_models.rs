@@ -6,12 +6,12 @@
 use kiln_ir::dtype::DType;
 use kiln_ir::graph::Graph;
 use kiln_ir::interp;
-use kiln_ir::model::{
-    build_layer, build_layer_with, build_model, build_model_with, BuildOptions, ModelConfig, Phase,
-};
 use kiln_ir::rewrite::{kernel_like_nodes, optimize, RewriteOptions, StageStop};
 use kiln_ir::tensor::Tensor;
-use kiln_ir::weights::Weights;
+use kiln_models::weights::{Weights, WeightsIo};
+use kiln_models::{
+    build_layer, build_layer_with, build_model, build_model_with, BuildOptions, ModelConfig, Phase,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};

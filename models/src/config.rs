@@ -9,7 +9,7 @@
 //! It must not build graphs or load weights: the graph builder and the weight loader take a
 //! [`ModelConfig`] from here and do that work themselves.
 
-use crate::dtype::DType;
+use kiln_ir::dtype::DType;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;

@@ -1,5 +1,5 @@
-//! Counts of parameters, FLOPs and bytes moved, per op kind, for `kiln inspect` and (later)
-//! the cost model of the scheduler.
+//! Counts of parameters, FLOPs and bytes moved, per op kind, for `kiln inspect` and the
+//! rewriter's cost model (`rewrite::extract`).
 //!
 //! Counts are analytic, from a verified graph and bindings of its symbolic dimensions: FLOPs
 //! count a multiply-add as two; bytes count every operand read and every result written once,

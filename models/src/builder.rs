@@ -13,12 +13,12 @@
 //! appends to the cache and attends over it. This file builds graphs only: no execution, no
 //! weights, no rewriting.
 
-use super::config::{Architecture, ModelConfig};
-use crate::dtype::DType;
-use crate::graph::{Graph, ValueId};
-use crate::op::{InputKind, Op};
-use crate::shape::{Dim, Shape};
-use crate::verify::VerifyError;
+use crate::config::{Architecture, ModelConfig};
+use kiln_ir::dtype::DType;
+use kiln_ir::graph::{Graph, ValueId};
+use kiln_ir::op::{InputKind, Op};
+use kiln_ir::shape::{Dim, Shape};
+use kiln_ir::verify::VerifyError;
 use serde::{Deserialize, Serialize};
 
 /// Which graph to build: a whole prompt at once, or one new token per sequence.
@@ -188,7 +188,7 @@ impl<'a> Builder<'a> {
 
     fn common_inputs(&mut self) -> Result<CommonInputs, VerifyError> {
         let positions = self.activation("positions", DType::I32, self.tokens_shape(&[]))?;
-        let cache_start = self.activation("cache_start", DType::I32, crate::shape!["batch"])?;
+        let cache_start = self.activation("cache_start", DType::I32, kiln_ir::shape!["batch"])?;
         let lengths = match self.phase {
             Phase::Prefill => None,
             Phase::Decode => {
@@ -564,7 +564,7 @@ impl<'a> Builder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cost::parameter_count;
+    use kiln_ir::cost::parameter_count;
 
     #[test]
     fn every_preset_builds_verified_graphs() {
