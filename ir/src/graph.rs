@@ -1,9 +1,10 @@
 //! The tensor graph: typed nodes in topological order.
 //!
-//! Owns [`Graph`], [`Node`], [`ValueId`] and [`TensorType`], and the building API that adds a
-//! node after inferring its result types (through `verify::infer`). Nodes only refer to
-//! earlier nodes, so the node order is an execution order. It must not execute anything
-//! (that is `interp`) or rewrite anything (that is `rewrite`, later).
+//! Owns [`Graph`], [`Node`] (op, operands, result types, label and decoder layer),
+//! [`ValueId`] and [`TensorType`], and the building API that adds a node after inferring its
+//! result types (through `verify::infer`). Nodes only refer to earlier nodes, so the node
+//! order is an execution order. It must not execute anything (that is `interp`) or rewrite
+//! anything (that is `rewrite`, later).
 
 use crate::dtype::DType;
 use crate::op::{InputKind, Op};
@@ -74,8 +75,16 @@ pub struct Node {
     pub op: Op,
     pub inputs: Vec<ValueId>,
     pub outputs: Vec<TensorType>,
-    /// A readable name such as `layers.3.attn.q_proj`, used in errors and reports.
+    /// A readable name such as `layers.3.attn.q_proj`, used in errors and reports. Nothing
+    /// reads facts out of it: those are typed fields such as `layer`.
     pub label: String,
+    /// The decoder layer the node belongs to, if any. The model builder sets `Some(i)` on
+    /// every node it adds for layer `i` (the layer's weights, KV-cache state inputs and ops);
+    /// nodes outside the layers (embedding, final norm, head, shared inputs) and nodes added
+    /// through [`Graph::add`] have `None`. Rewriting carries it like the label, scheduling
+    /// records it on each kernel, and per-layer passes (Quest) read it.
+    #[serde(default)]
+    pub layer: Option<usize>,
 }
 
 /// A typed dataflow graph with named outputs.
@@ -129,6 +138,7 @@ impl Graph {
             inputs: inputs.to_vec(),
             outputs,
             label: label.to_string(),
+            layer: None,
         });
         Ok(ids)
     }

@@ -624,6 +624,7 @@ fn eval_plain(
             crate::shape::Shape::default(),
         )],
         label: String::new(),
+        layer: None,
     };
     let result = eval(&node, operands, bindings)?.remove(0);
     Ok(result.cast(dtype))

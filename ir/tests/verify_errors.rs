@@ -72,6 +72,7 @@ fn hand_pushed_node_with_a_mis_shaped_operand_is_rejected() {
         inputs: vec![x, w_bad],
         outputs: vec![TensorType::new(DType::F32, shape![2, 4])],
         label: "layers.1.proj".to_string(),
+        layer: None,
     });
     let err = g.verify().unwrap_err();
     assert_names(&err, 5, "layers.1.proj", "linear", "K is 5, expected 3");
@@ -86,6 +87,7 @@ fn hand_pushed_node_with_a_bad_reference_is_rejected() {
         inputs: vec![x, ValueId { node: 7, output: 0 }],
         outputs: vec![TensorType::new(DType::F32, shape![2, 3])],
         label: "forward".to_string(),
+        layer: None,
     });
     let err = g.verify().unwrap_err();
     assert_names(&err, 4, "forward", "add", "%7");
@@ -97,6 +99,7 @@ fn hand_pushed_node_with_a_bad_reference_is_rejected() {
         inputs: vec![ValueId { output: 1, ..y }],
         outputs: vec![TensorType::new(DType::F32, shape![2, 4])],
         label: "second_output".to_string(),
+        layer: None,
     });
     let err = g.verify().unwrap_err();
     assert_names(&err, 4, "second_output", "silu", "%2.1");
@@ -108,6 +111,7 @@ fn hand_pushed_node_with_a_bad_reference_is_rejected() {
         inputs: vec![x, x],
         outputs: vec![TensorType::new(DType::F32, shape![2, 3])],
         label: "two_operands".to_string(),
+        layer: None,
     });
     let err = g.verify().unwrap_err();
     assert_names(

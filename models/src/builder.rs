@@ -7,7 +7,9 @@
 //! - per layer, state inputs `model.layers.{i}.k_cache` / `v_cache`,
 //!   `[batch, ctx, kv_heads, head_dim]`, returned updated as outputs of the same name;
 //! - output `logits`, `[batch, 1, vocab]`, for the last token of each sequence;
-//! - weights are inputs named as in Hugging Face checkpoints.
+//! - weights are inputs named as in Hugging Face checkpoints;
+//! - every node added for decoder layer `i` (its weights, KV-cache state inputs and ops) has
+//!   `layer: Some(i)`; the shared inputs, embedding, final norm and head have `None`.
 //!
 //! Prefill runs causal attention over the new tokens and expects `cache_start` = 0; decode
 //! appends to the cache and attends over it. This file builds graphs only: no execution, no
@@ -247,6 +249,7 @@ impl<'a> Builder<'a> {
         common: &CommonInputs,
     ) -> Result<ValueId, VerifyError> {
         let c = self.config;
+        let first_node = self.graph.nodes.len();
         let prefix = format!("model.layers.{layer}");
         let x = self.rms_norm(
             &format!("{prefix}.input_layernorm.weight"),
@@ -269,8 +272,15 @@ impl<'a> Builder<'a> {
         } else {
             self.dense_mlp(&format!("{prefix}.mlp"), x, c.intermediate_size)?
         };
-        self.graph
-            .add1(&format!("{prefix}.mlp_residual"), Op::Add, &[hidden, mlp])
+        let out = self
+            .graph
+            .add1(&format!("{prefix}.mlp_residual"), Op::Add, &[hidden, mlp])?;
+        // Every node added for this layer (its weights, KV-cache inputs and ops) carries the
+        // layer as a typed fact: passes read `Node::layer`, never the labels.
+        for node in &mut self.graph.nodes[first_node..] {
+            node.layer = Some(layer);
+        }
+        Ok(out)
     }
 
     fn self_attention(
@@ -576,6 +586,42 @@ mod tests {
                 let layer = build_layer(&config, config.num_layers - 1, phase).unwrap();
                 layer.verify().unwrap();
                 assert_eq!(model.outputs.len(), 1 + 2 * config.num_layers, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_node_of_a_decoder_layer_carries_its_layer() {
+        let prefix = |layer: usize| format!("model.layers.{layer}.");
+        for name in ["tiny-llama", "tiny-mixtral", "qwen3-30b-a3b"] {
+            let config = ModelConfig::preset(name).unwrap();
+            for phase in [Phase::Prefill, Phase::Decode] {
+                for decompose_attention in [false, true] {
+                    let options = BuildOptions {
+                        decompose_attention,
+                    };
+                    let model = build_model_with(&config, phase, &options).unwrap();
+                    let mut count = vec![0; config.num_layers];
+                    for node in &model.nodes {
+                        match node.layer {
+                            Some(layer) => {
+                                assert!(node.label.starts_with(&prefix(layer)), "{}", node.label);
+                                count[layer] += 1;
+                            }
+                            None => {
+                                assert!(!node.label.starts_with("model.layers."), "{}", node.label)
+                            }
+                        }
+                    }
+                    assert!(count.iter().all(|&c| c > 0), "{name}: {count:?}");
+                    // One layer alone: its nodes carry its index, the shared inputs none.
+                    let last = config.num_layers - 1;
+                    let layer = build_layer_with(&config, last, phase, &options).unwrap();
+                    for node in &layer.nodes {
+                        let expected = node.label.starts_with(&prefix(last)).then_some(last);
+                        assert_eq!(node.layer, expected, "{}", node.label);
+                    }
+                }
             }
         }
     }

@@ -8,8 +8,9 @@
 //! shapes and dtypes, into `kiln_ir::weights::Weights`).
 //!
 //! It must not rewrite, schedule, generate code or touch a device: graphs leave here as plain
-//! `kiln_ir` graphs, and the IR, its rewrites, passes and schedule stay in `kiln-ir`, which
-//! never depends on this crate.
+//! `kiln_ir` graphs (every node of decoder layer `i` carrying `layer: Some(i)`, the typed fact
+//! that passes read instead of labels), and the IR, its rewrites, passes and schedule stay in
+//! `kiln-ir`, which never depends on this crate.
 //!
 //! ```
 //! use kiln_models::{build_model, ModelConfig, Phase};

@@ -1,7 +1,9 @@
 //! Tests of the Quest pass (`ir::passes::quest`) on the tiny-llama preset: which layers
 //! become Quest, that the rewritten graph verifies, that a budget covering the context gives
 //! the original outputs bit for bit (dense fallback) under `ir::interp`, that a small budget
-//! changes them (it selects), that prefill is left alone, and how a node's layer is found.
+//! changes them (it selects), that prefill is left alone, and that the layer the pass uses is
+//! the one the builder records on every node (`Node::layer`), whatever the labels say. The
+//! pass on hand-built graphs (with and without layers) is tested in `ir::passes::quest`.
 
 use kiln_ir::dtype::DType;
 use kiln_ir::graph::Graph;
@@ -10,7 +12,6 @@ use kiln_ir::op::{InputKind, Op};
 use kiln_ir::passes::quest::{QuestPass, QuestPassError};
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::rewrite::{optimize, RewriteOptions};
-use kiln_ir::shape::Shape;
 use kiln_ir::tensor::Tensor;
 use kiln_models::weights::{Weights, WeightsIo};
 use kiln_models::{build_model, ModelConfig, Phase};
@@ -31,7 +32,7 @@ fn quest(budget_tokens: usize, page_size: usize, skip_layers: usize) -> QuestPas
     .unwrap()
 }
 
-/// `(layer, is_quest)` of every decode attention node, from the `model.layers.{i}.` labels.
+/// `(layer, is_quest)` of every decode attention node, from its typed layer.
 fn attention_layers(graph: &Graph) -> Vec<(usize, bool)> {
     graph
         .nodes
@@ -42,8 +43,7 @@ fn attention_layers(graph: &Graph) -> Vec<(usize, bool)> {
                 Op::QuestAttentionDecode { .. } => true,
                 _ => return None,
             };
-            let layer = n.label.split('.').nth(2).unwrap().parse().unwrap();
-            Some((layer, quest))
+            Some((n.layer.expect("the builder sets the layer"), quest))
         })
         .collect()
 }
@@ -123,12 +123,12 @@ fn layers_from_skip_layers_become_quest() {
             "{:?}",
             report.notes
         );
-        // Only the attention ops changed; operands, results and labels are the same.
+        // Only the attention ops changed; operands, results, labels and layers are the same.
         assert_eq!(rewritten.nodes.len(), graph.nodes.len());
         for (a, b) in rewritten.nodes.iter().zip(&graph.nodes) {
             assert_eq!(
-                (&a.inputs, &a.outputs, &a.label),
-                (&b.inputs, &b.outputs, &b.label)
+                (&a.inputs, &a.outputs, &a.label, a.layer),
+                (&b.inputs, &b.outputs, &b.label, b.layer)
             );
             if a.op != b.op {
                 assert_eq!(
@@ -151,8 +151,8 @@ fn layers_from_skip_layers_become_quest() {
 }
 
 #[test]
-fn the_rewritten_graph_keeps_its_labels_for_the_pass() {
-    // compile runs the pass after rewrite::optimize: the attention labels survive it.
+fn the_rewritten_graph_keeps_its_layers_for_the_pass() {
+    // compile runs the pass after rewrite::optimize: the attention nodes' layers survive it.
     let config = tiny_llama();
     let graph = build_model(&config, Phase::Decode).unwrap();
     let (optimized, _) = optimize(&graph, &RewriteOptions::default()).unwrap();
@@ -210,60 +210,31 @@ fn prefill_stays_dense() {
 }
 
 #[test]
-fn the_layer_comes_from_the_cache_when_the_label_lacks_it() {
+fn the_layer_comes_from_the_builder_not_the_labels() {
+    // Labels that say nothing about layers: the rewrite is the same, because the pass reads
+    // the layer the builder recorded on each node.
     let config = tiny_llama();
-    let mut graph = build_model(&config, Phase::Decode).unwrap();
-    for node in &mut graph.nodes {
-        if matches!(node.op, Op::AttentionDecode { .. }) {
-            node.label = "attention".into();
-        }
+    let graph = build_model(&config, Phase::Decode).unwrap();
+    let mut anonymous = graph.clone();
+    for (index, node) in anonymous.nodes.iter_mut().enumerate() {
+        node.label = format!("n{index}");
     }
-    let (rewritten, report) = quest(64, 16, 1).run(&graph).unwrap();
+    let (expected, _) = quest(64, 16, 1).run(&graph).unwrap();
+    let (rewritten, report) = quest(64, 16, 1).run(&anonymous).unwrap();
     assert_eq!(report.changed, 1);
-    let quest_node = rewritten
-        .nodes
-        .iter()
-        .find(|n| matches!(n.op, Op::QuestAttentionDecode { .. }))
-        .unwrap();
-    // Its keys come from layer 1's cache.
-    let append = &rewritten.nodes[quest_node.inputs[1].node];
-    assert_eq!(append.label, "model.layers.1.k_cache.append");
-}
-
-#[test]
-fn an_attention_of_no_known_layer_is_an_error() {
-    let mut g = Graph::new("loose");
-    let q = g
-        .input(
-            "q",
-            InputKind::Activation,
-            DType::F32,
-            Shape::of(&[1, 1, 2, 4]),
-        )
-        .unwrap();
-    let k = g
-        .input(
-            "k",
-            InputKind::Activation,
-            DType::F32,
-            Shape::of(&[1, 8, 1, 4]),
-        )
-        .unwrap();
-    let len = g
-        .input("len", InputKind::Activation, DType::I32, Shape::of(&[1]))
-        .unwrap();
-    let y = g
-        .add1(
-            "decode",
-            Op::AttentionDecode { scale: 1.0 },
-            &[q, k, k, len],
-        )
-        .unwrap();
-    g.output("y", y);
-    let error = quest(16, 4, 0).run(&g).unwrap_err();
+    assert_eq!(attention_layers(&rewritten), vec![(0, false), (1, true)]);
+    for (a, b) in expected.nodes.iter().zip(&rewritten.nodes) {
+        assert_eq!((&a.op, a.layer), (&b.op, b.layer));
+    }
+    // Without the layers, the pass refuses rather than guess from labels or cache names.
+    let mut unlayered = graph.clone();
+    for node in &mut unlayered.nodes {
+        node.layer = None;
+    }
+    let error = quest(64, 16, 1).run(&unlayered).unwrap_err();
     assert!(
-        matches!(error, QuestPassError::UnknownLayer { node: 3, .. }),
+        matches!(error, QuestPassError::UnknownLayer { ref label, .. }
+            if label == "model.layers.0.self_attn.attention"),
         "{error}"
     );
-    assert!(error.to_string().contains("`decode`"), "{error}");
 }

@@ -1,12 +1,15 @@
 //! Whole-model tests of `ir::rewrite`: the rewritten graphs of the preset models verify and,
 //! on the tiny presets with random weights, compute the same outputs as the originals under
-//! `ir::interp`; rewriting is deterministic; kernel counts on llama-3-8b decode and the time
-//! to optimise mixtral-8x7b decode are printed (run with `--nocapture`).
+//! `ir::interp`; the builder's typed layers survive rewriting and scheduling; rewriting is
+//! deterministic; kernel counts on llama-3-8b decode and the time to optimise mixtral-8x7b
+//! decode are printed (run with `--nocapture`).
 
 use kiln_ir::dtype::DType;
 use kiln_ir::graph::Graph;
 use kiln_ir::interp;
+use kiln_ir::op::Op;
 use kiln_ir::rewrite::{kernel_like_nodes, optimize, RewriteOptions, StageStop};
+use kiln_ir::schedule::{schedule, ScheduleOptions};
 use kiln_ir::tensor::Tensor;
 use kiln_models::weights::{Weights, WeightsIo};
 use kiln_models::{
@@ -14,7 +17,7 @@ use kiln_models::{
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 const BATCH: usize = 2;
@@ -143,6 +146,58 @@ fn tiny_models_compute_the_same_outputs_after_rewriting() {
                     report.after.launches < report.before.launches,
                     "{what}: {report}"
                 );
+            }
+        }
+    }
+}
+
+/// The decoder layer a builder label names (`model.layers.{i}.…`): the test's check of the
+/// typed `layer` against the labels (the code under test never parses labels).
+fn label_layer(label: &str) -> Option<usize> {
+    let rest = label.strip_prefix("model.layers.")?;
+    rest.split_once('.')?.0.parse().ok()
+}
+
+/// The builder's typed layers are carried through rewriting (nodes the rules create take the
+/// layer of the node that reads them, as they take its label) and recorded on the kernels.
+#[test]
+fn layers_survive_rewriting_and_scheduling() {
+    for preset in ["tiny-llama", "tiny-mixtral"] {
+        let config = ModelConfig::preset(preset).unwrap();
+        let layers: Vec<Option<usize>> = (0..config.num_layers).map(Some).collect();
+        for phase in [Phase::Prefill, Phase::Decode] {
+            for decompose in [false, true] {
+                let what = format!("{preset} {} decomposed={decompose}", phase.name());
+                let options = BuildOptions {
+                    decompose_attention: decompose,
+                };
+                let graph = build_model_with(&config, phase, &options).unwrap();
+                let (rewritten, _) = optimize(&graph, &RewriteOptions::default()).unwrap();
+                for node in &rewritten.nodes {
+                    assert_eq!(
+                        node.layer,
+                        label_layer(&node.label),
+                        "{what}: `{}`",
+                        node.label
+                    );
+                }
+                let attention: Vec<Option<usize>> = rewritten
+                    .nodes
+                    .iter()
+                    .filter(|n| matches!(n.op, Op::Attention { .. } | Op::AttentionDecode { .. }))
+                    .map(|n| n.layer)
+                    .collect();
+                assert_eq!(attention, layers, "{what}");
+                let plan = schedule(&rewritten, &ScheduleOptions::default()).unwrap();
+                for kernel in &plan.kernels {
+                    let node = &rewritten.nodes[kernel.graph_nodes[0]];
+                    assert_eq!(kernel.layer, node.layer, "{what}: {}", kernel.name);
+                }
+                let scheduled: BTreeSet<Option<usize>> =
+                    plan.kernels.iter().map(|k| k.layer).collect();
+                let mut expected: BTreeSet<Option<usize>> = layers.iter().copied().collect();
+                expected.insert(None);
+                assert_eq!(scheduled, expected, "{what}");
             }
         }
     }

@@ -37,6 +37,7 @@ fn interpret(op: Op, operands: &[&Tensor], out_shape: &[usize]) -> Tensor {
             .collect(),
         outputs: vec![TensorType::new(DType::F32, Shape::of(out_shape))],
         label: "attention".to_string(),
+        layer: None,
     };
     eval(&node, operands, &Bindings::new())
         .expect("interpreter")

@@ -34,6 +34,7 @@ fn interpret(op: Op, operands: &[Tensor], results: usize) -> Vec<Tensor> {
         inputs: Vec::new(),
         outputs: vec![TensorType::new(DType::F32, Shape::default()); results],
         label: "test".to_string(),
+        layer: None,
     };
     let refs: Vec<&Tensor> = operands.iter().collect();
     interp::eval(&node, &refs, &Bindings::new()).expect("interpreter")

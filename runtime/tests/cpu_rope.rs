@@ -29,6 +29,7 @@ fn interpret(x: &[f32], positions: &[i32], heads: usize, head_dim: usize, theta:
         inputs: Vec::new(),
         outputs: vec![TensorType::new(DType::F32, Shape::default())],
         label: "test".to_string(),
+        layer: None,
     };
     let x = Tensor::new(DType::F32, &[1, tokens, heads, head_dim], x.to_vec()).unwrap();
     let positions = Tensor::new(

@@ -2,16 +2,16 @@
 //!
 //! [`QuestPass::run`] rewrites every `AttentionDecode` node of a decoder layer
 //! `≥ skip_layers` (one new token per sequence) into `QuestAttentionDecode` with the same
-//! operands, scale and result, and the pass's budget and page size. The layer of a node comes
-//! from its label (`model.layers.{i}.…`, as the model builder names it) or, failing that,
-//! from the name of the KV-cache state input its keys come from (`model.layers.{i}.k_cache`).
-//! Prefill graphs hold no `AttentionDecode` and come back unchanged: prefill stays dense.
+//! operands, scale and result, and the pass's budget and page size. The layer of a node is its
+//! typed [`Node::layer`](crate::graph::Node::layer), which the model builder sets and rewriting
+//! carries; labels and input names are never parsed. Prefill graphs hold no `AttentionDecode`
+//! and come back unchanged: prefill stays dense.
 //!
 //! It owns the pass's name, options record and report; the op's meaning is in `op` and
 //! `interp`, the selection logic in `crate::quest`. It must not schedule or touch a device.
 
-use crate::graph::{Graph, ValueId};
-use crate::op::{InputKind, Op};
+use crate::graph::Graph;
+use crate::op::Op;
 use crate::quest::{QuestError, QuestOptions};
 use crate::schedule::{PassRecord, PassReport};
 use crate::shape::Dim;
@@ -26,11 +26,10 @@ pub const NAME: &str = "quest";
 pub enum QuestPassError {
     #[error("quest pass: {0}")]
     Options(#[from] QuestError),
-    /// A decode attention node whose layer could be told neither from its label nor from its
-    /// KV cache's input name.
+    /// A decode attention node without a decoder layer (`Node::layer` is `None`).
     #[error(
-        "quest pass: node %{node} `{label}`: cannot tell its decoder layer (expected a label \
-         `model.layers.{{i}}.…` or keys from the state input `model.layers.{{i}}.k_cache`)"
+        "quest pass: node %{node} `{label}`: decode attention without a decoder layer (its \
+         `layer` is not set; the model builder sets it on every node of a decoder layer)"
     )]
     UnknownLayer { node: usize, label: String },
     #[error("quest pass: the rewritten graph does not verify: {0}")]
@@ -84,7 +83,7 @@ impl QuestPass {
                 continue;
             };
             decode_nodes += 1;
-            let layer = layer_of(graph, index).ok_or_else(|| QuestPassError::UnknownLayer {
+            let layer = node.layer.ok_or_else(|| QuestPassError::UnknownLayer {
                 node: index,
                 label: node.label.clone(),
             })?;
@@ -153,54 +152,109 @@ fn list(layers: &BTreeSet<usize>) -> String {
         .join(", ")
 }
 
-/// The decoder layer of attention node `index`: from its label, else from the name of the
-/// state input its key cache (operand 1) comes from, through any `KvAppend`.
-fn layer_of(graph: &Graph, index: usize) -> Option<usize> {
-    let node = &graph.nodes[index];
-    if let Some(layer) = layer_in_label(&node.label) {
-        return Some(layer);
-    }
-    let mut value: ValueId = *node.inputs.get(1)?;
-    loop {
-        let source = graph.nodes.get(value.node)?;
-        match &source.op {
-            Op::KvAppend => value = *source.inputs.first()?,
-            Op::Input {
-                name,
-                kind: InputKind::State,
-                ..
-            } => return layer_in_label(name),
-            _ => return None,
-        }
-    }
-}
-
-/// `i` of the first `layers.{i}.` in `label`.
-fn layer_in_label(label: &str) -> Option<usize> {
-    label.match_indices("layers.").find_map(|(at, m)| {
-        let rest = &label[at + m.len()..];
-        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
-        if digits == 0 || !rest[digits..].starts_with('.') {
-            return None;
-        }
-        rest[..digits].parse().ok()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::DType;
+    use crate::op::InputKind;
+    use crate::shape::Shape;
+
+    /// One decode step with a decode attention node per `(label, key-cache input name,
+    /// layer)`, each over its own KV-cache state input; the attention node and its cache
+    /// input get `layer`.
+    fn decode_graph(attention: &[(&str, &str, Option<usize>)]) -> Graph {
+        let mut g = Graph::new("decode");
+        let act = InputKind::Activation;
+        let q = g
+            .input("q", act, DType::F32, Shape::of(&[1, 1, 2, 4]))
+            .unwrap();
+        let lengths = g
+            .input("lengths", act, DType::I32, Shape::of(&[1]))
+            .unwrap();
+        for &(label, cache, layer) in attention {
+            let first = g.nodes.len();
+            let kv = Shape::of(&[1, 8, 1, 4]);
+            let k = g.input(cache, InputKind::State, DType::F32, kv).unwrap();
+            let op = Op::AttentionDecode { scale: 0.5 };
+            let y = g.add1(label, op, &[q, k, k, lengths]).unwrap();
+            for node in &mut g.nodes[first..] {
+                node.layer = layer;
+            }
+            g.output(label, y);
+        }
+        g
+    }
+
+    fn pass(skip_layers: usize) -> QuestPass {
+        QuestPass::new(QuestOptions {
+            budget_tokens: 8,
+            page_size: 4,
+            skip_layers,
+        })
+        .unwrap()
+    }
 
     #[test]
-    fn layer_from_label() {
+    fn the_layer_is_the_typed_field_whatever_the_labels_say() {
+        // Labels and input names say nothing about layers (or something misleading); the
+        // typed layers 0 and 3 decide: with skip_layers 2 only layer 3 becomes Quest.
+        let graph = decode_graph(&[
+            ("first", "keys_a", Some(0)),
+            ("model.layers.7.self_attn.attention", "keys_b", Some(3)),
+        ]);
+        let (rewritten, report) = pass(2).run(&graph).unwrap();
+        let ops: Vec<(&str, Option<usize>)> = rewritten
+            .nodes
+            .iter()
+            .filter(|n| n.inputs.len() == 4)
+            .map(|n| (n.op.name(), n.layer))
+            .collect();
         assert_eq!(
-            layer_in_label("model.layers.12.self_attn.attention"),
-            Some(12)
+            ops,
+            vec![
+                ("attention_decode", Some(0)),
+                ("quest_attention_decode", Some(3))
+            ]
         );
-        assert_eq!(layer_in_label("model.layers.3.k_cache"), Some(3));
-        assert_eq!(layer_in_label("model.layers.x.attention"), None);
-        assert_eq!(layer_in_label("layers.7"), None);
-        assert_eq!(layer_in_label("attention"), None);
+        assert_eq!(report.changed, 1);
+        assert!(
+            report.notes.contains(&"quest layers: 3".to_string()),
+            "{report:?}"
+        );
+        assert!(
+            report
+                .notes
+                .contains(&"dense layers: 0 (skip_layers 2)".to_string()),
+            "{report:?}"
+        );
+        // Everything but the rewritten op is as it was, layers included.
+        for (before, after) in graph.nodes.iter().zip(&rewritten.nodes) {
+            assert_eq!((&before.label, before.layer), (&after.label, after.layer));
+        }
+    }
+
+    #[test]
+    fn a_decode_attention_without_a_layer_is_an_error() {
+        // A label and a cache name in the builder's naming do not stand in for the field.
+        let graph = decode_graph(&[(
+            "model.layers.5.self_attn.attention",
+            "model.layers.5.k_cache",
+            None,
+        )]);
+        let error = pass(0).run(&graph).unwrap_err();
+        assert_eq!(
+            error,
+            QuestPassError::UnknownLayer {
+                node: 3,
+                label: "model.layers.5.self_attn.attention".to_string()
+            }
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("%3 `model.layers.5.self_attn.attention`")
+                && message.contains("without a decoder layer"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -5,13 +5,16 @@
 //! `Project(i)` nodes. Graph inputs keep their names, kinds and types (they are `Input` ops),
 //! and the graph's named outputs become the roots, in order. Identical nodes (same op, same
 //! operands) fall into one e-class; every op is pure, so that is common-subexpression
-//! elimination. Each e-class remembers the label of the first graph node that produced it.
+//! elimination. Each e-class remembers the label and decoder layer of the first graph node that
+//! produced it.
 //!
 //! [`to_graph`] rebuilds a graph from one chosen e-node per e-class: a depth-first walk from
 //! the outputs, in output order and operand order, so the same choice always gives the same
 //! graph. Projections become value references (`%node.i`); graph inputs that nothing reads
 //! any more are kept, after the rest, so the graph's interface does not change. A node whose
-//! e-class has no label of its own is named after the node that first reads it.
+//! e-class has no origin of its own (a node the rules created) is named after the node that
+//! first reads it and takes that reader's layer: a fused SwiGLU's stacked weight belongs to the
+//! layer of the `swiglu_linear` that reads it.
 
 use super::analysis::{EGraph, TypeAnalysis};
 use super::language::{ENode, NodeOp};
@@ -29,9 +32,22 @@ pub struct Converted {
     pub outputs: Vec<(String, Id)>,
     /// The e-classes of the graph inputs, in graph order.
     pub inputs: Vec<Id>,
-    /// `(e-class, label)` of every graph node, in graph order.
-    pub labels: Vec<(Id, String)>,
+    /// Where every graph node (and every result of a multi-result node) went, in graph
+    /// order.
+    pub origins: Vec<Origin>,
 }
+
+/// A graph node's e-class with the label and decoder layer that the node rebuilt from it
+/// inherits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Origin {
+    pub class: Id,
+    pub label: String,
+    pub layer: Option<usize>,
+}
+
+/// The label and layer of the node that reads a class, for naming a node without an origin.
+type Reader = (Rc<str>, Option<usize>);
 
 /// Adds every node of `graph` to a new e-graph.
 pub fn to_egraph(graph: &Graph) -> Result<Converted, RewriteError> {
@@ -39,11 +55,15 @@ pub fn to_egraph(graph: &Graph) -> Result<Converted, RewriteError> {
     let mut egraph = EGraph::new(TypeAnalysis::default());
     let mut values: HashMap<ValueId, Id> = HashMap::new();
     let mut inputs = Vec::new();
-    let mut labels = Vec::new();
+    let mut origins = Vec::new();
     for (index, node) in graph.nodes.iter().enumerate() {
         let children = node.inputs.iter().map(|v| values[v]).collect::<Vec<Id>>();
         let id = egraph.add(ENode::new(node.op.clone(), children));
-        labels.push((id, node.label.clone()));
+        origins.push(Origin {
+            class: id,
+            label: node.label.clone(),
+            layer: node.layer,
+        });
         if matches!(node.op, Op::Input { .. }) {
             inputs.push(id);
         }
@@ -58,7 +78,11 @@ pub fn to_egraph(graph: &Graph) -> Result<Converted, RewriteError> {
         } else {
             for output in 0..node.outputs.len() {
                 let projection = egraph.add(ENode::project(output, id));
-                labels.push((projection, format!("{}.{output}", node.label)));
+                origins.push(Origin {
+                    class: projection,
+                    label: format!("{}.{output}", node.label),
+                    layer: node.layer,
+                });
                 values.insert(
                     ValueId {
                         node: index,
@@ -85,7 +109,7 @@ pub fn to_egraph(graph: &Graph) -> Result<Converted, RewriteError> {
         egraph,
         outputs,
         inputs,
-        labels,
+        origins,
     })
 }
 
@@ -97,9 +121,11 @@ pub fn to_graph(
     converted: &Converted,
     choice: &BTreeMap<Id, ENode>,
 ) -> Result<Graph, RewriteError> {
-    let mut class_labels: HashMap<Id, &str> = HashMap::new();
-    for (id, label) in &converted.labels {
-        class_labels.entry(egraph.find(*id)).or_insert(label);
+    let mut class_origins: HashMap<Id, &Origin> = HashMap::new();
+    for origin in &converted.origins {
+        class_origins
+            .entry(egraph.find(origin.class))
+            .or_insert(origin);
     }
     let mut graph = Graph::new(name);
     let mut values: HashMap<Id, Vec<ValueId>> = HashMap::new();
@@ -122,7 +148,8 @@ pub fn to_graph(
     }
     // Iterative post-order walks from the original nodes' e-classes in graph order (inputs
     // included, needed or not), so the new graph keeps the original order where it can and a
-    // new node comes just before its first reader. Entries: (class, expanded, reader label).
+    // new node comes just before its first reader. Entries: (class, expanded, reader), the
+    // reader's label and layer naming a node whose class has no origin.
     let inputs: HashMap<Id, ENode> = converted
         .inputs
         .iter()
@@ -136,13 +163,13 @@ pub fn to_graph(
         })
         .collect();
     let roots: Vec<Id> = converted
-        .labels
+        .origins
         .iter()
-        .map(|(id, _)| egraph.find(*id))
+        .map(|origin| egraph.find(origin.class))
         .filter(|id| needed.contains(id) || inputs.contains_key(id))
         .collect();
     for root in roots {
-        let mut stack: Vec<(Id, bool, Rc<str>)> = vec![(root, false, Rc::from("output"))];
+        let mut stack: Vec<(Id, bool, Reader)> = vec![(root, false, (Rc::from("output"), None))];
         while let Some((class, expanded, reader)) = stack.pop() {
             if values.contains_key(&class) {
                 continue;
@@ -151,9 +178,9 @@ pub fn to_graph(
                 .get(&class)
                 .or_else(|| inputs.get(&class))
                 .ok_or_else(|| extraction(format!("no e-node was chosen for e-class {class}")))?;
-            let label: Rc<str> = match class_labels.get(&class) {
-                Some(label) => Rc::from(*label),
-                None => Rc::from(format!("{reader}.{}", node.name())),
+            let (label, layer): Reader = match class_origins.get(&class) {
+                Some(origin) => (Rc::from(origin.label.as_str()), origin.layer),
+                None => (Rc::from(format!("{}.{}", reader.0, node.name())), reader.1),
             };
             if !expanded {
                 if !in_progress.insert(class) {
@@ -165,7 +192,7 @@ pub fn to_graph(
                 for &child in node.children().iter().rev() {
                     let child = egraph.find(child);
                     if !values.contains_key(&child) {
-                        stack.push((child, false, label.clone()));
+                        stack.push((child, false, (label.clone(), layer)));
                     }
                 }
                 continue;
@@ -209,6 +236,7 @@ pub fn to_graph(
                         inputs,
                         outputs,
                         label: label.to_string(),
+                        layer,
                     });
                     (0..count)
                         .map(|output| ValueId {

@@ -144,6 +144,7 @@ impl CostModel {
                 inputs: Vec::new(),
                 outputs: vec![ty.clone()],
                 label: String::new(),
+                layer: None,
             });
         }
         let node = Node {
@@ -153,6 +154,7 @@ impl CostModel {
                 .collect(),
             outputs: outputs.to_vec(),
             label: String::new(),
+            layer: None,
         };
         let (flops, bytes) = node_cost(&scratch, &node, &self.bindings)?;
         Ok(Work {

@@ -50,6 +50,7 @@ impl Computation {
                 .collect(),
             outputs: self.outputs.clone(),
             label: label.to_string(),
+            layer: None,
         }
     }
 }

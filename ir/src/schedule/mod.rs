@@ -146,6 +146,10 @@ pub struct ScheduledKernel {
     /// What it computes (op and operand types), for running it on the host without the
     /// graph.
     pub computes: Computation,
+    /// The decoder layer of the graph node it computes (`None` outside the layers, and in
+    /// plans written before kernels recorded it).
+    #[serde(default)]
+    pub layer: Option<usize>,
 }
 
 /// A named graph output and the buffer that holds it.
@@ -232,5 +236,50 @@ impl Schedule {
     /// Kernels per device.
     pub fn count_on(&self, device: Device) -> usize {
         self.kernels.iter().filter(|k| k.device == device).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::{InputKind, Op};
+
+    #[test]
+    fn kernels_record_the_layer_and_older_plans_still_read() {
+        let mut g = Graph::new("proj");
+        let x = g
+            .input(
+                "x",
+                InputKind::Activation,
+                DType::F16,
+                crate::shape!["tokens", 64],
+            )
+            .unwrap();
+        let w = g
+            .input("w", InputKind::Weight, DType::F16, crate::shape![128, 64])
+            .unwrap();
+        let y = g.add1("proj", Op::Linear, &[x, w]).unwrap();
+        let z = g.add1("act", Op::Silu, &[y]).unwrap();
+        g.output("z", z);
+        g.nodes[y.node].layer = Some(4);
+        let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+        let layers: Vec<_> = plan.kernels.iter().map(|k| k.layer).collect();
+        assert_eq!(layers, vec![Some(4), None]);
+
+        // A plan (or graph) serialised before kernels and nodes had a layer still reads, with
+        // no layer.
+        let mut json: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
+        for kernel in json["kernels"].as_array_mut().unwrap() {
+            let kernel = kernel.as_object_mut().unwrap();
+            assert!(kernel.remove("layer").is_some());
+        }
+        let old: Schedule = serde_json::from_value(json).unwrap();
+        assert!(old.kernels.iter().all(|k| k.layer.is_none()));
+        let mut json = serde_json::to_value(&g).unwrap();
+        for node in json["nodes"].as_array_mut().unwrap() {
+            node.as_object_mut().unwrap().remove("layer");
+        }
+        let old: Graph = serde_json::from_value(json).unwrap();
+        assert!(old.nodes.iter().all(|n| n.layer.is_none()));
     }
 }

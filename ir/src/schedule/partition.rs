@@ -6,7 +6,8 @@
 //! input, state or weight buffers; constants constant buffers; a reshape maps its value to
 //! the buffer it reshapes (an [`Alias`]); a node whose operands are all weights, constants or
 //! load-time results becomes a [`LoadTimeOp`]; every other node becomes a kernel placed by
-//! [`GpuCapabilities::place`]. Lifetimes are set last, from the kernels' operands.
+//! [`GpuCapabilities::place`], named after the node's label and recording its decoder layer.
+//! Lifetimes are set last, from the kernels' operands.
 
 use super::family::{classify, AttentionKind, Family, LinearEpilogue};
 use super::placement::GpuCapabilities;
@@ -116,6 +117,7 @@ pub fn partition(graph: &Graph, gpu: &GpuCapabilities) -> Schedule {
                     outputs: outputs.clone(),
                     entry: None,
                     computes: Computation::of(graph, node),
+                    layer: node.layer,
                 });
                 value_buffer.push(outputs);
             }
