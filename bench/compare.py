@@ -10,6 +10,9 @@ The suite is read from kiln's records:
   - quest: kiln's Quest rows (one per shape and budget, with the dense decode of the shape
     timed in the same run) join the torch SDPA decode records on (dtype, batch, q_heads,
     kv_heads, head_dim, context).
+Decode and Quest rows also carry the same step timed as the attention step of a compiled
+decode plan (`plan_*` fields, `kiln::bench::plan_step`): those are the figures of what a model
+plan runs; "-" where a shape was skipped.
 Where torch has several records for one key (SDPA with enable_gqa and with repeat_interleave),
 the fastest is the baseline and its impl is named. Ratios: speedup = torch time / kiln time;
 "% ceiling" = achieved bytes per second over the device copy ceiling measured in the same run.
@@ -84,6 +87,11 @@ def field(record, name, spec):
     return format(record[name], spec) if record and name in record else "-"
 
 
+def plan_cell(r, name):
+    """A plan-step time of a kiln row, or "-" where it was skipped (or an older run)."""
+    return format(r[name], ".1f") if r.get(name) else "-"
+
+
 def baseline_columns(b, kiln_us, rate):
     """torch impl, torch µs, torch `rate` (gb_per_s or tflops), speedup vs torch."""
     if not b:
@@ -98,13 +106,15 @@ def attention_tables(kiln, torch):
     prefill = [r for r in kiln["records"] if r.get("kind") == "prefill"]
     if decode:
         baseline = fastest(torch["records"], "decode", "context")
-        print("| kind | dtype | batch | KV heads | context | splits | kiln µs | kiln GB/s | % ceiling | torch impl | torch µs | torch GB/s | speedup vs torch |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+        print("| kind | dtype | batch | KV heads | context | splits | kiln µs | kiln GB/s | % ceiling | torch impl | torch µs | torch GB/s | speedup vs torch | plan step µs | plan step vs torch |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
         for r in decode:
             b = baseline.get(key_of(r, "context"))
             pct = f"{100 * r['gb_per_s'] / ceiling:.0f}%" if ceiling else "-"
+            plan = r.get("plan_median_us")
             print(f"| decode | {r['dtype']} | {r['batch']} | {r['kv_heads']} | {r['context']} | {r.get('splits', '-')} | "
-                  f"{r['median_us']:.1f} | {r['gb_per_s']:.0f} | {pct} | {baseline_columns(b, r['median_us'], 'gb_per_s')} |")
+                  f"{r['median_us']:.1f} | {r['gb_per_s']:.0f} | {pct} | {baseline_columns(b, r['median_us'], 'gb_per_s')} | "
+                  f"{format(plan, '.1f') if plan else '-'} | {ratio(torch_us(b) if b else None, plan)} |")
     if decode and prefill:
         print()
     if prefill:
@@ -122,8 +132,9 @@ def quest_table(kiln, torch):
     header(kiln, torch)
     baseline = fastest(torch["records"], "decode", "context")
     print("| dtype | batch | KV heads | context | budget | estimate µs | top-K µs | sparse µs | Quest µs | dense µs | "
-          "Quest vs dense | SDPA impl | SDPA µs | Quest vs SDPA | dense vs SDPA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+          "Quest vs dense | SDPA impl | SDPA µs | Quest vs SDPA | dense vs SDPA | plan Quest step µs | plan dense step µs | "
+          "plan Quest vs SDPA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in kiln["records"]:
         b = baseline.get(key_of(r, "context"))
         sdpa = torch_us(b) if b else None
@@ -131,7 +142,8 @@ def quest_table(kiln, torch):
         print(f"| {r['dtype']} | {r['batch']} | {r['kv_heads']} | {r['context']} | {budget} | "
               f"{r['estimate_us']:.1f} | {r['top_k_us']:.1f} | {r['sparse_us']:.1f} | {r['total_us']:.1f} | "
               f"{r['dense_us']:.1f} | {ratio(r['dense_us'], r['total_us'])} | {field(b, 'impl', '')} | "
-              f"{format(sdpa, '.1f') if b else '-'} | {ratio(sdpa, r['total_us'])} | {ratio(sdpa, r['dense_us'])} |")
+              f"{format(sdpa, '.1f') if b else '-'} | {ratio(sdpa, r['total_us'])} | {ratio(sdpa, r['dense_us'])} | "
+              f"{plan_cell(r, 'plan_quest_us')} | {plan_cell(r, 'plan_dense_us')} | {ratio(sdpa, r.get('plan_quest_us'))} |")
 
 
 def main():

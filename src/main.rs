@@ -387,7 +387,7 @@ fn inspect_command(args: InspectArgs) -> Result<()> {
 }
 
 fn bench_command(args: BenchArgs) -> Result<()> {
-    let device = kiln_runtime::cuda::CudaDevice::open(args.device)?;
+    let device = std::sync::Arc::new(kiln_runtime::cuda::CudaDevice::open(args.device)?);
     eprintln!("{}", device.info());
     let progress = ProgressBar::new_spinner();
     progress.set_style(

@@ -423,3 +423,52 @@ fn quest_attention_program_matches_the_interpreter_call_after_call() {
     }
     eprintln!("stats {:?}", executor.stats());
 }
+
+/// `kiln bench`'s plan-step figures (`bench::plan_step`): the decode attention step of a
+/// one-layer plan, dense and Quest, runs call after call on rotated caches with a finite
+/// result and gives a positive device time; a shape whose caches exceed the limit is
+/// skipped with a note instead of failing.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn plan_step_bench_times_the_attention_step() {
+    use kiln::bench::plan_step::{time_decode_step, DecodeStep, MAX_CACHE_BYTES};
+    let device = std::sync::Arc::new(common::device());
+    let mut notes = Vec::new();
+    for quest in [None, Some((1024, 16))] {
+        let step = DecodeStep {
+            dtype: DType::F16,
+            batch: 1,
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            context: 4096,
+            quest,
+        };
+        let figure = time_decode_step(&device, &step, &mut notes)
+            .unwrap()
+            .expect("a small shape is timed");
+        assert!(
+            figure.min_us > 0.0 && figure.median_us >= figure.min_us,
+            "{figure:?}"
+        );
+        assert!(
+            figure.rotations > 1,
+            "16 MB of KV rotates through several caches"
+        );
+        eprintln!("plan step {quest:?}: {figure:?}");
+    }
+    let huge = DecodeStep {
+        dtype: DType::F16,
+        batch: 16,
+        q_heads: 32,
+        kv_heads: 32,
+        head_dim: 128,
+        context: 65536,
+        quest: None,
+    };
+    assert!(huge.cache_bytes() > MAX_CACHE_BYTES);
+    assert!(time_decode_step(&device, &huge, &mut notes)
+        .unwrap()
+        .is_none());
+    assert_eq!(notes.len(), 1, "{notes:?}");
+}

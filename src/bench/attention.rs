@@ -25,6 +25,7 @@
 //! [`PrefillTile::h100`]: kiln_kernels::attention::prefill::PrefillTile::h100
 
 use super::paged::{self, Decode, PagePool, PageSets, RowShape};
+use super::plan_step::{self, DecodeStep};
 use super::SuiteReport;
 use anyhow::{Context, Result};
 use kiln_ir::dtype::DType;
@@ -34,6 +35,7 @@ use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Decode context lengths in tokens.
 pub const ATTENTION_CONTEXTS: [usize; 5] = [4096, 8192, 16384, 32768, 65536];
@@ -74,6 +76,11 @@ pub struct DecodeRow {
     pub partial_median_us: f64,
     /// K and V bytes of the attended tokens over the median time.
     pub gb_per_s: f64,
+    /// The same decode as the attention step of a compiled decode plan
+    /// (`bench::plan_step`, contiguous cache), median and best; `None` when skipped.
+    pub plan_median_us: Option<f64>,
+    pub plan_min_us: Option<f64>,
+    pub plan_rotations: Option<usize>,
 }
 
 /// Causal prefill of one sequence.
@@ -116,7 +123,7 @@ pub fn causal_flops(tokens: usize, head_dim: usize, q_heads: usize) -> f64 {
 
 /// Times dense decode, then causal prefill, calling `on_row` after each configuration.
 pub fn bench_attention(
-    device: &CudaDevice,
+    device: &Arc<CudaDevice>,
     mut on_row: impl FnMut(&Row),
 ) -> Result<SuiteReport<Row>> {
     let mut rng = ChaCha8Rng::seed_from_u64(0x6b696c6e);
@@ -143,7 +150,22 @@ pub fn bench_attention(
             let q_elements = batch * layout.q_heads * layout.head_dim;
             let q = paged::random_buffer(device, layout.dtype, q_elements, &mut rng)?;
             for context in contexts {
-                let row = time_decode(device, &pool, &q, batch, context, &mut rng)?;
+                let mut row = time_decode(device, &pool, &q, batch, context, &mut rng)?;
+                let step = DecodeStep {
+                    dtype: layout.dtype,
+                    batch,
+                    q_heads: layout.q_heads,
+                    kv_heads,
+                    head_dim: layout.head_dim,
+                    context,
+                    quest: None,
+                };
+                if let Some(figure) = plan_step::time_decode_step(device, &step, &mut report.notes)?
+                {
+                    row.plan_median_us = Some(figure.median_us);
+                    row.plan_min_us = Some(figure.min_us);
+                    row.plan_rotations = Some(figure.rotations);
+                }
                 push(&mut report, Row::Decode(row));
             }
         }
@@ -197,6 +219,9 @@ fn time_decode(
         fused_median_us: fused_total.median_ms * 1e3,
         partial_median_us: partial.median_ms * 1e3,
         gb_per_s: kv_bytes as f64 / total.median_ms / 1e6,
+        plan_median_us: None,
+        plan_min_us: None,
+        plan_rotations: None,
     })
 }
 
@@ -276,7 +301,7 @@ pub fn render(report: &SuiteReport<Row>) -> String {
         .collect();
     if !decode.is_empty() {
         out.push_str(&format!(
-            "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10} {:>10} {:>10} {:>8}\n",
+            "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10} {:>10} {:>10} {:>8} {:>10}\n",
             "decode",
             "dtype",
             "batch",
@@ -287,11 +312,12 @@ pub fn render(report: &SuiteReport<Row>) -> String {
             "median µs",
             "fused µs",
             "partial µs",
-            "GB/s"
+            "GB/s",
+            "plan µs"
         ));
         for r in decode {
             out.push_str(&format!(
-                "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>8.0}\n",
+                "{:<8} {:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>10.1} {:>10.1} {:>10.1} {:>8.0} {:>10}\n",
                 "",
                 r.shape.dtype,
                 r.shape.batch,
@@ -302,7 +328,9 @@ pub fn render(report: &SuiteReport<Row>) -> String {
                 r.median_us,
                 r.fused_median_us,
                 r.partial_median_us,
-                r.gb_per_s
+                r.gb_per_s,
+                r.plan_median_us
+                    .map_or("-".to_string(), |us| format!("{us:.1}"))
             ));
         }
     }

@@ -11,6 +11,9 @@
 //!
 //! `paged` holds what the paged suites share: the page pool (filled by the KV-append
 //! kernel), rotated shuffled page sets, the decode launch pair and the rotating timer.
+//! `plan_step` times the same decode (dense and Quest) as the attention step of a compiled
+//! decode plan, run by the executor that runs model plans; the `attention` and `quest` rows
+//! carry both figures, measured in the same run.
 //!
 //! Without a GPU every suite fails with the runtime's "no CUDA driver found" error. These
 //! modules measure; they assert nothing about speed.
@@ -18,6 +21,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod paged;
+pub mod plan_step;
 pub mod quest;
 
 pub use gemm::{bench_gemm, render, BenchRecord, BenchReport};

@@ -37,6 +37,7 @@
 //! [`DecodeAttentionSpec::splits`]: kiln_kernels::attention::decode::DecodeAttentionSpec::splits
 
 use super::paged::{self, Decode, PagePool, PageSets, RowShape, Selection};
+use super::plan_step::{self, DecodeStep};
 use super::SuiteReport;
 use anyhow::Result;
 use kiln_ir::dtype::DType;
@@ -46,6 +47,7 @@ use kiln_runtime::cuda::{Args, CudaDevice, CudaError, DeviceBuffer, LoadedKernel
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::sync::Arc;
 
 pub const QUEST_CONTEXTS: [usize; 5] = [4096, 8192, 16384, 32768, 65536];
 pub const QUEST_BATCHES: [usize; 2] = [1, 16];
@@ -86,6 +88,11 @@ pub struct Row {
     pub dense_min_us: f64,
     /// `dense_us / total_us`.
     pub speedup: f64,
+    /// The Quest attention step of a compiled decode plan (`bench::plan_step`: bounds
+    /// refresh, estimate, top-K, sparse decode) and the dense decode step of the same plan
+    /// shape, medians; `None` when skipped.
+    pub plan_quest_us: Option<f64>,
+    pub plan_dense_us: Option<f64>,
 }
 
 impl Row {
@@ -179,7 +186,10 @@ impl Shape<'_> {
 
 /// Times the Quest step and the dense decode over the sweep, calling `on_row` after each
 /// (shape, budget).
-pub fn bench_quest(device: &CudaDevice, mut on_row: impl FnMut(&Row)) -> Result<SuiteReport<Row>> {
+pub fn bench_quest(
+    device: &Arc<CudaDevice>,
+    mut on_row: impl FnMut(&Row),
+) -> Result<SuiteReport<Row>> {
     let mut rng = ChaCha8Rng::seed_from_u64(0x71756573);
     let mut report = SuiteReport::new(device);
     for batch in QUEST_BATCHES {
@@ -204,7 +214,26 @@ pub fn bench_quest(device: &CudaDevice, mut on_row: impl FnMut(&Row)) -> Result<
                 top_k: device.load(&top_k::generate(&QuestTopKSpec::for_layout(&layout))?)?,
             };
             for context in contexts {
-                for row in time_context(device, &kernels, &pool, &q, batch, context, &mut rng)? {
+                let step = DecodeStep {
+                    dtype: layout.dtype,
+                    batch,
+                    q_heads: layout.q_heads,
+                    kv_heads,
+                    head_dim: layout.head_dim,
+                    context,
+                    quest: None,
+                };
+                let plan_dense = plan_step::time_decode_step(device, &step, &mut report.notes)?;
+                for mut row in time_context(device, &kernels, &pool, &q, batch, context, &mut rng)?
+                {
+                    let quest = DecodeStep {
+                        quest: Some((row.budget, layout.page_size)),
+                        ..step
+                    };
+                    let plan_quest =
+                        plan_step::time_decode_step(device, &quest, &mut report.notes)?;
+                    row.plan_quest_us = plan_quest.map(|f| f.median_us);
+                    row.plan_dense_us = plan_dense.as_ref().map(|f| f.median_us);
                     on_row(&row);
                     report.records.push(row);
                 }
@@ -320,17 +349,24 @@ fn time_context(
             dense_us: dense_timing.median_ms * 1e3,
             dense_min_us: dense_timing.min_ms * 1e3,
             speedup: dense_timing.median_ms / total.median_ms,
+            plan_quest_us: None,
+            plan_dense_us: None,
         };
         rows.push(row);
     }
     Ok(rows)
 }
 
+/// A plan-step time in µs, or `-` where the shape was skipped.
+fn plan_cell(us: Option<f64>) -> String {
+    us.map_or("-".to_string(), |us| format!("{us:.1}"))
+}
+
 /// The report as a text table, then any notes.
 pub fn render(report: &SuiteReport<Row>) -> String {
     let mut out = format!("device: {}\n", report.device);
     out.push_str(&format!(
-        "{:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
+        "{:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>11} {:>11}\n",
         "dtype",
         "batch",
         "kv",
@@ -342,11 +378,13 @@ pub fn render(report: &SuiteReport<Row>) -> String {
         "sparse µs",
         "quest µs",
         "dense µs",
-        "speedup"
+        "speedup",
+        "plan quest",
+        "plan dense"
     ));
     for r in &report.records {
         out.push_str(&format!(
-            "{:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x{}\n",
+            "{:<5} {:>5} {:>4} {:>7} {:>6} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>11} {:>11}{}\n",
             r.shape.dtype,
             r.shape.batch,
             r.shape.kv_heads,
@@ -359,6 +397,8 @@ pub fn render(report: &SuiteReport<Row>) -> String {
             r.total_us,
             r.dense_us,
             r.speedup,
+            plan_cell(r.plan_quest_us),
+            plan_cell(r.plan_dense_us),
             if r.dense_fallback { " (dense fallback)" } else { "" }
         ));
     }

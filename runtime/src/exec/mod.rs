@@ -558,6 +558,15 @@ impl Executor {
         self.profile = on.then(|| vec![Vec::new(); self.plan.kernels.len()]);
     }
 
+    /// The device times (ms, one per profiled call) of plan kernel `index`; empty when not
+    /// profiling or for a host step.
+    pub fn step_samples(&self, index: usize) -> &[f64] {
+        self.profile
+            .as_ref()
+            .and_then(|p| p.get(index))
+            .map_or(&[], |s| s.as_slice())
+    }
+
     /// The device time of each GPU step over the calls since profiling started, in plan
     /// order; empty when not profiling.
     pub fn step_timings(&self) -> Vec<StepTiming> {
