@@ -156,6 +156,7 @@ fn cuda_matches_cpu_with(model: &str, dtype: DType, head_dim: Option<usize>, cas
         let error =
             Tensor::f32(&[a.len()], a.clone()).relative_error(&Tensor::f32(&[b.len()], b.clone()));
         worst = worst.max(error);
+        eprintln!("{model} {dtype} step {step}: logits relative error {error:.3e}");
         assert!(
             error <= tolerance,
             "{model} {dtype} step {step}: logits differ by {error:.3e} (tolerance {tolerance:.0e})"
