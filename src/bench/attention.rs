@@ -151,15 +151,7 @@ pub fn bench_attention(
             let q = paged::random_buffer(device, layout.dtype, q_elements, &mut rng)?;
             for context in contexts {
                 let mut row = time_decode(device, &pool, &q, batch, context, &mut rng)?;
-                let step = DecodeStep {
-                    dtype: layout.dtype,
-                    batch,
-                    q_heads: layout.q_heads,
-                    kv_heads,
-                    head_dim: layout.head_dim,
-                    context,
-                    quest: None,
-                };
+                let step = DecodeStep::dense(&layout, batch, context);
                 if let Some(figure) = plan_step::time_decode_step(device, &step, &mut report.notes)?
                 {
                     row.plan_median_us = Some(figure.median_us);

@@ -73,6 +73,24 @@ pub struct StepFigure {
 }
 
 impl DecodeStep {
+    /// Dense decode of `batch` sequences of `context` tokens with the heads and dtype of a
+    /// paged-bench `layout`.
+    pub fn dense(
+        layout: &kiln_kernels::attention::PagedKv,
+        batch: usize,
+        context: usize,
+    ) -> DecodeStep {
+        DecodeStep {
+            dtype: layout.dtype,
+            batch,
+            q_heads: layout.q_heads,
+            kv_heads: layout.kv_heads,
+            head_dim: layout.head_dim,
+            context,
+            quest: None,
+        }
+    }
+
     fn cache_shape(&self) -> [usize; 4] {
         [self.batch, self.context, self.kv_heads, self.head_dim]
     }

@@ -214,15 +214,7 @@ pub fn bench_quest(
                 top_k: device.load(&top_k::generate(&QuestTopKSpec::for_layout(&layout))?)?,
             };
             for context in contexts {
-                let step = DecodeStep {
-                    dtype: layout.dtype,
-                    batch,
-                    q_heads: layout.q_heads,
-                    kv_heads,
-                    head_dim: layout.head_dim,
-                    context,
-                    quest: None,
-                };
+                let step = DecodeStep::dense(&layout, batch, context);
                 let plan_dense = plan_step::time_decode_step(device, &step, &mut report.notes)?;
                 for mut row in time_context(device, &kernels, &pool, &q, batch, context, &mut rng)?
                 {
