@@ -233,3 +233,98 @@ pub fn generate(
     };
     Ok(generation)
 }
+
+/// How close the MoE routing of a greedy reference run came to a tie, step by step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterMargins {
+    /// The reference's greedy tokens (the path the margins were measured along).
+    pub tokens: Vec<i32>,
+    /// Per step (prefill first): over every token and MoE layer of the step, the smallest
+    /// gap between the `top_k`-th and the next router logit, in ulps of the model's dtype
+    /// at the `top_k`-th logit's magnitude. Empty for a dense model.
+    pub ulps: Vec<f64>,
+}
+
+/// The spacing of `dtype` values at magnitude `v`.
+fn ulp(dtype: kiln_ir::dtype::DType, v: f32) -> f64 {
+    let mantissa_bits = match dtype {
+        kiln_ir::dtype::DType::F16 => 10,
+        kiln_ir::dtype::DType::BF16 => 7,
+        _ => 23,
+    };
+    let exponent = (v.abs().max(f32::MIN_POSITIVE) as f64).log2().floor();
+    2f64.powf(exponent - mantissa_bits as f64)
+}
+
+/// Runs [`generate_reference`] with the router logits of every MoE layer as extra outputs
+/// and measures how close each step's expert choice came to a tie ([`RouterMargins`]).
+///
+/// Two correct implementations that round differently (a GPU plan and a CPU plan) may pick
+/// different experts for a token whose `top_k`-th and next router logits are within a few
+/// ulps; from that step on their results legitimately differ. Tests that compare MoE runs
+/// use this to tell such a tie from a bug.
+pub fn router_margins(
+    config: &ModelConfig,
+    weights: &Weights,
+    options: &GenerateOptions,
+) -> Result<RouterMargins> {
+    let top_k = match &config.moe {
+        Some(moe) => moe.top_k,
+        None => {
+            let generation = generate_reference(config, weights, options, |_| {})?;
+            return Ok(RouterMargins {
+                tokens: generation.tokens,
+                ulps: Vec::new(),
+            });
+        }
+    };
+    let mut graphs = HashMap::new();
+    for phase in [Phase::Prefill, Phase::Decode] {
+        let mut graph = build_model(config, phase)?;
+        let routers: Vec<kiln_ir::graph::ValueId> = graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, kiln_ir::op::Op::MoeRouter { .. }))
+            .map(|n| n.inputs[0])
+            .collect();
+        for (i, logits) in routers.into_iter().enumerate() {
+            graph.output(&format!("router_logits.{i}"), logits);
+        }
+        graphs.insert(phase, graph);
+    }
+    let capacity = options.prompt.len() + options.new_tokens;
+    let mut state = HostState {
+        tensors: kv_cache_state(config, capacity, 0.0),
+    };
+    let mut ulps = Vec::new();
+    let step = |phase: Phase, inputs: &HashMap<String, Tensor>| {
+        let all = state.with_inputs(inputs);
+        let mut outputs = interp::run_with(&graphs[&phase], |name| {
+            all.get(name).or_else(|| weights.get(name))
+        })?;
+        let mut smallest = f64::INFINITY;
+        for (name, logits) in &outputs {
+            if !name.starts_with("router_logits.") {
+                continue;
+            }
+            let experts = logits.shape.last().copied().unwrap_or(0);
+            if experts <= top_k {
+                continue;
+            }
+            for row in logits.data.chunks(experts) {
+                let mut sorted = row.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let gap = (sorted[top_k - 1] - sorted[top_k]) as f64;
+                smallest = smallest.min(gap / ulp(config.dtype, sorted[top_k - 1]));
+            }
+        }
+        ulps.push(smallest);
+        state.update(&mut outputs);
+        Ok(outputs)
+    };
+    let generation = generate(config, options, step, |_| {})?;
+    Ok(RouterMargins {
+        tokens: generation.tokens,
+        ulps,
+    })
+}

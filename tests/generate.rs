@@ -2,6 +2,7 @@
 //! prefilling the whole sequence again, step after step.
 
 use kiln::generate::{argmax, generate_reference, kv_cache_state, GenerateOptions};
+use kiln::ir::dtype::DType;
 use kiln::ir::interp;
 use kiln::ir::tensor::Tensor;
 use kiln::model_source::load_weights;
@@ -80,4 +81,43 @@ fn empty_prompt_and_zero_tokens_are_errors() {
         keep_logits: false,
     };
     assert!(generate_reference(&config, &weights, &zero, |_| {}).is_err());
+}
+
+/// `router_margins` measures how close the MoE expert choice came to a tie along the greedy
+/// reference path. The two cases are the seeds of the GPU-vs-CPU comparisons that diverged
+/// on the H100 (2026-12-07, `tests/gpu_plan.rs`): tiny-mixtral bf16 with seed
+/// 1796659148311025474 has a token whose 2nd and 3rd router logits are one bf16 ulp apart at
+/// decode step 25 (where the GPU's logits jumped to 0.37 relative error), and every other
+/// step is several ulps clear; a dense model has no margins.
+#[test]
+fn router_margins_find_the_near_tie_of_a_moe_run() {
+    use kiln::generate::router_margins;
+    let mut config = ModelConfig::preset("tiny-mixtral").unwrap();
+    config.dtype = DType::BF16;
+    let graph = build_model(&config, Phase::Prefill).unwrap();
+    let seed = 1796659148311025474;
+    let weights = load_weights(&graph, None, seed).unwrap();
+    let options = GenerateOptions {
+        prompt: vec![1, 7, 42, 3, 99, 12, 5, 250, 8, 31, 64],
+        new_tokens: 33,
+        keep_logits: false,
+    };
+    let margins = router_margins(&config, &weights, &options).unwrap();
+    assert_eq!(margins.ulps.len(), 33);
+    assert_eq!(margins.tokens.len(), 33);
+    let first_tie = margins.ulps.iter().position(|&u| u < 4.0);
+    assert_eq!(first_tie, Some(25), "{:?}", margins.ulps);
+    assert!(margins.ulps[25] <= 1.0, "{}", margins.ulps[25]);
+
+    let dense = ModelConfig::preset("tiny-llama").unwrap();
+    let graph = build_model(&dense, Phase::Prefill).unwrap();
+    let weights = load_weights(&graph, None, 3).unwrap();
+    let options = GenerateOptions {
+        new_tokens: 3,
+        ..options
+    };
+    assert!(router_margins(&dense, &weights, &options)
+        .unwrap()
+        .ulps
+        .is_empty());
 }

@@ -32,6 +32,10 @@ use rand::{Rng, SeedableRng};
 /// 1 token from prefill + 32 decode steps.
 const NEW_TOKENS: usize = 33;
 
+/// A router margin below this many ulps of the model's dtype counts as a tie (see
+/// `cuda_matches_cpu_with`): the GPU and CPU router logits differ by about one ulp.
+const ROUTER_TIE_ULPS: f64 = 4.0;
+
 /// What one comparison runs.
 #[derive(Clone, Copy)]
 struct Case {
@@ -137,6 +141,39 @@ fn cuda_matches_cpu_with(model: &str, dtype: DType, head_dim: Option<usize>, cas
     // divergence is accepted only where the CPU's logits of the two tokens are within two
     // ulps (a tie), and the comparison stops there, since the runs then feed different
     // tokens.
+    //
+    // MoE models: a token whose `top_k`-th and next router logits are within a few ulps may
+    // be routed to different experts by two correct runs that round differently, and from
+    // that step on their logits legitimately differ. The reference's router margins along
+    // the same tokens (`router_margins`) find the first such step; comparison is strict
+    // before it only. (Measured on the H100, 2026-12-07: tiny-mixtral bf16, seed
+    // 1796659148311025474, a 1-ulp router tie at step 25 where the logits error jumped from
+    // 6e-3 to 0.37.)
+    let mut strict_steps = case.strict_steps;
+    if config.moe.is_some() {
+        let graph = build_model(&config, Phase::Prefill).unwrap();
+        let weights = load_weights(&graph, None, seed).unwrap();
+        let options = GenerateOptions {
+            prompt: prompt(&config, case, seed),
+            new_tokens: NEW_TOKENS,
+            keep_logits: false,
+        };
+        let margins = kiln::generate::router_margins(&config, &weights, &options).unwrap();
+        let same_path = margins
+            .tokens
+            .iter()
+            .zip(&cpu.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let tie = margins.ulps.iter().position(|&u| u < ROUTER_TIE_ULPS);
+        if let Some(step) = tie.filter(|&step| step <= same_path) {
+            eprintln!(
+                "{model} {dtype}: router near-tie ({:.2} ulps) at step {step}: strict comparison stops there",
+                margins.ulps[step]
+            );
+            strict_steps = strict_steps.min(step);
+        }
+    }
     let tolerance = common::tolerance(dtype);
     let mut worst = 0f64;
     let mut agreed = 0;
@@ -145,7 +182,7 @@ fn cuda_matches_cpu_with(model: &str, dtype: DType, head_dim: Option<usize>, cas
             a.iter().all(|v| v.is_finite()),
             "{model} {dtype} step {step}: non-finite GPU logits"
         );
-        if step >= case.strict_steps {
+        if step >= strict_steps {
             let error = Tensor::f32(&[a.len()], a.clone())
                 .relative_error(&Tensor::f32(&[b.len()], b.clone()));
             eprintln!(
