@@ -241,7 +241,7 @@ pub struct RouterMargins {
     pub tokens: Vec<i32>,
     /// Per step (prefill first): over every token and MoE layer of the step, the smallest
     /// gap between the `top_k`-th and the next router logit, in ulps of the model's dtype
-    /// at the `top_k`-th logit's magnitude. Empty for a dense model.
+    /// at the magnitude of the row's largest logit. Empty for a dense model.
     pub ulps: Vec<f64>,
 }
 
@@ -315,7 +315,10 @@ pub fn router_margins(
                 let mut sorted = row.to_vec();
                 sorted.sort_by(|a, b| b.total_cmp(a));
                 let gap = (sorted[top_k - 1] - sorted[top_k]) as f64;
-                smallest = smallest.min(gap / ulp(config.dtype, sorted[top_k - 1]));
+                // Rounding differences of a logit scale with the row's largest logits (the
+                // products they sum), not with the logit itself.
+                let scale = sorted[0].abs().max(sorted[experts - 1].abs());
+                smallest = smallest.min(gap / ulp(config.dtype, scale));
             }
         }
         ulps.push(smallest);

@@ -86,9 +86,9 @@ fn empty_prompt_and_zero_tokens_are_errors() {
 /// `router_margins` measures how close the MoE expert choice came to a tie along the greedy
 /// reference path. The two cases are the seeds of the GPU-vs-CPU comparisons that diverged
 /// on the H100 (2026-12-07, `tests/gpu_plan.rs`): tiny-mixtral bf16 with seed
-/// 1796659148311025474 has a token whose 2nd and 3rd router logits are one bf16 ulp apart at
-/// decode step 25 (where the GPU's logits jumped to 0.37 relative error), and every other
-/// step is several ulps clear; a dense model has no margins.
+/// 1796659148311025474 has a token whose 2nd and 3rd router logits are one bf16 ulp (of the
+/// row's largest logit) apart at decode step 25, where the GPU's logits jumped to 0.37
+/// relative error, and every other step is clearer; a dense model has no margins.
 #[test]
 fn router_margins_find_the_near_tie_of_a_moe_run() {
     use kiln::generate::router_margins;
@@ -105,9 +105,22 @@ fn router_margins_find_the_near_tie_of_a_moe_run() {
     let margins = router_margins(&config, &weights, &options).unwrap();
     assert_eq!(margins.ulps.len(), 33);
     assert_eq!(margins.tokens.len(), 33);
-    let first_tie = margins.ulps.iter().position(|&u| u < 4.0);
-    assert_eq!(first_tie, Some(25), "{:?}", margins.ulps);
-    assert!(margins.ulps[25] <= 1.0, "{}", margins.ulps[25]);
+    // The decode step closest to a tie is step 25, at one ulp of the row's largest logit.
+    let (closest, &ulps) = margins.ulps[1..]
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap();
+    assert_eq!((closest + 1, ulps), (25, 1.0), "{:?}", margins.ulps);
+    assert!(
+        margins
+            .ulps
+            .iter()
+            .enumerate()
+            .all(|(step, &u)| step == 25 || u > 1.5),
+        "{:?}",
+        margins.ulps
+    );
 
     let dense = ModelConfig::preset("tiny-llama").unwrap();
     let graph = build_model(&dense, Phase::Prefill).unwrap();
