@@ -91,6 +91,31 @@ fn errors(got: &[f32], want: &[f32], x: &[f32], head_dim: usize) -> (f64, f64) {
 
 const HEAD_DIMS: [usize; 8] = [2, 4, 6, 8, 14, 22, 64, 128];
 
+/// Runs `rope` on fresh activations and positions (the output poisoned first) and returns
+/// `(x, kernel output, interpreter output)`.
+fn run_both(
+    rope: &RopeKernel,
+    rng: &mut ChaCha8Rng,
+    [tokens, heads, head_dim]: [usize; 3],
+    theta: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let x = activations(rng, tokens, heads, head_dim);
+    let p = positions(rng, tokens);
+    let mut out = vec![f32::NAN; x.len()];
+    rope.run(
+        &x,
+        &p,
+        &mut out,
+        heads,
+        head_dim,
+        f64::from(theta),
+        Parallelism::Rayon,
+    )
+    .unwrap();
+    let want = interpret(&x, &p, heads, head_dim, theta);
+    (x, out, want)
+}
+
 #[test]
 fn f64_rotation_is_bit_identical_to_the_interpreter() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
@@ -99,20 +124,8 @@ fn f64_rotation_is_bit_identical_to_the_interpreter() {
         for theta in [10_000.0f32, 500_000.0] {
             for head_dim in HEAD_DIMS {
                 for (tokens, heads) in [(1, 1), (1, 8), (5, 3), (33, 4)] {
-                    let x = activations(&mut rng, tokens, heads, head_dim);
-                    let p = positions(&mut rng, tokens);
-                    let mut out = vec![f32::NAN; x.len()];
-                    rope.run(
-                        &x,
-                        &p,
-                        &mut out,
-                        heads,
-                        head_dim,
-                        f64::from(theta),
-                        Parallelism::Rayon,
-                    )
-                    .unwrap();
-                    let want = interpret(&x, &p, heads, head_dim, theta);
+                    let (_, out, want) =
+                        run_both(&rope, &mut rng, [tokens, heads, head_dim], theta);
                     assert_eq!(
                         bits(&out),
                         bits(&want),
@@ -138,21 +151,7 @@ fn f32_rotation_is_within_a_few_ulps_of_each_pair() {
             .unwrap();
         for theta in [10_000.0f32, 500_000.0] {
             for head_dim in HEAD_DIMS {
-                let (tokens, heads) = (17, 5);
-                let x = activations(&mut rng, tokens, heads, head_dim);
-                let p = positions(&mut rng, tokens);
-                let mut out = vec![f32::NAN; x.len()];
-                rope.run(
-                    &x,
-                    &p,
-                    &mut out,
-                    heads,
-                    head_dim,
-                    f64::from(theta),
-                    Parallelism::Rayon,
-                )
-                .unwrap();
-                let want = interpret(&x, &p, heads, head_dim, theta);
+                let (x, out, want) = run_both(&rope, &mut rng, [17, 5, head_dim], theta);
                 let (e, q) = errors(&out, &want, &x, head_dim);
                 assert!(
                     q <= 1e-6,
@@ -176,23 +175,8 @@ fn many_tokens_split_into_tasks_match_the_interpreter() {
     // 512 elements per token → 32 tokens per task: 10 tasks, the last one short
     let (tokens, heads, head_dim) = (300, 4, 128);
     assert!(tokens * heads * head_dim > 2 * RopeKernel::CHUNK);
-    let x = activations(&mut rng, tokens, heads, head_dim);
-    let p = positions(&mut rng, tokens);
-    let mut out = vec![f32::NAN; x.len()];
-    rope.run(
-        &x,
-        &p,
-        &mut out,
-        heads,
-        head_dim,
-        500_000.0,
-        Parallelism::Rayon,
-    )
-    .unwrap();
-    assert_eq!(
-        bits(&out),
-        bits(&interpret(&x, &p, heads, head_dim, 500_000.0))
-    );
+    let (_, out, want) = run_both(&rope, &mut rng, [tokens, heads, head_dim], 500_000.0);
+    assert_eq!(bits(&out), bits(&want));
 }
 
 #[test]
