@@ -435,22 +435,8 @@ pub fn eval(
         } => {
             let logits = operands[0];
             let experts = *logits.shape.last().expect("rank ≥ 1");
-            let mut weights = Vec::new();
-            let mut chosen = Vec::new();
-            for row in logits.data.chunks(experts) {
-                let probabilities = softmax(row);
-                let picked = movement::top_k(&probabilities, *k);
-                let total: f64 = picked.iter().map(|&e| probabilities[e] as f64).sum();
-                for e in picked {
-                    let p = probabilities[e] as f64;
-                    weights.push(if *normalize {
-                        (p / total) as f32
-                    } else {
-                        p as f32
-                    });
-                    chosen.push(e as f32);
-                }
-            }
+            let probabilities: Vec<f32> = logits.data.chunks(experts).flat_map(softmax).collect();
+            let (weights, chosen) = movement::route(&probabilities, experts, *k, *normalize);
             let mut shape = logits.shape.clone();
             *shape.last_mut().expect("rank ≥ 1") = *k;
             Ok(vec![

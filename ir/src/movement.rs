@@ -239,6 +239,34 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
     indices
 }
 
+/// The MoE router's choice from each row of `probabilities` (`experts` per row): the `k`
+/// largest (ties to the lower index) and their weights, renormalised to sum to 1 (in f64)
+/// when `normalize`. Returns `(weights, experts)`, `k` per row, experts as f32 indices.
+pub fn route(
+    probabilities: &[f32],
+    experts: usize,
+    k: usize,
+    normalize: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = probabilities.len() / experts.max(1);
+    let mut weights = Vec::with_capacity(rows * k);
+    let mut chosen = Vec::with_capacity(rows * k);
+    for row in probabilities.chunks(experts.max(1)) {
+        let picked = top_k(row, k);
+        let total: f64 = picked.iter().map(|&e| row[e] as f64).sum();
+        for e in picked {
+            let p = row[e] as f64;
+            weights.push(if normalize {
+                (p / total) as f32
+            } else {
+                p as f32
+            });
+            chosen.push(e as f32);
+        }
+    }
+    (weights, chosen)
+}
+
 /// `MoeDispatch`: the slots sorted by their expert (stable) and the `num_experts + 1`
 /// offsets of each expert's run.
 pub fn dispatch(

@@ -687,22 +687,9 @@ impl HostKernel {
                         Parallelism::Sequential,
                     )
                     .map_err(cpu_error(kernel))?;
-                let mut weights = Vec::with_capacity(rows * top_k);
-                let mut chosen = Vec::with_capacity(rows * top_k);
-                for row in probabilities.chunks(experts) {
-                    let row: Vec<f32> = row.iter().map(|&p| p as f32).collect();
-                    let picked = movement::top_k(&row, *top_k);
-                    let total: f64 = picked.iter().map(|&e| row[e] as f64).sum();
-                    for e in picked {
-                        let p = row[e] as f64;
-                        weights.push(if *normalize {
-                            (p / total) as f32
-                        } else {
-                            p as f32
-                        });
-                        chosen.push(e as f32);
-                    }
-                }
+                let probabilities: Vec<f32> = probabilities.iter().map(|&p| p as f32).collect();
+                let (weights, chosen) =
+                    movement::route(&probabilities, experts, *top_k, *normalize);
                 Ok(vec![weights, chosen])
             }
             HostKernel::MoeDispatch { num_experts } => {
