@@ -86,6 +86,38 @@ fn check(got: &[f32], want: &[f32], what: &str) -> f64 {
     worst
 }
 
+/// Planted `x` and `residual` rows of `hidden` and a random weight, drawn in that order.
+fn operands(rng: &mut ChaCha8Rng, rows: usize, hidden: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let x = planted_rows(rng, rows, hidden);
+    let residual = planted_rows(rng, rows, hidden);
+    let weight: Vec<f32> = (0..hidden).map(|_| rng.random_range(-2.0..2.0)).collect();
+    (x, residual, weight)
+}
+
+/// `fused` (with the residual) on NaN-poisoned outputs: `(x + residual, norm)`.
+fn run_fused(
+    fused: &RmsNormKernel,
+    [x, residual, weight]: [&[f32]; 3],
+    rows: usize,
+    parallelism: Parallelism,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut sum = vec![f32::NAN; x.len()];
+    let mut out = vec![f32::NAN; x.len()];
+    fused
+        .run_residual(
+            x,
+            residual,
+            weight,
+            &mut sum,
+            &mut out,
+            rows,
+            EPS,
+            parallelism,
+        )
+        .unwrap();
+    (sum, out)
+}
+
 /// Runs one plain and one fused norm of `rows × hidden` with `kernel`s and checks both against
 /// the interpreter; returns the largest relative error.
 fn check_case(
@@ -97,9 +129,7 @@ fn check_case(
     parallelism: Parallelism,
 ) -> f64 {
     let what = format!("rows {rows} hidden {hidden} unroll {}", plain.spec().unroll);
-    let x = planted_rows(rng, rows, hidden);
-    let residual = planted_rows(rng, rows, hidden);
-    let weight: Vec<f32> = (0..hidden).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let (x, residual, weight) = operands(rng, rows, hidden);
     let (xt, rt, wt) = (
         tensor(&[rows, hidden], &x),
         tensor(&[rows, hidden], &residual),
@@ -113,20 +143,7 @@ fn check_case(
     let want = interpret(Op::RmsNorm { eps: EPS }, &[xt.clone(), wt.clone()], 1);
     let mut worst = check(&out, &want[0].data, &format!("plain {what}"));
 
-    let mut sum = vec![f32::NAN; rows * hidden];
-    let mut out = vec![f32::NAN; rows * hidden];
-    fused
-        .run_residual(
-            &x,
-            &residual,
-            &weight,
-            &mut sum,
-            &mut out,
-            rows,
-            EPS,
-            parallelism,
-        )
-        .unwrap();
+    let (sum, out) = run_fused(fused, [&x, &residual, &weight], rows, parallelism);
     let want = interpret(Op::AddRmsNorm { eps: EPS }, &[xt, rt, wt], 2);
     // the sum is one f32 addition on both sides: bit-identical
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -191,26 +208,13 @@ fn results_do_not_depend_on_the_parallelism() {
         .rms_norm(RmsNormSpec::new().with_residual(true))
         .unwrap();
     let (rows, hidden) = (97, 1031);
-    let x = planted_rows(&mut rng, rows, hidden);
-    let residual = planted_rows(&mut rng, rows, hidden);
-    let weight: Vec<f32> = (0..hidden).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let (x, residual, weight) = operands(&mut rng, rows, hidden);
     let run = |parallelism| {
-        let mut sum = vec![f32::NAN; rows * hidden];
-        let mut out = vec![f32::NAN; rows * hidden];
-        fused
-            .run_residual(
-                &x,
-                &residual,
-                &weight,
-                &mut sum,
-                &mut out,
-                rows,
-                EPS,
-                parallelism,
-            )
-            .unwrap();
-        let bits: Vec<u32> = sum.iter().chain(&out).map(|v| v.to_bits()).collect();
-        bits
+        let (sum, out) = run_fused(&fused, [&x, &residual, &weight], rows, parallelism);
+        sum.iter()
+            .chain(&out)
+            .map(|v| v.to_bits())
+            .collect::<Vec<u32>>()
     };
     let sequential = run(Parallelism::Sequential);
     for threads in [1, 2, 3, 8] {
