@@ -10,7 +10,7 @@ use cranelift_codegen::{settings, verify_function, Context};
 use kiln_codegen::cpu::spec::AbiType;
 use kiln_codegen::cpu::{
     build_function, signature, CpuCodegenError, CpuKernelSpec, CpuTarget, DotSpec, ElemType,
-    ElementFormat, MapSpec, RmsNormSpec, RopeSpec,
+    ElementFormat, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec,
 };
 use kiln_codegen::expr::{BinaryOp, Expr, UnaryOp};
 
@@ -88,6 +88,9 @@ fn all_specs() -> Vec<CpuKernelSpec> {
                     .into(),
             );
         }
+    }
+    for compute in [ElemType::F32, ElemType::F64] {
+        specs.push(SoftmaxSpec::new(compute).into());
     }
     for rotation in [ElemType::F32, ElemType::F64] {
         for unroll in 1..=8 {

@@ -278,24 +278,11 @@ impl KernelSpec {
 }
 
 /// What this crate's generators take, for placement: the families and dtypes a plan may put
-/// on the GPU (the compiler schedules with this; every kind listed lowers, see the tests).
+/// on the GPU (the compiler schedules with this). It is the schedule's default capability
+/// set, stated once in `kiln_ir::schedule::placement`; the tests here lower one example of
+/// every kind it lists in every dtype, so the list cannot claim a generator this crate lacks.
 pub fn gpu_capabilities() -> kiln_ir::schedule::GpuCapabilities {
-    use kiln_ir::schedule::FamilyKind;
-    kiln_ir::schedule::GpuCapabilities {
-        families: [
-            FamilyKind::Linear,
-            FamilyKind::RmsNorm,
-            FamilyKind::Rope,
-            FamilyKind::Map,
-            FamilyKind::Attention,
-            FamilyKind::KvAppend,
-        ]
-        .into_iter()
-        .collect(),
-        dtypes: [kiln_ir::dtype::DType::F16, kiln_ir::dtype::DType::BF16]
-            .into_iter()
-            .collect(),
-    }
+    kiln_ir::schedule::GpuCapabilities::default()
 }
 
 /// Generates kernels for families, each distinct spec once.
