@@ -36,9 +36,14 @@
 //!
 //! **Shared memory.** Stage `s` holds the K tile then the V tile, rows of
 //! `head_dim · 2` bytes cut into 16-byte chunks; chunk `c` of row `r` is stored at chunk
-//! `c ^ (r & 7)`, so the eight rows of one `ldmatrix` 8×8 matrix and the eight chunks eight
-//! consecutive `cp.async` write fall in eight different bank groups. The Q tile is staged
-//! once, with the same swizzle, in the space of stage 1 before the loop first writes it.
+//! `c ^ key(r)`, so the eight rows of one `ldmatrix` 8×8 matrix and the eight chunks eight
+//! consecutive `cp.async` write fall in eight different bank groups (16-byte groups of a
+//! 128-byte line). At head_dim 64 and 128 (rows of 8 or more chunks) `key(r) = r & 7`. At
+//! head_dim 32 a row is 4 chunks, half a line: `key(r) = (r >> 1) & 3` keeps every chunk in
+//! its row, and rows `2i`, `2i + 1` share a line at the two halves, so the eight
+//! (row parity, key) pairs of eight consecutive rows are eight different bank groups. The
+//! key depends only on `r mod 8`. The Q tile is staged once, with the same swizzle, in the
+//! space of stage 1 before the loop first writes it.
 //!
 //! **Parameters** (bound by name): pointers `q`, `k_pages`, `v_pages`, `page_table`
 //! (`[batch, max_pages]` i32), `seq_lens`, `q_lens` (`[batch]` i32), `out`; scalars `batch`,
@@ -64,6 +69,8 @@ const WARP_ROWS: u32 = 16;
 const MAX_SHARED_BYTES: usize = 227 * 1024;
 /// `log2(e)`: the softmax runs in base 2 (`ex2`), with the scale folded in.
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// Bytes of shared memory one access of 32 banks × 4 bytes spans: eight 16-byte chunks.
+const BANK_LINE_BYTES: u32 = 128;
 
 /// The blocking of the prefill kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -217,6 +224,11 @@ struct Geometry {
     chunks_per_row: u32,
     /// Rows one pass of all threads' copies covers (a multiple of 8).
     rows_per_pass: u32,
+    /// The swizzle key of row `r` is `(r >> swizzle_shift) & swizzle_mask`: `r & 7` for rows
+    /// of a full 128-byte line or more (head_dim 64, 128), `(r >> 1) & 3` for rows of half a
+    /// line (head_dim 32). Either depends on `r mod 8` only.
+    swizzle_shift: u32,
+    swizzle_mask: u32,
     stage_bytes: u32,
     /// Offset of the V tile in a stage.
     v_offset: u32,
@@ -237,6 +249,8 @@ impl Geometry {
         let block_kv = c(spec.tile.block_kv);
         let row_bytes = head_dim * ELEMENT_BYTES;
         let chunks_per_row = row_bytes / CHUNK_BYTES;
+        // Rows per 128-byte line of shared memory (1 from 64 elements up, 2 at 32).
+        let rows_per_line = (BANK_LINE_BYTES / row_bytes).max(1);
         Geometry {
             threads,
             block_q: c(spec.tile.block_q),
@@ -244,6 +258,8 @@ impl Geometry {
             row_bytes,
             chunks_per_row,
             rows_per_pass: threads / chunks_per_row,
+            swizzle_shift: rows_per_line.trailing_zeros(),
+            swizzle_mask: chunks_per_row.min(BANK_LINE_BYTES / CHUNK_BYTES) - 1,
             stage_bytes: c(spec.stage_bytes()),
             v_offset: block_kv * row_bytes,
             d_steps: head_dim / 16,
@@ -607,9 +623,13 @@ fn emit_copy_setup(
     tid: Reg<U32>,
     smem_base: Reg<U32>,
 ) -> CopySetup {
+    let key = match g.swizzle_shift {
+        0 => format!("(row & {})", g.swizzle_mask),
+        shift => format!("((row >> {shift}) & {})", g.swizzle_mask),
+    };
     k.comment(&format!(
         "copies: thread t moves chunk t % {cpr} of row t / {cpr} (+{rpp} rows per pass) to \
-         chunk (t % {cpr}) ^ (row & 7)",
+         chunk (t % {cpr}) ^ {key}",
         cpr = g.chunks_per_row,
         rpp = g.rows_per_pass
     ));
@@ -617,8 +637,8 @@ fn emit_copy_setup(
     let chunk = k.and(tid, g.chunks_per_row - 1);
     let chunk_bytes = k.shl(chunk, 4u32);
     let chunk_bytes = k.cvt::<U64>(chunk_bytes);
-    let row_low = k.and(row, 7u32);
-    let swizzled = k.xor(chunk, row_low);
+    let row_key = swizzle_key(k, g, row);
+    let swizzled = k.xor(chunk, row_key);
     let swizzled = k.shl(swizzled, 4u32);
     let shared = k.mul_add(row, g.row_bytes, swizzled);
     let shared = k.add(smem_base, shared);
@@ -626,6 +646,17 @@ fn emit_copy_setup(
         row,
         chunk_bytes,
         shared,
+    }
+}
+
+/// The swizzle key of shared-memory row `row` (see [`Geometry::swizzle_shift`]).
+fn swizzle_key(k: &mut KernelBuilder, g: &Geometry, row: Reg<U32>) -> Reg<U32> {
+    match g.swizzle_shift {
+        0 => k.and(row, g.swizzle_mask),
+        shift => {
+            let line = k.shr(row, shift);
+            k.and(line, g.swizzle_mask)
+        }
     }
 }
 
@@ -735,13 +766,15 @@ fn emit_kv_load(
 
 /// Per-lane `ldmatrix` offsets (from the start of a tile in shared memory) of chunk pair 0.
 ///
-/// A lane whose row is `r` (with `r & 7 = lane & 7`) and whose chunk in pair `s` is
-/// `2s + h` (`h` ∈ {0, 1}) reads the swizzled chunk `(2s + h) ^ (lane & 7) =
-/// 2s ^ (h ^ (lane & 7))`, so pair `s`'s offset is pair 0's XOR `32 s`: the row offset
-/// (a multiple of 128 bytes, of 256 at head_dim 128) and the bases added to it (stages, the
-/// V tile, the Q region, all multiples of 256) leave the bits `32 s` touches clear. One
-/// `xor` on a per-tile offset and one `add` of the shared window's base per pair, and
-/// nothing loop-invariant for ptxas to keep in registers per pair.
+/// A lane whose row is `r` (with `r & 7 = lane & 7`, so `key(r) = key(lane)`) and whose
+/// chunk in pair `s` is `2s + h` (`h` ∈ {0, 1}) reads the swizzled chunk `(2s + h) ^
+/// key(lane) = 2s ^ (h ^ key(lane))`, so pair `s`'s offset is pair 0's XOR `32 s`: the row
+/// offset (a multiple of the row's bytes: 64 at head_dim 32, 128 at 64, 256 at 128; above
+/// every chunk index `2s ^ (h ^ key)` of a row, which stays below the row's chunk count) and
+/// the bases added to it (stages, the V tile, the Q region, all multiples of 2048) leave the
+/// bits `32 s` touches clear. One `xor` on a per-tile offset and one `add` of the shared
+/// window's base per pair, and nothing loop-invariant for ptxas to keep in registers per
+/// pair.
 struct FragmentSetup {
     /// Q (A operand): lane row `16 warp + lane % 16`, `h = lane / 16`.
     q: Reg<U32>,
@@ -767,8 +800,13 @@ fn emit_fragment_setup(
     let upper = k.shr(lane, 4u32);
     let eighth = k.shr(lane, 3u32);
     let eighth = k.and(eighth, 1u32);
+    // Every lane's row is `lane` mod 8, so its swizzle key is the lane's.
+    let key = match g.swizzle_shift {
+        0 => low,
+        _ => swizzle_key(k, g, lane),
+    };
     let offset = |k: &mut KernelBuilder, row: Reg<U32>, h: Reg<U32>| {
-        let x = k.xor(h, low);
+        let x = k.xor(h, key);
         let chunk = k.shl(x, 4u32);
         k.mul_add(row, g.row_bytes, chunk)
     };
