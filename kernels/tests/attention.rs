@@ -1,5 +1,5 @@
 //! The split-KV decode attention generator (`attention::decode`): PTX snapshots at
-//! representative specs (f16/bf16, head_dim 64/128, dense/sparse, merge, the fused
+//! representative specs (f16/bf16, head_dim 32/64/128, dense/sparse, merge, the fused
 //! last-block merge), ptxas validation for sm_80 and sm_90 (no spills, no stack), in both merge
 //! modes, parameters, launch rules, determinism and spec errors.
 //!
@@ -19,7 +19,8 @@ use kiln_kernels::attention::PagedKv;
 use common::layout;
 
 /// The snapshot specs: Llama-3-8B decode (f16, 32 q / 8 KV heads, d 128) dense and sparse,
-/// a bf16 head_dim-64 GQA-8 model, and an MHA (group 1) bf16 d-128 cache.
+/// a bf16 head_dim-64 GQA-8 model, an MHA (group 1) bf16 d-128 cache, and the tiny-llama
+/// preset's attention (f16, 8 q / 2 KV heads, d 32).
 fn representative() -> Vec<(&'static str, DecodeAttentionSpec)> {
     vec![
         (
@@ -38,17 +39,21 @@ fn representative() -> Vec<(&'static str, DecodeAttentionSpec)> {
             "decode_sparse_bf16_q32_kv32_d128",
             DecodeAttentionSpec::new(layout(DType::BF16, 32, 32, 128), true),
         ),
+        (
+            "decode_dense_f16_q8_kv2_d32",
+            DecodeAttentionSpec::new(layout(DType::F16, 8, 2, 32), false),
+        ),
     ]
 }
 
-/// More specs that must assemble cleanly: every dtype, head_dim, group 1/4/8/16, page sizes
-/// 1 to 256, dense and sparse, and tuning off the defaults.
+/// More specs that must assemble cleanly: every dtype, head_dim, group 1/2/4/8/16, page
+/// sizes 1 to 256, dense and sparse, and tuning off the defaults.
 fn assembled() -> Vec<DecodeAttentionSpec> {
     let mut specs: Vec<DecodeAttentionSpec> =
         representative().into_iter().map(|(_, s)| s).collect();
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
-            for (q, kv) in [(8, 8), (32, 8), (32, 4), (64, 4)] {
+        for head_dim in [32, 64, 128] {
+            for (q, kv) in [(8, 8), (32, 8), (32, 4), (64, 4), (4, 2)] {
                 for sparse in [false, true] {
                     specs.push(DecodeAttentionSpec::new(
                         layout(dtype, q, kv, head_dim),
@@ -81,6 +86,26 @@ fn assembled() -> Vec<DecodeAttentionSpec> {
     }
     let d64 = DecodeAttentionSpec::new(layout(DType::BF16, 48, 4, 64), true);
     specs.push(d64.with_tuning(6, 4, 2, 4));
+    // Head dim 32: page sizes 1 and 256, one warp (a merge of 4 groups), 16 warps, 8 steps
+    // (256 tokens per stage at 4 warps), 8 heads per block.
+    for page_size in [1, 256] {
+        let l = PagedKv {
+            page_size,
+            ..layout(DType::BF16, 8, 2, 32)
+        };
+        specs.push(DecodeAttentionSpec::new(l, false));
+        specs.push(DecodeAttentionSpec::new(l, true));
+    }
+    let d32 = DecodeAttentionSpec::new(layout(DType::F16, 16, 2, 32), false);
+    for (heads, warps, steps, stages) in [
+        (1, 1, 1, 2),
+        (4, 1, 8, 8),
+        (8, 4, 4, 4),
+        (2, 16, 1, 4),
+        (4, 4, 8, 3),
+    ] {
+        specs.push(d32.with_tuning(heads, warps, steps, stages));
+    }
     let fused: Vec<DecodeAttentionSpec> = specs
         .iter()
         .map(|s| s.with_merge(MergeMode::LastBlock))
@@ -109,6 +134,11 @@ fn ptx_snapshots() {
     let spec = DecodeAttentionSpec::new(layout(DType::BF16, 16, 2, 64), false);
     insta::assert_snapshot!(
         "decode_merge_bf16_q16_d64",
+        decode::generate(&spec).unwrap().merge.unwrap().ptx
+    );
+    let spec = DecodeAttentionSpec::new(layout(DType::F16, 8, 2, 32), false);
+    insta::assert_snapshot!(
+        "decode_merge_f16_q8_d32",
         decode::generate(&spec).unwrap().merge.unwrap().ptx
     );
     let fused = decode::generate(&fused_llama(false)).unwrap();
@@ -323,6 +353,25 @@ fn launch_rules_cover_splits_heads_and_batch() {
     assert_eq!(block, [decode::MERGE_THREADS as u32, 1, 1]);
     assert_eq!(merge.launch.shared_bytes, 0);
 
+    // Head dim 32 (tiny-llama): the group of 4 in one block per KV head; four 16 KiB
+    // stages of 128 tokens, then the entry list; the merge's 2176-byte scratch is static.
+    let tiny = DecodeAttentionSpec::new(layout(DType::F16, 8, 2, 32), false);
+    assert_eq!(tiny.stage_tokens(), 128);
+    let kernels = decode::generate(&tiny).unwrap();
+    let (grid, block) = kernels.partial.launch.evaluate(&scalars).unwrap();
+    assert_eq!((grid, block), ([33, 2, 3], [128, 1, 1]));
+    assert_eq!(tiny.shared_bytes(), 4 * (16 << 10) + 128 * 8);
+    assert_eq!(
+        kernels.partial.launch.shared_bytes as usize,
+        tiny.shared_bytes()
+    );
+    let merge = kernels.merge.unwrap();
+    assert_eq!(merge.launch.evaluate(&scalars).unwrap().0, [8 * 3, 1, 1]);
+    assert!(merge
+        .ptx
+        .contains(".shared .align 16 .b8 merge_scratch[2176]"));
+    assert_eq!(tiny.workspace(3, 33).acc_elements, 3 * 8 * 33 * 32);
+
     // Fused: the same grid; one counter per (sequence, block of a split).
     let fused = fused_llama(false);
     let partial = decode::generate(&fused).unwrap().partial;
@@ -372,14 +421,16 @@ fn bad_specs_are_rejected_with_the_field_named() {
         assert_eq!(error.family, "attention_decode");
         error.to_string()
     };
-    assert!(message(DecodeAttentionSpec {
-        layout: PagedKv {
-            head_dim: 96,
-            ..good.layout
-        },
-        ..good
-    })
-    .contains("head_dim"));
+    for head_dim in [16, 96, 256] {
+        assert!(message(DecodeAttentionSpec {
+            layout: PagedKv {
+                head_dim,
+                ..good.layout
+            },
+            ..good
+        })
+        .contains(&format!("head_dim must be 32, 64 or 128, got {head_dim}")));
+    }
     assert!(message(DecodeAttentionSpec {
         layout: PagedKv {
             dtype: DType::F32,

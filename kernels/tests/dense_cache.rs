@@ -79,7 +79,7 @@ fn ptx_snapshots() {
 #[test]
 fn cache_append_assembles_without_spills() {
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
+        for head_dim in [32, 64, 128] {
             for kv_heads in [1, 8, 32] {
                 let spec = CacheAppendSpec {
                     dtype,
@@ -95,7 +95,7 @@ fn cache_append_assembles_without_spills() {
 #[test]
 fn page_bounds_assembles_without_spills_in_both_orders() {
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
+        for head_dim in [32, 64, 128] {
             for order in [PageOrder::HeadMajor, PageOrder::TokenMajor] {
                 for page_size in [1, 16, 256] {
                     let layout = PagedKv {
@@ -112,8 +112,13 @@ fn page_bounds_assembles_without_spills_in_both_orders() {
 
 #[test]
 fn token_major_attention_assembles_without_spills() {
-    for dtype in [DType::F16, DType::BF16] {
-        let layout = layout(dtype, 32, 8, 128);
+    for (dtype, head_dim) in [
+        (DType::F16, 128),
+        (DType::BF16, 128),
+        (DType::F16, 32),
+        (DType::BF16, 32),
+    ] {
+        let layout = layout(dtype, 32, 8, head_dim);
         for sparse in [false, true] {
             let kernels = decode::generate(&DecodeAttentionSpec::new(layout, sparse)).unwrap();
             assert!(
@@ -263,6 +268,20 @@ fn launch_rules() {
     assert_eq!(rule(1), ([1, 8, 2], [32, 1, 1]));
     assert_eq!(rule(4096), ([256, 8, 2], [32, 1, 1]));
     assert_eq!(rule(17), ([2, 8, 2], [32, 1, 1]));
+    // Head dim 32: the same rule; a warp is 4 chunks x 8 token slots per pass.
+    let kernel = page_bounds::generate(&PageBoundsSpec {
+        layout: layout(DType::BF16, 8, 2, 32),
+    })
+    .unwrap();
+    let geometry = kernel
+        .launch
+        .evaluate(&scalars(&[
+            ("batch", 2),
+            ("max_pages", 256),
+            ("new_tokens", 17),
+        ]))
+        .unwrap();
+    assert_eq!(geometry, ([2, 2, 2], [32, 1, 1]));
 }
 
 #[test]
@@ -320,4 +339,14 @@ fn bad_specs_are_rejected_with_the_field_named() {
     .unwrap_err();
     assert_eq!(error.family, "quest_page_bounds");
     assert!(error.to_string().contains("page_size"), "{error}");
+    let error = page_bounds::generate(&PageBoundsSpec {
+        layout: layout(DType::F16, 32, 8, 16),
+    })
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("head_dim must be 32, 64 or 128, got 16"),
+        "{error}"
+    );
 }

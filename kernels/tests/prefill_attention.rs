@@ -16,7 +16,8 @@ use kiln_kernels::attention::PagedKv;
 use common::layout;
 
 /// Llama-3-8B (f16, 32 q heads, 8 KV heads, d 128) with the default tile, the same in bf16
-/// with the wide tile, and a d-64 multi-head layout (no GQA) with page size 64.
+/// with the wide tile, a d-64 multi-head layout (no GQA) with page size 64, and the
+/// tiny-llama preset's attention (f16, 8 q heads, 2 KV heads, d 32).
 fn snapshot_specs() -> Vec<(&'static str, PrefillAttentionSpec)> {
     vec![
         (
@@ -36,6 +37,10 @@ fn snapshot_specs() -> Vec<(&'static str, PrefillAttentionSpec)> {
                 page_size: 64,
                 ..layout(DType::F16, 16, 16, 64)
             }),
+        ),
+        (
+            "prefill_f16_q8_kv2_d32",
+            PrefillAttentionSpec::new(layout(DType::F16, 8, 2, 32)),
         ),
     ]
 }
@@ -75,12 +80,18 @@ fn all_tiles(head_dim: usize) -> Vec<PrefillTile> {
 #[test]
 fn every_dtype_head_dim_and_tile_assembles_without_spills() {
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
+        for head_dim in [32, 64, 128] {
             for tile in all_tiles(head_dim) {
                 let spec = PrefillAttentionSpec {
                     layout: layout(dtype, 32, 8, head_dim),
                     tile,
                 };
+                if head_dim == 32 && tile.block_q == 128 && tile.block_kv == 32 {
+                    // 256 threads copy 64 rows of 64 bytes per pass: more than the tile.
+                    let error = generate(&spec).unwrap_err();
+                    assert!(error.message.contains("block_kv = 32"), "{error}");
+                    continue;
+                }
                 let kernel = generate(&spec).unwrap();
                 assert_eq!(kernel.target, "sm_80");
                 for arch in ["sm_80", "sm_90"] {
@@ -97,13 +108,15 @@ fn every_dtype_head_dim_and_tile_assembles_without_spills() {
 
 #[test]
 fn gqa_groups_and_page_sizes_assemble() {
-    for (q_heads, kv_heads, page_size) in [(8, 8, 1), (32, 8, 16), (64, 8, 256), (28, 4, 32)] {
-        let spec = PrefillAttentionSpec::new(PagedKv {
-            page_size,
-            ..layout(DType::BF16, q_heads, kv_heads, 128)
-        });
-        let kernel = generate(&spec).unwrap();
-        common::assemble_cleanly(&kernel, "sm_90");
+    for head_dim in [32, 128] {
+        for (q_heads, kv_heads, page_size) in [(8, 8, 1), (32, 8, 16), (64, 8, 256), (28, 4, 32)] {
+            let spec = PrefillAttentionSpec::new(PagedKv {
+                page_size,
+                ..layout(DType::BF16, q_heads, kv_heads, head_dim)
+            });
+            let kernel = generate(&spec).unwrap();
+            common::assemble_cleanly(&kernel, "sm_90");
+        }
     }
 }
 
@@ -166,16 +179,24 @@ fn the_kernel_declares_its_parameters_and_launch_rule() {
 
 /// The main loop: one barrier per KV tile, and per tile (d 128, 64 keys) 32 `ldmatrix` of K
 /// and 64 `mma` for S, 32 `ldmatrix.trans` of V and 64 `mma` for O; 8 copy passes of K and
-/// of V (128 threads move 8 rows of 256 bytes per pass).
+/// of V (128 threads move 8 rows of 256 bytes per pass). At d 32: 2 k-steps × 4 key pairs =
+/// 8 `ldmatrix` of K and 16 `mma` for S, 2 d pairs × 4 key steps = 8 `ldmatrix.trans` and
+/// 16 `mma` for O, 2 copy passes (32 rows of 64 bytes each).
 #[test]
 fn the_main_loop_has_one_barrier_and_the_expected_tensor_core_work() {
+    for (head_dim, k_loads, mmas, copies) in [(128, 32, 128, 8), (32, 8, 32, 2)] {
+        main_loop_work(head_dim, k_loads, mmas, copies);
+    }
+}
+
+fn main_loop_work(head_dim: usize, k_loads: usize, mmas: usize, copies: usize) {
     let spec = PrefillAttentionSpec {
         tile: PrefillTile {
             block_q: 64,
             block_kv: 64,
             min_blocks_per_sm: 2,
         },
-        ..PrefillAttentionSpec::new(layout(DType::F16, 32, 8, 128))
+        ..PrefillAttentionSpec::new(layout(DType::F16, 32, 8, head_dim))
     };
     let kernel = generate(&spec).unwrap();
     let loop_head = kernel
@@ -195,11 +216,11 @@ fn the_main_loop_has_one_barrier_and_the_expected_tensor_core_work() {
     assert_eq!(body.matches("cp.async.wait_group 0").count(), 1);
     assert_eq!(
         body.matches("ldmatrix.sync.aligned.m8n8.x4.shared").count(),
-        32
+        k_loads
     );
-    assert_eq!(body.matches(".trans.shared").count(), 32);
-    assert_eq!(body.matches("mma.sync").count(), 128);
-    assert_eq!(body.matches("cp.async.cg").count(), 2 * 8);
+    assert_eq!(body.matches(".trans.shared").count(), k_loads);
+    assert_eq!(body.matches("mma.sync").count(), mmas);
+    assert_eq!(body.matches("cp.async.cg").count(), 2 * copies);
 }
 
 #[test]
@@ -227,6 +248,13 @@ fn invalid_specs_are_rejected_with_a_reason() {
                 ..base
             },
             "head_dim",
+        ),
+        (
+            PrefillAttentionSpec {
+                layout: layout(DType::F16, 32, 8, 16),
+                ..base
+            },
+            "head_dim must be 32, 64 or 128, got 16",
         ),
         (
             PrefillAttentionSpec {

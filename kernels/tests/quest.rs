@@ -18,30 +18,34 @@ use kiln_kernels::quest::{estimate, top_k, QuestEstimateSpec, QuestTopKSpec};
 
 use common::layout;
 
-/// Llama-3-8B (f16, GQA 4, d 128) and a small MHA bf16 model with d 64.
+/// Llama-3-8B (f16, GQA 4, d 128), a small MHA bf16 model with d 64, and the tiny-llama
+/// preset (f16, GQA 4, d 32).
 fn representative_layouts() -> Vec<(&'static str, PagedKv)> {
     vec![
         ("f16_q32_kv8_d128", layout(DType::F16, 32, 8, 128)),
         ("bf16_q8_kv8_d64", layout(DType::BF16, 8, 8, 64)),
+        ("f16_q8_kv2_d32", layout(DType::F16, 8, 2, 32)),
     ]
 }
 
-/// Every dtype, head_dim and GQA group 1, 4, 8 (and one KV head; 32 KV heads), page sizes
-/// 16, 1 and 64.
+/// Every dtype, head_dim (32, 64, 128) and GQA group 1, 4, 8 (and one KV head; 32 KV
+/// heads), page sizes 16, 1 and 64.
 fn assembled_layouts() -> Vec<PagedKv> {
     let mut layouts = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
+        for head_dim in [32, 64, 128] {
             for (q_heads, kv_heads) in [(8, 8), (32, 8), (64, 8), (8, 1), (32, 32)] {
                 layouts.push(layout(dtype, q_heads, kv_heads, head_dim));
             }
         }
     }
     for page_size in [1, 64] {
-        layouts.push(PagedKv {
-            page_size,
-            ..layout(DType::F16, 32, 8, 128)
-        });
+        for head_dim in [32, 128] {
+            layouts.push(PagedKv {
+                page_size,
+                ..layout(DType::F16, 32, 8, head_dim)
+            });
+        }
     }
     layouts
 }
@@ -184,6 +188,23 @@ fn launch_rules() {
         layout: layout(DType::BF16, 8, 1, 64),
     };
     assert_eq!((narrow.threads(), narrow.blocks_per_token()), (32, 1));
+    // Head dim 32 (tiny-llama): 2 KV heads x 4 chunks, one warp with 24 idle lanes; 32 KV
+    // heads: 128 chunks, one full block.
+    let tiny = KvAppendSpec {
+        layout: layout(DType::F16, 8, 2, 32),
+    };
+    assert_eq!(tiny.chunks_per_token(), 8);
+    assert_eq!((tiny.threads(), tiny.blocks_per_token()), (32, 1));
+    let geometry = kv_append::generate(&tiny)
+        .unwrap()
+        .launch
+        .evaluate(&scalars(&[("tokens", 5), ("max_pages", 4)]))
+        .unwrap();
+    assert_eq!(geometry, ([5, 1, 1], [32, 1, 1]));
+    let wide_d32 = KvAppendSpec {
+        layout: layout(DType::BF16, 32, 32, 32),
+    };
+    assert_eq!((wide_d32.threads(), wide_d32.blocks_per_token()), (128, 1));
 
     // Estimate: batch 1 at 32K context, 8 KV heads, fills more than 132 SMs.
     let spec = QuestEstimateSpec::new(layout(DType::F16, 32, 8, 128));
@@ -195,6 +216,19 @@ fn launch_rules() {
     assert_eq!((grid, block), ([32, 8, 1], [64, 1, 1]));
     assert!(grid.iter().product::<u32>() >= 132);
     assert_eq!(kernel.launch.shared_bytes, 0);
+
+    // Head dim 32: the group's 4 queries take 4 · 32 · 4 bytes of shared memory.
+    let tiny = QuestEstimateSpec::new(layout(DType::F16, 8, 2, 32));
+    assert_eq!(tiny.query_bytes(), 4 * 32 * 4);
+    let kernel = estimate::generate(&tiny).unwrap();
+    assert!(kernel
+        .ptx
+        .contains(".shared .align 16 .b8 group_query[512]"));
+    let (grid, block) = kernel
+        .launch
+        .evaluate(&scalars(&[("batch", 3), ("max_pages", 100)]))
+        .unwrap();
+    assert_eq!((grid, block), ([2, 6, 1], [64, 1, 1]));
 
     // Top-K: one block per (sequence, KV head).
     let kernel = top_k::generate(&QuestTopKSpec { page_size: 16 }).unwrap();
@@ -263,12 +297,20 @@ fn generation_is_deterministic() {
 fn bad_specs_are_rejected_with_the_field_named() {
     let good = layout(DType::F16, 32, 8, 128);
     let append = |layout| kv_append::generate(&KvAppendSpec { layout }).unwrap_err();
-    let error = append(PagedKv {
-        head_dim: 96,
-        ..good
-    });
-    assert_eq!(error.family, "kv_append");
-    assert!(error.to_string().contains("head_dim"), "{error}");
+    for head_dim in [16, 96] {
+        let error = append(PagedKv { head_dim, ..good });
+        assert_eq!(error.family, "kv_append");
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("head_dim must be 32, 64 or 128, got {head_dim}")),
+            "{error}"
+        );
+        let error =
+            estimate::generate(&QuestEstimateSpec::new(PagedKv { head_dim, ..good })).unwrap_err();
+        assert_eq!(error.family, "quest_estimate");
+        assert!(error.to_string().contains("head_dim"), "{error}");
+    }
     assert!(append(PagedKv {
         dtype: DType::F32,
         ..good

@@ -33,6 +33,12 @@
 //!   the group the 16 bytes at element `8c`. So a stage needs no barrier: each thread waits
 //!   for its own copies (`cp.async.wait_group`) and refills a buffer only after it has read
 //!   it. Barriers only bracket the entry batches and the final merge.
+//! - **Head dims** (32, 64 or 128, [`PagedKv::validate`]). A K/V row is `d/8` = 4, 8 or 16
+//!   lanes of 16 bytes and a warp covers `32·8/d` = 8, 4 or 2 rows per step, so a stage holds
+//!   `steps · warps · 256/d` tokens: the same bytes at every head_dim (16 KiB at the default
+//!   4 steps × 4 warps). A lane group is an aligned run of `d/8` lanes, so the score
+//!   butterflies (lane masks `d/16, …, 1`) stay inside it and the merge of a warp's groups
+//!   (masks `d/8, …, 16`) pairs lanes that hold the same 8 elements.
 //! - **Arithmetic (f32).** `q` is pre-multiplied by `scale · log2 e`, so scores are in log2
 //!   units and every exponential is one `ex2.approx.ftz`. Per stage and query head: the `steps`
 //!   scores of a lane group (dot products of 8 elements per lane, butterfly-summed over the
@@ -76,8 +82,9 @@
 //! # The merge kernel ([`MergeMode::Separate`])
 //!
 //! One block of 128 threads per output row `(b, h)`: `grid = q_heads · batch`. Groups of
-//! `d/4` threads take splits `g, g + groups, …` eight at a time (loads first), each keeping a
-//! running (max, sum, acc[4]); the groups merge through shared memory and the first writes
+//! `d/4` threads (16 groups of 8 at d 32, 8 of 16 at d 64, 4 of 32 at d 128) take splits
+//! `g, g + groups, …` eight at a time (loads first), each keeping a running (max, sum,
+//! acc[4]); the groups merge through shared memory and the first writes
 //! `out[b, h, :] = acc / sum` in the dtype. Parameters: `partial_acc`, `partial_max`,
 //! `partial_sum`, `out [batch, q_heads, d]`; scalars `batch`, `splits`.
 //!
@@ -1382,8 +1389,8 @@ mod tests {
     #[test]
     fn default_tuning_is_valid() {
         for dtype in [DType::F16, DType::BF16] {
-            for head_dim in [64, 128] {
-                for (q, kv) in [(32, 32), (32, 8), (32, 4), (64, 4), (12, 4)] {
+            for head_dim in [32, 64, 128] {
+                for (q, kv) in [(32, 32), (32, 8), (32, 4), (64, 4), (12, 4), (8, 2)] {
                     for sparse in [false, true] {
                         let spec = DecodeAttentionSpec::new(layout(dtype, q, kv, head_dim), sparse);
                         spec.validate().unwrap();
@@ -1392,6 +1399,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Head dim 32: 4 lanes per row, 8 rows per warp and step, the same stage bytes as at 64
+    /// and 128; every tuning the spec accepts has power-of-two stages (the stage count is a
+    /// shift) and shared memory within the limit that holds the stages, the warps' merge
+    /// scratch, the fused tail's scratch and the entry list without overlap.
+    #[test]
+    fn head_dim_32_geometry() {
+        let spec = DecodeAttentionSpec::new(layout(DType::F16, 8, 2, 32), false);
+        assert_eq!((spec.heads_per_block, spec.warps, spec.steps), (4, 4, 4));
+        let g = Geometry::of(&spec);
+        assert_eq!(
+            (
+                g.lanes_per_row,
+                g.rows_per_pass,
+                g.stage_tokens,
+                g.row_bytes
+            ),
+            (4, 32, 128, 64)
+        );
+        for head_dim in [32, 64, 128] {
+            let other = Geometry::of(&DecodeAttentionSpec::new(
+                layout(DType::F16, 8, 2, head_dim),
+                false,
+            ));
+            assert_eq!(other.stage_bytes, 16 << 10, "head_dim {head_dim}");
+            assert_eq!(other.lanes_per_row, head_dim / 8);
+        }
+        // Merge: 16 groups of 8 threads, acc [16][32] then max and sum [16].
+        assert_eq!(
+            merge_scratch_bytes(MERGE_THREADS, 32),
+            (16 * 32 + 2 * 16) * 4
+        );
+        assert_eq!(merge_scratch_bytes(32, 32), (4 * 32 + 2 * 4) * 4);
+
+        let mut accepted = 0;
+        for sparse in [false, true] {
+            for merge in [MergeMode::Separate, MergeMode::LastBlock] {
+                for heads in [1, 2, 4] {
+                    for warps in [1, 2, 4, 8, 16] {
+                        for steps in [1, 2, 4, 8] {
+                            for stages in 2..=8 {
+                                let spec =
+                                    DecodeAttentionSpec::new(layout(DType::BF16, 8, 2, 32), sparse)
+                                        .with_merge(merge)
+                                        .with_tuning(heads, warps, steps, stages);
+                                if spec.validate().is_err() {
+                                    continue;
+                                }
+                                accepted += 1;
+                                let g = Geometry::of(&spec);
+                                assert!(g.stage_tokens.is_power_of_two());
+                                assert_eq!(g.stage_tokens, steps * warps * 8);
+                                assert_eq!(g.rows_per_pass * g.lanes_per_row, g.threads);
+                                assert!(g.shared_bytes <= MAX_SHARED_BYTES);
+                                assert!(g.entries_offset >= stages * g.stage_bytes);
+                                assert!(g.entries_offset >= warps * heads * (32 + 2) * 4);
+                                if spec.fused() {
+                                    let tail = heads * merge_scratch_bytes(g.threads, 32);
+                                    assert!(g.entries_offset >= tail);
+                                }
+                                assert_eq!(g.shared_bytes, g.entries_offset + g.threads * 8);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(accepted > 400, "{accepted} tunings accepted");
     }
 
     #[test]

@@ -39,6 +39,9 @@ use serde::{Deserialize, Serialize};
 /// Bytes of one cache element (f16 or bf16).
 const ELEMENT_BYTES: usize = 2;
 
+/// The head dimensions the paged generators take ([`PagedKv::validate`]).
+pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
 /// The order of a K/V page's dimensions (see the module doc's table).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -58,7 +61,7 @@ pub struct PagedKv {
     pub dtype: DType,
     pub q_heads: usize,
     pub kv_heads: usize,
-    /// 64 or 128.
+    /// 32, 64 or 128 (see [`PagedKv::validate`]).
     pub head_dim: usize,
     /// Tokens per page (16 by default).
     pub page_size: usize,
@@ -142,13 +145,22 @@ impl PagedKv {
     }
 
     /// Checks the layout parameters; `family` names the generator in the error.
+    ///
+    /// `head_dim` is one of [`HEAD_DIMS`]: every paged generator (decode partial and merge,
+    /// prefill, KV append, Quest estimate and page bounds) is written for rows of
+    /// `head_dim / 8` 16-byte chunks with `head_dim / 8` a power of two dividing 32 (lane
+    /// groups of a warp) and `head_dim / 16` whole `mma` k-steps; a generator that needs
+    /// more checks it in its own spec.
     pub fn validate(&self, family: &'static str) -> Result<(), crate::SpecError> {
         let fail = |m: String| Err(crate::SpecError::new(family, m));
         if !matches!(self.dtype, DType::F16 | DType::BF16) {
             return fail(format!("dtype must be f16 or bf16, got {}", self.dtype));
         }
-        if !matches!(self.head_dim, 64 | 128) {
-            return fail(format!("head_dim must be 64 or 128, got {}", self.head_dim));
+        if !HEAD_DIMS.contains(&self.head_dim) {
+            return fail(format!(
+                "head_dim must be 32, 64 or 128, got {}",
+                self.head_dim
+            ));
         }
         if self.kv_heads == 0 || self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return fail(format!(
@@ -182,15 +194,22 @@ mod tests {
         };
         assert!(good.validate("t").is_ok());
         assert_eq!(good.group_size(), 4);
-        let bad = PagedKv {
-            head_dim: 96,
-            ..good
-        };
-        assert!(bad
-            .validate("t")
-            .unwrap_err()
-            .to_string()
-            .contains("head_dim"));
+        for head_dim in HEAD_DIMS {
+            assert!(
+                PagedKv { head_dim, ..good }.validate("t").is_ok(),
+                "{head_dim}"
+            );
+        }
+        for head_dim in [0, 8, 16, 48, 96, 256] {
+            let message = PagedKv { head_dim, ..good }
+                .validate("t")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains(&format!("head_dim must be 32, 64 or 128, got {head_dim}")),
+                "{message}"
+            );
+        }
         let bad = PagedKv {
             q_heads: 30,
             ..good

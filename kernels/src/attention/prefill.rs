@@ -845,6 +845,173 @@ mod tests {
         }
     }
 
+    /// Host model of the shared-memory layout: chunk `c` of row `r` is stored at byte
+    /// `r·row_bytes + 16·(c ^ key(r))`, `key(r) = (r >> swizzle_shift) & swizzle_mask`.
+    fn stored_at(g: &Geometry, row: u32, chunk: u32) -> u32 {
+        let key = (row >> g.swizzle_shift) & g.swizzle_mask;
+        row * g.row_bytes + 16 * (chunk ^ key)
+    }
+
+    fn every_tile() -> Vec<PrefillTile> {
+        let mut tiles = vec![PrefillTile::wide()];
+        for block_q in [64, 128] {
+            for block_kv in [32, 64, 128] {
+                tiles.push(PrefillTile {
+                    block_q,
+                    block_kv,
+                    min_blocks_per_sm: 1,
+                });
+            }
+        }
+        tiles
+    }
+
+    /// The swizzle at every head_dim: each row's chunks stay in the row (a permutation), the
+    /// eight rows of an `ldmatrix` 8×8 matrix (same logical chunk, eight consecutive rows
+    /// from a multiple of 8) and the eight chunks of eight consecutive copying threads fall
+    /// in eight different 16-byte bank groups of a 128-byte line; and the lane addresses of
+    /// `emit_fragment_setup` + `step_address` (replayed here in host arithmetic, with the
+    /// stage, V and Q bases added before the XOR as the kernel does) read exactly the
+    /// swizzled chunk each `ldmatrix` matrix wants, at every k-step, key pair and tile.
+    #[test]
+    fn the_swizzle_is_a_per_row_permutation_that_ldmatrix_reads_back() {
+        for head_dim in [32, 64, 128] {
+            for tile in every_tile() {
+                let spec = PrefillAttentionSpec {
+                    layout: PagedKv {
+                        head_dim,
+                        ..layout()
+                    },
+                    tile,
+                };
+                if spec.validate().is_err() {
+                    continue;
+                }
+                let g = Geometry::of(&spec);
+                let cpr = g.chunks_per_row;
+                for row in 0..64 {
+                    let mut chunks: Vec<u32> = (0..cpr).map(|c| stored_at(&g, row, c)).collect();
+                    chunks.sort_unstable();
+                    let want: Vec<u32> = (0..cpr).map(|c| row * g.row_bytes + 16 * c).collect();
+                    assert_eq!(chunks, want, "d {head_dim} row {row}");
+                }
+                let bank_group = |byte: u32| (byte % BANK_LINE_BYTES) / 16;
+                for first in (0..64).step_by(8) {
+                    for chunk in 0..cpr {
+                        let mut groups: Vec<u32> = (first..first + 8)
+                            .map(|r| bank_group(stored_at(&g, r, chunk)))
+                            .collect();
+                        groups.sort_unstable();
+                        groups.dedup();
+                        assert_eq!(groups.len(), 8, "d {head_dim} rows {first}.. chunk {chunk}");
+                    }
+                }
+                for first in (0..g.threads).step_by(8) {
+                    let mut groups: Vec<u32> = (first..first + 8)
+                        .map(|t| bank_group(stored_at(&g, t / cpr, t % cpr)))
+                        .collect();
+                    groups.sort_unstable();
+                    groups.dedup();
+                    assert_eq!(groups.len(), 8, "d {head_dim} threads {first}..");
+                }
+
+                let warps = g.block_q / WARP_ROWS;
+                for lane in 0..32u32 {
+                    let (low, sixteenth, upper) = (lane & 7, lane & 15, lane >> 4);
+                    let eighth = (lane >> 3) & 1;
+                    let key = (lane >> g.swizzle_shift) & g.swizzle_mask;
+                    let offset = |row: u32, h: u32| row * g.row_bytes + 16 * (h ^ key);
+                    for warp in 0..warps {
+                        // Q (A operand): matrix lane / 8 = (rows 0-7 | 8-15) x (d 0-7 | 8-15).
+                        let q_row = WARP_ROWS * warp + sixteenth;
+                        let q_lane = g.stage_bytes + offset(q_row, upper);
+                        for step in 0..g.d_steps {
+                            assert_eq!(
+                                q_lane ^ (32 * step),
+                                g.stage_bytes + stored_at(&g, q_row, 2 * step + upper),
+                                "Q d {head_dim} lane {lane} warp {warp} step {step}"
+                            );
+                        }
+                    }
+                    for read in [0, g.stage_bytes] {
+                        // K (B operand): keys 16 pair + (lane % 8 + 8 (lane / 16)), d chunk
+                        // 2 step + (lane / 8) % 2.
+                        let k_row = 8 * upper + low;
+                        let k_lane = read + offset(k_row, eighth);
+                        for step in 0..g.d_steps {
+                            for pair in 0..g.s_tiles / 2 {
+                                let rows = 16 * pair;
+                                assert_eq!(
+                                    (k_lane ^ (32 * step)) + rows * g.row_bytes,
+                                    read + stored_at(&g, k_row + rows, 2 * step + eighth),
+                                    "K d {head_dim} lane {lane} step {step} pair {pair}"
+                                );
+                            }
+                        }
+                        // V (B operand, transposed): keys 16 step + lane % 16, d chunk
+                        // 2 pair + lane / 16.
+                        let v_base = read + g.v_offset;
+                        let v_lane = v_base + offset(sixteenth, upper);
+                        for pair in 0..g.o_tiles / 2 {
+                            for step in 0..g.kv_steps {
+                                let rows = 16 * step;
+                                assert_eq!(
+                                    (v_lane ^ (32 * pair)) + rows * g.row_bytes,
+                                    v_base + stored_at(&g, sixteenth + rows, 2 * pair + upper),
+                                    "V d {head_dim} lane {lane} pair {pair} step {step}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Head dim 32: 4 chunks per row, two k-steps of 16, four 8-wide O tiles, 16 KiB of
+    /// shared memory with the default tile; a 128-query block with 32-key tiles is refused
+    /// (one copy pass of 256 threads covers 64 rows), naming block_kv.
+    #[test]
+    fn head_dim_32_geometry() {
+        let spec = PrefillAttentionSpec::new(PagedKv {
+            head_dim: 32,
+            ..layout()
+        });
+        assert_eq!(spec.tile, PrefillTile::h100(32));
+        spec.validate().unwrap();
+        let g = Geometry::of(&spec);
+        assert_eq!(
+            (g.row_bytes, g.chunks_per_row, g.rows_per_pass),
+            (64, 4, 32)
+        );
+        assert_eq!((g.d_steps, g.o_tiles, g.s_tiles, g.kv_steps), (2, 4, 8, 4));
+        assert_eq!((g.swizzle_shift, g.swizzle_mask), (1, 3));
+        assert_eq!(spec.shared_bytes(), 2 * 64 * 64 + 2 * 64 * 64);
+        let wide = PrefillAttentionSpec {
+            tile: PrefillTile::wide(),
+            ..spec
+        };
+        wide.validate().unwrap();
+        assert_eq!(wide.shared_bytes(), 2 * (2 * 64 * 64));
+        let narrow = PrefillAttentionSpec {
+            tile: PrefillTile {
+                block_q: 128,
+                block_kv: 32,
+                min_blocks_per_sm: 1,
+            },
+            ..spec
+        };
+        let error = narrow.validate().unwrap_err();
+        assert!(error.message.contains("block_kv = 32"), "{error}");
+        for head_dim in [64, 128] {
+            let g = Geometry::of(&PrefillAttentionSpec::new(PagedKv {
+                head_dim,
+                ..layout()
+            }));
+            assert_eq!((g.swizzle_shift, g.swizzle_mask), (0, 7));
+        }
+    }
+
     #[test]
     fn shared_memory_is_two_stages_or_a_stage_and_the_q_tile() {
         let spec = PrefillAttentionSpec {
