@@ -557,23 +557,56 @@ mod tests {
         }
     }
 
+    /// The tiny presets' attention: 8 query heads, 2 KV heads, head_dim 32, bf16.
+    fn tiny(kind: AttentionKind, queries: u64, keys: u64) -> Family {
+        tiny_with(kind, queries, keys, 32)
+    }
+
+    fn tiny_with(kind: AttentionKind, queries: u64, keys: u64, head_dim: usize) -> Family {
+        Family::Attention {
+            kind,
+            batch: SymExpr::constant(1),
+            queries: SymExpr::constant(queries),
+            keys: SymExpr::constant(keys),
+            q_heads: 8,
+            kv_heads: 2,
+            head_dim,
+            scale: 0.177,
+            dtype: DType::BF16,
+        }
+    }
+
     /// Every launch binds every pointer parameter of its kernel to a program buffer, and
-    /// every scalar the kernel takes is given.
+    /// every scalar the kernel takes is given; at head_dim 128 and at the tiny presets'
+    /// head_dim 32 (prefill of 100 tokens, a decode chunk, decode, Quest).
     #[test]
     fn every_parameter_of_every_launch_is_bound() {
+        let quest = AttentionKind::Quest {
+            budget_tokens: 2048,
+            page_size: 16,
+        };
         let families = [
             attention(AttentionKind::CausalPrefill),
             attention(AttentionKind::Decode),
-            attention(AttentionKind::Quest {
-                budget_tokens: 2048,
-                page_size: 16,
-            }),
+            attention(quest),
             Family::KvAppend {
                 batch: SymExpr::constant(2),
                 new_tokens: SymExpr::constant(3),
                 capacity: SymExpr::constant(64),
                 kv_heads: 8,
                 head_dim: 128,
+                dtype: DType::BF16,
+            },
+            tiny(AttentionKind::CausalPrefill, 100, 100),
+            tiny(AttentionKind::Decode, 5, 256),
+            tiny(AttentionKind::Decode, 1, 256),
+            tiny(quest, 1, 256),
+            Family::KvAppend {
+                batch: SymExpr::constant(1),
+                new_tokens: SymExpr::constant(1),
+                capacity: SymExpr::constant(256),
+                kv_heads: 2,
+                head_dim: 32,
                 dtype: DType::BF16,
             },
         ];
@@ -636,6 +669,21 @@ mod tests {
             err.to_string().contains("multiple of the page size"),
             "{err}"
         );
+    }
+
+    /// A head_dim no generator takes has no program, and the error names it.
+    #[test]
+    fn an_unsupported_head_dim_is_refused_by_name() {
+        for kind in [AttentionKind::CausalPrefill, AttentionKind::Decode] {
+            let family = tiny_with(kind, 1, 256, 16);
+            let err = program(&family, &Bindings::new(), 132).unwrap_err();
+            assert!(matches!(err, ProgramError::Layout(_)), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("head_dim must be 32, 64 or 128, got 16"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
