@@ -16,8 +16,8 @@
 //! and KV head a few keys aligned with one query head of the group (score about 12: a
 //! peaked softmax, so a key read from the wrong page, slot or head shows in that row).
 //! Batches mix unequal lengths that are not multiples of the page size (length 1
-//! included); GQA groups 1, 4, 8 and 16; f16 and bf16; head_dim 64 and 128; page sizes 1
-//! to 64; split counts 1, the rule's and many (with empty splits); entry batches of more
+//! included); GQA groups 1, 4, 8 and 16; f16 and bf16; head_dim 32, 64 and 128; page sizes
+//! 1 to 256; split counts 1, the rule's and many (with empty splits); entry batches of more
 //! than one block's worth of pages; tuning off the defaults. Relative error ≤ 1e-2 per
 //! problem and ≤ 2e-2 per (sequence, head) row. The fused mode runs every problem twice in
 //! a row on the same (initially zeroed) merge counters, with a freshly poisoned output each
@@ -658,7 +658,7 @@ const LENS: [usize; 4] = [1, 17, 300, 1029];
 fn dense_sweep(dtype: DType, test: &str) {
     let device = device();
     let mut rng = rng(fresh_seed(test));
-    for head_dim in [64, 128] {
+    for head_dim in [32, 64, 128] {
         for (q_heads, kv_heads) in HEADS {
             let spec =
                 DecodeAttentionSpec::new(layout(dtype, q_heads, kv_heads, head_dim, 16), false);
@@ -725,11 +725,71 @@ fn decode_tuning_variants_match_interp() {
     check_sparse(&device, &spec, &problem, &selection, "random selection");
 }
 
+/// Head dim 32 on its own (the tiny presets: 4 lanes per K/V row, 128-token stages, merge
+/// groups of 8 threads): the tiny-llama and tiny-mixtral head counts dense and sparse in
+/// both dtypes, page sizes 1 (one 128-token stage takes a whole 128-entry batch) and 256,
+/// more pages per split than one entry batch holds (2100 tokens), and
+/// tuning off the defaults (one warp: a merge of 4 groups; 16 warps; 8 steps; 8 heads per
+/// block).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn decode_d32_matches_interp() {
+    let device = device();
+    let mut rng = rng(fresh_seed("decode_d32"));
+    for dtype in [DType::F16, DType::BF16] {
+        for (q_heads, kv_heads) in [(8, 2), (4, 2), (4, 4)] {
+            let l = layout(dtype, q_heads, kv_heads, 32, 16);
+            check_dense(
+                &device,
+                &DecodeAttentionSpec::new(l, false),
+                &LENS,
+                &mut rng,
+            );
+            let problem = Problem::random(l, &LENS, &mut rng);
+            let quest = problem.quest_selection(8);
+            let spec = DecodeAttentionSpec::new(l, true);
+            check_sparse(&device, &spec, &problem, &quest, "quest budget 8 pages");
+            let random = problem.random_selection(20, &mut rng);
+            check_sparse(&device, &spec, &problem, &random, "random selection");
+        }
+    }
+    let cases: [(PagedKv, &[usize]); 4] = [
+        (layout(DType::BF16, 8, 2, 32, 1), &[1, 63, 250]),
+        (layout(DType::F16, 8, 2, 32, 256), &[255, 257, 1]),
+        (layout(DType::F16, 8, 2, 32, 16), &[2100, 5]),
+        (layout(DType::BF16, 16, 2, 32, 4), &[600, 3, 77]),
+    ];
+    for (l, lens) in cases {
+        check_dense(&device, &DecodeAttentionSpec::new(l, false), lens, &mut rng);
+    }
+    let base = layout(DType::F16, 16, 2, 32, 16);
+    for (heads, warps, steps, stages) in [
+        (1, 1, 1, 2),
+        (4, 1, 8, 8),
+        (8, 4, 4, 4),
+        (2, 16, 1, 4),
+        (4, 4, 8, 3),
+    ] {
+        let spec = DecodeAttentionSpec::new(base, false).with_tuning(heads, warps, steps, stages);
+        check_dense(&device, &spec, &LENS, &mut rng);
+    }
+    let spec = DecodeAttentionSpec::new(base, true).with_tuning(2, 1, 4, 3);
+    let problem = Problem::random(base, &LENS, &mut rng);
+    let selection = problem.random_selection(12, &mut rng);
+    check_sparse(
+        &device,
+        &spec,
+        &problem,
+        &selection,
+        "random selection, one warp",
+    );
+}
+
 fn sparse_sweep(dtype: DType, test: &str) {
     let device = device();
     let mut rng = rng(fresh_seed(test));
     let lens = [1, 40, 700, 1500];
-    for head_dim in [64, 128] {
+    for head_dim in [32, 64, 128] {
         for (q_heads, kv_heads) in HEADS {
             let l = layout(dtype, q_heads, kv_heads, head_dim, 16);
             let spec = DecodeAttentionSpec::new(l, true);

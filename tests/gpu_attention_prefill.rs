@@ -10,7 +10,8 @@
 //! get a visible key aligned with them (a peaked softmax, so a key read from the wrong page,
 //! slot or head shows in that row). Batches mix unequal lengths that are not multiples of
 //! the page size or the tiles, chunked prefill (`q_lens < seq_lens`) and an empty sequence;
-//! GQA groups 1, 4 and 8; f16 and bf16; head_dim 64 and 128; every stock tile.
+//! GQA groups 1, 2, 4 and 8; f16 and bf16; head_dim 32, 64 and 128; every stock tile the
+//! layout allows (at head_dim 32 not 128 queries × 32 keys: one copy pass covers 64 rows).
 //! Relative error ≤ 1e-2 per sequence and ≤ 2e-2 per (query, head) row.
 //!
 //! Run on a GPU machine with
@@ -370,6 +371,26 @@ fn check(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize, test: &
     }
 }
 
+/// Head dim 32 (the tiny presets; 64-byte rows, swizzle key `(row >> 1) & 3`): tiny-llama's
+/// heads (GQA 4) in f16, tiny-mixtral's (GQA 2) in bf16, and multi-head.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn prefill_f16_d32_gqa4_matches_the_interpreter() {
+    check(DType::F16, 8, 2, 32, "prefill_f16_d32_group4");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn prefill_bf16_d32_gqa2_matches_the_interpreter() {
+    check(DType::BF16, 4, 2, 32, "prefill_bf16_d32_group2");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn prefill_bf16_d32_mha_matches_the_interpreter() {
+    check(DType::BF16, 4, 4, 32, "prefill_bf16_d32_group1");
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn prefill_f16_d64_mha_matches_the_interpreter() {
@@ -407,18 +428,18 @@ fn prefill_bf16_d128_mha_matches_the_interpreter() {
 }
 
 /// Page sizes at the extremes the layout allows (1 and 256, larger than every KV tile) and a
-/// page as large as the KV tile.
+/// page as large as the KV tile; the extremes at head_dim 32 too.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn prefill_extreme_page_sizes_match_the_interpreter() {
     let device = device();
     let mut rng = rng(fresh_seed("prefill_page_sizes"));
-    for page_size in [1, 64, 256] {
+    for (page_size, head_dim) in [(1, 128), (64, 128), (256, 128), (1, 32), (256, 32)] {
         let layout = PagedKv {
             dtype: DType::BF16,
             q_heads: 8,
             kv_heads: 2,
-            head_dim: 128,
+            head_dim,
             page_size,
             order: PageOrder::HeadMajor,
         };

@@ -10,7 +10,8 @@
 //! Outputs are poisoned (NaN) before a launch and NaN never passes; cache rows past a
 //! sequence's length hold NaN (attention: a garbage row read shows) or ±500 (page bounds:
 //! NaN would vanish in max / min, ±500 does not). Batches have unequal lengths that are not
-//! multiples of the page size; GQA 4 (8 query heads, 2 KV heads); f16 and bf16.
+//! multiples of the page size; GQA 4 (8 query heads, 2 KV heads); f16 and bf16; head_dim 32
+//! (the tiny presets) in every test, beside 64 and 128 (append, bounds) or 128 (attention).
 //!
 //! Run on a GPU machine with
 //! `cargo test --release --test gpu_dense_cache -- --ignored --nocapture`.
@@ -140,7 +141,7 @@ fn cache_append_matches_the_interpreter() {
     let mut rng = rng(fresh_seed("cache_append_matches_the_interpreter"));
     let (batch, capacity, new_tokens) = (3, 40, 5);
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
+        for head_dim in [32, 64, 128] {
             let spec = CacheAppendSpec {
                 dtype,
                 kv_heads: 2,
@@ -287,7 +288,7 @@ fn page_bounds_match_the_host_metadata() {
     let mut rng = rng(fresh_seed("page_bounds_match_the_host_metadata"));
     let capacity = 5 * PAGE_SIZE;
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
+        for head_dim in [32, 64, 128] {
             for order in [PageOrder::TokenMajor, PageOrder::HeadMajor] {
                 let layout = PagedKv {
                     order,
@@ -402,8 +403,13 @@ fn token_major_decode_matches_the_interpreter() {
     let capacity = 5 * PAGE_SIZE;
     let max_pages = capacity / PAGE_SIZE;
     let batch = lens.len();
-    for dtype in [DType::F16, DType::BF16] {
-        let layout = layout(dtype, 128);
+    for (dtype, head_dim) in [
+        (DType::F16, 128),
+        (DType::BF16, 128),
+        (DType::F16, 32),
+        (DType::BF16, 32),
+    ] {
+        let layout = layout(dtype, head_dim);
         let (q_heads, d) = (layout.q_heads, layout.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
         let [(k_cache, k_reference), (v_cache, v_reference)] =
@@ -492,8 +498,13 @@ fn token_major_prefill_matches_the_interpreter() {
     let lens = [(37usize, 37usize), (20, 70)];
     let batch = lens.len();
     let max_q = 40;
-    for dtype in [DType::F16, DType::BF16] {
-        let layout = layout(dtype, 128);
+    for (dtype, head_dim) in [
+        (DType::F16, 128),
+        (DType::BF16, 128),
+        (DType::F16, 32),
+        (DType::BF16, 32),
+    ] {
+        let layout = layout(dtype, head_dim);
         let (q_heads, d) = (layout.q_heads, layout.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
         let seq_lens: Vec<usize> = lens.iter().map(|l| l.1).collect();

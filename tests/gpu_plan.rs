@@ -2,11 +2,11 @@
 //! presets. Both run the same compiled (rewritten) prefill and decode plans; on `cuda` the
 //! linear, RMSNorm, RoPE, elementwise, KV-append and attention kernels are generated PTX and
 //! the rest runs on the host with the plan's transfers. The tiny presets have head_dim 32,
-//! which the attention generators do not take (their attention stays on the host); the
-//! `_d64` / `_d128` variants widen the heads so that prefill, decode and Quest attention run
-//! on the GPU with the KV cache resident there, checked against the CPU plan (whose
-//! attention is `ir::interp`, Quest included). Every test needs a CUDA device: run with
-//! `cargo test --test gpu_plan -- --ignored` on the GPU machine.
+//! which the attention generators take, so their prefill, decode and Quest attention run on
+//! the GPU as they are (the `_d32` tests: a 100- or 300-token prompt with the KV cache
+//! resident on the device); the `_d64` / `_d128` variants widen the heads. Each is checked
+//! against the CPU plan (whose attention is `ir::interp`, Quest included). Every test needs
+//! a CUDA device: run with `cargo test --test gpu_plan -- --ignored` on the GPU machine.
 //!
 //! The tiny presets are f32; the GPU generators take f16 and bf16, so the presets run here
 //! in those dtypes (`kiln run --dtype`). Tokens must agree at every step, except at a tie: a
@@ -260,6 +260,24 @@ const LONG: Case = Case {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn tiny_llama_d32_f16_attention_on_the_gpu_matches_cpu() {
+    cuda_matches_cpu_with("tiny-llama", DType::F16, None, LONG);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tiny_llama_d32_bf16_attention_on_the_gpu_matches_cpu() {
+    cuda_matches_cpu_with("tiny-llama", DType::BF16, None, LONG);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tiny_mixtral_d32_f16_attention_on_the_gpu_matches_cpu() {
+    cuda_matches_cpu_with("tiny-mixtral", DType::F16, None, LONG);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn tiny_llama_d128_f16_attention_on_the_gpu_matches_cpu() {
     cuda_matches_cpu_with("tiny-llama", DType::F16, Some(128), LONG);
 }
@@ -297,6 +315,23 @@ fn tiny_llama_d128_f16_quest_covering_budget_matches_cpu() {
     cuda_matches_cpu_with("tiny-llama", DType::F16, Some(128), case);
 }
 
+/// The same at the preset's head_dim 32.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tiny_llama_d32_f16_quest_covering_budget_matches_cpu() {
+    let case = Case {
+        prompt_len: 300,
+        quest: Some(QuestOptions {
+            budget_tokens: 512,
+            page_size: 16,
+            skip_layers: 1,
+        }),
+        cache_on_device: true,
+        strict_steps: NEW_TOKENS,
+    };
+    cuda_matches_cpu_with("tiny-llama", DType::F16, None, case);
+}
+
 /// Quest with a 64-token budget (4 of about 20 pages) in a model plan: the prefill logits
 /// must agree with the CPU plan and every decode step must give finite logits; the per-step
 /// differences are printed (see [`Case::strict_steps`] for why they are not asserted).
@@ -316,6 +351,24 @@ fn tiny_llama_d128_f16_quest_sparse_runs_on_the_gpu() {
     cuda_matches_cpu_with("tiny-llama", DType::F16, Some(128), case);
 }
 
+/// Quest with a 64-token budget at the preset's head_dim 32: as
+/// `tiny_llama_d128_f16_quest_sparse_runs_on_the_gpu`, prefill logits compared strictly.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tiny_llama_d32_f16_quest_sparse_runs_on_the_gpu() {
+    let case = Case {
+        prompt_len: 300,
+        quest: Some(QuestOptions {
+            budget_tokens: 64,
+            page_size: 16,
+            skip_layers: 1,
+        }),
+        cache_on_device: true,
+        strict_steps: 1,
+    };
+    cuda_matches_cpu_with("tiny-llama", DType::F16, None, case);
+}
+
 /// The Quest attention program on its own, call after call, against `ir::interp` on the
 /// same inputs: a one-layer graph `KvAppend(k), KvAppend(v), QuestAttentionDecode` with the
 /// KV cache kept on the device. With identical inputs the page selection is bit-identical
@@ -327,6 +380,17 @@ fn tiny_llama_d128_f16_quest_sparse_runs_on_the_gpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn quest_attention_program_matches_the_interpreter_call_after_call() {
+    quest_program_call_after_call(128);
+}
+
+/// The same at the tiny presets' head_dim 32.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn quest_attention_program_d32_matches_the_interpreter_call_after_call() {
+    quest_program_call_after_call(32);
+}
+
+fn quest_program_call_after_call(d: usize) {
     use kiln::ir::graph::Graph;
     use kiln::ir::interp;
     use kiln::ir::op::{InputKind, Op};
@@ -338,7 +402,7 @@ fn quest_attention_program_matches_the_interpreter_call_after_call() {
     use std::collections::HashMap;
     use std::sync::Arc;
 
-    let (batch, capacity, q_heads, kv_heads, d) = (2usize, 256usize, 8usize, 2usize, 128usize);
+    let (batch, capacity, q_heads, kv_heads) = (2usize, 256usize, 8usize, 2usize);
     let dtype = DType::F16;
     let scale = 1.0 / (d as f32).sqrt();
     let mut g = Graph::new("quest_layer");
@@ -392,7 +456,7 @@ fn quest_attention_program_matches_the_interpreter_call_after_call() {
     let store = DeviceState::default();
     executor.keep_state_on_device(store.clone()).unwrap();
 
-    let mut rng = common::rng(common::fresh_seed("quest_attention_program"));
+    let mut rng = common::rng(common::fresh_seed(&format!("quest_attention_program_d{d}")));
     let mut lens = [157usize, 200];
     let mut caches = HashMap::new();
     for name in ["k_cache", "v_cache"] {

@@ -10,7 +10,7 @@
 //! f32 order), selections entry for entry. Any NaN fails. Batches mix unequal lengths that are
 //! not multiples of the page size; decode steps append into partial pages and open fresh
 //! ones; pages of a freed sequence are reused; GQA groups 1, 4 and 8, f16 and bf16, head_dim
-//! 64 and 128.
+//! 32, 64 and 128.
 
 mod common;
 
@@ -45,11 +45,12 @@ fn layout(dtype: DType, q_heads: usize, kv_heads: usize, head_dim: usize) -> Pag
     }
 }
 
-/// f16 and bf16 × head_dim 64 and 128 × GQA groups 1, 4 and 8 (one case with one KV head).
+/// f16 and bf16 × head_dim 32, 64 and 128 × GQA groups 1, 4 and 8 (one case with one KV
+/// head); GQA 4 with 2 KV heads at d 32 is the tiny-llama preset.
 fn layouts() -> Vec<PagedKv> {
     let mut all = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [64, 128] {
+        for head_dim in [32, 64, 128] {
             for (q_heads, kv_heads) in [(2, 2), (8, 2), (8, 1)] {
                 all.push(layout(dtype, q_heads, kv_heads, head_dim));
             }
@@ -443,6 +444,8 @@ fn estimate_matches_group_scores() {
     check_estimate(&device, long, &[32768], 0, &mut rng);
     let long = layout(DType::BF16, 64, 8, 64);
     check_estimate(&device, long, &[32768 - 5, 100], 1, &mut rng);
+    let long = layout(DType::F16, 8, 2, 32);
+    check_estimate(&device, long, &[32768, 7], 2, &mut rng);
 }
 
 /// Fills the metadata from host keys (sequences grown in turns, so their pages interleave;
