@@ -63,6 +63,50 @@ fn a_gpu_artifact_has_the_kernels_of_every_prompt_length() {
     );
 }
 
+/// The tiny presets have head_dim 32, which the attention generators take: a GPU artifact
+/// places every attention and KV-append step on the GPU (none falls back to the host) and
+/// holds their head_dim-32 kernels.
+#[test]
+fn the_tiny_presets_head_dim_32_attention_is_placed_on_the_gpu() {
+    use kiln_ir::schedule::{Device, Family};
+    let config = tiny_llama_bf16();
+    assert_eq!(config.head_dim, 32);
+    let artifact = Artifact::compile(&config, &ArtifactOptions::default()).unwrap();
+    for phase in [Phase::Prefill, Phase::Decode] {
+        let steps: Vec<_> = artifact
+            .plan(phase)
+            .kernels
+            .iter()
+            .filter(|k| matches!(k.family, Family::Attention { .. } | Family::KvAppend { .. }))
+            .collect();
+        assert!(
+            steps.len() >= 2,
+            "{phase:?}: {} attention steps",
+            steps.len()
+        );
+        for step in steps {
+            assert_eq!(step.device, Device::Gpu, "{phase:?}: {}", step.name);
+        }
+    }
+    let entries: Vec<&str> = artifact
+        .manifest
+        .kernels
+        .iter()
+        .map(|k| k.entry.as_str())
+        .collect();
+    for entry in [
+        "prefill_attention_bf16_q8_kv2_d32",
+        "attention_decode_dense_bf16_q8_kv2_d32",
+        "attention_decode_merge_bf16_q8_d32",
+        "cache_append_bf16_kv2_d32",
+    ] {
+        assert!(
+            entries.iter().any(|e| e.starts_with(entry)),
+            "{entry}: {entries:?}"
+        );
+    }
+}
+
 #[test]
 fn a_cpu_target_places_every_step_on_the_host() {
     let options = ArtifactOptions {

@@ -49,7 +49,7 @@ pub struct CacheAppendSpec {
     /// f16 or bf16.
     pub dtype: DType,
     pub kv_heads: usize,
-    /// A positive multiple of 8 (64 and 128 in practice).
+    /// A positive multiple of 8 (32, 64 and 128 in practice: the paged layouts').
     pub head_dim: usize,
 }
 

@@ -88,8 +88,9 @@ impl PrefillTile {
     /// The default for `head_dim`: 64 queries (4 warps), registers capped so that three
     /// blocks (12 warps) share an SM — independent blocks hide each other's barrier and
     /// softmax stalls, which one 8-warp block cannot. KV tiles of 64 keys at head_dim 64
-    /// (32 KiB of shared memory per block) and of 32 at head_dim 128 (32 KiB; 64-key tiles
-    /// need a few registers more than the 168 that three blocks leave, and spill).
+    /// (32 KiB of shared memory per block) and 32 (16 KiB), and of 32 at head_dim 128
+    /// (32 KiB; 64-key tiles need a few registers more than the 168 that three blocks leave,
+    /// and spill).
     pub fn h100(head_dim: usize) -> PrefillTile {
         PrefillTile {
             block_q: 64,
