@@ -294,12 +294,14 @@ fn run(args: RunArgs) -> Result<()> {
             let (p_gpu, p_cpu, d_gpu, d_cpu) = runner.placement;
             let (prefill_stats, decode_stats) = runner.stats();
             let mut ran_on = format!(
-                "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu steps, decode {d_gpu} gpu + {d_cpu} cpu; {} host step runs, all on Cranelift kernels and the runtime's copies; GPU steps bound {} times to the artifact's {} kernels, {} generated at run time; KV cache of {} tokens on the {}",
+                "compiled plans on {}; prefill {p_gpu} gpu + {p_cpu} cpu steps, decode {d_gpu} gpu + {d_cpu} cpu; {} host step runs, all on Cranelift kernels and the runtime's copies; GPU steps bound {} times to the artifact's {} kernels, {} generated at run time; GPU step runs: {} as recorded in the launch tables, {} derived; KV cache of {} tokens on the {}",
                 runner.device,
                 prefill_stats.cpu_kernels + decode_stats.cpu_kernels,
                 prefill_stats.kernels_loaded + decode_stats.kernels_loaded,
                 runner.artifact_kernels,
                 prefill_stats.kernels_generated + decode_stats.kernels_generated,
+                prefill_stats.steps_recorded + decode_stats.steps_recorded,
+                prefill_stats.steps_derived + decode_stats.steps_derived,
                 runner.capacity,
                 if runner.state_on_device { "device" } else { "host" }
             );

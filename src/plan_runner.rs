@@ -6,7 +6,7 @@
 //! path: [`PlanRunner::from_artifact`] runs a loaded artifact directory, and
 //! [`PlanRunner::new`] compiles an artifact in memory (target: the opened device, or `cpu`)
 //! and runs it the same way. A `cpu` artifact has no GPU steps (every kernel on the host,
-//! through the interpreter until the Cranelift CPU kernels land); a GPU artifact runs the
+//! on its Cranelift kernels and the runtime's copies); a GPU artifact runs the
 //! generated kernels and the rest on the host with the plan's transfers. With Quest options
 //! both phases compile with the Quest pass (it changes only the decode plan).
 //!
@@ -203,8 +203,10 @@ impl PlanRunner {
                 .with_context(|| format!("loading the {} plan of {origin}", phase.name()))?
                 .with_kernels(kernels.clone())
                 .with_cpu_steps(artifact.cpu_steps(phase))
+                .with_context(|| format!("compiling the CPU kernels of the {} plan", phase.name()))?
+                .with_launch_tables(artifact.phase(phase).launch_tables.clone())
                 .with_context(|| {
-                    format!("compiling the CPU kernels of the {} plan", phase.name())
+                    format!("taking the launch tables of the {} plan", phase.name())
                 })?;
             executors.push(executor);
         }

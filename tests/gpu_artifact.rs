@@ -34,8 +34,14 @@ fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
     for (preset, prompt_len) in [("tiny-llama", 5), ("tiny-mixtral", 37)] {
         let mut config = ModelConfig::preset(preset).unwrap();
         config.dtype = DType::BF16;
+        let prompt: Vec<i32> = (0..prompt_len).map(|i| (i * 37 + 5) % 500).collect();
+        let capacity = prompt.len() + 17;
+        // Compiled for the run's sizes (the runner rounds the capacity up to 256 tokens), so
+        // every GPU step runs its launches as recorded in plan.json.
         let options = ArtifactOptions {
             target: target.clone(),
+            prompt_len: prompt.len(),
+            context: capacity.next_multiple_of(kiln::plan_runner::CAPACITY_ALIGNMENT),
             ..ArtifactOptions::default()
         };
         let root = tempfile::tempdir().unwrap();
@@ -47,8 +53,6 @@ fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
         let artifact = Artifact::load(&dir).unwrap();
         let weights =
             load_expected_weights(&artifact.expected_weights(), preset, None, 11).unwrap();
-        let prompt: Vec<i32> = (0..prompt_len).map(|i| (i * 37 + 5) % 500).collect();
-        let capacity = prompt.len() + 17;
 
         let mut loaded =
             PlanRunner::from_artifact(&artifact, &weights, 0, capacity, dir.display().to_string())
@@ -59,6 +63,8 @@ fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
         assert_eq!(prefill.kernels_generated + decode.kernels_generated, 0);
         assert!(prefill.kernels_loaded > 0 && decode.kernels_loaded > 0);
         assert!(prefill.gpu_launches > 0 && decode.gpu_launches > 0);
+        assert_eq!(prefill.steps_derived + decode.steps_derived, 0, "{preset}");
+        assert!(prefill.steps_recorded > 0 && decode.steps_recorded > 0);
 
         // Profiling was on for the artifact's run: every GPU step of each plan has one
         // positive device time per call.
@@ -94,6 +100,32 @@ fn an_artifact_runs_its_own_kernels_and_matches_the_in_memory_compile() {
         .unwrap();
         let compiled_here = generate_with(&mut in_memory, &config, &prompt);
         assert_eq!(from_artifact.tokens, compiled_here.tokens, "{preset}");
+        let (prefill_here, decode_here) = in_memory.stats();
+        assert_eq!(prefill_here.steps_derived + decode_here.steps_derived, 0);
+
+        // A cache the artifact has no launch table for: the launches are derived from the
+        // plan (same kernels, other sizes: the decode splits follow the cache), and the
+        // logits agree (not bit for bit: the splits sum in another order).
+        let mut larger = PlanRunner::from_artifact(
+            &artifact,
+            &weights,
+            0,
+            capacity + 300,
+            dir.display().to_string(),
+        )
+        .unwrap();
+        let other_capacity = generate_with(&mut larger, &config, &prompt);
+        let (_, decode_larger) = larger.stats();
+        assert!(decode_larger.steps_derived > 0 && decode_larger.steps_recorded == 0);
+        for (a, b) in other_capacity.step_logits[0]
+            .iter()
+            .zip(&from_artifact.step_logits[0])
+        {
+            assert!(
+                a.is_finite() && (a - b).abs() <= 2e-2 * (1.0 + b.abs()),
+                "{preset}: {a} vs {b}"
+            );
+        }
         for logits in &from_artifact.step_logits {
             assert!(logits.iter().all(|x| x.is_finite()), "{preset}");
         }

@@ -6,8 +6,10 @@
 //! DIR/plan.json            the manifest (a [`Manifest`]): schema_version, kiln_version, target,
 //!                          model, the shapes it was compiled for, weights by name and type,
 //!                          the prefill and decode plans (buffers, steps, transfers, memory),
-//!                          and every GPU kernel by spec key (file, sha256, parameters,
-//!                          launch rule)
+//!                          each plan's launch tables (every GPU step's launches for the
+//!                          compiled sizes: kernel by spec key, parameter → buffer bindings,
+//!                          scalars), the host steps' Cranelift kernels, and every GPU kernel
+//!                          by spec key (file, sha256, parameters, launch rule)
 //! DIR/kernels/<entry>.ptx  one PTX file per distinct GPU kernel
 //! DIR/report.txt           the human report of both phases
 //! ```
@@ -15,8 +17,8 @@
 //! [`Artifact::compile`] builds one in memory (both phases, kernels for every prompt length
 //! class); [`Artifact::write`] writes it atomically (a temporary directory beside the target,
 //! renamed into place once complete); [`Artifact::load`] reads it back and checks it: the
-//! schema and kiln versions first, then the JSON, the plans' buffer references, and every
-//! kernel file against its digest. Every failure names the file and the field. The runtime
+//! schema and kiln versions first, then the JSON, the plans' buffer references, the launch
+//! tables against the plans and the kernel list, and every kernel file against its digest. Every failure names the file and the field. The runtime
 //! runs an artifact's plans with its kernels and never generates one. This module must not
 //! touch a device.
 //!
@@ -42,6 +44,7 @@ use kiln_ir::quest::QuestOptions;
 use kiln_ir::schedule::{BufferKind, Schedule};
 use kiln_ir::shape::Bindings;
 use kiln_kernels::cpu_step::{cpu_step, CpuStep};
+use kiln_kernels::step_launches::{step_launches, LaunchTable, StepBuffer};
 use kiln_models::{ModelConfig, Phase};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -95,9 +98,14 @@ pub struct WeightEntry {
 pub struct PhasePlan {
     pub phase: Phase,
     pub plan: Schedule,
-    /// The Cranelift kernels of each host step, by kernel index (`None` for GPU steps and
-    /// for host steps that run on the reference interpreter); compiled by the runtime at load.
+    /// The Cranelift kernels of each host step, by kernel index (`None` for GPU steps);
+    /// compiled by the runtime at load.
     pub cpu_steps: Vec<Option<CpuStep>>,
+    /// The launches of every GPU step (kernel by spec key, argument bindings, scalars), for
+    /// the sizes the artifact was compiled for: one table for decode, one per prompt-length
+    /// class and the compiled prompt length for prefill. The runtime runs these as recorded
+    /// when a call has a table's sizes.
+    pub launch_tables: Vec<LaunchTable>,
 }
 
 /// One GPU kernel: its PTX file and everything the runtime needs to launch it.
@@ -204,10 +212,12 @@ impl Artifact {
                     kiln_ir::schedule::Device::Gpu => None,
                 })
                 .collect();
+            let launch_tables = launch_tables(&compiled.plan, phase, options)?;
             phases.push(PhasePlan {
                 phase,
                 plan: compiled.plan,
                 cpu_steps,
+                launch_tables,
             });
         }
         let mut ptx: BTreeMap<String, String> = BTreeMap::new();
@@ -455,6 +465,157 @@ impl Artifact {
     }
 }
 
+/// The sizes a phase's launch tables are recorded for: decode at the compiled batch and
+/// context; prefill at the compiled prompt length and at each prompt length where the
+/// linear kernels change (`Lowering::linear_row_classes`), which are the lengths the
+/// artifact's kernels were generated for. Only the symbols the plan's buffers use are bound,
+/// as the runtime binds them from a call's tensors.
+fn table_bindings(plan: &Schedule, phase: Phase, options: &ArtifactOptions) -> Vec<Bindings> {
+    let mut symbols = std::collections::BTreeSet::new();
+    for buffer in &plan.buffers {
+        for dim in buffer.shape.dims() {
+            if let kiln_ir::shape::Dim::Sym(name) = dim {
+                symbols.insert(name.clone());
+            }
+        }
+    }
+    let base = |seq: usize| {
+        let mut bindings = Bindings::new();
+        for (name, value) in [
+            ("batch", options.batch.max(1)),
+            ("seq", seq),
+            ("ctx", options.context.max(1)),
+        ] {
+            if symbols.contains(name) {
+                bindings.set(name, value);
+            }
+        }
+        bindings
+    };
+    let mut lengths = vec![options.prompt_len.max(1)];
+    if phase == Phase::Prefill && symbols.contains("seq") {
+        lengths.extend(kiln_kernels::lower::Lowering::linear_row_classes());
+        lengths.sort_unstable();
+        lengths.dedup();
+    }
+    lengths.into_iter().map(base).collect()
+}
+
+/// The launch tables of one phase (see [`PhasePlan::launch_tables`]).
+fn launch_tables(
+    plan: &Schedule,
+    phase: Phase,
+    options: &ArtifactOptions,
+) -> Result<Vec<LaunchTable>, CompileError> {
+    let sm_count = options.target.sm_count_or_default();
+    table_bindings(plan, phase, options)
+        .into_iter()
+        .map(|bindings| {
+            let steps = plan
+                .kernels
+                .iter()
+                .map(|kernel| match kernel.device {
+                    kiln_ir::schedule::Device::Cpu => Ok(None),
+                    kiln_ir::schedule::Device::Gpu => {
+                        step_launches(&kernel.family, &bindings, sm_count)
+                            .map(|derived| Some(derived.launches))
+                            .map_err(|source| CompileError::Kernel {
+                                kernel: kernel.name.clone(),
+                                message: format!("no launches for {bindings:?}: {source}"),
+                            })
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(LaunchTable { bindings, steps })
+        })
+        .collect()
+}
+
+/// The launch tables of phase `p` against its plan and the artifact's kernels: one entry per
+/// step, launches exactly for the GPU steps, every kernel key listed, every parameter bound
+/// to a declared buffer, operand and result indices in range.
+fn check_launch_tables(
+    p: usize,
+    phase: &PhasePlan,
+    kernel_keys: &std::collections::BTreeSet<&str>,
+    invalid: &dyn Fn(String, String) -> ArtifactError,
+) -> Result<(), ArtifactError> {
+    let plan = &phase.plan;
+    for (t, table) in phase.launch_tables.iter().enumerate() {
+        let at = format!("phases[{p}].launch_tables[{t}]");
+        if table.steps.len() != plan.kernels.len() {
+            return Err(invalid(
+                format!("{at}.steps"),
+                format!(
+                    "{} entries for {} kernels",
+                    table.steps.len(),
+                    plan.kernels.len()
+                ),
+            ));
+        }
+        for (k, (kernel, step)) in plan.kernels.iter().zip(&table.steps).enumerate() {
+            let at = format!("{at}.steps[{k}]");
+            let on_gpu = kernel.device == kiln_ir::schedule::Device::Gpu;
+            let step = match (step, on_gpu) {
+                (None, false) => continue,
+                (Some(step), true) => step,
+                (None, true) => {
+                    return Err(invalid(
+                        at,
+                        format!("no launches for {}, which runs on the GPU", kernel.name),
+                    ))
+                }
+                (Some(_), false) => {
+                    return Err(invalid(
+                        at,
+                        format!("launches for {}, which runs on the host", kernel.name),
+                    ))
+                }
+            };
+            for (name, buffer) in &step.buffers {
+                let (index, count, list) = match buffer {
+                    StepBuffer::Operand { index } => (*index, kernel.inputs.len(), "operands"),
+                    StepBuffer::Result { index } => (*index, kernel.outputs.len(), "results"),
+                    _ => continue,
+                };
+                if index >= count {
+                    return Err(invalid(
+                        format!("{at}.buffers.{name}"),
+                        format!("{list} index {index}, but {} has {count}", kernel.name),
+                    ));
+                }
+            }
+            for (l, launch) in step.launches.iter().enumerate() {
+                if !kernel_keys.contains(launch.kernel.as_str()) {
+                    return Err(invalid(
+                        format!("{at}.launches[{l}].kernel"),
+                        format!("`{}` is not in the artifact's kernels", launch.kernel),
+                    ));
+                }
+                if let Some(bad) = launch
+                    .buffers
+                    .iter()
+                    .find(|b| !step.buffers.contains_key(&b.buffer))
+                {
+                    return Err(invalid(
+                        format!("{at}.launches[{l}].buffers.{}", bad.param),
+                        format!("buffer `{}` is not declared by the step", bad.buffer),
+                    ));
+                }
+            }
+            if let Some(refresh) = step.bounds_refresh {
+                if refresh.launch >= step.launches.len() {
+                    return Err(invalid(
+                        format!("{at}.bounds_refresh.launch"),
+                        format!("launch {} of {}", refresh.launch, step.launches.len()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What serde cannot check: both phases present once, buffer references in range, kernel
 /// files inside the artifact and every GPU step's kernels listed.
 fn check_manifest(path: &Path, manifest: &Manifest) -> Result<(), ArtifactError> {
@@ -472,6 +633,8 @@ fn check_manifest(path: &Path, manifest: &Manifest) -> Result<(), ArtifactError>
             ));
         }
     }
+    let kernel_keys: std::collections::BTreeSet<&str> =
+        manifest.kernels.iter().map(|k| k.key.as_str()).collect();
     for (p, phase) in manifest.phases.iter().enumerate() {
         let plan = &phase.plan;
         let buffers = plan.buffers.len();
@@ -531,6 +694,7 @@ fn check_manifest(path: &Path, manifest: &Manifest) -> Result<(), ArtifactError>
                 ));
             }
         }
+        check_launch_tables(p, phase, &kernel_keys, &invalid)?;
         for (index, named) in plan.outputs.iter().enumerate() {
             if named.buffer >= buffers {
                 return Err(invalid(

@@ -242,3 +242,147 @@ fn a_missing_or_edited_kernel_file_is_refused() {
     let err = refused(&dir, &[&first.file]);
     assert!(matches!(err, ArtifactError::Io { .. }));
 }
+
+/// The first GPU step of the decode plan and its index.
+fn first_gpu_step(artifact: &Artifact) -> usize {
+    artifact
+        .plan(Phase::Decode)
+        .kernels
+        .iter()
+        .position(|k| k.device == kiln_ir::schedule::Device::Gpu)
+        .expect("a GPU artifact has GPU steps")
+}
+
+#[test]
+fn launch_tables_record_every_gpu_step_for_the_compiled_sizes() {
+    let (_root, _dir, artifact) = written("sm_90");
+    let keys: std::collections::BTreeSet<&str> = artifact
+        .manifest
+        .kernels
+        .iter()
+        .map(|k| k.key.as_str())
+        .collect();
+    let decode = &artifact.phase(Phase::Decode).launch_tables;
+    assert_eq!(decode.len(), 1, "decode has one set of sizes");
+    assert_eq!(
+        decode[0].bindings,
+        Bindings::from_pairs(&[("batch", 1), ("ctx", 4096)])
+    );
+    let prefill = &artifact.phase(Phase::Prefill).launch_tables;
+    let lengths: Vec<usize> = prefill
+        .iter()
+        .map(|t| t.bindings.get("seq").unwrap())
+        .collect();
+    assert!(
+        lengths.contains(&1) && lengths.contains(&128),
+        "{lengths:?}"
+    );
+    for phase in [Phase::Prefill, Phase::Decode] {
+        let plan = artifact.plan(phase);
+        for table in &artifact.phase(phase).launch_tables {
+            for (kernel, step) in plan.kernels.iter().zip(&table.steps) {
+                let on_gpu = kernel.device == kiln_ir::schedule::Device::Gpu;
+                assert_eq!(step.is_some(), on_gpu, "{}", kernel.name);
+                let Some(step) = step else { continue };
+                assert!(!step.launches.is_empty(), "{}", kernel.name);
+                for launch in &step.launches {
+                    assert!(keys.contains(launch.kernel.as_str()), "{}", launch.kernel);
+                    // Every operand and result of the step is bound by some launch.
+                    for binding in &launch.buffers {
+                        assert!(step.buffers.contains_key(&binding.buffer));
+                    }
+                }
+                let bound: std::collections::BTreeSet<_> = step
+                    .launches
+                    .iter()
+                    .flat_map(|l| &l.buffers)
+                    .filter_map(|b| match step.buffers[&b.buffer] {
+                        kiln_kernels::step_launches::StepBuffer::Operand { index } => {
+                            Some((0, index))
+                        }
+                        kiln_kernels::step_launches::StepBuffer::Result { index } => {
+                            Some((1, index))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let expected: std::collections::BTreeSet<_> = (0..kernel.inputs.len())
+                    .map(|i| (0, i))
+                    .chain((0..kernel.outputs.len()).map(|i| (1, i)))
+                    .collect();
+                // A KV append's result is its cache operand's memory, not a parameter.
+                let expected: std::collections::BTreeSet<_> =
+                    if matches!(kernel.family, kiln_ir::schedule::Family::KvAppend { .. }) {
+                        expected
+                            .into_iter()
+                            .filter(|&(list, _)| list == 0)
+                            .collect()
+                    } else {
+                        expected
+                    };
+                assert!(
+                    expected.is_subset(&bound),
+                    "{}: operands and results {expected:?}, bound {bound:?}",
+                    kernel.name
+                );
+            }
+        }
+    }
+    // The decode split count is the target's: a device of 4 SMs records other launches.
+    let options = ArtifactOptions {
+        target: Target::of_device("small", (9, 0), 4).unwrap(),
+        ..ArtifactOptions::default()
+    };
+    let small = Artifact::compile(&tiny_llama_bf16(), &options).unwrap();
+    assert_ne!(
+        small.phase(Phase::Decode).launch_tables,
+        artifact.phase(Phase::Decode).launch_tables
+    );
+}
+
+#[test]
+fn edited_launch_tables_are_refused_with_the_field() {
+    let (_root, dir, artifact) = written("sm_90");
+    let k = first_gpu_step(&artifact);
+    let step = format!("phases[1].launch_tables[0].steps[{k}]");
+    edit_plan(&dir, |v| {
+        v["phases"][1]["launch_tables"][0]["steps"][k]["launches"][0]["kernel"] =
+            "Gemv(NotASpec)".into()
+    });
+    refused(
+        &dir,
+        &[
+            "plan.json",
+            &format!("{step}.launches[0].kernel"),
+            "Gemv(NotASpec)",
+        ],
+    );
+
+    let (_root, dir, _) = written("sm_90");
+    edit_plan(&dir, |v| {
+        v["phases"][1]["launch_tables"][0]["steps"][k] = serde_json::Value::Null
+    });
+    refused(&dir, &[&step, "no launches", "runs on the GPU"]);
+
+    let (_root, dir, _) = written("sm_90");
+    edit_plan(&dir, |v| {
+        v["phases"][1]["launch_tables"][0]["steps"][k]["buffers"]["x"]["index"] = 7.into()
+    });
+    refused(&dir, &[&format!("{step}.buffers.x"), "operands index 7"]);
+
+    let (_root, dir, _) = written("sm_90");
+    edit_plan(&dir, |v| {
+        v["phases"][1]["launch_tables"][0]["steps"][k]["launches"][0]["buffers"][0]["buffer"] =
+            "nowhere".into()
+    });
+    refused(&dir, &[&format!("{step}.launches[0].buffers"), "`nowhere`"]);
+
+    let (_root, dir, _) = written("sm_90");
+    edit_plan(&dir, |v| {
+        v["phases"][1]["launch_tables"][0]["steps"]
+            .as_array_mut()
+            .unwrap()
+            .pop();
+    });
+    refused(&dir, &["phases[1].launch_tables[0].steps", "entries for"]);
+}

@@ -87,8 +87,9 @@ pub enum KernelSpec {
     Elementwise(ElementwiseSpec),
 }
 
-/// A scalar kernel argument.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// A scalar kernel argument (in JSON: `{"u32": 7}` or `{"f32": 1e-6}`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Scalar {
     U32(u32),
     F32(f32),

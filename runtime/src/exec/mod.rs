@@ -9,17 +9,19 @@
 //!    when a larger layout needs it. Inputs, state and outputs get buffers of their own;
 //!    weights, constants and load-time values are uploaded once ([`DeviceWeights`], shared by
 //!    the executors of one model, such as its prefill and decode plans).
-//! 3. **Kernels** run in plan order: a GPU kernel's spec for the call's bindings comes from
-//!    `kiln_kernels::lower`, and its PTX from the executor's [`KernelSource`]: generated in
-//!    this process, or taken from a compiled artifact's prebuilt kernels (never generated:
-//!    a spec the artifact lacks is an error). Each distinct spec is loaded once, its operands
-//!    bound to the kernel's parameters by name. A CPU kernel runs the Cranelift kernels of its
-//!    step (`kiln_kernels::cpu_step`, compiled when the executor is made, or the artifact's)
-//!    and the runtime's copies (`host.rs`); a host step without CPU kernels is an error when the
-//!    executor is made, and nothing is interpreted. The executor never sees the graph. The
-//!    plan's transfers move values between host and device before the kernel that needs them.
-//!    Attention and KV append run as programs of several launches (`program.rs`); KV
-//!    append writes its cache in place.
+//! 3. **Kernels** run in plan order. A GPU step is a list of launches (`gpu_step.rs`): as
+//!    recorded in a compiled artifact's launch tables when the call has a table's sizes, or
+//!    derived from the step's family by `kiln_kernels::step_launches` (one launch for a
+//!    single-kernel family, a program of several for attention and KV append, which writes
+//!    its cache in place). Each launch's PTX comes from the executor's [`KernelSource`]:
+//!    generated in this process, or taken from a compiled artifact's prebuilt kernels (never
+//!    generated: a spec the artifact lacks is an error). Each distinct spec is loaded once,
+//!    its operands bound to the kernel's parameters by name. A CPU kernel runs the Cranelift
+//!    kernels of its step (`kiln_kernels::cpu_step`, compiled when the executor is made, or
+//!    the artifact's) and the runtime's copies (`host.rs`); a host step without CPU kernels
+//!    is an error when the executor is made, and nothing is interpreted. The executor never
+//!    sees the graph. The plan's transfers move values between host and device before the
+//!    kernel that needs them.
 //! 4. **Outputs** are copied to the host and returned by name. With a [`DeviceState`]
 //!    ([`Executor::keep_state_on_device`]) the state (the KV caches) stays on the device:
 //!    a state input the call does not pass is read from the store, and a state output is
@@ -31,8 +33,8 @@
 //! itself: it asks `kiln-kernels` for it.
 
 mod error;
+mod gpu_step;
 mod host;
-mod program;
 mod state;
 mod storage;
 
@@ -41,7 +43,7 @@ pub use error::ExecError;
 pub use state::DeviceState;
 pub use storage::{elem_type, tensor_bytes, tensor_from_bytes, DeviceSlot};
 
-use crate::cuda::{Arg, Args, CudaDevice, DeviceBuffer, DeviceTensor, LoadedKernel};
+use crate::cuda::{CudaDevice, DeviceBuffer, DeviceTensor, LoadedKernel};
 use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::graph::TensorType;
 use kiln_ir::schedule::memory::MemoryPlan;
@@ -49,7 +51,8 @@ use kiln_ir::schedule::{BufferId, BufferKind, Device, Pass, PlanMemory, Schedule
 use kiln_ir::shape::Bindings;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
-use kiln_kernels::lower::{KernelSpec, LowerError, Lowering, Scalar};
+use kiln_kernels::lower::{LowerError, Lowering};
+use kiln_kernels::step_launches::LaunchTable;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -123,12 +126,11 @@ pub struct ExecStats {
     pub kernels_generated: usize,
     /// Arena (re)allocations.
     pub arena_allocations: usize,
-}
-
-/// A GPU kernel lowered for one set of bindings (`spec` is `None` for a program's launch).
-struct Lowered {
-    spec: Option<KernelSpec>,
-    kernel: LoadedKernel,
+    /// GPU step runs whose launches were taken as recorded in a launch table.
+    pub steps_recorded: usize,
+    /// GPU step runs whose launches were derived from the step's family (no table for the
+    /// call's sizes).
+    pub steps_derived: usize,
 }
 
 /// Runs one plan, call after call. See the module documentation.
@@ -143,21 +145,23 @@ pub struct Executor {
     source: KernelSource,
     /// Cranelift kernels of host steps, by kernel index.
     host_kernels: host::HostKernels,
-    /// (kernel index, spec key) → loaded kernel.
-    loaded: HashMap<(usize, String), Arc<Lowered>>,
+    /// Spec key → loaded kernel.
+    loaded: HashMap<String, Arc<LoadedKernel>>,
     arena: Option<DeviceBuffer<u8>>,
     memory: Option<MemoryPlan>,
     stats: ExecStats,
     /// Fill the arena with NaN bytes before every call (tests).
     poison_arena: bool,
-    /// Programs of attention / KV-append kernels by (kernel index, bindings).
-    programs: HashMap<(usize, String), Arc<kiln_kernels::attention::program::AttentionProgram>>,
-    /// Program workspaces by name, shared by all programs (they run one after another).
-    workspaces: HashMap<&'static str, DeviceBuffer<u8>>,
+    /// Launch tables recorded by a compiled artifact (see [`Executor::with_launch_tables`]).
+    launch_tables: Vec<LaunchTable>,
+    /// The launches of GPU steps by (kernel index, bindings): recorded or derived.
+    step_plans: HashMap<(usize, String), Arc<gpu_step::StepPlan>>,
+    /// Workspaces by name, shared by all GPU steps (they run one after another).
+    workspaces: HashMap<String, DeviceBuffer<u8>>,
     /// Identity page tables and constant length arrays by description.
     derived: HashMap<String, DeviceBuffer<i32>>,
     /// Quest page bounds by kernel index.
-    quest_bounds: HashMap<usize, program::QuestBounds>,
+    quest_bounds: HashMap<usize, gpu_step::QuestBounds>,
     /// KV append results → the cache operand whose memory they take over.
     in_place: HashMap<BufferId, BufferId>,
     /// State buffers, and the in-place results that alias them, → the state's name.
@@ -398,7 +402,8 @@ impl Executor {
             memory: None,
             stats: ExecStats::default(),
             poison_arena: false,
-            programs: HashMap::new(),
+            launch_tables: Vec::new(),
+            step_plans: HashMap::new(),
             workspaces: HashMap::new(),
             derived: HashMap::new(),
             quest_bounds: HashMap::new(),
@@ -413,6 +418,41 @@ impl Executor {
     pub fn with_kernels(mut self, source: KernelSource) -> Executor {
         self.source = source;
         self
+    }
+
+    /// Runs the GPU steps as recorded in `tables` (a compiled artifact's launch tables for
+    /// this plan) whenever a call's sizes are a table's; other sizes derive their launches
+    /// from the steps' families. A table that does not have one entry per plan kernel, with
+    /// launches exactly for the GPU steps, is an error.
+    pub fn with_launch_tables(mut self, tables: Vec<LaunchTable>) -> Result<Executor, ExecError> {
+        for table in &tables {
+            if table.steps.len() != self.plan.kernels.len() {
+                return Err(ExecError::Internal(format!(
+                    "a launch table for {:?} has {} steps for a plan of {} kernels",
+                    table.bindings,
+                    table.steps.len(),
+                    self.plan.kernels.len()
+                )));
+            }
+            if let Some((kernel, _)) = self
+                .plan
+                .kernels
+                .iter()
+                .zip(&table.steps)
+                .find(|(k, s)| s.is_some() != (k.device == Device::Gpu))
+            {
+                return Err(ExecError::Kernel {
+                    kernel: kernel.name.clone(),
+                    message: format!(
+                        "the launch table for {:?} disagrees with its placement",
+                        table.bindings
+                    ),
+                });
+            }
+        }
+        self.launch_tables = tables;
+        self.step_plans.clear();
+        Ok(self)
     }
 
     /// Runs the host steps on the CPU kernels `steps` (one entry per plan kernel, as a
@@ -680,36 +720,6 @@ impl Executor {
         }
         self.memory = Some(memory);
         Ok(())
-    }
-
-    /// Lowers and loads GPU kernel `index` for `bindings` (once per spec).
-    fn lowered(&mut self, index: usize, bindings: &Bindings) -> Result<Arc<Lowered>, ExecError> {
-        let kernel = &self.plan.kernels[index];
-        let spec = KernelSpec::for_family(&kernel.family, bindings).map_err(|message| {
-            ExecError::Kernel {
-                kernel: kernel.name.clone(),
-                message: message.to_string(),
-            }
-        })?;
-        let key = (index, spec.key());
-        if let Some(l) = self.loaded.get(&key) {
-            return Ok(l.clone());
-        }
-        let (name, family) = (kernel.name.clone(), kernel.family.clone());
-        let generated = self.kernel_code(&name, &key.1, |lowering| {
-            Ok(lowering.lower(&family, bindings)?.1)
-        })?;
-        let device = self.device.as_ref().ok_or_else(|| ExecError::NoDevice {
-            graph: self.plan.graph.clone(),
-            gpu_kernels: self.plan.count_on(Device::Gpu),
-        })?;
-        let loaded = Arc::new(Lowered {
-            spec: Some(spec),
-            kernel: device.load(&generated)?,
-        });
-        self.stats.kernels_loaded += 1;
-        self.loaded.insert(key, loaded.clone());
-        Ok(loaded)
     }
 
     /// Runs the plan once on `inputs` (activations and state by name) and returns the graph's
@@ -1015,83 +1025,5 @@ impl Executor {
             kernel: kernel.name.clone(),
             op: kernel.computes.op.name().to_string(),
         })
-    }
-
-    fn run_gpu(
-        &mut self,
-        index: usize,
-        bindings: &Bindings,
-        arena_slots: &HashMap<BufferId, (u64, u64)>,
-        slots: &mut [Option<DeviceSlot>],
-    ) -> Result<(), ExecError> {
-        if program::is_program(&self.plan.kernels[index].family) {
-            return self.run_program(index, bindings, arena_slots, slots);
-        }
-        let lowered = self.lowered(index, bindings)?;
-        let spec = lowered.spec.clone().ok_or_else(|| {
-            ExecError::Internal("a program launch was looked up as a plan kernel".into())
-        })?;
-        let kernel = &self.plan.kernels[index];
-        for &id in &kernel.outputs {
-            slots[id] = Some(self.fresh_slot(id, bindings, arena_slots)?);
-        }
-        let device = self
-            .device
-            .as_ref()
-            .ok_or_else(|| ExecError::Internal("GPU kernel without a device".into()))?;
-        let (input_params, output_params) = spec.operand_params();
-        if input_params.len() != kernel.inputs.len() || output_params.len() != kernel.outputs.len()
-        {
-            return Err(ExecError::Kernel {
-                kernel: kernel.name.clone(),
-                message: format!(
-                    "the plan kernel has {} inputs and {} outputs, its generator takes {:?} → {:?}",
-                    kernel.inputs.len(),
-                    kernel.outputs.len(),
-                    input_params,
-                    output_params
-                ),
-            });
-        }
-        let mut args = Args::new();
-        for (&id, name) in kernel
-            .inputs
-            .iter()
-            .zip(&input_params)
-            .chain(kernel.outputs.iter().zip(&output_params))
-        {
-            let buffer = &self.plan.buffers[id];
-            let slot = slots[id].as_ref().ok_or_else(|| {
-                ExecError::Internal(format!(
-                    "{}: operand `{}` is not on the GPU",
-                    kernel.name, buffer.name
-                ))
-            })?;
-            args = args.buffer(name, slot.arg(self.arena.as_ref(), buffer.dtype, device)?);
-        }
-        let scalars =
-            spec.scalars(&kernel.family, bindings)
-                .map_err(|message| ExecError::Kernel {
-                    kernel: kernel.name.clone(),
-                    message: message.to_string(),
-                })?;
-        for (name, value) in scalars {
-            args = args.set(
-                name,
-                match value {
-                    Scalar::U32(v) => Arg::U32(v),
-                    Scalar::F32(v) => Arg::F32(v),
-                },
-            );
-        }
-        lowered
-            .kernel
-            .launch(&args)
-            .map_err(|e| ExecError::Launch {
-                kernel: kernel.name.clone(),
-                source: Box::new(e),
-            })?;
-        self.stats.gpu_launches += 1;
-        Ok(())
     }
 }
