@@ -313,16 +313,14 @@ impl Artifact {
             if kernel.device != kiln_ir::schedule::Device::Gpu {
                 continue;
             }
-            let keys = match &kernel.family {
-                kiln_ir::schedule::Family::Attention { .. }
-                | kiln_ir::schedule::Family::KvAppend { .. } => {
-                    kiln_kernels::attention::program::program(&kernel.family, bindings, sm_count)
-                        .map(|p| p.launches.iter().map(|l| l.kernel.key()).collect())
-                        .map_err(kiln_kernels::lower::LowerError::from)
-                }
-                family => kiln_kernels::lower::KernelSpec::for_family(family, bindings)
-                    .map(|spec| vec![spec.key()]),
-            };
+            let keys = step_launches(&kernel.family, bindings, sm_count).map(|derived| {
+                derived
+                    .launches
+                    .launches
+                    .into_iter()
+                    .map(|l| l.kernel)
+                    .collect::<Vec<_>>()
+            });
             match keys {
                 Ok(keys) => missing.extend(
                     keys.into_iter()
