@@ -245,11 +245,13 @@ fn run(args: RunArgs) -> Result<()> {
         Some(device) => {
             let capacity = prompt.len() + args.tokens;
             let mut runner = match (&artifact, &args.compiled) {
+                // The artifact's launch tables are recorded for its context: use it when the
+                // run fits, so every decode step runs its launches as recorded.
                 (Some(artifact), Some(dir)) => PlanRunner::from_artifact(
                     artifact,
                     &weights,
                     args.ordinal,
-                    capacity,
+                    capacity.max(artifact.manifest.options.context),
                     dir.display().to_string(),
                 )?,
                 _ => PlanRunner::new(
