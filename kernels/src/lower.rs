@@ -179,6 +179,7 @@ impl KernelSpec {
                 dtype: *dtype,
                 inputs: *inputs,
                 expr: map_expr(steps),
+                scalar_inputs: Vec::new(),
             }),
             Family::Map { .. } => return Err(LowerError::BroadcastMap),
             Family::Attention { .. } | Family::KvAppend { .. } => {
