@@ -62,7 +62,7 @@ pub struct RowCopySpec {
 impl RowCopySpec {
     /// Whether rows are whole 16-byte chunks, copied with vector accesses.
     pub fn vectorized(&self) -> bool {
-        self.row_elements % HALVES_PER_CHUNK == 0
+        self.row_elements.is_multiple_of(HALVES_PER_CHUNK)
     }
 
     /// Elements moved by one access: eight (a 16-byte chunk) or one.
