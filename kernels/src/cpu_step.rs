@@ -486,7 +486,7 @@ mod tests {
         assert_eq!(cpu_step(&gather, &of(Op::Embedding)), Some(CpuStep::Gather));
         let slice = Family::Slice {
             outer: SymExpr::constant(1),
-            axis: SymExpr::constant(4),
+            axis_len: SymExpr::constant(4),
             start: -1,
             end: None,
             inner: 8,

@@ -60,11 +60,11 @@ pub enum LowerError {
     )]
     BroadcastMap,
     /// A slice whose bounds fall outside its axis once the axis length is known.
-    #[error("slice {start}..{end:?} is outside an axis of {axis}")]
+    #[error("slice {start}..{end:?} is outside an axis of {axis_len}")]
     SliceBounds {
         start: i64,
         end: Option<i64>,
-        axis: u64,
+        axis_len: u64,
     },
     /// An attention or KV-append family, which lowers through [`crate::attention::program`].
     #[error(
@@ -309,27 +309,27 @@ impl KernelSpec {
                 KernelSpec::RowCopy(_),
                 Family::Slice {
                     outer,
-                    axis,
+                    axis_len,
                     start,
                     end,
                     ..
                 },
             ) => {
-                let axis = axis.resolve(bindings)?;
+                let axis = axis_len.resolve(bindings)?;
                 let (first, last) =
                     slice_range(*start, *end, axis).ok_or(LowerError::SliceBounds {
                         start: *start,
                         end: *end,
-                        axis,
+                        axis_len: axis,
                     })?;
                 let taken = last - first;
                 let outer = outer.resolve(bindings)?;
                 // Source rows are indexed in u32 too.
-                u32_of("outer * axis", outer.saturating_mul(axis))?;
+                u32_of("outer * axis_len", outer.saturating_mul(axis))?;
                 let rows = outer.saturating_mul(taken);
                 scalars.insert("rows", Scalar::U32(u32_of("rows", rows)?));
                 scalars.insert("taken", Scalar::U32(u32_of("taken", taken)?));
-                scalars.insert("axis", Scalar::U32(u32_of("axis", axis)?));
+                scalars.insert("axis_len", Scalar::U32(u32_of("axis_len", axis)?));
                 scalars.insert("start", Scalar::U32(u32_of("start", first)?));
             }
             (spec, family) => {
@@ -641,7 +641,7 @@ mod tests {
     fn last_token(dtype: DType) -> Family {
         Family::Slice {
             outer: SymExpr::constant(2),
-            axis: seq(),
+            axis_len: seq(),
             start: -1,
             end: None,
             inner: 256,
@@ -679,12 +679,12 @@ mod tests {
         let scalars = spec.scalars(&slice, &bindings).unwrap();
         assert_eq!(scalars["rows"], Scalar::U32(2));
         assert_eq!(scalars["taken"], Scalar::U32(1));
-        assert_eq!(scalars["axis"], Scalar::U32(7));
+        assert_eq!(scalars["axis_len"], Scalar::U32(7));
         assert_eq!(scalars["start"], Scalar::U32(6));
 
         let middle_slice = |start: i64| Family::Slice {
             outer: SymExpr::constant(3),
-            axis: SymExpr::constant(10),
+            axis_len: SymExpr::constant(10),
             start,
             end: Some(-3),
             inner: 5,
@@ -700,7 +700,7 @@ mod tests {
         let outside = middle_slice(-11);
         let err = spec.scalars(&outside, &bindings).unwrap_err();
         assert!(
-            matches!(err, LowerError::SliceBounds { axis: 10, .. }),
+            matches!(err, LowerError::SliceBounds { axis_len: 10, .. }),
             "{err}"
         );
         // The gather's spec does not compute a slice.

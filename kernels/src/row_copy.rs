@@ -10,11 +10,11 @@
 //!   a bad id can never read out of bounds; the interpreter (`kiln_ir::movement::gather`)
 //!   reports the same id as an error. Parameters: `table`, `ids` (i32, read), `out` (write);
 //!   scalars `rows` (ids), `vocab`.
-//! - [`RowIndex::Slice`] (`Slice` of `x` viewed as `[outer, axis, row_elements]`, the range
-//!   `start..start + taken` of the middle axis): `source(r) = (r / taken) · axis + start +
-//!   r mod taken`. Parameters: `x` (read), `out` (write); scalars `rows` (`outer · taken`),
-//!   `taken`, `axis`, `start` (already resolved to `0 ≤ start ≤ start + taken ≤ axis` by the
-//!   lowering).
+//! - [`RowIndex::Slice`] (`Slice` of `x` viewed as `[outer, axis_len, row_elements]`, the
+//!   range `start..start + taken` of the middle axis): `source(r) = (r / taken) · axis_len +
+//!   start + r mod taken`. Parameters: `x` (read), `out` (write); scalars `rows` (`outer ·
+//!   taken`), `taken`, `axis_len`, `start` (already resolved to `0 ≤ start ≤ start + taken ≤
+//!   axis_len` by the lowering).
 //!
 //! Launch: one block per output row (`grid.x = rows`, so any row count up to 2³¹ − 1), whose
 //! threads (one per 16-byte chunk, whole warps, at most 256) stride over the row. When a row
@@ -45,7 +45,7 @@ pub const MAX_ROW_ELEMENTS: usize = 1 << 28;
 pub enum RowIndex {
     /// `Embedding`: row `ids[r]` of the table; NaN for an id outside `0..vocab`.
     Gather,
-    /// `Slice`: row `(r / taken) · axis + start + r mod taken` of `x`.
+    /// `Slice`: row `(r / taken) · axis_len + start + r mod taken` of `x`.
     Slice,
 }
 
@@ -191,7 +191,7 @@ pub fn generate(spec: &RowCopySpec) -> Result<GpuKernel, SpecError> {
     let slice = (spec.index == RowIndex::Slice).then(|| {
         (
             k.param_u32("taken"),
-            k.param_u32("axis"),
+            k.param_u32("axis_len"),
             k.param_u32("start"),
         )
     });
@@ -217,11 +217,11 @@ pub fn generate(spec: &RowCopySpec) -> Result<GpuKernel, SpecError> {
                 },
             );
         }
-        if let Some((taken, axis, start)) = slice {
-            k.comment("source row: (row / taken) * axis + start + row mod taken");
+        if let Some((taken, axis_len, start)) = slice {
+            k.comment("source row: (row / taken) * axis_len + start + row mod taken");
             let outer = k.div(row, taken);
             let within = k.rem(row, taken);
-            let base = k.mul_add(outer, axis, start);
+            let base = k.mul_add(outer, axis_len, start);
             let source_row = k.add(base, within);
             let source = k.mad_wide(source_row, row_bytes, source_base);
             fill_row(k, spec, Fill::Copy(source), destination);
@@ -285,7 +285,7 @@ mod tests {
         }
         assert!(gather.param("x").is_none());
         let slice = generate(&spec(RowIndex::Slice, 64)).unwrap();
-        for name in ["x", "out", "rows", "taken", "axis", "start"] {
+        for name in ["x", "out", "rows", "taken", "axis_len", "start"] {
             assert!(slice.param(name).is_some(), "slice: {name}");
         }
         assert!(slice.param("ids").is_none());

@@ -63,7 +63,7 @@ fn slice_snapshot_and_ptxas() {
     insta::assert_snapshot!("slice_bf16_h256", last_token.ptx);
     assert_assembles(&last_token);
     let names: Vec<_> = last_token.params.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["x", "out", "rows", "taken", "axis", "start"]);
+    assert_eq!(names, ["x", "out", "rows", "taken", "axis_len", "start"]);
     assert!(!last_token.ptx.contains("7fc0") && !last_token.ptx.contains("2143322048"));
 }
 

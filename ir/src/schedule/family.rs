@@ -82,13 +82,13 @@ pub enum Family {
         hidden: usize,
         dtype: DType,
     },
-    /// `Slice` of a row-major tensor viewed as `[outer, axis, inner]`: the range
-    /// `start..end` of the middle axis (of length `axis`; negative bounds count from its
-    /// end, a missing end is the end of the axis, as in [`Op::Slice`]) is copied for every
-    /// `outer` index; `inner` (the elements after the axis) is a known constant.
+    /// `Slice` of a row-major tensor viewed as `[outer, axis_len, inner]`: the range
+    /// `start..end` of the middle axis (negative bounds count from its end, a missing end is
+    /// the end of the axis, as in [`Op::Slice`]) is copied for every `outer` index; `inner`
+    /// (the elements after the axis) is a known constant.
     Slice {
         outer: SymExpr,
-        axis: SymExpr,
+        axis_len: SymExpr,
         start: i64,
         end: Option<i64>,
         inner: usize,
@@ -472,7 +472,7 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
             }
             Some(Family::Slice {
                 outer: SymExpr::product(&dims[..*axis]),
-                axis: SymExpr::product(&dims[*axis..*axis + 1]),
+                axis_len: SymExpr::product(&dims[*axis..*axis + 1]),
                 start: *start,
                 end: *end,
                 inner: SymExpr::product(&dims[*axis + 1..]).as_const()? as usize,

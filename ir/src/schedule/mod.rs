@@ -361,7 +361,7 @@ mod tests {
             slice.family,
             Family::Slice {
                 outer: SymExpr::product(&[Dim::sym("batch")]),
-                axis: SymExpr::product(&[Dim::sym("seq")]),
+                axis_len: SymExpr::product(&[Dim::sym("seq")]),
                 start: -1,
                 end: None,
                 inner: 24,

@@ -6,7 +6,9 @@
 //! A kernel without a GPU generator runs on the CPU as its host step (Cranelift kernels, or
 //! the runtime's copies for data movement: `kiln_kernels::cpu_step`); every buffer it reads
 //! that is only valid on the GPU is copied to the host first, and vice versa.
-//! Graph inputs start on the host; graph outputs end on the host.
+//! Integer maps follow their readers ([`place_integer_maps_with_their_readers`]): an i32 map
+//! stays on the GPU only where a GPU kernel reads it. Graph inputs start on the host; graph
+//! outputs end on the host.
 
 use super::family::{Family, FamilyKind};
 use super::pass::{Pass, PassReport};
