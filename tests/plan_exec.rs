@@ -208,6 +208,87 @@ fn host_plan_matches_the_interpreter(
     got.into_iter().collect()
 }
 
+/// The embedding gather, a slice and decode's i32 `lengths` map in f32: typed `Gather` and
+/// `Slice` families (and an i32 map with a scalar operand), all placed on the host, where
+/// they run as the runtime's copies and a map kernel and match the interpreter exactly.
+#[test]
+fn gather_slice_and_lengths_run_as_host_steps_in_f32() {
+    use kiln::ir::graph::Graph;
+    use kiln::ir::op::{InputKind, Op};
+    use kiln::ir::schedule::{schedule, Family, FamilyKind, ScheduleOptions};
+    use kiln::ir::shape::Shape;
+    let mut rng = common::rng(common::fresh_seed(
+        "gather_slice_and_lengths_run_as_host_steps_in_f32",
+    ));
+    let (vocab, hidden, batch, seq) = (40usize, 12usize, 2usize, 5usize);
+    let mut g = Graph::new("movement");
+    let table = g
+        .input(
+            "table",
+            InputKind::Weight,
+            DType::F32,
+            Shape::of(&[vocab, hidden]),
+        )
+        .unwrap();
+    let ids = g
+        .input(
+            "ids",
+            InputKind::Activation,
+            DType::I32,
+            Shape::of(&[batch, seq]),
+        )
+        .unwrap();
+    let start = g
+        .input(
+            "cache_start",
+            InputKind::Activation,
+            DType::I32,
+            Shape::of(&[batch]),
+        )
+        .unwrap();
+    let x = g.add1("embed", Op::Embedding, &[table, ids]).unwrap();
+    let middle = Op::Slice {
+        axis: 1,
+        start: 1,
+        end: Some(-1),
+    };
+    let mid = g.add1("middle", middle, &[x]).unwrap();
+    let last = Op::Slice {
+        axis: 1,
+        start: -1,
+        end: None,
+    };
+    let last = g.add1("last_token", last, &[x]).unwrap();
+    let one = g.constant("one", 1.0, DType::I32).unwrap();
+    let lengths = g.add1("lengths", Op::Add, &[start, one]).unwrap();
+    g.output("middle", mid);
+    g.output("last", last);
+    g.output("lengths", lengths);
+
+    let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+    let kinds: Vec<FamilyKind> = plan.kernels.iter().map(|k| k.family.kind()).collect();
+    assert!(kinds.contains(&FamilyKind::Gather) && kinds.contains(&FamilyKind::Slice));
+    assert!(plan.kernels.iter().any(|k| matches!(
+        &k.family,
+        Family::Map { scalar_operands, .. } if scalar_operands == &vec![1]
+    )));
+
+    let mut weights = kiln::ir::weights::Weights::new();
+    weights.insert(
+        "table",
+        common::random(DType::F32, &[vocab, hidden], 1.0, &mut rng),
+    );
+    let ids: Vec<i32> = (0..batch * seq)
+        .map(|_| rand::Rng::random_range(&mut rng, 0..vocab as i32))
+        .collect();
+    let mut inputs = std::collections::HashMap::new();
+    inputs.insert("ids".to_string(), Tensor::i32(&[batch, seq], &ids));
+    inputs.insert("cache_start".to_string(), Tensor::i32(&[batch], &[0, 4095]));
+    let got = host_plan_matches_the_interpreter(&g, &weights, &inputs, 0.0);
+    assert_eq!(got["lengths"].data, vec![1.0, 4096.0]);
+    assert_eq!(got["last"].shape, vec![batch, 1, hidden]);
+}
+
 /// A prefill graph as a framework exporter writes attention (transposes, repeated KV heads,
 /// `MatMul`, causal mask, `Softmax`), not rewritten: every one of those ops runs on its host
 /// step (dot and softmax kernels, the runtime's copies) and the logits match the

@@ -64,6 +64,7 @@ impl CompileOptions {
             GpuCapabilities {
                 families: Default::default(),
                 dtypes: Default::default(),
+                family_dtypes: Default::default(),
             }
         };
         self.target = target;

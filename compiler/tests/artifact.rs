@@ -109,6 +109,8 @@ fn the_tiny_presets_head_dim_32_attention_is_placed_on_the_gpu() {
 
 #[test]
 fn a_cpu_target_places_every_step_on_the_host() {
+    use kiln_ir::schedule::FamilyKind;
+    use kiln_kernels::cpu_step::CpuStep;
     let options = ArtifactOptions {
         target: Target::from_name("cpu").unwrap(),
         ..ArtifactOptions::default()
@@ -121,8 +123,98 @@ fn a_cpu_target_places_every_step_on_the_host() {
                 .count_on(kiln_ir::schedule::Device::Gpu),
             0
         );
+        // The gather (and prefill's slice) are typed families, run as the host copies.
+        for (kernel, step) in artifact
+            .plan(phase)
+            .kernels
+            .iter()
+            .zip(artifact.cpu_steps(phase))
+        {
+            match kernel.family.kind() {
+                FamilyKind::Gather => assert_eq!(step, &Some(CpuStep::Gather)),
+                FamilyKind::Slice => {
+                    assert!(matches!(step, Some(CpuStep::Slice { .. })), "{step:?}")
+                }
+                _ => {}
+            }
+        }
     }
     assert!(artifact.manifest.kernels.is_empty());
+}
+
+/// The last host steps of the dense presets have generators: a bf16 tiny-llama artifact for
+/// sm_90 runs every step of both phases on the GPU (the embedding gather, prefill's
+/// last-token slice and decode's i32 `lengths = cache_start + 1` map included), and holds
+/// their kernels.
+#[test]
+fn a_bf16_tiny_llama_artifact_for_sm_90_has_no_host_steps() {
+    use kiln_ir::schedule::{Device, Family, FamilyKind};
+    let options = ArtifactOptions {
+        target: Target::from_name("sm_90").unwrap(),
+        ..ArtifactOptions::default()
+    };
+    let artifact = Artifact::compile(&tiny_llama_bf16(), &options).unwrap();
+    for phase in [Phase::Prefill, Phase::Decode] {
+        let plan = artifact.plan(phase);
+        let on_cpu: Vec<String> = plan
+            .kernels
+            .iter()
+            .filter(|k| k.device == Device::Cpu)
+            .map(|k| format!("{} ({})", k.name, k.family.describe()))
+            .collect();
+        assert!(on_cpu.is_empty(), "{phase:?}: host steps {on_cpu:?}");
+        assert_eq!(plan.count_on(Device::Cpu), 0);
+        assert!(artifact.cpu_steps(phase).iter().all(Option::is_none));
+        let kinds: Vec<FamilyKind> = plan.kernels.iter().map(|k| k.family.kind()).collect();
+        assert!(kinds.contains(&FamilyKind::Gather), "{phase:?}");
+        assert!(!kinds.contains(&FamilyKind::HostOnly), "{phase:?}");
+        match phase {
+            Phase::Prefill => assert!(kinds.contains(&FamilyKind::Slice)),
+            Phase::Decode => assert!(plan.kernels.iter().any(|k| matches!(
+                &k.family,
+                Family::Map { dtype: DType::I32, scalar_operands, .. } if !scalar_operands.is_empty()
+            ))),
+        }
+    }
+    let entries: Vec<&str> = artifact
+        .manifest
+        .kernels
+        .iter()
+        .map(|k| k.entry.as_str())
+        .collect();
+    for entry in ["gather_bf16_h", "slice_bf16_h", "elementwise_i32_2in_s1_"] {
+        assert!(
+            entries.iter().any(|e| e.starts_with(entry)),
+            "{entry}: {entries:?}"
+        );
+    }
+}
+
+/// In f32 (no GPU generator takes it) the gather and the slice stay on the host even for a
+/// GPU target, as the host copies, and so does decode's i32 map, which nothing on the GPU
+/// reads: an f32 plan needs no device.
+#[test]
+fn an_f32_tiny_llama_keeps_its_copies_on_the_host() {
+    use kiln_ir::schedule::{Device, FamilyKind};
+    let config = ModelConfig::preset("tiny-llama").unwrap();
+    assert_eq!(config.dtype, DType::F32);
+    let options =
+        kiln_compiler::CompileOptions::default().for_target(Target::from_name("sm_90").unwrap());
+    for phase in [Phase::Prefill, Phase::Decode] {
+        let compiled = kiln_compiler::compile(&config, phase, &options).unwrap();
+        let plan = &compiled.plan;
+        assert_eq!(plan.count_on(Device::Gpu), 0, "{phase:?}");
+        let gather = plan
+            .kernels
+            .iter()
+            .find(|k| k.family.kind() == FamilyKind::Gather)
+            .expect("the embedding is a gather");
+        assert_eq!(gather.device, Device::Cpu);
+        assert_eq!(
+            kiln_kernels::cpu_step::cpu_step(&gather.family, &gather.computes),
+            Some(kiln_kernels::cpu_step::CpuStep::Gather)
+        );
+    }
 }
 
 #[test]

@@ -15,7 +15,8 @@
 //! and dispatch and combine are the runtime's routing bookkeeping (a counting sort, a
 //! weighted sum of each token's expert rows). Steps
 //! that only move data — the embedding gather, slices, KV append — are copies the runtime
-//! does itself, with no arithmetic. Specs hold no sizes (they are run-time arguments), so a
+//! does itself, with no arithmetic (whatever their family: a `Gather` or `Slice` family
+//! placed on the host, in f32 or for a CPU target, is the same copy). Specs hold no sizes (they are run-time arguments), so a
 //! step's spec serves every shape, and they are what a compiled artifact stores for its host
 //! steps: the runtime compiles them with Cranelift at load. Quest decode attention is its page
 //! selection (routing code) and the attention kernel over the selected tokens; a stand-alone
@@ -68,7 +69,8 @@ pub enum CpuStep {
         dtype: DType,
     },
     /// One map kernel over operands of the output's length; with `broadcast`, smaller
-    /// operands are expanded to the result's shape first (trailing dimensions aligned).
+    /// operands (single elements included) are expanded to the result's shape first
+    /// (trailing dimensions aligned).
     Map {
         map: MapSpec,
         dtype: DType,
@@ -295,12 +297,13 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
             inputs,
             steps,
             broadcast,
+            scalar_operands,
             dtype,
             ..
         } if float(*dtype) || *dtype == DType::I32 => Some(CpuStep::Map {
             map: MapSpec::new(map_expr(steps), *inputs, ElemType::F32),
             dtype: *dtype,
-            broadcast: *broadcast,
+            broadcast: *broadcast || !scalar_operands.is_empty(),
         }),
         _ => None,
     }
@@ -379,6 +382,7 @@ mod tests {
                 MapStep::Mul { a: 0, b: 1 },
             ],
             broadcast: false,
+            scalar_operands: vec![],
             dtype: DType::F32,
         };
         assert!(matches!(step(&map), Some(CpuStep::Map { .. })));
@@ -433,12 +437,34 @@ mod tests {
                 MapStep::Add { a: 0, b: 1 },
             ],
             broadcast: true,
+            scalar_operands: vec![],
             dtype: DType::F32,
         };
         assert!(matches!(
             step(&broadcast),
             Some(CpuStep::Map {
                 broadcast: true,
+                ..
+            })
+        ));
+        // A single-element operand (decode's `cache_start + 1`) is expanded on the host too.
+        let lengths = Family::Map {
+            elements: SymExpr::constant(10),
+            inputs: 2,
+            steps: vec![
+                MapStep::Operand { index: 0 },
+                MapStep::Operand { index: 1 },
+                MapStep::Add { a: 0, b: 1 },
+            ],
+            broadcast: false,
+            scalar_operands: vec![1],
+            dtype: DType::I32,
+        };
+        assert!(matches!(
+            step(&lengths),
+            Some(CpuStep::Map {
+                broadcast: true,
+                dtype: DType::I32,
                 ..
             })
         ));
@@ -449,6 +475,35 @@ mod tests {
         assert_eq!(
             cpu_step(&host_only, &of(Op::Embedding)),
             Some(CpuStep::Gather)
+        );
+        // A typed gather or slice placed on the host is the same copy.
+        let gather = Family::Gather {
+            rows: SymExpr::constant(4),
+            vocab: 10,
+            hidden: 8,
+            dtype: DType::F32,
+        };
+        assert_eq!(cpu_step(&gather, &of(Op::Embedding)), Some(CpuStep::Gather));
+        let slice = Family::Slice {
+            outer: SymExpr::constant(1),
+            axis_len: SymExpr::constant(4),
+            start: -1,
+            end: None,
+            inner: 8,
+            dtype: DType::BF16,
+        };
+        let op = Op::Slice {
+            axis: 1,
+            start: -1,
+            end: None,
+        };
+        assert_eq!(
+            cpu_step(&slice, &of(op)),
+            Some(CpuStep::Slice {
+                axis: 1,
+                start: -1,
+                end: None
+            })
         );
         let softmax = Family::HostOnly {
             op: "softmax".into(),

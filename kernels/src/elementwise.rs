@@ -1,20 +1,26 @@
 //! The fused elementwise map: `out[i] = expr(in_0[i], …, in_{n−1}[i])` over any expression
-//! of `kiln_codegen::expr`, for f16 and bf16 tensors of the same length.
+//! of `kiln_codegen::expr`, for f16, bf16 and i32 tensors of the same length, where some
+//! inputs may instead hold a single element used for every `i` (a scalar broadcast,
+//! [`ElementwiseSpec::scalar_inputs`]); general broadcasting is not generated.
 //!
-//! Each thread handles 16-byte chunks (eight elements per input) in a grid-stride loop, so
-//! every global access is a 16-byte vector; the last `n mod 8` elements are handled one by
-//! one by the first threads. The arithmetic is f32, lowered by `lower_expr`. Parameters:
-//! `in0`, `in1`, … (read), `out` (write), scalar `n` (elements). This file generates PTX; it
-//! must not launch anything.
+//! Each thread handles 16-byte chunks (eight halves or four i32 per input) in a grid-stride
+//! loop, so every global access to a full-length input or the output is a 16-byte vector; the
+//! last `n mod 8` (`n mod 4`) elements are handled one by one by the first threads. A scalar
+//! input is loaded once per thread, before the loop. Halves compute in f32, lowered by
+//! `lower_expr`, and round once to the dtype. i32 maps compute in 32-bit integers (two's
+//! complement, wrapping): add, sub, mul, max, min, neg, abs and integral constants; a
+//! float-only operation (exp, silu, sigmoid, division, square roots, reciprocals) or a
+//! fractional constant is a [`SpecError`] naming it. (The interpreter and the CPU step
+//! compute i32 maps in f32 and round; the two agree while values stay below 2²⁴, which
+//! sequence lengths do.) Parameters: `in0`, `in1`, … (read), `out` (write), scalar `n`
+//! (elements). This file generates PTX; it must not launch anything.
 
-use crate::vector::{
-    check_half, load_chunk, load_scalar, store_chunk, store_scalar, HALVES_PER_CHUNK,
-};
+use crate::vector::{load_chunk, load_scalar, store_chunk, store_scalar, HALVES_PER_CHUNK};
 use crate::SpecError;
-use kiln_codegen::expr::Expr;
+use kiln_codegen::expr::{BinaryOp, Expr, UnaryOp};
 use kiln_codegen::kernel::{Access, Extent, GpuKernel, LaunchRule};
 use kiln_codegen::ptx::{
-    lower_expr, Axis, Cmp, KernelBuilder, Load, Reg, Special, Store, Target, F32, U64,
+    lower_expr, Axis, Cmp, KernelBuilder, Load, Reg, Special, Store, Target, F32, S32, U32, U64,
 };
 use kiln_ir::dtype::DType;
 use serde::{Deserialize, Serialize};
@@ -34,95 +40,318 @@ pub struct ElementwiseSpec {
     /// The number of inputs the kernel takes; `expr` may read fewer.
     pub inputs: usize,
     pub expr: Expr,
+    /// Inputs that hold a single element, used for every element of the output (sorted,
+    /// each `< inputs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scalar_inputs: Vec<usize>,
 }
 
 impl ElementwiseSpec {
-    /// The kernel entry name: family, dtype, arity and a short hash of the expression, so
-    /// two different maps never share a name.
+    /// A map of `inputs` full-length inputs.
+    pub fn new(dtype: DType, inputs: usize, expr: Expr) -> ElementwiseSpec {
+        ElementwiseSpec {
+            dtype,
+            inputs,
+            expr,
+            scalar_inputs: Vec::new(),
+        }
+    }
+
+    /// Elements in one 16-byte chunk of the dtype (eight halves, four i32).
+    pub fn lanes(&self) -> usize {
+        match self.dtype {
+            DType::I32 => 4,
+            _ => HALVES_PER_CHUNK,
+        }
+    }
+
+    /// The kernel entry name: family, dtype, arity, the scalar inputs (`_s1`) and a short
+    /// hash of the expression, so two different maps never share a name.
     pub fn entry(&self) -> String {
         let text = serde_json::to_string(&self.expr).expect("expressions serialise");
         // FNV-1a: stable across runs and platforms.
         let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
+        let scalars: String = self
+            .scalar_inputs
+            .iter()
+            .map(|i| format!("_s{i}"))
+            .collect();
         format!(
-            "elementwise_{}_{}in_{:08x}",
+            "elementwise_{}_{}in{scalars}_{:08x}",
             self.dtype, self.inputs, hash as u32
         )
     }
+
+    /// Why the generator cannot build this spec, naming the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !matches!(self.dtype, DType::F16 | DType::BF16 | DType::I32) {
+            return Err(SpecError::new(
+                FAMILY,
+                format!("dtype must be f16, bf16 or i32, got {}", self.dtype),
+            ));
+        }
+        if self.inputs == 0 || self.inputs > 8 {
+            return Err(SpecError::new(
+                FAMILY,
+                format!("inputs must be 1..=8, got {}", self.inputs),
+            ));
+        }
+        if self.expr.arity() > self.inputs {
+            return Err(SpecError::new(
+                FAMILY,
+                format!(
+                    "the expression reads input {} but the map has {} inputs",
+                    self.expr.arity() - 1,
+                    self.inputs
+                ),
+            ));
+        }
+        if self.scalar_inputs.windows(2).any(|w| w[0] >= w[1])
+            || self.scalar_inputs.iter().any(|&i| i >= self.inputs)
+        {
+            return Err(SpecError::new(
+                FAMILY,
+                format!(
+                    "scalar_inputs must be increasing input indices below {}, got {:?}",
+                    self.inputs, self.scalar_inputs
+                ),
+            ));
+        }
+        if self.dtype == DType::I32 {
+            check_integer(&self.expr)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether an i32 map can compute `expr`; the error names the first float-only operation.
+fn check_integer(expr: &Expr) -> Result<(), SpecError> {
+    let refuse = |what: String| {
+        Err(SpecError::new(
+            FAMILY,
+            format!(
+                "an i32 map takes add, sub, mul, max, min, neg, abs and integral constants; \
+                 {what} is float-only"
+            ),
+        ))
+    };
+    match expr {
+        Expr::Input(_) => Ok(()),
+        Expr::Const(value) => {
+            if value.fract() == 0.0 && *value >= i32::MIN as f64 && *value <= i32::MAX as f64 {
+                Ok(())
+            } else {
+                refuse(format!("the constant {value}"))
+            }
+        }
+        Expr::Unary(op, x) => match op {
+            UnaryOp::Neg | UnaryOp::Abs => check_integer(x),
+            other => refuse(format!("{other:?}").to_lowercase()),
+        },
+        Expr::Binary(op, a, b) => match op {
+            BinaryOp::Div => refuse("div".into()),
+            _ => {
+                check_integer(a)?;
+                check_integer(b)
+            }
+        },
+    }
+}
+
+/// `expr` in 32-bit integer arithmetic (checked by [`check_integer`] first).
+fn lower_integer(k: &mut KernelBuilder, expr: &Expr, inputs: &[Reg<S32>]) -> Reg<S32> {
+    match expr {
+        Expr::Input(i) => inputs[*i],
+        Expr::Const(value) => k.mov::<S32>(*value as i32),
+        Expr::Unary(op, x) => {
+            let x = lower_integer(k, x, inputs);
+            match op {
+                UnaryOp::Abs => k.abs(x),
+                _ => k.neg(x),
+            }
+        }
+        Expr::Binary(op, a, b) => {
+            let a = lower_integer(k, a, inputs);
+            let b = lower_integer(k, b, inputs);
+            match op {
+                BinaryOp::Sub => k.sub(a, b),
+                BinaryOp::Mul => k.mul(a, b),
+                BinaryOp::Max => k.max(a, b),
+                BinaryOp::Min => k.min(a, b),
+                _ => k.add(a, b),
+            }
+        }
+    }
+}
+
+/// One input of the kernel: a full-length pointer, or a single element loaded up front.
+#[derive(Clone, Copy)]
+enum Operand<T> {
+    Full(Reg<U64>),
+    Scalar(T),
+}
+
+/// The loop structure every dtype shares: 16-byte chunks of `lanes` elements in a
+/// grid-stride loop (`vector(k, byte offset)`), then the last `n mod lanes` elements one per
+/// thread of the grid's first threads (`scalar(k, byte offset)`).
+fn chunks_then_tail(
+    k: &mut KernelBuilder,
+    n: Reg<U32>,
+    lanes: usize,
+    vector: impl FnOnce(&mut KernelBuilder, Reg<U64>),
+    scalar: impl FnOnce(&mut KernelBuilder, Reg<U64>),
+) {
+    let shift = lanes.trailing_zeros();
+    let element_bytes = (16 / lanes) as u32;
+    let words = if lanes == 8 { "eight" } else { "four" };
+    k.comment(&format!(
+        "vector part: 16-byte chunks of {words} elements, grid-stride"
+    ));
+    let chunks = k.shr(n, shift);
+    let first = k.global_index_x();
+    let blocks = k.special(Special::Nctaid(Axis::X));
+    let stride = k.mul(blocks, THREADS);
+    k.for_range(first, chunks, stride, |k, chunk| {
+        let offset = k.mul_wide(chunk, 16u32);
+        vector(k, offset);
+    });
+    k.comment(&format!(
+        "scalar tail: the last n mod {lanes} elements, one per thread of the first block"
+    ));
+    let vector_elements = k.shl(chunks, shift);
+    let element = k.add(vector_elements, first);
+    let in_tail = k.setp(Cmp::Lt, element, n);
+    k.if_then(in_tail, |k| {
+        let offset = k.mul_wide(element, element_bytes);
+        scalar(k, offset);
+    });
 }
 
 /// Generates the map kernel for `spec`.
 pub fn generate(spec: &ElementwiseSpec) -> Result<GpuKernel, SpecError> {
-    check_half(FAMILY, spec.dtype)?;
-    if spec.inputs == 0 || spec.inputs > 8 {
-        return Err(SpecError::new(
-            FAMILY,
-            format!("inputs must be 1..=8, got {}", spec.inputs),
-        ));
-    }
-    if spec.expr.arity() > spec.inputs {
-        return Err(SpecError::new(
-            FAMILY,
-            format!(
-                "the expression reads input {} but the map has {} inputs",
-                spec.expr.arity() - 1,
-                spec.inputs
-            ),
-        ));
-    }
+    spec.validate()?;
     let dtype = spec.dtype;
     let mut k = KernelBuilder::new(&spec.entry(), Target::Sm80);
-    let inputs: Vec<Reg<U64>> = (0..spec.inputs)
+    let pointers: Vec<Reg<U64>> = (0..spec.inputs)
         .map(|i| k.param_pointer(&format!("in{i}"), Access::Read))
         .collect();
     let out = k.param_pointer("out", Access::Write);
     let n = k.param_u32("n");
-
-    k.comment("vector part: 16-byte chunks of eight elements, grid-stride");
-    let chunks = k.shr(n, 3u32);
-    let first = k.global_index_x();
-    let blocks = k.special(Special::Nctaid(Axis::X));
-    let stride = k.mul(blocks, THREADS);
     let load = Load::GLOBAL.non_coherent();
-    k.for_range(first, chunks, stride, |k, chunk| {
-        let offset = k.mul_wide(chunk, 16u32);
-        let values: Vec<[Reg<F32>; 8]> = inputs
+    let lanes = spec.lanes();
+    if !spec.scalar_inputs.is_empty() {
+        k.comment("scalar inputs: one element each, used for every output element");
+    }
+    if dtype == DType::I32 {
+        let inputs: Vec<Operand<Reg<S32>>> = pointers
             .iter()
-            .map(|&base| {
-                let address = k.add(base, offset);
-                load_chunk(k, load, dtype, address)
+            .enumerate()
+            .map(|(i, &base)| {
+                if spec.scalar_inputs.contains(&i) {
+                    Operand::Scalar(k.ld::<S32>(load, base))
+                } else {
+                    Operand::Full(base)
+                }
             })
             .collect();
-        let results: Vec<Reg<F32>> = (0..HALVES_PER_CHUNK)
-            .map(|lane| {
-                let operands: Vec<Reg<F32>> = values.iter().map(|v| v[lane]).collect();
-                lower_expr(k, &spec.expr, &operands)
-            })
-            .collect();
-        let destination = k.add(out, offset);
-        let results: [Reg<F32>; 8] = results.try_into().expect("eight lanes");
-        store_chunk(k, Store::GLOBAL, dtype, destination, &results);
-    });
-
-    k.comment("scalar tail: the last n mod 8 elements, one per thread of the first block");
-    let vector_elements = k.shl(chunks, 3u32);
-    let element = k.add(vector_elements, first);
-    let in_tail = k.setp(Cmp::Lt, element, n);
-    k.if_then(in_tail, |k| {
-        let offset = k.mul_wide(element, 2u32);
-        let operands: Vec<Reg<F32>> = inputs
+        chunks_then_tail(
+            &mut k,
+            n,
+            lanes,
+            |k, offset| {
+                let values: Vec<[Reg<S32>; 4]> = inputs
+                    .iter()
+                    .map(|input| match *input {
+                        Operand::Full(base) => {
+                            let address = k.add(base, offset);
+                            k.ld_vector::<S32, 4>(load, address)
+                        }
+                        Operand::Scalar(value) => [value; 4],
+                    })
+                    .collect();
+                let results: Vec<Reg<S32>> = (0..lanes)
+                    .map(|lane| {
+                        let operands: Vec<Reg<S32>> = values.iter().map(|v| v[lane]).collect();
+                        lower_integer(k, &spec.expr, &operands)
+                    })
+                    .collect();
+                let results: [Reg<S32>; 4] = results.try_into().expect("four lanes");
+                let destination = k.add(out, offset);
+                k.st_vector(Store::GLOBAL, destination, results);
+            },
+            |k, offset| {
+                let operands: Vec<Reg<S32>> = inputs
+                    .iter()
+                    .map(|input| match *input {
+                        Operand::Full(base) => {
+                            let address = k.add(base, offset);
+                            k.ld::<S32>(load, address)
+                        }
+                        Operand::Scalar(value) => value,
+                    })
+                    .collect();
+                let result = lower_integer(k, &spec.expr, &operands);
+                let destination = k.add(out, offset);
+                k.st(Store::GLOBAL, destination, result);
+            },
+        );
+    } else {
+        let inputs: Vec<Operand<Reg<F32>>> = pointers
             .iter()
-            .map(|&base| {
-                let address = k.add(base, offset);
-                load_scalar(k, dtype, address)
+            .enumerate()
+            .map(|(i, &base)| {
+                if spec.scalar_inputs.contains(&i) {
+                    Operand::Scalar(load_scalar(&mut k, dtype, base))
+                } else {
+                    Operand::Full(base)
+                }
             })
             .collect();
-        let result = lower_expr(k, &spec.expr, &operands);
-        let destination = k.add(out, offset);
-        store_scalar(k, dtype, destination, result);
-    });
-    let per_block = THREADS * CHUNKS_PER_THREAD * HALVES_PER_CHUNK as u32;
+        chunks_then_tail(
+            &mut k,
+            n,
+            lanes,
+            |k, offset| {
+                let values: Vec<[Reg<F32>; 8]> = inputs
+                    .iter()
+                    .map(|input| match *input {
+                        Operand::Full(base) => {
+                            let address = k.add(base, offset);
+                            load_chunk(k, load, dtype, address)
+                        }
+                        Operand::Scalar(value) => [value; 8],
+                    })
+                    .collect();
+                let results: Vec<Reg<F32>> = (0..lanes)
+                    .map(|lane| {
+                        let operands: Vec<Reg<F32>> = values.iter().map(|v| v[lane]).collect();
+                        lower_expr(k, &spec.expr, &operands)
+                    })
+                    .collect();
+                let destination = k.add(out, offset);
+                let results: [Reg<F32>; 8] = results.try_into().expect("eight lanes");
+                store_chunk(k, Store::GLOBAL, dtype, destination, &results);
+            },
+            |k, offset| {
+                let operands: Vec<Reg<F32>> = inputs
+                    .iter()
+                    .map(|input| match *input {
+                        Operand::Full(base) => {
+                            let address = k.add(base, offset);
+                            load_scalar(k, dtype, address)
+                        }
+                        Operand::Scalar(value) => value,
+                    })
+                    .collect();
+                let result = lower_expr(k, &spec.expr, &operands);
+                let destination = k.add(out, offset);
+                store_scalar(k, dtype, destination, result);
+            },
+        );
+    }
+    let per_block = THREADS * CHUNKS_PER_THREAD * lanes as u32;
     Ok(k.finish(LaunchRule::linear(
         Extent::ceil_div("n", per_block),
         THREADS,

@@ -22,6 +22,7 @@ pub mod lower;
 pub mod quest;
 pub mod rms_norm;
 pub mod rope;
+pub mod row_copy;
 pub mod step_launches;
 
 pub use epilogue::Epilogue;

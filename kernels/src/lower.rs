@@ -4,7 +4,8 @@
 //! Owns [`KernelSpec`] (which generator, with which spec), [`KernelSpec::for_family`] (the
 //! choice: GEMV for at most [`GEMV_MAX_ROWS`] rows when it takes the K, GEMM otherwise;
 //! RMSNorm; RoPE; elementwise
-//! maps), the parameter names a plan kernel's inputs and outputs bind to
+//! maps, with single-element operands broadcast; the embedding gather and slices, both a
+//! [`RowCopySpec`]), the parameter names a plan kernel's inputs and outputs bind to
 //! ([`KernelSpec::operand_params`]) and its scalar arguments ([`KernelSpec::scalars`]).
 //! Both `kiln compile` and the runtime's plan executor lower through here, so the PTX a plan
 //! lists is the PTX that runs; why a family does not lower is a [`LowerError`]. This file
@@ -34,11 +35,12 @@ use crate::gemm::{self, GemmSpec};
 use crate::gemv::{self, GemvSpec};
 use crate::rms_norm::{self, RmsNormSpec};
 use crate::rope::{self, RopeSpec};
+use crate::row_copy::{self, RowCopySpec, RowIndex};
 use crate::{Epilogue, SpecError};
 use kiln_codegen::expr::Expr;
 use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::op::MapStep;
-use kiln_ir::schedule::{Family, LinearEpilogue};
+use kiln_ir::schedule::{slice_range, Family, LinearEpilogue};
 use kiln_ir::shape::{Bindings, ShapeError};
 use std::collections::BTreeMap;
 
@@ -53,8 +55,17 @@ pub enum LowerError {
     /// A size too large for a `u32` kernel scalar.
     #[error("{name} = {value} does not fit a u32 kernel scalar")]
     Scalar { name: &'static str, value: u64 },
-    #[error("elementwise maps with broadcast operands have no GPU generator")]
+    #[error(
+        "elementwise maps with broadcast operands (other than single elements) have no GPU generator"
+    )]
     BroadcastMap,
+    /// A slice whose bounds fall outside its axis once the axis length is known.
+    #[error("slice {start}..{end:?} is outside an axis of {axis_len}")]
+    SliceBounds {
+        start: i64,
+        end: Option<i64>,
+        axis_len: u64,
+    },
     /// An attention or KV-append family, which lowers through [`crate::attention::program`].
     #[error(
         "{family} runs as a program of several launches (`attention::program`), not one kernel"
@@ -85,6 +96,7 @@ pub enum KernelSpec {
     RmsNorm(RmsNormSpec),
     Rope(RopeSpec),
     Elementwise(ElementwiseSpec),
+    RowCopy(RowCopySpec),
 }
 
 /// A scalar kernel argument (in JSON: `{"u32": 7}` or `{"f32": 1e-6}`).
@@ -174,12 +186,14 @@ impl KernelSpec {
                 inputs,
                 steps,
                 broadcast: false,
+                scalar_operands,
                 dtype,
                 ..
             } => KernelSpec::Elementwise(ElementwiseSpec {
                 dtype: *dtype,
                 inputs: *inputs,
                 expr: map_expr(steps),
+                scalar_inputs: scalar_operands.clone(),
             }),
             Family::Map { .. } => return Err(LowerError::BroadcastMap),
             Family::Attention { .. } | Family::KvAppend { .. } => {
@@ -187,6 +201,16 @@ impl KernelSpec {
                     family: family.describe(),
                 })
             }
+            Family::Gather { hidden, dtype, .. } => KernelSpec::RowCopy(RowCopySpec {
+                dtype: *dtype,
+                row_elements: *hidden,
+                index: RowIndex::Gather,
+            }),
+            Family::Slice { inner, dtype, .. } => KernelSpec::RowCopy(RowCopySpec {
+                dtype: *dtype,
+                row_elements: *inner,
+                index: RowIndex::Slice,
+            }),
             Family::HostOnly { op } => return Err(LowerError::NoGenerator { op: op.clone() }),
         })
     }
@@ -204,6 +228,7 @@ impl KernelSpec {
             KernelSpec::RmsNorm(spec) => rms_norm::generate(spec),
             KernelSpec::Rope(spec) => rope::generate(spec),
             KernelSpec::Elementwise(spec) => elementwise::generate(spec),
+            KernelSpec::RowCopy(spec) => row_copy::generate(spec),
         }
     }
 
@@ -212,7 +237,8 @@ impl KernelSpec {
     ///
     /// Linear: `(x, weight[, bias | residual]) → out`. RMSNorm: `(x, weight) → out`, or with
     /// the residual fused (`add_rms_norm`): `(x, residual, weight) → (residual_out, out)`.
-    /// RoPE: `(x, positions) → out`. Maps: `(in0, in1, …) → out`.
+    /// RoPE: `(x, positions) → out`. Maps: `(in0, in1, …) → out`. Gather (embedding):
+    /// `(table, ids) → out`. Slice: `x → out`.
     pub fn operand_params(&self) -> (Vec<&'static str>, Vec<&'static str>) {
         let linear = |epilogue: Epilogue| {
             let mut inputs = vec!["x", "weight"];
@@ -234,6 +260,14 @@ impl KernelSpec {
                     vec!["out"],
                 )
             }
+            KernelSpec::RowCopy(RowCopySpec {
+                index: RowIndex::Gather,
+                ..
+            }) => (vec!["table", "ids"], vec!["out"]),
+            KernelSpec::RowCopy(RowCopySpec {
+                index: RowIndex::Slice,
+                ..
+            }) => (vec!["x"], vec!["out"]),
         }
     }
 
@@ -266,6 +300,38 @@ impl KernelSpec {
             (KernelSpec::Elementwise(_), Family::Map { elements, .. }) => {
                 let n = elements.resolve(bindings)?;
                 scalars.insert("n", Scalar::U32(u32_of("n", n)?));
+            }
+            (KernelSpec::RowCopy(_), Family::Gather { rows, vocab, .. }) => {
+                let rows = rows.resolve(bindings)?;
+                scalars.insert("rows", Scalar::U32(u32_of("rows", rows)?));
+                scalars.insert("vocab", Scalar::U32(u32_of("vocab", *vocab as u64)?));
+            }
+            (
+                KernelSpec::RowCopy(_),
+                Family::Slice {
+                    outer,
+                    axis_len,
+                    start,
+                    end,
+                    ..
+                },
+            ) => {
+                let axis = axis_len.resolve(bindings)?;
+                let (first, last) =
+                    slice_range(*start, *end, axis).ok_or(LowerError::SliceBounds {
+                        start: *start,
+                        end: *end,
+                        axis_len: axis,
+                    })?;
+                let taken = last - first;
+                let outer = outer.resolve(bindings)?;
+                // Source rows are indexed in u32 too.
+                u32_of("outer * axis_len", outer.saturating_mul(axis))?;
+                let rows = outer.saturating_mul(taken);
+                scalars.insert("rows", Scalar::U32(u32_of("rows", rows)?));
+                scalars.insert("taken", Scalar::U32(u32_of("taken", taken)?));
+                scalars.insert("axis_len", Scalar::U32(u32_of("axis_len", axis)?));
+                scalars.insert("start", Scalar::U32(u32_of("start", first)?));
             }
             (spec, family) => {
                 return Err(LowerError::Mismatch {
@@ -442,8 +508,12 @@ mod tests {
                     MapStep::Add { a: 0, b: 1 },
                 ],
                 broadcast: false,
+                scalar_operands: vec![],
                 dtype: DType::F16,
             },
+            gather(DType::F16),
+            last_token(DType::BF16),
+            lengths_map(DType::I32),
         ];
         let mut lowering = Lowering::default();
         for family in &families {
@@ -509,6 +579,7 @@ mod tests {
                     inputs: 1,
                     steps: vec![MapStep::Operand { index: 0 }, MapStep::Silu { x: 0 }],
                     broadcast: false,
+                    scalar_operands: vec![],
                     dtype,
                 },
                 Family::Attention {
@@ -530,6 +601,8 @@ mod tests {
                     head_dim: 128,
                     dtype,
                 },
+                gather(dtype),
+                last_token(dtype),
             ]
         };
         let kinds: std::collections::BTreeSet<FamilyKind> =
@@ -537,10 +610,122 @@ mod tests {
         assert_eq!(kinds, capabilities.families, "one example per capability");
         for &dtype in &capabilities.dtypes {
             for family in &examples(dtype) {
+                assert!(capabilities.accepts(family.kind(), dtype));
                 let launches = lowering.lower_all(family, &bindings, 132).unwrap();
                 assert!(!launches.is_empty(), "{}", family.describe());
             }
         }
+        // The family-specific dtypes: i32 maps (with a scalar operand, as decode's lengths).
+        for (&kind, dtypes) in &capabilities.family_dtypes {
+            assert_eq!(kind, FamilyKind::Map);
+            for &dtype in dtypes {
+                let (spec, kernel) = lowering.lower(&lengths_map(dtype), &bindings).unwrap();
+                assert!(matches!(spec, KernelSpec::Elementwise(_)), "{spec:?}");
+                assert!(
+                    kernel.entry.contains(&dtype.to_string()),
+                    "{}",
+                    kernel.entry
+                );
+            }
+        }
+    }
+
+    fn gather(dtype: DType) -> Family {
+        Family::Gather {
+            rows: seq(),
+            vocab: 1000,
+            hidden: 256,
+            dtype,
+        }
+    }
+
+    fn last_token(dtype: DType) -> Family {
+        Family::Slice {
+            outer: SymExpr::constant(2),
+            axis_len: seq(),
+            start: -1,
+            end: None,
+            inner: 256,
+            dtype,
+        }
+    }
+
+    fn lengths_map(dtype: DType) -> Family {
+        Family::Map {
+            elements: SymExpr::constant(3),
+            inputs: 2,
+            steps: vec![
+                MapStep::Operand { index: 0 },
+                MapStep::Operand { index: 1 },
+                MapStep::Add { a: 0, b: 1 },
+            ],
+            broadcast: false,
+            scalar_operands: vec![1],
+            dtype,
+        }
+    }
+
+    #[test]
+    fn row_copies_bind_their_operands_and_resolve_the_slice() {
+        let bindings = Bindings::from_pairs(&[("seq", 7)]);
+        let spec = KernelSpec::for_family(&gather(DType::BF16), &bindings).unwrap();
+        assert_eq!(spec.operand_params(), (vec!["table", "ids"], vec!["out"]));
+        let scalars = spec.scalars(&gather(DType::BF16), &bindings).unwrap();
+        assert_eq!(scalars["rows"], Scalar::U32(7));
+        assert_eq!(scalars["vocab"], Scalar::U32(1000));
+
+        let slice = last_token(DType::F16);
+        let spec = KernelSpec::for_family(&slice, &bindings).unwrap();
+        assert_eq!(spec.operand_params(), (vec!["x"], vec!["out"]));
+        let scalars = spec.scalars(&slice, &bindings).unwrap();
+        assert_eq!(scalars["rows"], Scalar::U32(2));
+        assert_eq!(scalars["taken"], Scalar::U32(1));
+        assert_eq!(scalars["axis_len"], Scalar::U32(7));
+        assert_eq!(scalars["start"], Scalar::U32(6));
+
+        let middle_slice = |start: i64| Family::Slice {
+            outer: SymExpr::constant(3),
+            axis_len: SymExpr::constant(10),
+            start,
+            end: Some(-3),
+            inner: 5,
+            dtype: DType::F16,
+        };
+        let middle = middle_slice(2);
+        let spec = KernelSpec::for_family(&middle, &bindings).unwrap();
+        let scalars = spec.scalars(&middle, &bindings).unwrap();
+        assert_eq!(scalars["rows"], Scalar::U32(15));
+        assert_eq!(scalars["taken"], Scalar::U32(5));
+        assert_eq!(scalars["start"], Scalar::U32(2));
+
+        let outside = middle_slice(-11);
+        let err = spec.scalars(&outside, &bindings).unwrap_err();
+        assert!(
+            matches!(err, LowerError::SliceBounds { axis_len: 10, .. }),
+            "{err}"
+        );
+        // The gather's spec does not compute a slice.
+        let gather_spec = KernelSpec::for_family(&gather(DType::F16), &bindings).unwrap();
+        assert!(gather_spec
+            .scalars(&lengths_map(DType::I32), &bindings)
+            .is_err());
+    }
+
+    #[test]
+    fn an_i32_map_with_a_float_only_step_is_refused_by_name() {
+        let family = Family::Map {
+            elements: SymExpr::constant(4),
+            inputs: 1,
+            steps: vec![MapStep::Operand { index: 0 }, MapStep::Silu { x: 0 }],
+            broadcast: false,
+            scalar_operands: vec![],
+            dtype: DType::I32,
+        };
+        let err = Lowering::default()
+            .lower(&family, &Bindings::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("silu is float-only"), "{err}");
     }
 
     #[test]

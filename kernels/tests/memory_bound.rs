@@ -15,6 +15,7 @@ fn swiglu_map(dtype: DType) -> ElementwiseSpec {
         dtype,
         inputs: 2,
         expr: Expr::input(0).silu() * Expr::input(1),
+        scalar_inputs: vec![],
     }
 }
 
@@ -60,6 +61,7 @@ fn elementwise_every_expression_op_assembles() {
         dtype: DType::F16,
         inputs: 3,
         expr,
+        scalar_inputs: vec![],
     };
     assert_assembles(&elementwise::generate(&spec).unwrap());
 }
@@ -68,7 +70,7 @@ fn elementwise_every_expression_op_assembles() {
 fn elementwise_rejects_bad_specs() {
     let mut spec = swiglu_map(DType::F32);
     let err = elementwise::generate(&spec).unwrap_err().to_string();
-    assert!(err.contains("f16 or bf16"), "{err}");
+    assert!(err.contains("f16, bf16 or i32"), "{err}");
     spec.dtype = DType::F16;
     spec.inputs = 1;
     let err = elementwise::generate(&spec).unwrap_err().to_string();

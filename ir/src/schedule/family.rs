@@ -3,8 +3,12 @@
 //! Owns [`Family`] and [`classify`], which maps one kernel-like graph node to its family and
 //! parameters (sizes, dtype, epilogue). A family is what a generator needs to pick a spec;
 //! which generator (GEMV or GEMM, tile shapes) is the lowering's choice, not this file's.
-//! Every op without a dedicated family is [`Family::HostOnly`]: it runs through
-//! `ir::interp`. This file must not know about PTX or devices.
+//! Data movement with a GPU copy kernel has its own family too ([`Family::Gather`] for the
+//! embedding, [`Family::Slice`] for a range along one axis); where such a kernel is placed
+//! on the CPU, it runs as the same host copy as before (`kiln_kernels::cpu_step`). Every op
+//! without a dedicated family is [`Family::HostOnly`]: it runs on its CPU step (a Cranelift
+//! kernel or a runtime copy), never through `ir::interp`. This file must not know about PTX
+//! or devices.
 
 use super::size::SymExpr;
 use crate::dtype::DType;
@@ -56,13 +60,38 @@ pub enum Family {
         theta: f32,
         dtype: DType,
     },
-    /// An elementwise program (`fused_map` or a plain `add`/`mul`/`silu`/`sigmoid`);
-    /// `broadcast` when some operand is smaller than the result (and must be broadcast).
+    /// An elementwise program (`fused_map` or a plain `add`/`mul`/`silu`/`sigmoid`).
+    /// `scalar_operands` lists the operands that hold a single element (rank 0, or every
+    /// dimension 1) and are broadcast to every element of the result; `broadcast` is set when
+    /// some other operand is smaller than the result (general broadcasting, with no GPU
+    /// generator).
     Map {
         elements: SymExpr,
         inputs: usize,
         steps: Vec<MapStep>,
         broadcast: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        scalar_operands: Vec<usize>,
+        dtype: DType,
+    },
+    /// `Embedding`: `rows` ids (i32) each select one row of `hidden` elements of a
+    /// `[vocab, hidden]` table; `dtype` is the table's.
+    Gather {
+        rows: SymExpr,
+        vocab: usize,
+        hidden: usize,
+        dtype: DType,
+    },
+    /// `Slice` of a row-major tensor viewed as `[outer, axis_len, inner]`: the range
+    /// `start..end` of the middle axis (negative bounds count from its end, a missing end is
+    /// the end of the axis, as in [`Op::Slice`]) is copied for every `outer` index; `inner`
+    /// (the elements after the axis) is a known constant.
+    Slice {
+        outer: SymExpr,
+        axis_len: SymExpr,
+        start: i64,
+        end: Option<i64>,
+        inner: usize,
         dtype: DType,
     },
     /// Attention of `queries` new tokens per sequence over `keys` cached (or, for prefill,
@@ -120,6 +149,8 @@ pub enum FamilyKind {
     Map,
     Attention,
     KvAppend,
+    Gather,
+    Slice,
     HostOnly,
 }
 
@@ -133,6 +164,8 @@ impl FamilyKind {
             FamilyKind::Map => "map",
             FamilyKind::Attention => "attention",
             FamilyKind::KvAppend => "kv_append",
+            FamilyKind::Gather => "gather",
+            FamilyKind::Slice => "slice",
             FamilyKind::HostOnly => "host_only",
         }
     }
@@ -148,6 +181,8 @@ impl Family {
             Family::Map { .. } => FamilyKind::Map,
             Family::Attention { .. } => FamilyKind::Attention,
             Family::KvAppend { .. } => FamilyKind::KvAppend,
+            Family::Gather { .. } => FamilyKind::Gather,
+            Family::Slice { .. } => FamilyKind::Slice,
             Family::HostOnly { .. } => FamilyKind::HostOnly,
         }
     }
@@ -165,7 +200,9 @@ impl Family {
             | Family::Rope { dtype, .. }
             | Family::Map { dtype, .. }
             | Family::Attention { dtype, .. }
-            | Family::KvAppend { dtype, .. } => Some(*dtype),
+            | Family::KvAppend { dtype, .. }
+            | Family::Gather { dtype, .. }
+            | Family::Slice { dtype, .. } => Some(*dtype),
             Family::HostOnly { .. } => None,
         }
     }
@@ -199,11 +236,17 @@ impl Family {
                 inputs,
                 steps,
                 broadcast,
+                scalar_operands,
                 dtype,
                 ..
             } => format!(
-                "map {dtype} inputs={inputs} steps={}{}",
+                "map {dtype} inputs={inputs} steps={}{}{}",
                 steps.len(),
+                if scalar_operands.is_empty() {
+                    String::new()
+                } else {
+                    format!(" scalar_operands={scalar_operands:?}")
+                },
                 if *broadcast { " broadcast" } else { "" }
             ),
             Family::Attention {
@@ -230,6 +273,22 @@ impl Family {
                 dtype,
                 ..
             } => format!("kv_append {dtype} kv_heads={kv_heads} head_dim={head_dim}"),
+            Family::Gather {
+                vocab,
+                hidden,
+                dtype,
+                ..
+            } => format!("gather {dtype} vocab={vocab} hidden={hidden}"),
+            Family::Slice {
+                start,
+                end,
+                inner,
+                dtype,
+                ..
+            } => {
+                let end = end.map_or(String::new(), |e| e.to_string());
+                format!("slice {dtype} {start}..{end} inner={inner}")
+            }
             Family::HostOnly { op } => format!("host_only {op}"),
         }
     }
@@ -304,18 +363,27 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 _ => vec![MapStep::Operand { index: 0 }, MapStep::Sigmoid { x: 0 }],
             };
             let mut broadcast = false;
-            for v in &node.inputs {
+            let mut scalar_operands = Vec::new();
+            for (index, v) in node.inputs.iter().enumerate() {
                 let ty = graph.value_type(*v).ok()?;
                 if ty.dtype != dtype {
                     return None;
                 }
-                broadcast |= ty.shape != out.shape;
+                if ty.shape == out.shape {
+                    continue;
+                }
+                if SymExpr::elements(&ty.shape).as_const() == Some(1) {
+                    scalar_operands.push(index);
+                } else {
+                    broadcast = true;
+                }
             }
             Some(Family::Map {
                 elements: SymExpr::elements(&out.shape),
                 inputs: node.inputs.len(),
                 steps,
                 broadcast,
+                scalar_operands,
                 dtype,
             })
         }
@@ -382,8 +450,47 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 dtype,
             })
         }
+        Op::Embedding => {
+            let table = operand(0)?;
+            let ids = operand(1)?;
+            let td = table.shape.dims();
+            if td.len() != 2 || table.dtype != dtype || ids.dtype != DType::I32 {
+                return None;
+            }
+            Some(Family::Gather {
+                rows: SymExpr::elements(&ids.shape),
+                vocab: td[0].as_const()?,
+                hidden: td[1].as_const()?,
+                dtype,
+            })
+        }
+        Op::Slice { axis, start, end } => {
+            let x = operand(0)?;
+            let dims = x.shape.dims();
+            if *axis >= dims.len() || x.dtype != dtype {
+                return None;
+            }
+            Some(Family::Slice {
+                outer: SymExpr::product(&dims[..*axis]),
+                axis_len: SymExpr::product(&dims[*axis..*axis + 1]),
+                start: *start,
+                end: *end,
+                inner: SymExpr::product(&dims[*axis + 1..]).as_const()? as usize,
+                dtype,
+            })
+        }
         _ => None,
     }
+}
+
+/// The first and one-past-last index that `Slice { start, end }` takes of an axis of
+/// `size` (negative bounds count from the end, a missing end is the end), or `None` when
+/// the range is empty-reversed or outside the axis. The rule of `kiln_ir::movement::slice`.
+pub fn slice_range(start: i64, end: Option<i64>, size: u64) -> Option<(u64, u64)> {
+    let size = i64::try_from(size).ok()?;
+    let fix = |v: i64| if v < 0 { v + size } else { v };
+    let (first, last) = (fix(start), fix(end.unwrap_or(size)));
+    (first >= 0 && last <= size && first <= last).then_some((first as u64, last as u64))
 }
 
 fn binary_steps(add: bool) -> Vec<MapStep> {

@@ -3,7 +3,7 @@
 //! [`schedule`] partitions a verified graph into [`ScheduledKernel`]s, one per kernel-like
 //! node (reshapes are views: their values alias the buffer they reshape), each with its
 //! [`Family`] (`family`), its [`Device`] (`placement`: a family without a GPU generator
-//! runs on the CPU through `ir::interp`, with explicit [`Transfer`]s), its buffers and a
+//! runs on the CPU as its host step, with explicit [`Transfer`]s), its buffers and a
 //! symbolic launch extent. Subgraphs that read only weights and constants (such as the
 //! concatenated SwiGLU weights) are hoisted to load time (`load_time`), not kernels. Buffers
 //! carry symbolic sizes and lifetimes; the [`memory::PlanMemory`] pass assigns arena offsets
@@ -34,7 +34,7 @@ pub mod placement;
 pub mod size;
 
 pub use computation::Computation;
-pub use family::{classify, AttentionKind, Family, FamilyKind, LinearEpilogue};
+pub use family::{classify, slice_range, AttentionKind, Family, FamilyKind, LinearEpilogue};
 pub use memory::{MemoryPlan, PlanMemory};
 pub use pass::{Pass, PassRecord, PassReport};
 pub use placement::{recompute_transfers, ForceCpu, GpuCapabilities};
@@ -209,6 +209,7 @@ pub enum ScheduleError {
 pub fn schedule(graph: &Graph, options: &ScheduleOptions) -> Result<Schedule, ScheduleError> {
     graph.verify().map_err(ScheduleError::InvalidGraph)?;
     let mut plan = partition::partition(graph, &options.gpu);
+    placement::place_integer_maps_with_their_readers(&mut plan);
     recompute_transfers(&mut plan);
     let mut bindings = options.bindings.clone();
     for buffer in &plan.buffers {
@@ -243,6 +244,7 @@ impl Schedule {
 mod tests {
     use super::*;
     use crate::op::{InputKind, Op};
+    use crate::shape::Dim;
 
     #[test]
     fn kernels_record_the_layer_and_older_plans_still_read() {
@@ -281,5 +283,187 @@ mod tests {
         }
         let old: Graph = serde_json::from_value(json).unwrap();
         assert!(old.nodes.iter().all(|n| n.layer.is_none()));
+    }
+
+    /// The embedding, the last-token slice and an i32 map with a scalar operand: typed
+    /// families, on the GPU in bf16 (the map in i32), on the CPU in f32 or without GPU
+    /// capabilities.
+    fn movement_graph(dtype: DType) -> Graph {
+        let mut g = Graph::new("movement");
+        let table = g
+            .input("table", InputKind::Weight, dtype, crate::shape![100, 24])
+            .unwrap();
+        let ids = g
+            .input(
+                "ids",
+                InputKind::Activation,
+                DType::I32,
+                crate::shape!["batch", "seq"],
+            )
+            .unwrap();
+        let start = g
+            .input(
+                "start",
+                InputKind::Activation,
+                DType::I32,
+                crate::shape!["batch"],
+            )
+            .unwrap();
+        let x = g.add1("embed", Op::Embedding, &[table, ids]).unwrap();
+        let last = g
+            .add1(
+                "last_token",
+                Op::Slice {
+                    axis: 1,
+                    start: -1,
+                    end: None,
+                },
+                &[x],
+            )
+            .unwrap();
+        let one = g
+            .add1(
+                "one",
+                Op::Constant {
+                    value: 1.0,
+                    dtype: DType::I32,
+                },
+                &[],
+            )
+            .unwrap();
+        let lengths = g.add1("lengths", Op::Add, &[start, one]).unwrap();
+        g.output("last", last);
+        g.output("lengths", lengths);
+        g
+    }
+
+    #[test]
+    fn gather_slice_and_scalar_maps_have_typed_families_and_go_to_the_gpu() {
+        let plan = schedule(&movement_graph(DType::BF16), &ScheduleOptions::default()).unwrap();
+        let by_name = |name: &str| {
+            plan.kernels
+                .iter()
+                .find(|k| k.name.ends_with(&format!(".{name}")))
+                .unwrap_or_else(|| panic!("no kernel {name}"))
+        };
+        let embed = by_name("embed");
+        assert_eq!(
+            embed.family,
+            Family::Gather {
+                rows: SymExpr::product(&[Dim::sym("batch"), Dim::sym("seq")]),
+                vocab: 100,
+                hidden: 24,
+                dtype: DType::BF16,
+            }
+        );
+        let slice = by_name("last_token");
+        assert_eq!(
+            slice.family,
+            Family::Slice {
+                outer: SymExpr::product(&[Dim::sym("batch")]),
+                axis_len: SymExpr::product(&[Dim::sym("seq")]),
+                start: -1,
+                end: None,
+                inner: 24,
+                dtype: DType::BF16,
+            }
+        );
+        let lengths = by_name("lengths");
+        assert!(
+            matches!(
+                &lengths.family,
+                Family::Map { scalar_operands, broadcast: false, dtype: DType::I32, .. }
+                    if scalar_operands == &vec![1]
+            ),
+            "{:?}",
+            lengths.family
+        );
+        assert_eq!(
+            lengths.family.describe(),
+            "map i32 inputs=2 steps=3 scalar_operands=[1]"
+        );
+        for kernel in [embed, slice] {
+            assert_eq!(kernel.device, Device::Gpu, "{}", kernel.name);
+        }
+        // Nothing on the GPU reads the lengths (a graph output here): it stays on the host.
+        assert_eq!(lengths.device, Device::Cpu);
+        let json = serde_json::to_value(&embed.family).unwrap();
+        assert_eq!(json["family"], "gather");
+        assert_eq!(
+            serde_json::to_value(&slice.family).unwrap()["family"],
+            "slice"
+        );
+
+        // f32 has no GPU generator; without capabilities nothing goes to the GPU.
+        let f32_plan = schedule(&movement_graph(DType::F32), &ScheduleOptions::default()).unwrap();
+        assert_eq!(f32_plan.count_on(Device::Gpu), 0);
+        let cpu_only = ScheduleOptions {
+            gpu: GpuCapabilities {
+                families: Default::default(),
+                dtypes: Default::default(),
+                family_dtypes: Default::default(),
+            },
+            ..ScheduleOptions::default()
+        };
+        let cpu_plan = schedule(&movement_graph(DType::BF16), &cpu_only).unwrap();
+        assert_eq!(cpu_plan.count_on(Device::Gpu), 0);
+    }
+
+    #[test]
+    fn an_integer_map_read_on_the_gpu_runs_there() {
+        // `doubled = (start + one) + (start + one)` as the ids of an embedding: an f16 gather on the GPU
+        // keeps both integer maps on the GPU; with the gather on the host (f32), they follow.
+        for (dtype, device) in [(DType::F16, Device::Gpu), (DType::F32, Device::Cpu)] {
+            let mut g = Graph::new("lengths");
+            let start = g
+                .input("start", InputKind::Activation, DType::I32, crate::shape![4])
+                .unwrap();
+            let one = g.constant("one", 1.0, DType::I32).unwrap();
+            let lengths = g.add1("lengths", Op::Add, &[start, one]).unwrap();
+            let doubled = g.add1("doubled", Op::Add, &[lengths, lengths]).unwrap();
+            let table = g
+                .input("table", InputKind::Weight, dtype, crate::shape![16, 4])
+                .unwrap();
+            let rows = g.add1("rows", Op::Embedding, &[table, doubled]).unwrap();
+            g.output("rows", rows);
+            let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+            for kernel in &plan.kernels {
+                assert_eq!(kernel.device, device, "{dtype}: {}", kernel.name);
+            }
+        }
+    }
+
+    #[test]
+    fn general_broadcast_maps_stay_on_the_cpu() {
+        let mut g = Graph::new("bias");
+        let x = g
+            .input(
+                "x",
+                InputKind::Activation,
+                DType::F16,
+                crate::shape!["t", 8],
+            )
+            .unwrap();
+        let b = g
+            .input("b", InputKind::Activation, DType::F16, crate::shape![8])
+            .unwrap();
+        let y = g.add1("bias", Op::Add, &[x, b]).unwrap();
+        g.output("y", y);
+        let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+        let kernel = &plan.kernels[0];
+        assert!(
+            matches!(&kernel.family, Family::Map { broadcast: true, scalar_operands, .. } if scalar_operands.is_empty())
+        );
+        assert_eq!(kernel.device, Device::Cpu);
+    }
+
+    #[test]
+    fn slice_ranges_follow_the_movement_rule() {
+        assert_eq!(slice_range(-1, None, 7), Some((6, 7)));
+        assert_eq!(slice_range(2, Some(-1), 7), Some((2, 6)));
+        assert_eq!(slice_range(0, Some(0), 7), Some((0, 0)));
+        assert_eq!(slice_range(-8, None, 7), None);
+        assert_eq!(slice_range(3, Some(2), 7), None);
+        assert_eq!(slice_range(0, Some(8), 7), None);
     }
 }

@@ -163,6 +163,12 @@ pub fn partition(graph: &Graph, gpu: &GpuCapabilities) -> Schedule {
     }
 }
 
+/// Threads of a row-copy block for rows of `elements` halves: one per 16-byte chunk,
+/// whole warps, at most 256.
+fn row_threads(elements: usize) -> u32 {
+    ((elements as u32).div_ceil(8).div_ceil(32).clamp(1, 8)) * 32
+}
+
 /// The nominal launch of a family, mirroring the default tiling of its generator.
 fn launch_of(family: &Family) -> Launch {
     let one = || SymExpr::constant(1);
@@ -250,6 +256,27 @@ fn launch_of(family: &Family) -> Launch {
             ],
             128,
         ),
+        // One block per copied row (`row_copy`), a warp-multiple of 16-byte chunks.
+        Family::Gather { rows, hidden, .. } => ([rows.clone(), one(), one()], row_threads(*hidden)),
+        Family::Slice {
+            outer,
+            start,
+            end,
+            inner,
+            ..
+        } => {
+            // The taken length is known only for constant bounds of the same sign; otherwise
+            // count one row per outer index (the common last-token slice).
+            let taken = match (start, end) {
+                (s, Some(e)) if (*s >= 0) == (*e >= 0) => (e - s).max(0) as u64,
+                (s, None) if *s < 0 => s.unsigned_abs(),
+                _ => 1,
+            };
+            (
+                [outer.clone().times(taken), one(), one()],
+                row_threads(*inner),
+            )
+        }
         Family::HostOnly { .. } => ([one(), one(), one()], 1),
     };
     Launch {

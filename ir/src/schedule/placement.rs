@@ -3,9 +3,12 @@
 //! Owns [`GpuCapabilities`] (the families and dtypes that have a GPU generator), the initial
 //! placement rule, [`recompute_transfers`] and the [`ForceCpu`] pass that moves named kernels
 //! to the CPU (used by the lowering when a generator rejects a spec; later by Fiddler).
-//! A kernel without a GPU generator runs on the CPU through `ir::interp`; every buffer it
-//! reads that is only valid on the GPU is copied to the host first, and vice versa.
-//! Graph inputs start on the host; graph outputs end on the host.
+//! A kernel without a GPU generator runs on the CPU as its host step (Cranelift kernels, or
+//! the runtime's copies for data movement: `kiln_kernels::cpu_step`); every buffer it reads
+//! that is only valid on the GPU is copied to the host first, and vice versa.
+//! Integer maps follow their readers ([`place_integer_maps_with_their_readers`]): an i32 map
+//! stays on the GPU only where a GPU kernel reads it. Graph inputs start on the host; graph
+//! outputs end on the host.
 
 use super::family::{Family, FamilyKind};
 use super::pass::{Pass, PassReport};
@@ -19,14 +22,19 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct GpuCapabilities {
     /// Families with a GPU generator.
     pub families: BTreeSet<FamilyKind>,
-    /// Dtypes those generators accept.
+    /// Dtypes every listed family's generator accepts.
     pub dtypes: BTreeSet<DType>,
+    /// Further dtypes that one family's generator accepts beyond `dtypes` (elementwise maps
+    /// in i32: sequence-length arithmetic).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub family_dtypes: BTreeMap<FamilyKind, BTreeSet<DType>>,
 }
 
 impl Default for GpuCapabilities {
     /// The generators of `kiln-kernels` today: linear (GEMV/GEMM), RMSNorm, RoPE,
-    /// elementwise maps without broadcasting, attention (causal prefill, decode and Quest
-    /// decode over the contiguous KV cache) and KV append, in f16 and bf16.
+    /// elementwise maps (operands of the result's shape or single elements broadcast to it;
+    /// also in i32), attention (causal prefill, decode and Quest decode over the contiguous
+    /// KV cache), KV append, the embedding gather and slices, in f16 and bf16.
     fn default() -> GpuCapabilities {
         GpuCapabilities {
             families: [
@@ -36,19 +44,35 @@ impl Default for GpuCapabilities {
                 FamilyKind::Map,
                 FamilyKind::Attention,
                 FamilyKind::KvAppend,
+                FamilyKind::Gather,
+                FamilyKind::Slice,
             ]
             .into_iter()
             .collect(),
             dtypes: [DType::F16, DType::BF16].into_iter().collect(),
+            family_dtypes: [(FamilyKind::Map, [DType::I32].into_iter().collect())]
+                .into_iter()
+                .collect(),
         }
     }
 }
 
 impl GpuCapabilities {
+    /// Whether the generator of `kind` accepts `dtype`.
+    pub fn accepts(&self, kind: FamilyKind, dtype: DType) -> bool {
+        self.families.contains(&kind)
+            && (self.dtypes.contains(&dtype)
+                || self
+                    .family_dtypes
+                    .get(&kind)
+                    .is_some_and(|dtypes| dtypes.contains(&dtype)))
+    }
+
     /// Where a kernel of `family` runs.
     pub fn place(&self, family: &Family) -> Device {
-        let supported = self.families.contains(&family.kind())
-            && family.dtype().is_some_and(|d| self.dtypes.contains(&d))
+        let supported = family
+            .dtype()
+            .is_some_and(|d| self.accepts(family.kind(), d))
             && !matches!(
                 family,
                 Family::Map {
@@ -62,6 +86,37 @@ impl GpuCapabilities {
             Device::Cpu
         }
     }
+}
+
+/// Integer maps (sequence-length bookkeeping such as decode's `cache_start + 1`) run where
+/// they are read: one placed on the GPU whose results no GPU kernel reads goes back to the
+/// CPU, so a plan whose readers are all on the host (an f32 plan, say) needs no device and
+/// no round trip for one addition. Kernels are visited last to first, so a chain of integer
+/// maps follows its last reader. Returns how many kernels moved.
+pub fn place_integer_maps_with_their_readers(schedule: &mut Schedule) -> usize {
+    let mut moved = 0;
+    for index in (0..schedule.kernels.len()).rev() {
+        let kernel = &schedule.kernels[index];
+        let integer_map = matches!(
+            kernel.family,
+            Family::Map {
+                dtype: DType::I32,
+                ..
+            }
+        );
+        if !integer_map || kernel.device != Device::Gpu {
+            continue;
+        }
+        let outputs = kernel.outputs.clone();
+        let read_on_gpu = schedule.kernels[index + 1..].iter().any(|reader| {
+            reader.device == Device::Gpu && reader.inputs.iter().any(|i| outputs.contains(i))
+        });
+        if !read_on_gpu {
+            schedule.kernels[index].device = Device::Cpu;
+            moved += 1;
+        }
+    }
+    moved
 }
 
 /// Recomputes `schedule.transfers` from the kernels' devices, in kernel order.
