@@ -247,10 +247,10 @@ fn plan_kv_append_matches_the_interpreter() {
                 );
                 assert_same(&what, &got, &want);
                 // The same, said of the rows: new rows where they belong, the rest as before.
-                for b in 0..batch {
+                for (b, &first) in start.iter().enumerate() {
                     for position in 0..capacity {
                         let at = (b * capacity + position) * row;
-                        let offset = position as i32 - start[b];
+                        let offset = position as i32 - first;
                         let expected = if (0..new_tokens as i32).contains(&offset) {
                             let from = (b * new_tokens + offset as usize) * row;
                             &new.data[from..from + row]

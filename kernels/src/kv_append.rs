@@ -460,8 +460,9 @@ struct Written {
 }
 
 /// Copies this thread's chunk of every cache into its page slot when the token's page is
-/// in the table (`page < max_pages`), then emits `then` inside the same guard. `metadata`:
-/// `then` uses [`Written::page_head`] (computed regardless of the page order).
+/// in the table (`page < max_pages`). With `metadata`, then emits `then` (the metadata
+/// update) inside the same guard, given what it needs ([`Written`]); without, `then` is not
+/// called.
 fn copy_chunk(
     k: &mut KernelBuilder,
     caches: &Caches,
