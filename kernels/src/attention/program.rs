@@ -9,10 +9,12 @@
 //! plans lack is the pool's allocator (its free list and real page tables). The page size of
 //! a cache's view is [`cache_page_size`], the same for the append and the dense decode that
 //! reads the cache (with the identity table, any page size dividing the capacity gives the
-//! same addresses, so Quest's own page size reads it too). [`program`] turns a family and the call's sizes
-//! into an [`AttentionProgram`]: the kernels to launch in order, which buffer each pointer
-//! parameter binds to ([`ProgramBuffer`]: an operand of the graph node, its result, a
-//! workspace, a derived table, Quest page bounds kept between calls), and the scalars.
+//! same addresses, so Quest's own page size reads it too).
+//!
+//! [`program`] turns a family and the call's sizes into an [`AttentionProgram`]: the kernels
+//! to launch in order, which buffer each pointer parameter binds to ([`ProgramBuffer`]: an
+//! operand of the graph node, its result, a workspace, a derived table, Quest page bounds
+//! kept between calls), and the scalars.
 //!
 //! - **Causal prefill** (`Attention { causal }` over the new tokens): the prefill kernel reads
 //!   K and V `[batch, seq, kv_heads, head_dim]` as the cache, `seq_lens = q_lens = seq`.
