@@ -1,5 +1,7 @@
 //! GPU tests of the kernels over the model graph's contiguous KV cache `[batch, capacity,
-//! kv_heads, head_dim]`: `kiln_kernels::cache_append` (in-place `Op::KvAppend`) against
+//! kv_heads, head_dim]`, a token-major page pool under the identity page table: the plan's
+//! KV append (the in-place `Op::KvAppend`, run as the `kv_append` launch of
+//! `kiln_kernels::attention::program`, exactly as the executor binds it) against
 //! `kiln_ir::interp`, `kiln_kernels::quest::page_bounds` against
 //! `kiln_ir::quest::PageMeta::from_keys`, and dense decode / causal prefill attention reading
 //! the contiguous cache as token-major pages ([`PageOrder::TokenMajor`]) under the identity
@@ -7,7 +9,8 @@
 //! `AttentionDecode` / `Attention`.
 //!
 //! Each test draws fresh random inputs (seed printed; `KILN_TEST_SEED` reproduces it).
-//! Outputs are poisoned (NaN) before a launch and NaN never passes; cache rows past a
+//! Outputs are poisoned (NaN) before a launch (the append: the rows it must write) and NaN
+//! never passes; cache rows past a
 //! sequence's length hold NaN (attention: a garbage row read shows) or ±500 (page bounds:
 //! NaN would vanish in max / min, ±500 does not). Batches have unequal lengths that are not
 //! multiples of the page size; GQA 4 (8 query heads, 2 KV heads); f16 and bf16; head_dim 32
@@ -26,14 +29,17 @@ use kiln::ir::graph::Graph;
 use kiln::ir::interp;
 use kiln::ir::op::{InputKind, Op};
 use kiln::ir::quest::PageMeta;
+use kiln::ir::schedule::{Family, SymExpr};
+use kiln::ir::shape::Bindings;
 use kiln::ir::shape::Shape;
 use kiln::ir::tensor::Tensor;
 use kiln_codegen::kernel::GpuKernel;
 use kiln_kernels::attention::decode::{self, DecodeAttentionSpec, MergeMode};
 use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::prefill::{self, PrefillAttentionSpec};
+use kiln_kernels::attention::program::{self, ProgramBuffer};
 use kiln_kernels::attention::PagedKv;
-use kiln_kernels::cache_append::{self, CacheAppendSpec};
+use kiln_kernels::lower::Scalar;
 use kiln_kernels::quest::page_bounds::{self, PageBoundsSpec};
 use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor};
 use rand::Rng;
@@ -55,7 +61,7 @@ fn layout(dtype: DType, head_dim: usize) -> PagedKv {
     }
 }
 
-fn launch(device: &CudaDevice, kernel: &GpuKernel, args: &Args<'_>) {
+fn launch_kernel(device: &CudaDevice, kernel: &GpuKernel, args: &Args<'_>) {
     device
         .load(kernel)
         .and_then(|loaded| loaded.launch(args))
@@ -102,29 +108,73 @@ fn interpret(op: Op, operands: &[(&str, Tensor)]) -> Tensor {
     interp::run(&g, &inputs).unwrap().remove("out").unwrap()
 }
 
-// ----- cache_append --------------------------------------------------------------------------
+// ----- KV append (the plan's kv_append launch) ---------------------------------------------
 
-/// Appends `new` at `start` with the kernel; returns the downloaded cache.
+/// Appends `new` at `start` into `cache` through the plan's KV-append program (the launch
+/// and bindings the executor uses for a `KvAppend` node); returns the downloaded cache and
+/// the launched kernel's entry name.
 fn append_on_device(
     device: &CudaDevice,
-    spec: &CacheAppendSpec,
     cache: &Tensor,
     new: &Tensor,
     start: &[i32],
-) -> Tensor {
-    let kernel = cache_append::generate(spec).unwrap();
-    let cache_device = upload(device, cache);
-    let new_device = upload(device, new);
-    let start_device = upload(device, &Tensor::i32(&[start.len()], start));
-    let args = Args::new()
-        .buffer("new", new_device.arg())
-        .buffer("start", start_device.arg())
-        .buffer("cache", cache_device.arg())
-        .u32("batch", cache.shape[0] as u32)
-        .u32("new_tokens", new.shape[1] as u32)
-        .u32("capacity", cache.shape[1] as u32);
-    launch(device, &kernel, &args);
-    cache_device.download().unwrap()
+) -> (Tensor, String) {
+    let (batch, capacity, kv_heads, head_dim) = (
+        cache.shape[0],
+        cache.shape[1],
+        cache.shape[2],
+        cache.shape[3],
+    );
+    let family = Family::KvAppend {
+        batch: SymExpr::constant(batch as u64),
+        new_tokens: SymExpr::constant(new.shape[1] as u64),
+        capacity: SymExpr::constant(capacity as u64),
+        kv_heads,
+        head_dim,
+        dtype: cache.dtype,
+    };
+    let program = program::program(&family, &Bindings::new(), decode::H100_SM_COUNT).unwrap();
+    assert_eq!(program.launches.len(), 1, "one launch");
+    let launch = &program.launches[0];
+    let kernel = launch.kernel.generate().unwrap();
+    let operands = [
+        upload(device, cache),
+        upload(device, new),
+        upload(device, &Tensor::i32(&[start.len()], start)),
+    ];
+    let table = match program.buffers.get("page_table") {
+        Some(&ProgramBuffer::IdentityPageTable {
+            batch: rows,
+            max_pages,
+        }) => {
+            assert_eq!(rows, batch);
+            assert_eq!(
+                capacity % max_pages.max(1),
+                0,
+                "{max_pages} pages must tile {capacity}"
+            );
+            upload(device, &identity_table(rows, max_pages))
+        }
+        other => panic!("page_table: {other:?}"),
+    };
+    let mut args = Args::new();
+    for &(param, name) in &launch.buffers {
+        let tensor = match &program.buffers[name] {
+            ProgramBuffer::Operand(i) => &operands[*i],
+            ProgramBuffer::IdentityPageTable { .. } => &table,
+            other => panic!("{param}: unexpected program buffer {other:?}"),
+        };
+        args = args.buffer(param, tensor.arg());
+    }
+    for (&name, &value) in &launch.scalars {
+        args = match value {
+            Scalar::U32(v) => args.u32(name, v),
+            Scalar::F32(v) => args.f32(name, v),
+        };
+    }
+    launch_kernel(device, &kernel, &args);
+    let [cache_device, _, _] = operands;
+    (cache_device.download().unwrap(), kernel.entry)
 }
 
 fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
@@ -134,52 +184,117 @@ fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
     }
 }
 
+/// `cache` with the rows `start[b] + s` (`s < new_tokens`) that lie inside the cache set to
+/// NaN: what the append must overwrite.
+fn poison_new_rows(cache: &Tensor, start: &[i32], new_tokens: usize) -> Tensor {
+    let (capacity, row) = (cache.shape[1], cache.shape[2] * cache.shape[3]);
+    let mut poisoned = cache.clone();
+    for (b, &first) in start.iter().enumerate() {
+        for s in 0..new_tokens {
+            let position = first as i64 + s as i64;
+            if first >= 0 && position < capacity as i64 {
+                let at = (b * capacity + position as usize) * row;
+                poisoned.data[at..at + row].fill(f32::NAN);
+            }
+        }
+    }
+    poisoned
+}
+
+/// The plan's append against the interpreter: f16 and bf16, head_dim 32, 64 and 128, three
+/// sequences with different starts (one ending exactly at capacity), capacities whose paged
+/// views have 8-, 16- and 1-token pages; the rows to be written are poisoned first and
+/// every other row must come back bit-identical. Then starts out of range: a negative start
+/// writes nothing, rows at or past capacity are dropped, nothing else moves.
 #[test]
 #[ignore = "needs a CUDA device"]
-fn cache_append_matches_the_interpreter() {
+fn plan_kv_append_matches_the_interpreter() {
     let device = device();
-    let mut rng = rng(fresh_seed("cache_append_matches_the_interpreter"));
-    let (batch, capacity, new_tokens) = (3, 40, 5);
-    for dtype in [DType::F16, DType::BF16] {
-        for head_dim in [32, 64, 128] {
-            let spec = CacheAppendSpec {
-                dtype,
-                kv_heads: 2,
-                head_dim,
-            };
-            let cache = random(dtype, &[batch, capacity, 2, head_dim], 1.0, &mut rng);
-            let new = random(dtype, &[batch, new_tokens, 2, head_dim], 1.0, &mut rng);
-            // Unequal starts; the last sequence's rows end exactly at capacity.
-            let start = [0, rng.random_range(1..30), (capacity - new_tokens) as i32];
-            let got = append_on_device(&device, &spec, &cache, &new, &start);
-            let want = interpret(
-                Op::KvAppend,
-                &[
-                    ("cache", cache.clone()),
-                    ("new", new.clone()),
-                    ("start", Tensor::i32(&[batch], &start)),
-                ],
-            );
-            assert_same(&format!("{} starts {start:?}", spec.entry()), &got, &want);
+    let mut rng = rng(fresh_seed("plan_kv_append_matches_the_interpreter"));
+    let (batch, new_tokens, kv_heads) = (3, 5, 2);
+    for capacity in [40, 64, 37] {
+        for dtype in [DType::F16, DType::BF16] {
+            for head_dim in [32, 64, 128] {
+                let cache = random(dtype, &[batch, capacity, kv_heads, head_dim], 1.0, &mut rng);
+                let new = random(
+                    dtype,
+                    &[batch, new_tokens, kv_heads, head_dim],
+                    1.0,
+                    &mut rng,
+                );
+                let row = kv_heads * head_dim;
 
-            // Rows past capacity and a negative start are dropped, nothing else moves.
-            let start = [-3, (capacity - 2) as i32, 7];
-            let got = append_on_device(&device, &spec, &cache, &new, &start);
-            let mut want = cache.clone();
-            let row = 2 * head_dim;
-            for (b, &first) in start.iter().enumerate() {
-                for s in 0..new_tokens {
-                    let position = first + s as i32;
-                    if first < 0 || position >= capacity as i32 {
-                        continue;
+                // Unequal starts; the last sequence's rows end exactly at capacity.
+                let start = [
+                    0,
+                    rng.random_range(1..(capacity - new_tokens) as i32),
+                    (capacity - new_tokens) as i32,
+                ];
+                let (got, entry) = append_on_device(
+                    &device,
+                    &poison_new_rows(&cache, &start, new_tokens),
+                    &new,
+                    &start,
+                );
+                let what = format!("{entry} capacity {capacity} starts {start:?}");
+                let want = interpret(
+                    Op::KvAppend,
+                    &[
+                        ("cache", cache.clone()),
+                        ("new", new.clone()),
+                        ("start", Tensor::i32(&[batch], &start)),
+                    ],
+                );
+                assert_same(&what, &got, &want);
+                // The same, said of the rows: new rows where they belong, the rest as before.
+                for (b, &first) in start.iter().enumerate() {
+                    for position in 0..capacity {
+                        let at = (b * capacity + position) * row;
+                        let offset = position as i32 - first;
+                        let expected = if (0..new_tokens as i32).contains(&offset) {
+                            let from = (b * new_tokens + offset as usize) * row;
+                            &new.data[from..from + row]
+                        } else {
+                            &cache.data[at..at + row]
+                        };
+                        assert!(
+                            got.data[at..at + row]
+                                .iter()
+                                .zip(expected)
+                                .all(|(&g, &w)| same(g, w)),
+                            "{what}: sequence {b} row {position}"
+                        );
                     }
-                    let to = (b * capacity + position as usize) * row;
-                    let from = (b * new_tokens + s) * row;
-                    want.data[to..to + row].copy_from_slice(&new.data[from..from + row]);
                 }
+
+                // Rows past capacity and a negative start are dropped, nothing else moves.
+                let start = [-3, (capacity - 2) as i32, 7];
+                let (got, entry) = append_on_device(
+                    &device,
+                    &poison_new_rows(&cache, &start, new_tokens),
+                    &new,
+                    &start,
+                );
+                let mut want = cache.clone();
+                for (b, &first) in start.iter().enumerate() {
+                    for s in 0..new_tokens {
+                        let position = first + s as i32;
+                        if first < 0 || position >= capacity as i32 {
+                            continue;
+                        }
+                        let to = (b * capacity + position as usize) * row;
+                        let from = (b * new_tokens + s) * row;
+                        want.data[to..to + row].copy_from_slice(&new.data[from..from + row]);
+                    }
+                }
+                assert_same(
+                    &format!("{entry} capacity {capacity} starts {start:?}"),
+                    &got,
+                    &want,
+                );
             }
-            assert_same(&format!("{} starts {start:?}", spec.entry()), &got, &want);
         }
+        eprintln!("plan KV append, capacity {capacity}: ok");
     }
 }
 
@@ -228,7 +343,7 @@ fn bounds_on_device(
         .u32("batch", batch as u32)
         .u32("max_pages", max_pages as u32)
         .u32("new_tokens", new_tokens as u32);
-    launch(device, &kernel, &args);
+    launch_kernel(device, &kernel, &args);
     (page_max.download().unwrap(), page_min.download().unwrap())
 }
 
@@ -467,7 +582,7 @@ fn token_major_decode_matches_the_interpreter() {
                         .buffer("out", out.arg())
                         .buffer("merge_counters", counters.arg());
                 }
-                launch(&device, &kernels.partial, &args);
+                launch_kernel(&device, &kernels.partial, &args);
                 if let Some(merge) = &kernels.merge {
                     let args = Args::new()
                         .buffer("partial_acc", acc.arg())
@@ -476,7 +591,7 @@ fn token_major_decode_matches_the_interpreter() {
                         .buffer("out", out.arg())
                         .u32("batch", batch as u32)
                         .u32("splits", splits as u32);
-                    launch(&device, merge, &args);
+                    launch_kernel(&device, merge, &args);
                 }
                 let got = out.download().unwrap();
                 let what = format!("{} lens {lens:?} splits {splits}", spec.entry_name());
@@ -538,7 +653,7 @@ fn token_major_prefill_matches_the_interpreter() {
             .u32("max_q", max_q as u32)
             .u32("max_pages", max_pages as u32)
             .f32("scale", scale);
-        launch(&device, &kernel, &args);
+        launch_kernel(&device, &kernel, &args);
         let got = out.download().unwrap();
 
         for (b, &(q_len, seq_len)) in lens.iter().enumerate() {

@@ -164,10 +164,7 @@ impl Fixture {
         if tokens == 0 {
             return batch;
         }
-        let kernel = kv_append::generate(&KvAppendSpec {
-            layout: self.layout,
-        })
-        .unwrap();
+        let kernel = kv_append::generate(&KvAppendSpec::pool(self.layout)).unwrap();
         let new_k = DeviceTensor::upload(device, &new_k).unwrap();
         let new_v = DeviceTensor::upload(device, &new_v).unwrap();
         let token_seqs = DeviceBuffer::from_host(device, &batch.token_seqs).unwrap();

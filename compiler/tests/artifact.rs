@@ -98,7 +98,7 @@ fn the_tiny_presets_head_dim_32_attention_is_placed_on_the_gpu() {
         "prefill_attention_bf16_q8_kv2_d32",
         "attention_decode_dense_bf16_q8_kv2_d32",
         "attention_decode_merge_bf16_q8_d32",
-        "cache_append_bf16_kv2_d32",
+        "kv_append_start_single_bf16_q2_kv2_d32",
     ] {
         assert!(
             entries.iter().any(|e| e.starts_with(entry)),

@@ -1,11 +1,36 @@
-//! KV append: writes new (post-RoPE) keys and values into the paged KV cache and maintains
-//! the Quest page metadata (element-wise max / min of each page's keys) in the same kernel.
+//! KV append: writes new (post-RoPE) keys and values into a paged KV cache and, for the
+//! pool of `runtime::kv`, maintains the Quest page metadata (element-wise max / min of each
+//! page's keys) in the same kernel. It is the one kernel that writes every KV cache: the
+//! pool's pages and, through [`KvAppendSpec::plan`], a compiled plan's contiguous cache
+//! `[batch, capacity, kv_heads, head_dim]`, which is a token-major page pool under the
+//! identity page table (`attention::program`; the plan's attention kernels read the same
+//! view).
 //!
 //! Layout: `attention::paged` ([`PagedKv`]). One block row per new token: block
-//! `(t, y)` thread `i` owns the 16-byte chunk `c = y·threads + i` of token `t`, that is KV
-//! head `c / (head_dim/8)` and dims `8·(c mod head_dim/8) ..+8`. It copies that chunk of
-//! `new_k` and `new_v` into slot `position mod page_size` of physical page
+//! `(t, y, ·)` thread `i` owns the 16-byte chunk `c = y·threads + i` of token `t`, that is KV
+//! head `c / (head_dim/8)` and dims `8·(c mod head_dim/8) ..+8`. It copies that chunk of the
+//! new rows into slot `position mod page_size` of physical page
 //! `page_table[seq, position / page_size]`.
+//!
+//! The spec chooses three things ([`KvAppendSpec`]):
+//! - **Addressing** ([`TokenAddressing`]): where each new token goes.
+//!   - `TokenArrays` (the pool): `tokens` new rows `[tokens, kv_heads, head_dim]`; token
+//!     `t` belongs to batch row `token_seqs[t]` at position `token_positions[t]`. Grid
+//!     `(tokens, ·, 1)`.
+//!   - `StartPerSequence` (the plans' `KvAppend`): new rows `[batch, new_tokens, kv_heads,
+//!     head_dim]`; token `t` of sequence `b` goes to position `start[b] + t`. Grid
+//!     `(new_tokens, ·, batch)`. A sequence with `start[b] < 0` writes nothing (the
+//!     reference, `kiln_ir::interp`, rejects such an append; the kernel drops the rows
+//!     instead of writing out of bounds).
+//! - **Caches** ([`AppendedCaches`]): keys and values (`new_k → k_pages`, `new_v →
+//!   v_pages`, the pool) or one cache (`new → pages`: a plan's K or V cache, which the
+//!   graph appends to in separate nodes).
+//! - **Metadata**: whether the kernel updates `page_max` / `page_min` (the pool). Only the
+//!   token-array, keys-and-values kernel has it; a plan keeps its Quest bounds in the
+//!   attention program's own `quest_page_bounds` launch, recomputed from the written cache.
+//!
+//! In every variant a token whose page index is `>= max_pages` (for a plan's cache:
+//! position `>= capacity`) writes nothing.
 //!
 //! **Metadata.** Exactly one token per touched (page, sequence) updates the page's metadata:
 //! the *page leader*, the first new token of that page (token 0, or a token whose
@@ -18,27 +43,39 @@
 //! cache dtype are values of that dtype, so widening to f32, comparing and narrowing back is
 //! exact. No atomics and no races: each metadata chunk has one writer.
 //!
-//! **Contract** (what `runtime::kv::PagedKvCache::append` produces): the new tokens of one
-//! sequence are contiguous in the token arrays with consecutive, ascending positions; the
-//! page table already maps every new position; the earlier slots of a page that receives
-//! new tokens from slot `s > 0` on were written (with their metadata) by earlier appends.
-//! Prefill (many tokens per sequence, spanning pages) and decode (one token per sequence)
-//! are the same call.
+//! **Contract** of the metadata kernel (what `runtime::kv::PagedKvCache::append` produces):
+//! the new tokens of one sequence are contiguous in the token arrays with consecutive,
+//! ascending positions; the page table already maps every new position; the earlier slots
+//! of a page that receives new tokens from slot `s > 0` on were written (with their
+//! metadata) by earlier appends. Prefill (many tokens per sequence, spanning pages) and
+//! decode (one token per sequence) are the same call.
 //!
-//! Parameters, in order:
-//! - `new_k`, `new_v` `[tokens, kv_heads, head_dim]` T (read);
-//! - `token_seqs [tokens]` i32: the batch row (into `page_table`) of each token (read);
-//! - `token_positions [tokens]` i32: the position of each token in its sequence (read);
+//! Parameters, in order (those of the variant):
+//! - `new_k`, `new_v` (keys and values) or `new` (one cache): `[tokens, kv_heads,
+//!   head_dim]` (token arrays) or `[batch, new_tokens, kv_heads, head_dim]` (start per
+//!   sequence) T (read);
+//! - token arrays: `token_seqs [tokens]` i32, the batch row (into `page_table`) of each
+//!   token, and `token_positions [tokens]` i32, its position in its sequence (read);
+//!   start per sequence: `start [batch]` i32 (read);
 //! - `page_table [batch, max_pages]` i32 (read);
-//! - `k_pages`, `v_pages` `[num_pages, kv_heads, page_size, head_dim]` T (written), or
-//!   `[num_pages, page_size, kv_heads, head_dim]` for token-major pages (`PagedKv::order`;
-//!   the entry name then ends in `_tm`);
-//! - `page_max`, `page_min` `[num_pages, kv_heads, head_dim]` T (read and written);
-//! - scalars `tokens` (u32) and `max_pages` (u32, the row width of `page_table`).
+//! - `k_pages`, `v_pages` (keys and values) or `pages` (one cache) `[num_pages, kv_heads,
+//!   page_size, head_dim]` T (written), or `[num_pages, page_size, kv_heads, head_dim]` for
+//!   token-major pages (`PagedKv::order`);
+//! - metadata: `page_max`, `page_min` `[num_pages, kv_heads, head_dim]` T (read and written);
+//! - scalars: token arrays `tokens` (u32); start per sequence `batch`, `new_tokens` (u32);
+//!   then `max_pages` (u32, the row width of `page_table`).
 //!
-//! Launch: grid `(tokens, ceil(kv_heads·head_dim/8 / threads), 1)`, block
-//! `(threads, 1, 1)` with `threads = min(128, kv_heads·head_dim/8 rounded up to 32)`; no
-//! dynamic shared memory. A token whose page index is `>= max_pages` writes nothing.
+//! Entry names: `kv_append_{layout tag}` for the pool's kernel (token arrays, keys and
+//! values, metadata); otherwise `kv_append` then `_start` (start per sequence), `_single`
+//! (one cache), `_nometa` (token arrays and keys and values without metadata), then the tag
+//! (`kv_append_start_single_bf16_q2_kv2_d32_p16_tm`; the tag ends in `_tm` for token-major
+//! pages).
+//!
+//! Launch: grid `(tokens or new_tokens, ceil(kv_heads·head_dim/8 / threads), 1 or batch)`,
+//! block `(threads, 1, 1)` with `threads = min(128, kv_heads·head_dim/8 rounded up to 32)`;
+//! no dynamic shared memory. An empty grid (no tokens, no sequences) is the caller's to
+//! skip (the runtime refuses empty grids). All buffers 16-byte aligned (device allocations
+//! are).
 //!
 //! This file generates PTX; it must not launch anything.
 
@@ -57,13 +94,67 @@ const FAMILY: &str = "kv_append";
 /// Most threads per block.
 const MAX_THREADS: u32 = 128;
 
-/// A KV-append kernel for one paged layout.
+/// Where each new token goes (see the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenAddressing {
+    /// `token_seqs[t]`, `token_positions[t]` per new token (the pool of `runtime::kv`).
+    #[default]
+    TokenArrays,
+    /// Token `t` of sequence `b` at position `start[b] + t` (a compiled plan's `KvAppend`).
+    StartPerSequence,
+}
+
+/// Which caches one launch appends to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppendedCaches {
+    /// `new_k → k_pages` and `new_v → v_pages` (the pool).
+    #[default]
+    KeysAndValues,
+    /// `new → pages`: one cache, K or V (a plan's `KvAppend` node).
+    Single,
+}
+
+fn metadata_by_default() -> bool {
+    true
+}
+
+/// A KV-append kernel for one paged layout, addressing, set of caches and metadata choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KvAppendSpec {
     pub layout: PagedKv,
+    #[serde(default)]
+    pub addressing: TokenAddressing,
+    #[serde(default)]
+    pub caches: AppendedCaches,
+    /// Whether the kernel updates the Quest page metadata (`page_max` / `page_min`); only
+    /// with token arrays and keys and values.
+    #[serde(default = "metadata_by_default")]
+    pub metadata: bool,
 }
 
 impl KvAppendSpec {
+    /// The pool's kernel (`runtime::kv`): token arrays, keys and values, Quest metadata.
+    pub fn pool(layout: PagedKv) -> KvAppendSpec {
+        KvAppendSpec {
+            layout,
+            addressing: TokenAddressing::TokenArrays,
+            caches: AppendedCaches::KeysAndValues,
+            metadata: true,
+        }
+    }
+
+    /// A compiled plan's `KvAppend` node: start per sequence, one cache, no metadata.
+    pub fn plan(layout: PagedKv) -> KvAppendSpec {
+        KvAppendSpec {
+            layout,
+            addressing: TokenAddressing::StartPerSequence,
+            caches: AppendedCaches::Single,
+            metadata: false,
+        }
+    }
+
     /// 16-byte chunks of one token (all KV heads).
     pub fn chunks_per_token(&self) -> u32 {
         (self.layout.kv_heads * self.layout.head_dim / HALVES_PER_CHUNK) as u32
@@ -79,39 +170,130 @@ impl KvAppendSpec {
         self.chunks_per_token().div_ceil(self.threads())
     }
 
-    /// The kernel entry name.
+    /// The kernel entry name (see the module documentation).
     pub fn entry(&self) -> String {
-        format!("kv_append_{}", self.layout.tag())
+        let start = match self.addressing {
+            TokenAddressing::TokenArrays => "",
+            TokenAddressing::StartPerSequence => "_start",
+        };
+        let single = match self.caches {
+            AppendedCaches::KeysAndValues => "",
+            AppendedCaches::Single => "_single",
+        };
+        let metadata_possible = self.addressing == TokenAddressing::TokenArrays
+            && self.caches == AppendedCaches::KeysAndValues;
+        let no_metadata = if metadata_possible && !self.metadata {
+            "_nometa"
+        } else {
+            ""
+        };
+        format!(
+            "kv_append{start}{single}{no_metadata}_{}",
+            self.layout.tag()
+        )
     }
+
+    /// Checks the spec; errors name the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        self.layout.validate(FAMILY)?;
+        if self.metadata && self.addressing != TokenAddressing::TokenArrays {
+            return Err(SpecError::new(
+                FAMILY,
+                "metadata needs token arrays addressing (a plan keeps its Quest bounds in \
+                 the attention program's page-bounds launch)",
+            ));
+        }
+        if self.metadata && self.caches != AppendedCaches::KeysAndValues {
+            return Err(SpecError::new(
+                FAMILY,
+                "metadata needs caches = keys and values (the page bounds are of the keys)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The pointers and sizes every variant's copy needs.
+struct Caches {
+    layout: PagedKv,
+    page_table: Reg<U64>,
+    max_pages: Reg<U32>,
+    /// `(new rows, pages)`: the keys' first, then the values' (keys and values).
+    pairs: Vec<(Reg<U64>, Reg<U64>)>,
+    chunks_per_token: u32,
 }
 
 /// Generates the KV-append kernel for `spec`.
 pub fn generate(spec: &KvAppendSpec) -> Result<GpuKernel, SpecError> {
+    spec.validate()?;
     let layout = spec.layout;
-    layout.validate(FAMILY)?;
     let dtype = layout.dtype;
     let head_dim = layout.head_dim as u32;
-    let kv_heads = layout.kv_heads as u32;
     let page_size = layout.page_size as u32;
     let page_shift = page_size.trailing_zeros();
     let chunks_per_head = head_dim / HALVES_PER_CHUNK as u32;
     let chunks_per_token = spec.chunks_per_token();
     let threads = spec.threads();
     let row_bytes = head_dim * 2;
+    let token_arrays = spec.addressing == TokenAddressing::TokenArrays;
 
     let mut k = KernelBuilder::new(&spec.entry(), Target::Sm80);
-    let new_k = k.param_pointer("new_k", Access::Read);
-    let new_v = k.param_pointer("new_v", Access::Read);
-    let token_seqs = k.param_pointer("token_seqs", Access::Read);
-    let token_positions = k.param_pointer("token_positions", Access::Read);
+    let new_rows: Vec<Reg<U64>> = match spec.caches {
+        AppendedCaches::KeysAndValues => vec![
+            k.param_pointer("new_k", Access::Read),
+            k.param_pointer("new_v", Access::Read),
+        ],
+        AppendedCaches::Single => vec![k.param_pointer("new", Access::Read)],
+    };
+    let lookup = if token_arrays {
+        Lookup::TokenArrays(
+            k.param_pointer("token_seqs", Access::Read),
+            k.param_pointer("token_positions", Access::Read),
+        )
+    } else {
+        Lookup::Start(k.param_pointer("start", Access::Read))
+    };
     let page_table = k.param_pointer("page_table", Access::Read);
-    let k_pages = k.param_pointer("k_pages", Access::Write);
-    let v_pages = k.param_pointer("v_pages", Access::Write);
-    let page_max = k.param_pointer("page_max", Access::ReadWrite);
-    let page_min = k.param_pointer("page_min", Access::ReadWrite);
-    let tokens = k.param_u32("tokens");
+    let pages: Vec<Reg<U64>> = match spec.caches {
+        AppendedCaches::KeysAndValues => vec![
+            k.param_pointer("k_pages", Access::Write),
+            k.param_pointer("v_pages", Access::Write),
+        ],
+        AppendedCaches::Single => vec![k.param_pointer("pages", Access::Write)],
+    };
+    let metadata = spec.metadata.then(|| {
+        (
+            k.param_pointer("page_max", Access::ReadWrite),
+            k.param_pointer("page_min", Access::ReadWrite),
+        )
+    });
+    let addressing = match lookup {
+        Lookup::TokenArrays(token_seqs, token_positions) => Addressing::TokenArrays {
+            token_seqs,
+            token_positions,
+            tokens: k.param_u32("tokens"),
+        },
+        Lookup::Start(start) => {
+            // `batch` sizes the grid (its z extent); the kernel reads it from `%ctaid.z`.
+            let _batch = k.param_u32("batch");
+            Addressing::Start {
+                start,
+                new_tokens: k.param_u32("new_tokens"),
+            }
+        }
+    };
     let max_pages = k.param_u32("max_pages");
-    let input = Load::GLOBAL.non_coherent();
+    let caches = Caches {
+        layout,
+        page_table,
+        max_pages,
+        pairs: new_rows
+            .iter()
+            .copied()
+            .zip(pages.iter().copied())
+            .collect(),
+        chunks_per_token,
+    };
 
     k.comment("this thread's token and 16-byte chunk of it (KV head, eight dims)");
     let token = k.ctaid_x();
@@ -122,95 +304,229 @@ pub fn generate(spec: &KvAppendSpec) -> Result<GpuKernel, SpecError> {
     k.if_then(active, |k| {
         let head = k.shr(chunk, chunks_per_head.trailing_zeros());
         let part = k.and(chunk, chunks_per_head - 1);
-
-        k.comment("the token's sequence row, page and slot");
-        let (seq, position) = token_entry(k, token_seqs, token_positions, token);
-        let logical = k.shr(position, page_shift);
-        let slot = k.and(position, page_size - 1);
-        let in_table = k.setp(Cmp::Lt, logical, max_pages);
-        k.if_then(in_table, |k| {
-            let entry = k.mul_add(seq, max_pages, logical);
-            let entry_offset = k.mul_wide(entry, 4u32);
-            let entry_address = k.add(page_table, entry_offset);
-            let physical = k.ld::<U32>(input, entry_address);
-            let page_head = k.mul_add(physical, kv_heads, head);
-
-            k.comment("copy the key and value chunks into the page slot");
-            let source = chunk_address(k, token, chunks_per_token, chunk);
-            let key_address = k.add(new_k, source);
-            let key_words = k.ld_vector::<U32, 4>(input, key_address);
-            let value_address = k.add(new_v, source);
-            let value_words = k.ld_vector::<U32, 4>(input, value_address);
-            // physical·page_stride + head·head_stride + slot·slot_stride + part·16, with
-            // page_stride = heads_per_page·head_stride (`PagedKv`'s strides).
-            let heads_per_page = (layout.page_stride_bytes() / layout.head_stride_bytes()) as u32;
-            let block = if heads_per_page == kv_heads {
-                page_head
-            } else {
-                k.mul_add(physical, heads_per_page, head)
-            };
-            let block_offset = k.mul_wide(block, layout.head_stride_bytes() as u32);
-            let part_bytes = k.shl(part, 4u32);
-            let in_block = k.mul_add(slot, layout.slot_stride_bytes() as u32, part_bytes);
-            let in_block = k.cvt::<U64>(in_block);
-            let slot_offset = k.add(block_offset, in_block);
-            let k_destination = k.add(k_pages, slot_offset);
-            k.st_vector(Store::GLOBAL, k_destination, key_words);
-            let v_destination = k.add(v_pages, slot_offset);
-            k.st_vector(Store::GLOBAL, v_destination, value_words);
-
-            k.comment("page leader: the first new token of its (sequence, page)");
-            let first = k.setp(Cmp::Eq, token, 0u32);
-            let previous = k.max(token, 1u32);
-            let previous = k.sub(previous, 1u32);
-            let (previous_seq, previous_position) =
-                token_entry(k, token_seqs, token_positions, previous);
-            let previous_page = k.shr(previous_position, page_shift);
-            let other_seq = k.setp(Cmp::Ne, previous_seq, seq);
-            let other_page = k.setp(Cmp::Ne, previous_page, logical);
-            let leader = k.or(first, other_seq);
-            let leader = k.or(leader, other_page);
-            k.if_then(leader, |k| {
-                let meta_row = k.mul_wide(page_head, row_bytes);
-                let meta_offset = k.mad_wide(part, 16u32, meta_row);
-                update_metadata(
-                    k,
-                    dtype,
-                    &Metadata {
-                        new_k,
-                        token_seqs,
-                        token_positions,
-                        page_max,
-                        page_min,
-                    },
-                    &LeaderState {
-                        token,
-                        tokens,
-                        seq,
+        match addressing {
+            Addressing::TokenArrays {
+                token_seqs,
+                token_positions,
+                tokens,
+            } => {
+                k.comment("the token's sequence row, page and slot");
+                let (seq, position) = token_entry(k, token_seqs, token_positions, token);
+                let placed = Placed {
+                    seq,
+                    position,
+                    source_row: token,
+                    head,
+                    part,
+                    chunk,
+                };
+                let Some((page_max, page_min)) = metadata else {
+                    copy_chunk(k, &caches, &placed, false, |_, _| {});
+                    return;
+                };
+                copy_chunk(k, &caches, &placed, true, |k, written| {
+                    let Written {
+                        key_words,
+                        page_head,
                         logical,
                         slot,
-                        page_size,
-                        page_shift,
-                        chunks_per_token,
+                    } = written;
+                    k.comment("page leader: the first new token of its (sequence, page)");
+                    let first = k.setp(Cmp::Eq, token, 0u32);
+                    let previous = k.max(token, 1u32);
+                    let previous = k.sub(previous, 1u32);
+                    let (previous_seq, previous_position) =
+                        token_entry(k, token_seqs, token_positions, previous);
+                    let previous_page = k.shr(previous_position, page_shift);
+                    let other_seq = k.setp(Cmp::Ne, previous_seq, seq);
+                    let other_page = k.setp(Cmp::Ne, previous_page, logical);
+                    let leader = k.or(first, other_seq);
+                    let leader = k.or(leader, other_page);
+                    k.if_then(leader, |k| {
+                        let meta_row = k.mul_wide(page_head, row_bytes);
+                        let meta_offset = k.mad_wide(part, 16u32, meta_row);
+                        update_metadata(
+                            k,
+                            dtype,
+                            &Metadata {
+                                new_k: new_rows[0],
+                                token_seqs,
+                                token_positions,
+                                page_max,
+                                page_min,
+                            },
+                            &LeaderState {
+                                token,
+                                tokens,
+                                seq,
+                                logical,
+                                slot,
+                                page_size,
+                                page_shift,
+                                chunks_per_token,
+                                chunk,
+                                meta_offset,
+                            },
+                            &key_words,
+                        );
+                    });
+                });
+            }
+            Addressing::Start { start, new_tokens } => {
+                k.comment("the token's sequence (grid z), position start + token, source row");
+                let seq = k.special(Special::Ctaid(Axis::Z));
+                let start_offset = k.mul_wide(seq, 4u32);
+                let start_address = k.add(start, start_offset);
+                let first = k.ld::<U32>(Load::GLOBAL.non_coherent(), start_address);
+                // As u32, a negative start is at least 2^31; a start below that plus a token
+                // index (below 2^31, a grid extent) does not wrap.
+                let non_negative = k.setp(Cmp::Lt, first, 0x8000_0000u32);
+                k.if_then(non_negative, |k| {
+                    let position = k.add(first, token);
+                    let source_row = k.mul_add(seq, new_tokens, token);
+                    let placed = Placed {
+                        seq,
+                        position,
+                        source_row,
+                        head,
+                        part,
                         chunk,
-                        meta_offset,
-                    },
-                    &key_words,
-                );
-            });
-        });
+                    };
+                    copy_chunk(k, &caches, &placed, false, |_, _| {});
+                });
+            }
+        }
     });
 
+    let (tokens_extent, batch_extent) = if token_arrays {
+        (Extent::ceil_div("tokens", 1), Extent::fixed(1))
+    } else {
+        (
+            Extent::ceil_div("new_tokens", 1),
+            Extent::ceil_div("batch", 1),
+        )
+    };
     let launch = LaunchRule {
         grid: [
-            Extent::ceil_div("tokens", 1),
+            tokens_extent,
             Extent::fixed(spec.blocks_per_token()),
-            Extent::fixed(1),
+            batch_extent,
         ],
         block: [threads, 1, 1],
         shared_bytes: 0,
     };
     Ok(k.finish(launch))
+}
+
+/// The pointer parameters of an addressing, declared before the pages.
+enum Lookup {
+    TokenArrays(Reg<U64>, Reg<U64>),
+    Start(Reg<U64>),
+}
+
+/// How the kernel finds each token's sequence and position: its parameters.
+#[derive(Clone, Copy)]
+enum Addressing {
+    TokenArrays {
+        token_seqs: Reg<U64>,
+        token_positions: Reg<U64>,
+        tokens: Reg<U32>,
+    },
+    Start {
+        start: Reg<U64>,
+        new_tokens: Reg<U32>,
+    },
+}
+
+/// Where this thread's chunk comes from and goes.
+struct Placed {
+    seq: Reg<U32>,
+    position: Reg<U32>,
+    /// The token's row in the new rows.
+    source_row: Reg<U32>,
+    head: Reg<U32>,
+    part: Reg<U32>,
+    chunk: Reg<U32>,
+}
+
+/// What the metadata update needs from the copy.
+struct Written {
+    /// The key chunk (the first cache's).
+    key_words: [Reg<U32>; 4],
+    /// `physical · kv_heads + head`: this chunk's row of `page_max` / `page_min`.
+    page_head: Reg<U32>,
+    logical: Reg<U32>,
+    slot: Reg<U32>,
+}
+
+/// Copies this thread's chunk of every cache into its page slot when the token's page is
+/// in the table (`page < max_pages`). With `metadata`, then emits `then` (the metadata
+/// update) inside the same guard, given what it needs ([`Written`]); without, `then` is not
+/// called.
+fn copy_chunk(
+    k: &mut KernelBuilder,
+    caches: &Caches,
+    placed: &Placed,
+    metadata: bool,
+    then: impl FnOnce(&mut KernelBuilder, Written),
+) {
+    let layout = caches.layout;
+    let kv_heads = layout.kv_heads as u32;
+    let page_size = layout.page_size as u32;
+    let logical = k.shr(placed.position, page_size.trailing_zeros());
+    let slot = k.and(placed.position, page_size - 1);
+    let in_table = k.setp(Cmp::Lt, logical, caches.max_pages);
+    k.if_then(in_table, |k| {
+        let entry = k.mul_add(placed.seq, caches.max_pages, logical);
+        let entry_offset = k.mul_wide(entry, 4u32);
+        let entry_address = k.add(caches.page_table, entry_offset);
+        let input = Load::GLOBAL.non_coherent();
+        let physical = k.ld::<U32>(input, entry_address);
+        // physical·page_stride + head·head_stride + slot·slot_stride + part·16, with
+        // page_stride = heads_per_page·head_stride (`PagedKv`'s strides).
+        let heads_per_page = (layout.page_stride_bytes() / layout.head_stride_bytes()) as u32;
+        let page_head = (metadata || heads_per_page == kv_heads)
+            .then(|| k.mul_add(physical, kv_heads, placed.head));
+
+        k.comment(if caches.pairs.len() == 2 {
+            "copy the key and value chunks into the page slot"
+        } else {
+            "copy the chunk into the page slot"
+        });
+        let source = chunk_address(k, placed.source_row, caches.chunks_per_token, placed.chunk);
+        let words: Vec<[Reg<U32>; 4]> = caches
+            .pairs
+            .iter()
+            .map(|&(new_rows, _)| {
+                let address = k.add(new_rows, source);
+                k.ld_vector::<U32, 4>(input, address)
+            })
+            .collect();
+        let block = match page_head {
+            Some(page_head) if heads_per_page == kv_heads => page_head,
+            _ => k.mul_add(physical, heads_per_page, placed.head),
+        };
+        let block_offset = k.mul_wide(block, layout.head_stride_bytes() as u32);
+        let part_bytes = k.shl(placed.part, 4u32);
+        let in_block = k.mul_add(slot, layout.slot_stride_bytes() as u32, part_bytes);
+        let in_block = k.cvt::<U64>(in_block);
+        let slot_offset = k.add(block_offset, in_block);
+        for (&(_, pages), &chunk_words) in caches.pairs.iter().zip(&words) {
+            let destination = k.add(pages, slot_offset);
+            k.st_vector(Store::GLOBAL, destination, chunk_words);
+        }
+        if let Some(page_head) = page_head.filter(|_| metadata) {
+            then(
+                k,
+                Written {
+                    key_words: words[0],
+                    page_head,
+                    logical,
+                    slot,
+                },
+            );
+        }
+    });
 }
 
 /// The pointers the metadata update reads and writes.

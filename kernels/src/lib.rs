@@ -10,7 +10,6 @@
 
 pub mod admm;
 pub mod attention;
-pub mod cache_append;
 pub mod cpu_step;
 pub mod elementwise;
 pub mod epilogue;

@@ -1,7 +1,8 @@
 //! The kernels over the model graph's contiguous KV cache `[batch, capacity, kv_heads,
-//! head_dim]`: `cache_append` (in-place `KvAppend`), `quest::page_bounds` (Quest metadata
-//! from a written cache) and the paged attention kernels reading token-major pages
-//! ([`PageOrder::TokenMajor`]; the contiguous cache under the identity page table). PTX
+//! head_dim]`, a token-major page pool ([`PageOrder::TokenMajor`]) under the identity page
+//! table: the plan's `kv_append` variant ([`KvAppendSpec::plan`]: start per sequence, one
+//! cache, no metadata; the in-place `KvAppend`), `quest::page_bounds` (Quest metadata from a
+//! written cache) and the paged attention kernels reading token-major pages. PTX
 //! snapshots at representative specs, strict ptxas assembly for sm_80 and sm_90 (no spills,
 //! no stack, no warnings), parameters, launch rules and entry names, and that the head-major
 //! kernels are unchanged by the order field.
@@ -19,8 +20,7 @@ use kiln_kernels::attention::decode::{self, DecodeAttentionSpec};
 use kiln_kernels::attention::paged::PageOrder;
 use kiln_kernels::attention::prefill::{self, PrefillAttentionSpec};
 use kiln_kernels::attention::PagedKv;
-use kiln_kernels::cache_append::{self, CacheAppendSpec};
-use kiln_kernels::kv_append::{self, KvAppendSpec};
+use kiln_kernels::kv_append::{self, AppendedCaches, KvAppendSpec, TokenAddressing};
 use kiln_kernels::quest::page_bounds::{self, PageBoundsSpec};
 
 /// The model graph's cache: token-major pages (with an identity page table).
@@ -36,6 +36,11 @@ fn head_major(layout: PagedKv) -> PagedKv {
         order: PageOrder::HeadMajor,
         ..layout
     }
+}
+
+/// The plan's append kernel for a cache of `kv_heads` heads of `head_dim` (16-token pages).
+fn plan_append(dtype: DType, kv_heads: usize, head_dim: usize) -> KvAppendSpec {
+    KvAppendSpec::plan(layout(dtype, kv_heads, kv_heads, head_dim))
 }
 
 fn names(kernel: &GpuKernel) -> Vec<&str> {
@@ -56,13 +61,8 @@ fn assemble(kernel: &GpuKernel) {
 
 #[test]
 fn ptx_snapshots() {
-    let append = cache_append::generate(&CacheAppendSpec {
-        dtype: DType::F16,
-        kv_heads: 8,
-        head_dim: 128,
-    })
-    .unwrap();
-    insta::assert_snapshot!("cache_append_f16_kv8_d128", append.ptx);
+    let append = kv_append::generate(&plan_append(DType::F16, 8, 128)).unwrap();
+    insta::assert_snapshot!("kv_append_start_single_f16_q8_kv8_d128_p16_tm", append.ptx);
     let bounds = page_bounds::generate(&PageBoundsSpec {
         layout: layout(DType::F16, 32, 8, 128),
     })
@@ -77,19 +77,124 @@ fn ptx_snapshots() {
 }
 
 #[test]
-fn cache_append_assembles_without_spills() {
+fn plan_append_assembles_without_spills() {
     for dtype in [DType::F16, DType::BF16] {
         for head_dim in [32, 64, 128] {
             for kv_heads in [1, 8, 32] {
-                let spec = CacheAppendSpec {
-                    dtype,
-                    kv_heads,
-                    head_dim,
-                };
-                assemble(&cache_append::generate(&spec).unwrap());
+                for page_size in [1, 16] {
+                    let spec = KvAppendSpec::plan(PagedKv {
+                        page_size,
+                        ..layout(dtype, kv_heads, kv_heads, head_dim)
+                    });
+                    assemble(&kv_append::generate(&spec).unwrap());
+                }
             }
         }
     }
+    // The other variants the spec allows: start-addressed keys and values, token arrays
+    // into one cache, and the pool's kernel without metadata, in both page orders.
+    let layout = layout(DType::BF16, 8, 2, 32);
+    for order in [PageOrder::HeadMajor, PageOrder::TokenMajor] {
+        let layout = PagedKv { order, ..layout };
+        for spec in [
+            KvAppendSpec {
+                caches: AppendedCaches::KeysAndValues,
+                ..KvAppendSpec::plan(layout)
+            },
+            KvAppendSpec {
+                addressing: TokenAddressing::TokenArrays,
+                ..KvAppendSpec::plan(layout)
+            },
+            KvAppendSpec {
+                metadata: false,
+                ..KvAppendSpec::pool(layout)
+            },
+        ] {
+            assemble(&kv_append::generate(&spec).unwrap());
+        }
+    }
+}
+
+/// The variants' entry names and parameters; the pool's kernel keeps its name.
+#[test]
+fn append_variants_are_named_by_what_they_do() {
+    let layout = layout(DType::BF16, 8, 2, 32);
+    let entry_and_params = |spec: KvAppendSpec| {
+        let kernel = kv_append::generate(&spec).unwrap();
+        assert_eq!(kernel.entry, spec.entry());
+        let params: Vec<String> = kernel.params.iter().map(|p| p.name.clone()).collect();
+        (kernel.entry, params.join(" "))
+    };
+    assert_eq!(
+        entry_and_params(KvAppendSpec::pool(layout)),
+        (
+            "kv_append_bf16_q8_kv2_d32_p16_tm".to_string(),
+            "new_k new_v token_seqs token_positions page_table k_pages v_pages page_max \
+             page_min tokens max_pages"
+                .to_string()
+        )
+    );
+    assert_eq!(
+        entry_and_params(KvAppendSpec {
+            metadata: false,
+            ..KvAppendSpec::pool(layout)
+        }),
+        (
+            "kv_append_nometa_bf16_q8_kv2_d32_p16_tm".to_string(),
+            "new_k new_v token_seqs token_positions page_table k_pages v_pages tokens max_pages"
+                .to_string()
+        )
+    );
+    assert_eq!(
+        entry_and_params(KvAppendSpec::plan(layout)),
+        (
+            "kv_append_start_single_bf16_q8_kv2_d32_p16_tm".to_string(),
+            "new start page_table pages batch new_tokens max_pages".to_string()
+        )
+    );
+    assert_eq!(
+        entry_and_params(KvAppendSpec {
+            caches: AppendedCaches::KeysAndValues,
+            ..KvAppendSpec::plan(layout)
+        }),
+        (
+            "kv_append_start_bf16_q8_kv2_d32_p16_tm".to_string(),
+            "new_k new_v start page_table k_pages v_pages batch new_tokens max_pages".to_string()
+        )
+    );
+    assert_eq!(
+        entry_and_params(KvAppendSpec {
+            addressing: TokenAddressing::TokenArrays,
+            ..KvAppendSpec::plan(layout)
+        }),
+        (
+            "kv_append_single_bf16_q8_kv2_d32_p16_tm".to_string(),
+            "new token_seqs token_positions page_table pages tokens max_pages".to_string()
+        )
+    );
+}
+
+/// The out-of-range rule in the plan's kernel: a start that is negative as i32 (at least
+/// 2^31 as u32) skips the sequence, and a page index at or past `max_pages` skips the row.
+#[test]
+fn plan_append_guards_negative_starts_and_rows_past_the_table() {
+    let ptx = kv_append::generate(&plan_append(DType::F16, 2, 64))
+        .unwrap()
+        .ptx;
+    let guards: Vec<&str> = ptx
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("setp.lt.u32"))
+        .collect();
+    assert!(
+        guards.iter().any(|l| l.ends_with(", 2147483648;")),
+        "no negative-start guard in {guards:?}"
+    );
+    assert_eq!(guards.len(), 3, "chunk, start and page guards: {guards:?}");
+    // No metadata buffers, no reads of the pages: the kernel only stores into the cache.
+    assert!(!ptx.contains("page_max") && !ptx.contains("page_min"));
+    let stores = ptx.lines().filter(|l| l.contains("st.global")).count();
+    assert_eq!(stores, 1, "one 16-byte store per thread");
 }
 
 #[test]
@@ -139,7 +244,7 @@ fn token_major_attention_assembles_without_spills() {
             ..PrefillAttentionSpec::new(layout)
         };
         assemble(&prefill::generate(&wide).unwrap());
-        let append = kv_append::generate(&KvAppendSpec { layout }).unwrap();
+        let append = kv_append::generate(&KvAppendSpec::pool(layout)).unwrap();
         assert!(append.entry.ends_with("_tm"), "{}", append.entry);
         assemble(&append);
     }
@@ -172,24 +277,34 @@ fn orders_differ_only_for_token_major() {
 
 #[test]
 fn parameters_are_named_for_the_runtime() {
-    let append = cache_append::generate(&CacheAppendSpec {
-        dtype: DType::BF16,
-        kv_heads: 8,
-        head_dim: 128,
-    })
-    .unwrap();
-    assert_eq!(append.entry, "cache_append_bf16_kv8_d128");
+    let append = kv_append::generate(&plan_append(DType::BF16, 8, 128)).unwrap();
+    assert_eq!(
+        append.entry,
+        "kv_append_start_single_bf16_q8_kv8_d128_p16_tm"
+    );
     assert_eq!(
         names(&append),
-        ["new", "start", "cache", "batch", "new_tokens", "capacity"]
+        [
+            "new",
+            "start",
+            "page_table",
+            "pages",
+            "batch",
+            "new_tokens",
+            "max_pages"
+        ]
     );
     let kind = |kernel: &GpuKernel, name: &str| kernel.param(name).map(|(_, p)| p.kind);
     assert_eq!(kind(&append, "new"), Some(ParamKind::Pointer(Access::Read)));
     assert_eq!(
-        kind(&append, "cache"),
-        Some(ParamKind::Pointer(Access::ReadWrite))
+        kind(&append, "start"),
+        Some(ParamKind::Pointer(Access::Read))
     );
-    assert_eq!(kind(&append, "capacity"), Some(ParamKind::U32));
+    assert_eq!(
+        kind(&append, "pages"),
+        Some(ParamKind::Pointer(Access::Write))
+    );
+    assert_eq!(kind(&append, "max_pages"), Some(ParamKind::U32));
 
     let bounds = page_bounds::generate(&PageBoundsSpec {
         layout: layout(DType::F16, 32, 8, 128),
@@ -222,33 +337,32 @@ fn parameters_are_named_for_the_runtime() {
 #[test]
 fn launch_rules() {
     // Append: one block row per (token, sequence); 8 KV heads of d 128 = 128 chunks.
-    let spec = CacheAppendSpec {
-        dtype: DType::F16,
-        kv_heads: 8,
-        head_dim: 128,
-    };
-    let kernel = cache_append::generate(&spec).unwrap();
+    let spec = plan_append(DType::F16, 8, 128);
+    let kernel = kv_append::generate(&spec).unwrap();
     let geometry = kernel
         .launch
         .evaluate(&scalars(&[
             ("batch", 3),
             ("new_tokens", 37),
-            ("capacity", 4096),
+            ("max_pages", 256),
         ]))
         .unwrap();
     assert_eq!(geometry, ([37, 1, 3], [128, 1, 1]));
     assert_eq!(kernel.launch.shared_bytes, 0);
-    let wide = CacheAppendSpec {
-        kv_heads: 32,
-        ..spec
-    };
-    assert_eq!((wide.threads(), wide.blocks_per_row()), (128, 4));
-    let narrow = CacheAppendSpec {
-        dtype: DType::BF16,
-        kv_heads: 1,
-        head_dim: 64,
-    };
-    assert_eq!((narrow.threads(), narrow.blocks_per_row()), (32, 1));
+    let wide = plan_append(DType::F16, 32, 128);
+    assert_eq!((wide.threads(), wide.blocks_per_token()), (128, 4));
+    let geometry = kv_append::generate(&wide)
+        .unwrap()
+        .launch
+        .evaluate(&scalars(&[
+            ("batch", 2),
+            ("new_tokens", 1),
+            ("max_pages", 256),
+        ]))
+        .unwrap();
+    assert_eq!(geometry, ([1, 4, 2], [128, 1, 1]));
+    let narrow = plan_append(DType::BF16, 1, 64);
+    assert_eq!((narrow.threads(), narrow.blocks_per_token()), (32, 1));
 
     // Page bounds: ceil(new_tokens / page_size) pages per (KV head, sequence), one warp each.
     let kernel = page_bounds::generate(&PageBoundsSpec {
@@ -286,12 +400,8 @@ fn launch_rules() {
 
 #[test]
 fn generation_is_deterministic() {
-    let spec = CacheAppendSpec {
-        dtype: DType::BF16,
-        kv_heads: 8,
-        head_dim: 64,
-    };
-    assert_eq!(cache_append::generate(&spec), cache_append::generate(&spec));
+    let spec = plan_append(DType::BF16, 8, 64);
+    assert_eq!(kv_append::generate(&spec), kv_append::generate(&spec));
     for order in [PageOrder::HeadMajor, PageOrder::TokenMajor] {
         let spec = PageBoundsSpec {
             layout: PagedKv {
@@ -305,30 +415,48 @@ fn generation_is_deterministic() {
 
 #[test]
 fn bad_specs_are_rejected_with_the_field_named() {
-    let good = CacheAppendSpec {
-        dtype: DType::F16,
-        kv_heads: 8,
-        head_dim: 128,
-    };
-    let error = cache_append::generate(&CacheAppendSpec {
+    let good = layout(DType::F16, 8, 8, 128);
+    let append = |layout| kv_append::generate(&KvAppendSpec::plan(layout)).unwrap_err();
+    let error = append(PagedKv {
         dtype: DType::F32,
         ..good
-    })
-    .unwrap_err();
-    assert_eq!(error.family, "cache_append");
+    });
+    assert_eq!(error.family, "kv_append");
     assert!(error.to_string().contains("dtype"), "{error}");
-    let error = cache_append::generate(&CacheAppendSpec {
+    let error = append(PagedKv {
         head_dim: 60,
         ..good
-    })
-    .unwrap_err();
-    assert!(error.to_string().contains("head_dim"), "{error}");
-    let error = cache_append::generate(&CacheAppendSpec {
+    });
+    assert!(
+        error
+            .to_string()
+            .contains("head_dim must be 32, 64 or 128, got 60"),
+        "{error}"
+    );
+    let error = append(PagedKv {
         kv_heads: 0,
         ..good
-    })
-    .unwrap_err();
+    });
     assert!(error.to_string().contains("kv_heads"), "{error}");
+    // Metadata only with token arrays and keys and values.
+    for spec in [
+        KvAppendSpec {
+            metadata: true,
+            ..KvAppendSpec::plan(good)
+        },
+        KvAppendSpec {
+            metadata: true,
+            caches: AppendedCaches::KeysAndValues,
+            ..KvAppendSpec::plan(good)
+        },
+        KvAppendSpec {
+            caches: AppendedCaches::Single,
+            ..KvAppendSpec::pool(good)
+        },
+    ] {
+        let error = kv_append::generate(&spec).unwrap_err();
+        assert!(error.to_string().contains("metadata needs"), "{error}");
+    }
 
     let error = page_bounds::generate(&PageBoundsSpec {
         layout: PagedKv {

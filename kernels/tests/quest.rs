@@ -76,7 +76,7 @@ fn assemble(kernel: &GpuKernel) {
 #[test]
 fn ptx_snapshots() {
     for (name, layout) in representative_layouts() {
-        let append = kv_append::generate(&KvAppendSpec { layout }).unwrap();
+        let append = kv_append::generate(&KvAppendSpec::pool(layout)).unwrap();
         insta::assert_snapshot!(format!("kv_append_{name}"), append.ptx);
         let estimate = estimate::generate(&QuestEstimateSpec::new(layout)).unwrap();
         insta::assert_snapshot!(format!("quest_estimate_{name}"), estimate.ptx);
@@ -88,7 +88,7 @@ fn ptx_snapshots() {
 #[test]
 fn kernels_assemble_for_sm80_and_sm90_without_spills() {
     for layout in assembled_layouts() {
-        assemble(&kv_append::generate(&KvAppendSpec { layout }).unwrap());
+        assemble(&kv_append::generate(&KvAppendSpec::pool(layout)).unwrap());
         assemble(&estimate::generate(&QuestEstimateSpec::new(layout)).unwrap());
     }
     let tuned = QuestEstimateSpec {
@@ -104,7 +104,7 @@ fn kernels_assemble_for_sm80_and_sm90_without_spills() {
 #[test]
 fn parameters_are_named_for_the_runtime() {
     let layout = layout(DType::F16, 32, 8, 128);
-    let append = kv_append::generate(&KvAppendSpec { layout }).unwrap();
+    let append = kv_append::generate(&KvAppendSpec::pool(layout)).unwrap();
     assert_eq!(
         names(&append),
         [
@@ -166,33 +166,25 @@ fn scalars(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
 #[test]
 fn launch_rules() {
     // Append: one block row per token; kv_heads * head_dim / 8 chunks per token.
-    let append = KvAppendSpec {
-        layout: layout(DType::F16, 32, 8, 128),
-    };
+    let append = KvAppendSpec::pool(layout(DType::F16, 32, 8, 128));
     let kernel = kv_append::generate(&append).unwrap();
     let geometry = kernel
         .launch
         .evaluate(&scalars(&[("tokens", 37), ("max_pages", 4)]))
         .unwrap();
     assert_eq!(geometry, ([37, 1, 1], [128, 1, 1]));
-    let wide = KvAppendSpec {
-        layout: layout(DType::F16, 32, 32, 128),
-    };
+    let wide = KvAppendSpec::pool(layout(DType::F16, 32, 32, 128));
     let geometry = kv_append::generate(&wide)
         .unwrap()
         .launch
         .evaluate(&scalars(&[("tokens", 1), ("max_pages", 4)]))
         .unwrap();
     assert_eq!(geometry, ([1, 4, 1], [128, 1, 1]));
-    let narrow = KvAppendSpec {
-        layout: layout(DType::BF16, 8, 1, 64),
-    };
+    let narrow = KvAppendSpec::pool(layout(DType::BF16, 8, 1, 64));
     assert_eq!((narrow.threads(), narrow.blocks_per_token()), (32, 1));
     // Head dim 32 (tiny-llama): 2 KV heads x 4 chunks, one warp with 24 idle lanes; 32 KV
     // heads: 128 chunks, one full block.
-    let tiny = KvAppendSpec {
-        layout: layout(DType::F16, 8, 2, 32),
-    };
+    let tiny = KvAppendSpec::pool(layout(DType::F16, 8, 2, 32));
     assert_eq!(tiny.chunks_per_token(), 8);
     assert_eq!((tiny.threads(), tiny.blocks_per_token()), (32, 1));
     let geometry = kv_append::generate(&tiny)
@@ -201,9 +193,7 @@ fn launch_rules() {
         .evaluate(&scalars(&[("tokens", 5), ("max_pages", 4)]))
         .unwrap();
     assert_eq!(geometry, ([5, 1, 1], [32, 1, 1]));
-    let wide_d32 = KvAppendSpec {
-        layout: layout(DType::BF16, 32, 32, 32),
-    };
+    let wide_d32 = KvAppendSpec::pool(layout(DType::BF16, 32, 32, 32));
     assert_eq!((wide_d32.threads(), wide_d32.blocks_per_token()), (128, 1));
 
     // Estimate: batch 1 at 32K context, 8 KV heads, fills more than 132 SMs.
@@ -248,7 +238,9 @@ fn launch_rules() {
 #[test]
 fn metadata_has_one_writer_and_no_atomics_outside_top_k() {
     let layout = layout(DType::BF16, 32, 8, 128);
-    let append = kv_append::generate(&KvAppendSpec { layout }).unwrap().ptx;
+    let append = kv_append::generate(&KvAppendSpec::pool(layout))
+        .unwrap()
+        .ptx;
     let estimate = estimate::generate(&QuestEstimateSpec::new(layout))
         .unwrap()
         .ptx;
@@ -281,7 +273,7 @@ fn has_opcode(ptx: &str, opcode: &str) -> bool {
 #[test]
 fn generation_is_deterministic() {
     for layout in assembled_layouts() {
-        let append = KvAppendSpec { layout };
+        let append = KvAppendSpec::pool(layout);
         assert_eq!(kv_append::generate(&append), kv_append::generate(&append));
         let spec = QuestEstimateSpec::new(layout);
         assert_eq!(estimate::generate(&spec), estimate::generate(&spec));
@@ -296,7 +288,7 @@ fn generation_is_deterministic() {
 #[test]
 fn bad_specs_are_rejected_with_the_field_named() {
     let good = layout(DType::F16, 32, 8, 128);
-    let append = |layout| kv_append::generate(&KvAppendSpec { layout }).unwrap_err();
+    let append = |layout| kv_append::generate(&KvAppendSpec::pool(layout)).unwrap_err();
     for head_dim in [16, 96] {
         let error = append(PagedKv { head_dim, ..good });
         assert_eq!(error.family, "kv_append");

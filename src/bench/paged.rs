@@ -171,7 +171,7 @@ impl PagePool {
     /// modulo one page.
     fn fill(&self, device: &CudaDevice, rng: &mut ChaCha8Rng) -> Result<()> {
         let layout = self.layout;
-        let append = device.load(&kv_append::generate(&KvAppendSpec { layout })?)?;
+        let append = device.load(&kv_append::generate(&KvAppendSpec::pool(layout))?)?;
         let token_words = layout.kv_heads * layout.head_dim / 2;
         let page_words = layout.page_size * token_words;
         let chunk_pages = (STAGING_BYTES / (4 * page_words)).clamp(1, self.pages);

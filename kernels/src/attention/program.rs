@@ -1,13 +1,20 @@
 //! Programs: the launches that compute one attention or KV-append kernel of a compiled plan.
 //!
-//! A plan kernel of family `attention` or `kv_append` (`kiln_ir::schedule::Family`) reads the
-//! model graph's *contiguous* KV cache `[batch, capacity, kv_heads, head_dim]`. That cache is
-//! a paged cache in [`PageOrder::TokenMajor`] whose page table is the identity
-//! (`page_table[b, j] = b · max_pages + j`, `max_pages = capacity / page_size`), so the paged
-//! kernels of this module read it unchanged. [`program`] turns a family and the call's sizes
-//! into an [`AttentionProgram`]: the kernels to launch in order, which buffer each pointer
-//! parameter binds to ([`ProgramBuffer`]: an operand of the graph node, its result, a
-//! workspace, a derived table, Quest page bounds kept between calls), and the scalars.
+//! A plan kernel of family `attention` or `kv_append` (`kiln_ir::schedule::Family`) reads or
+//! writes the model graph's *contiguous* KV cache `[batch, capacity, kv_heads, head_dim]`.
+//! That cache is a page pool in [`PageOrder::TokenMajor`] whose page table is the identity
+//! (`page_table[b, j] = b · max_pages + j`, `max_pages = capacity / page_size`): `capacity`
+//! tokens reserved per sequence, pages never shared or reallocated. So plans and the pool of
+//! `runtime::kv` share one append kernel (`kv_append`) and one attention kernel family; what
+//! plans lack is the pool's allocator (its free list and real page tables). The page size of
+//! a cache's view is [`cache_page_size`], the same for the append and the dense decode that
+//! reads the cache (with the identity table, any page size dividing the capacity gives the
+//! same addresses, so Quest's own page size reads it too).
+//!
+//! [`program`] turns a family and the call's sizes into an [`AttentionProgram`]: the kernels
+//! to launch in order, which buffer each pointer parameter binds to ([`ProgramBuffer`]: an
+//! operand of the graph node, its result, a workspace, a derived table, Quest page bounds
+//! kept between calls), and the scalars.
 //!
 //! - **Causal prefill** (`Attention { causal }` over the new tokens): the prefill kernel reads
 //!   K and V `[batch, seq, kv_heads, head_dim]` as the cache, `seq_lens = q_lens = seq`.
@@ -17,7 +24,10 @@
 //!   token (or rebuilt for every page, see [`AttentionProgram::bounds_refresh`]), estimate,
 //!   top-K, sparse partial, merge. Every page is selected when a sequence has no more pages
 //!   than the budget, which is the dense fallback of the op.
-//! - **KV append**: one in-place `cache_append` launch (the result *is* operand 0).
+//! - **KV append**: one in-place `kv_append` launch ([`KvAppendSpec::plan`]: token `t` of
+//!   sequence `b` at position `start[b] + t`, one cache, no Quest metadata; the result *is*
+//!   operand 0). Rows at positions `>= capacity` and sequences with `start[b] < 0` are not
+//!   written.
 //!
 //! Why a family has no program is a [`ProgramError`]. It generates nothing itself beyond
 //! calling the generators, and must not launch anything.
@@ -25,7 +35,7 @@
 use super::decode::{self, DecodeAttentionSpec};
 use super::paged::{PageOrder, PagedKv};
 use super::prefill::{self, PrefillAttentionSpec};
-use crate::cache_append::{self, CacheAppendSpec};
+use crate::kv_append::{self, KvAppendSpec};
 use crate::lower::Scalar;
 use crate::quest::estimate::{self, QuestEstimateSpec};
 use crate::quest::page_bounds::{self, PageBoundsSpec};
@@ -76,7 +86,7 @@ pub enum ProgramKernel {
     PageBounds(PageBoundsSpec),
     Estimate(QuestEstimateSpec),
     TopK(QuestTopKSpec),
-    CacheAppend(CacheAppendSpec),
+    KvAppend(KvAppendSpec),
 }
 
 impl ProgramKernel {
@@ -96,7 +106,7 @@ impl ProgramKernel {
             ProgramKernel::PageBounds(spec) => page_bounds::generate(spec),
             ProgramKernel::Estimate(spec) => estimate::generate(spec),
             ProgramKernel::TopK(spec) => top_k::generate(spec),
-            ProgramKernel::CacheAppend(spec) => cache_append::generate(spec),
+            ProgramKernel::KvAppend(spec) => kv_append::generate(spec),
         }
     }
 }
@@ -165,6 +175,17 @@ fn page_size_dividing(n: usize, cap: usize) -> usize {
     page
 }
 
+/// Most tokens per page of a contiguous cache's paged view.
+const CACHE_PAGE_CAP: usize = 16;
+
+/// The page size of the paged view of a contiguous cache of `capacity` rows per sequence:
+/// the largest power of two up to 16 that divides `capacity`, so that the identity page table
+/// of `capacity / page_size` pages per sequence covers every row. The KV append and the dense
+/// decode of the same cache use it, so both see the same pages.
+pub fn cache_page_size(capacity: usize) -> usize {
+    page_size_dividing(capacity, CACHE_PAGE_CAP)
+}
+
 /// The program of a plan kernel of `family` under `bindings`, for a device with `sm_count`
 /// SMs (it sizes the decode splits), or why there is none.
 pub fn program(
@@ -181,34 +202,47 @@ pub fn program(
             head_dim,
             dtype,
         } => {
-            let spec = CacheAppendSpec {
+            let batch = resolve("batch", batch, bindings)?;
+            let capacity = resolve("capacity", capacity, bindings)?;
+            let page_size = cache_page_size(capacity);
+            // The append reads no query heads; the layout's group is 1.
+            let layout = PagedKv {
                 dtype: *dtype,
+                q_heads: *kv_heads,
                 kv_heads: *kv_heads,
                 head_dim: *head_dim,
+                page_size,
+                order: PageOrder::TokenMajor,
             };
+            let spec = KvAppendSpec::plan(layout);
+            spec.validate()?;
+            let max_pages = capacity / page_size;
             let scalars = BTreeMap::from([
-                (
-                    "batch",
-                    u32_of("batch", resolve("batch", batch, bindings)?)?,
-                ),
+                ("batch", u32_of("batch", batch)?),
                 (
                     "new_tokens",
                     u32_of("new_tokens", resolve("new tokens", new_tokens, bindings)?)?,
                 ),
-                (
-                    "capacity",
-                    u32_of("capacity", resolve("capacity", capacity, bindings)?)?,
-                ),
+                ("max_pages", u32_of("pages", max_pages)?),
             ]);
             Ok(AttentionProgram {
                 buffers: BTreeMap::from([
                     ("cache", ProgramBuffer::Operand(0)),
                     ("new", ProgramBuffer::Operand(1)),
                     ("start", ProgramBuffer::Operand(2)),
+                    (
+                        "page_table",
+                        ProgramBuffer::IdentityPageTable { batch, max_pages },
+                    ),
                 ]),
                 launches: vec![ProgramLaunch {
-                    kernel: ProgramKernel::CacheAppend(spec),
-                    buffers: vec![("new", "new"), ("start", "start"), ("cache", "cache")],
+                    kernel: ProgramKernel::KvAppend(spec),
+                    buffers: vec![
+                        ("new", "new"),
+                        ("start", "start"),
+                        ("page_table", "page_table"),
+                        ("pages", "cache"),
+                    ],
                     scalars,
                 }],
                 bounds_refresh: None,
@@ -260,7 +294,7 @@ pub fn program(
                     )
                 }
                 AttentionKind::Decode => {
-                    let layout = layout(page_size_dividing(keys, 16));
+                    let layout = layout(cache_page_size(keys));
                     layout.validate("attention")?;
                     if queries == 1 {
                         decode_program(layout, &shape, None)
@@ -686,8 +720,84 @@ mod tests {
         }
     }
 
+    fn kv_append(capacity: u64, head_dim: usize) -> Family {
+        Family::KvAppend {
+            batch: SymExpr::constant(2),
+            new_tokens: SymExpr::constant(3),
+            capacity: SymExpr::constant(capacity),
+            kv_heads: 2,
+            head_dim,
+            dtype: DType::BF16,
+        }
+    }
+
+    /// The plan's append is one in-place `kv_append` launch over the identity page table of
+    /// the same pages as the dense decode of a cache of that capacity.
+    #[test]
+    fn kv_append_writes_the_pages_the_decode_reads() {
+        for capacity in [4096u64, 4100, 7, 256] {
+            let append = program(&kv_append(capacity, 32), &Bindings::new(), 132).unwrap();
+            let [launch] = append.launches.as_slice() else {
+                panic!("one launch, got {}", append.launches.len());
+            };
+            let ProgramKernel::KvAppend(spec) = &launch.kernel else {
+                panic!("{:?}", launch.kernel);
+            };
+            assert_eq!(*spec, KvAppendSpec::plan(spec.layout));
+            assert_eq!(spec.layout.order, PageOrder::TokenMajor);
+            assert_eq!(
+                launch.buffers,
+                [
+                    ("new", "new"),
+                    ("start", "start"),
+                    ("page_table", "page_table"),
+                    ("pages", "cache")
+                ]
+            );
+            assert_eq!(append.buffers["cache"], ProgramBuffer::Operand(0));
+            assert_eq!(append.buffers["new"], ProgramBuffer::Operand(1));
+            assert_eq!(append.buffers["start"], ProgramBuffer::Operand(2));
+
+            let decode = program(
+                &tiny(AttentionKind::Decode, 1, capacity),
+                &Bindings::new(),
+                132,
+            )
+            .unwrap();
+            let ProgramKernel::DecodePartial(read) = &decode.launches[0].kernel else {
+                panic!("{:?}", decode.launches[0].kernel);
+            };
+            assert_eq!(spec.layout.page_size, read.layout.page_size, "{capacity}");
+            let page_size = spec.layout.page_size;
+            assert_eq!(capacity as usize % page_size, 0, "{capacity}");
+            let table = ProgramBuffer::IdentityPageTable {
+                batch: 2,
+                max_pages: capacity as usize / page_size,
+            };
+            assert_eq!(append.buffers["page_table"], table);
+            assert_eq!(
+                launch.scalars["max_pages"],
+                Scalar::U32((capacity as usize / page_size) as u32)
+            );
+        }
+    }
+
+    #[test]
+    fn kv_append_at_an_unsupported_head_dim_is_refused_by_name() {
+        let err = program(&kv_append(256, 96), &Bindings::new(), 132).unwrap_err();
+        assert!(matches!(err, ProgramError::Layout(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("kv_append kernel spec: head_dim must be 32, 64 or 128, got 96"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn page_sizes_divide_the_keys() {
+        assert_eq!(cache_page_size(4096), 16);
+        assert_eq!(cache_page_size(4100), 4);
+        assert_eq!(cache_page_size(7), 1);
         assert_eq!(page_size_dividing(4096, 16), 16);
         assert_eq!(page_size_dividing(4100, 16), 4);
         assert_eq!(page_size_dividing(7, 64), 1);

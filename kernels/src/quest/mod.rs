@@ -9,8 +9,8 @@
 //!   `new_tokens` tokens touched, recomputed from an already written K cache (either page
 //!   order), equal to `kiln_ir::quest::PageMeta::from_keys`.
 //!
-//! The metadata they read is written by `kv_append` (paged cache) or `page_bounds` (a
-//! contiguous cache written by `cache_append`). This module generates PTX; it must not
+//! The metadata they read is written by `kv_append` (the pool's kernel) or `page_bounds` (a
+//! plan's contiguous cache, whose `kv_append` launch writes no metadata). This module generates PTX; it must not
 //! launch anything.
 
 pub mod estimate;

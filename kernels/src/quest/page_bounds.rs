@@ -1,6 +1,6 @@
 //! Quest page bounds: recomputes the page metadata (`page_max` / `page_min`) of the pages that
 //! the last `new_tokens` tokens of each sequence touched, from a K cache that is already
-//! written (by `cache_append` on the contiguous cache, or by any other writer).
+//! written (by a plan's `kv_append` launch on the contiguous cache, or by any other writer).
 //!
 //! For every sequence `b` (length `L = seq_lens[b]`), KV head `h` and logical page `j`
 //! overlapping rows `[L − min(new_tokens, L), L)`, with `p = page_table[b, j]`:
@@ -14,7 +14,7 @@
 //! Owns [`PageBoundsSpec`] and its generator. It reads `k_pages` in either page order
 //! ([`PagedKv::order`], addresses from [`PagedKv::emit_kv_offset`]); `page_max` / `page_min`
 //! are `[num_pages, kv_heads, head_dim]` in both. It must not launch anything, and it does not
-//! write keys (`cache_append` / `kv_append` do).
+//! write keys (`kv_append` does).
 //!
 //! **Work split.** One warp per (page, KV head, sequence). Lane `i` owns the 16-byte chunk
 //! `i mod (head_dim/8)` of the head's row and the token slots `i / (head_dim/8)`,

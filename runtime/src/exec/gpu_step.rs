@@ -12,7 +12,10 @@
 //! length arrays made once per size, Quest page bounds kept per step between calls.
 //!
 //! **KV append is in place**: the result is the cache operand's own memory (the executor
-//! checked at construction that no later kernel reads the operand).
+//! checked at construction that no later kernel reads the operand). It is the same
+//! `kv_append` kernel as the paged pool's (`crate::kv`), launched on the contiguous cache
+//! viewed as token-major pages under an identity page table, like the attention kernels that
+//! read it; the plan has no page allocator (every sequence owns `capacity` rows).
 //!
 //! **Quest page bounds** belong to the step that reads them. They are refreshed for the
 //! pages of this call's new tokens only when the bounds are known to match the cache before
