@@ -456,11 +456,23 @@ fn edited_launch_tables_are_refused_with_the_field() {
     });
     refused(&dir, &[&step, "no launches", "runs on the GPU"]);
 
+    let recorded = artifact.phase(Phase::Decode).launch_tables[0].steps[k]
+        .clone()
+        .unwrap();
+    let operand = recorded
+        .buffers
+        .iter()
+        .find(|(_, b)| matches!(b, kiln_kernels::step_launches::StepBuffer::Operand { .. }))
+        .map(|(name, _)| name.clone())
+        .expect("a GPU step reads an operand");
     let (_root, dir, _) = written("sm_90");
     edit_plan(&dir, |v| {
-        v["phases"][1]["launch_tables"][0]["steps"][k]["buffers"]["x"]["index"] = 7.into()
+        v["phases"][1]["launch_tables"][0]["steps"][k]["buffers"][&operand]["index"] = 7.into()
     });
-    refused(&dir, &[&format!("{step}.buffers.x"), "operands index 7"]);
+    refused(
+        &dir,
+        &[&format!("{step}.buffers.{operand}"), "operands index 7"],
+    );
 
     let (_root, dir, _) = written("sm_90");
     edit_plan(&dir, |v| {
