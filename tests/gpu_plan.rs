@@ -1,11 +1,12 @@
 //! Plan execution on the GPU: `kiln run --device cuda` against `--device cpu` on the tiny
 //! presets. Both run the same compiled (rewritten) prefill and decode plans; on `cuda` the
-//! linear, RMSNorm, RoPE, elementwise, KV-append and attention kernels are generated PTX and
-//! the rest runs on the host with the plan's transfers. The tiny presets have head_dim 32,
+//! linear, RMSNorm, RoPE, elementwise, embedding gather, slice, KV-append and attention
+//! kernels are generated PTX and the rest (tiny-mixtral's MoE) runs on the host with the
+//! plan's transfers. The tiny presets have head_dim 32,
 //! which the attention generators take, so their prefill, decode and Quest attention run on
 //! the GPU as they are (the `_d32` tests: a 100- or 300-token prompt with the KV cache
 //! resident on the device); the `_d64` / `_d128` variants widen the heads. Each is checked
-//! against the CPU plan (whose attention is `ir::interp`, Quest included). Every test needs
+//! against the CPU plan (whose attention, Quest included, runs on the Cranelift host kernels). Every test needs
 //! a CUDA device: run with `cargo test --test gpu_plan -- --ignored` on the GPU machine.
 //!
 //! The tiny presets are f32; the GPU generators take f16 and bf16, so the presets run here
