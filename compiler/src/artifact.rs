@@ -202,7 +202,6 @@ impl Artifact {
             }
             kernels.extend(compiled.kernels);
             report.push_str(&compiled.report);
-            report.push('\n');
             let cpu_steps = compiled
                 .plan
                 .kernels
@@ -213,6 +212,19 @@ impl Artifact {
                 })
                 .collect();
             let launch_tables = launch_tables(&compiled.plan, phase, options)?;
+            report.push_str(
+                "\nlaunch tables (plan.json: every GPU step's launches, run as recorded):\n",
+            );
+            for table in &launch_tables {
+                let launches: usize = table.steps.iter().flatten().map(|s| s.launches.len()).sum();
+                let sizes: Vec<String> = table
+                    .bindings
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
+                report.push_str(&format!("  {:<28} {launches} launches\n", sizes.join(", ")));
+            }
+            report.push('\n');
             phases.push(PhasePlan {
                 phase,
                 plan: compiled.plan,
