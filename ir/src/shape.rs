@@ -180,7 +180,7 @@ impl fmt::Display for Shape {
 }
 
 /// Values of symbolic dimensions, by name.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Bindings(BTreeMap<String, usize>);
 

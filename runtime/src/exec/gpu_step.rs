@@ -54,8 +54,12 @@ impl Executor {
     /// The launches of GPU step `index` under `bindings`: recorded in a launch table with
     /// exactly these sizes, else derived (once per sizes).
     fn step_plan(&mut self, index: usize, bindings: &Bindings) -> Result<Arc<StepPlan>, ExecError> {
-        let key = (index, format!("{bindings:?}"));
-        if let Some(p) = self.step_plans.get(&key) {
+        if let Some(p) = self
+            .step_plans
+            .get(bindings)
+            .and_then(|steps| steps.get(index))
+            .and_then(Option::as_ref)
+        {
             return Ok(p.clone());
         }
         let kernel = &self.plan.kernels[index];
@@ -103,7 +107,12 @@ impl Executor {
             }
         };
         let built = Arc::new(built);
-        self.step_plans.insert(key, built.clone());
+        let steps = self.plan.kernels.len();
+        let cached = self
+            .step_plans
+            .entry(bindings.clone())
+            .or_insert_with(|| vec![None; steps]);
+        cached[index] = Some(built.clone());
         Ok(built)
     }
 
@@ -114,10 +123,11 @@ impl Executor {
         step: &StepPlan,
         launch: usize,
     ) -> Result<Arc<LoadedKernel>, ExecError> {
-        let key = step.launches.launches[launch].kernel.clone();
-        if let Some(l) = self.loaded.get(&key) {
+        let key = &step.launches.launches[launch].kernel;
+        if let Some(l) = self.loaded.get(key.as_str()) {
             return Ok(l.clone());
         }
+        let key = key.clone();
         let name = self.plan.kernels[index].name.clone();
         let spec = step.kernels.as_ref().and_then(|k| k.get(launch)).cloned();
         let code = self.kernel_code(&name, &key, |_| match spec {

@@ -154,8 +154,10 @@ pub struct Executor {
     poison_arena: bool,
     /// Launch tables recorded by a compiled artifact (see [`Executor::with_launch_tables`]).
     launch_tables: Vec<LaunchTable>,
-    /// The launches of GPU steps by (kernel index, bindings): recorded or derived.
-    step_plans: HashMap<(usize, String), Arc<gpu_step::StepPlan>>,
+    /// The launches of GPU steps, by bindings and then kernel index: recorded or derived
+    /// (looked up by reference on every call, so a call with known sizes allocates nothing
+    /// here).
+    step_plans: HashMap<Bindings, Vec<Option<Arc<gpu_step::StepPlan>>>>,
     /// Workspaces by name, shared by all GPU steps (they run one after another).
     workspaces: HashMap<String, DeviceBuffer<u8>>,
     /// Identity page tables and constant length arrays by description.
