@@ -3,6 +3,7 @@
 //! error ≤ 1e-2 for f16/bf16. Run on a GPU machine with `cargo test -- --ignored`.
 
 mod common;
+use common::{input, reference};
 
 use common::{assert_close, device, fresh_seed, random, rng};
 use kiln::ir::dtype::DType;
@@ -20,20 +21,6 @@ use rand::Rng;
 use std::collections::HashMap;
 
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
-
-/// Runs a one-op (or few-op) reference graph on named inputs and returns output `out`.
-fn reference(graph: &Graph, inputs: &[(&str, &Tensor)]) -> Tensor {
-    let map: HashMap<String, Tensor> = inputs
-        .iter()
-        .map(|(n, t)| (n.to_string(), (*t).clone()))
-        .collect();
-    interp::run(graph, &map).unwrap().remove("out").unwrap()
-}
-
-fn input(g: &mut Graph, name: &str, t: &Tensor) -> kiln::ir::graph::ValueId {
-    g.input(name, InputKind::Activation, t.dtype, Shape::of(&t.shape))
-        .unwrap()
-}
 
 #[test]
 #[ignore = "needs a CUDA device"]

@@ -12,14 +12,15 @@
 //! Run on a GPU machine with `cargo test --test gpu_movement -- --ignored`.
 
 mod common;
+use common::{input, reference};
 
 use common::{assert_close, device, fresh_seed, random, rng};
 use kiln::ir::dtype::DType;
-use kiln::ir::graph::{Graph, ValueId};
+use kiln::ir::graph::Graph;
 use kiln::ir::interp;
-use kiln::ir::op::{InputKind, Op};
+use kiln::ir::op::Op;
 use kiln::ir::schedule::{schedule, Device, Family, ScheduleOptions};
-use kiln::ir::shape::{Bindings, Shape};
+use kiln::ir::shape::Bindings;
 use kiln::ir::tensor::Tensor;
 use kiln_kernels::lower::{KernelSpec, Scalar};
 use kiln_runtime::cuda::{Arg, Args, CudaDevice, DeviceTensor};
@@ -28,20 +29,6 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
-
-fn input(g: &mut Graph, name: &str, t: &Tensor) -> ValueId {
-    g.input(name, InputKind::Activation, t.dtype, Shape::of(&t.shape))
-        .unwrap()
-}
-
-/// The interpreter's `out` for `graph` on `inputs`.
-fn reference(graph: &Graph, inputs: &[(&str, &Tensor)]) -> Tensor {
-    let map: HashMap<String, Tensor> = inputs
-        .iter()
-        .map(|(n, t)| (n.to_string(), (*t).clone()))
-        .collect();
-    interp::run(graph, &map).unwrap().remove("out").unwrap()
-}
 
 /// Schedules the one-kernel `graph`, checks it is placed on the GPU with family `expect`,
 /// lowers it, binds `operands` (the node's operands in order) and an output that starts as

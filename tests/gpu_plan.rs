@@ -295,6 +295,21 @@ fn tiny_mixtral_d128_f16_attention_on_the_gpu_matches_cpu() {
     cuda_matches_cpu_with("tiny-mixtral", DType::F16, Some(128), LONG);
 }
 
+/// A 300-token prompt under a 512-token Quest budget: every page is selected, so the runs
+/// must agree at every step.
+fn quest_covering_case() -> Case {
+    Case {
+        prompt_len: 300,
+        quest: Some(QuestOptions {
+            budget_tokens: 512,
+            page_size: 16,
+            skip_layers: 1,
+        }),
+        cache_on_device: true,
+        strict_steps: NEW_TOKENS,
+    }
+}
+
 /// Quest on the GPU (page bounds, estimate, top-K, sparse decode) in a model plan against
 /// the CPU plan's Quest host step, with a budget (512 tokens) above the sequence's 21
 /// pages: every page is selected (the op's dense fallback), so the runs must agree at every
@@ -303,16 +318,7 @@ fn tiny_mixtral_d128_f16_attention_on_the_gpu_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn tiny_llama_d128_f16_quest_covering_budget_matches_cpu() {
-    let case = Case {
-        prompt_len: 300,
-        quest: Some(QuestOptions {
-            budget_tokens: 512,
-            page_size: 16,
-            skip_layers: 1,
-        }),
-        cache_on_device: true,
-        strict_steps: NEW_TOKENS,
-    };
+    let case = quest_covering_case();
     cuda_matches_cpu_with("tiny-llama", DType::F16, Some(128), case);
 }
 
@@ -320,16 +326,7 @@ fn tiny_llama_d128_f16_quest_covering_budget_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn tiny_llama_d32_f16_quest_covering_budget_matches_cpu() {
-    let case = Case {
-        prompt_len: 300,
-        quest: Some(QuestOptions {
-            budget_tokens: 512,
-            page_size: 16,
-            skip_layers: 1,
-        }),
-        cache_on_device: true,
-        strict_steps: NEW_TOKENS,
-    };
+    let case = quest_covering_case();
     cuda_matches_cpu_with("tiny-llama", DType::F16, None, case);
 }
 

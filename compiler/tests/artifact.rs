@@ -13,12 +13,17 @@ fn tiny_llama_bf16() -> ModelConfig {
     config
 }
 
-fn written(target: &str) -> (tempfile::TempDir, std::path::PathBuf, Artifact) {
+/// The bf16 tiny-llama artifact for `target`, with the default sizes.
+fn compiled(target: &str) -> Artifact {
     let options = ArtifactOptions {
         target: Target::from_name(target).unwrap(),
         ..ArtifactOptions::default()
     };
-    let artifact = Artifact::compile(&tiny_llama_bf16(), &options).unwrap();
+    Artifact::compile(&tiny_llama_bf16(), &options).unwrap()
+}
+
+fn written(target: &str) -> (tempfile::TempDir, std::path::PathBuf, Artifact) {
+    let artifact = compiled(target);
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("a");
     artifact.write(&dir).unwrap();
@@ -111,11 +116,7 @@ fn the_tiny_presets_head_dim_32_attention_is_placed_on_the_gpu() {
 fn a_cpu_target_places_every_step_on_the_host() {
     use kiln_ir::schedule::FamilyKind;
     use kiln_kernels::cpu_step::CpuStep;
-    let options = ArtifactOptions {
-        target: Target::from_name("cpu").unwrap(),
-        ..ArtifactOptions::default()
-    };
-    let artifact = Artifact::compile(&tiny_llama_bf16(), &options).unwrap();
+    let artifact = compiled("cpu");
     for phase in [Phase::Prefill, Phase::Decode] {
         assert_eq!(
             artifact
@@ -149,11 +150,7 @@ fn a_cpu_target_places_every_step_on_the_host() {
 #[test]
 fn a_bf16_tiny_llama_artifact_for_sm_90_has_no_host_steps() {
     use kiln_ir::schedule::{Device, Family, FamilyKind};
-    let options = ArtifactOptions {
-        target: Target::from_name("sm_90").unwrap(),
-        ..ArtifactOptions::default()
-    };
-    let artifact = Artifact::compile(&tiny_llama_bf16(), &options).unwrap();
+    let artifact = compiled("sm_90");
     for phase in [Phase::Prefill, Phase::Decode] {
         let plan = artifact.plan(phase);
         let on_cpu: Vec<String> = plan

@@ -3,10 +3,15 @@
 #![allow(dead_code)]
 
 use kiln::ir::dtype::DType;
+use kiln::ir::graph::{Graph, ValueId};
+use kiln::ir::interp;
+use kiln::ir::op::InputKind;
+use kiln::ir::shape::Shape;
 use kiln::ir::tensor::Tensor;
 use kiln_runtime::cuda::CudaDevice;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 
 /// The first CUDA device; GPU tests are `#[ignore]`d elsewhere, so failing loudly is right.
 pub fn device() -> CudaDevice {
@@ -62,4 +67,19 @@ pub fn tolerance(dtype: DType) -> f64 {
         DType::F32 => 1e-5,
         _ => 1e-2,
     }
+}
+
+/// A graph input (an activation) with `t`'s dtype and shape.
+pub fn input(g: &mut Graph, name: &str, t: &Tensor) -> ValueId {
+    g.input(name, InputKind::Activation, t.dtype, Shape::of(&t.shape))
+        .unwrap()
+}
+
+/// The interpreter's output `out` of `graph` on the named `inputs`.
+pub fn reference(graph: &Graph, inputs: &[(&str, &Tensor)]) -> Tensor {
+    let map: HashMap<String, Tensor> = inputs
+        .iter()
+        .map(|(n, t)| (n.to_string(), (*t).clone()))
+        .collect();
+    interp::run(graph, &map).unwrap().remove("out").unwrap()
 }
