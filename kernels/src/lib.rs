@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod gemv;
 pub mod kv_append;
 pub mod lower;
+pub mod moe;
 pub mod quest;
 pub mod rms_norm;
 pub mod rope;
