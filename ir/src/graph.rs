@@ -32,6 +32,21 @@ impl fmt::Display for TensorType {
     }
 }
 
+/// The values of an MoE layer added by [`Graph::add_moe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeValues {
+    /// The router's weights `[.., k]` (f32) and chosen experts `[.., k]` (i32).
+    pub weights: ValueId,
+    pub experts: ValueId,
+    /// The dispatch: slots sorted by expert, and each expert's offsets.
+    pub order: ValueId,
+    pub offsets: ValueId,
+    /// The expert FFN's rows `[.., k, hidden]`, in dispatch order.
+    pub rows: ValueId,
+    /// The combined output `[.., hidden]`.
+    pub out: ValueId,
+}
+
 /// A value in the graph: output `output` of node `node`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ValueId {
@@ -179,6 +194,52 @@ impl Graph {
         dtype: DType,
     ) -> Result<ValueId, VerifyError> {
         self.add1(label, Op::Constant { value, dtype }, &[])
+    }
+
+    /// Adds a mixture-of-experts layer on tokens `x` with router `logits`: `{block}.router`
+    /// (`MoeRouter`), `{block}.dispatch`, `{block}.experts` (`MoeExpertFfn` over
+    /// `expert_weights`, each expert's `[gate, up, down]`) and `{block}.combine`. The error
+    /// names the node that did not verify.
+    pub fn add_moe(
+        &mut self,
+        block: &str,
+        x: ValueId,
+        logits: ValueId,
+        expert_weights: &[[ValueId; 3]],
+        top_k: usize,
+        normalize: bool,
+    ) -> Result<MoeValues, VerifyError> {
+        let num_experts = expert_weights.len();
+        let routed = self.add(
+            &format!("{block}.router"),
+            Op::MoeRouter { top_k, normalize },
+            &[logits],
+        )?;
+        let dispatched = self.add(
+            &format!("{block}.dispatch"),
+            Op::MoeDispatch { num_experts },
+            &[routed[1]],
+        )?;
+        let mut operands = vec![x, dispatched[0], dispatched[1]];
+        operands.extend(expert_weights.iter().flatten());
+        let rows = self.add1(
+            &format!("{block}.experts"),
+            Op::MoeExpertFfn { num_experts },
+            &operands,
+        )?;
+        let out = self.add1(
+            &format!("{block}.combine"),
+            Op::MoeCombine,
+            &[rows, dispatched[0], routed[0]],
+        )?;
+        Ok(MoeValues {
+            weights: routed[0],
+            experts: routed[1],
+            order: dispatched[0],
+            offsets: dispatched[1],
+            rows,
+            out,
+        })
     }
 
     /// Marks `value` as a named graph output.

@@ -1410,32 +1410,21 @@ fn moe_block(
     hidden: usize,
     inter: usize,
 ) -> (ValueId, ValueId, Vec<ValueId>) {
-    let routed = g
-        .add(
-            "router",
-            Op::MoeRouter {
-                top_k,
-                normalize: true,
-            },
-            &[logits],
-        )
-        .unwrap();
-    let d = g
-        .add("dispatch", Op::MoeDispatch { num_experts }, &[routed[1]])
-        .unwrap();
-    let mut operands = vec![x, d[0], d[1]];
-    for e in 0..num_experts {
-        operands.push(weight(g, &format!("gate{e}"), DType::F32, &[inter, hidden]));
-        operands.push(weight(g, &format!("up{e}"), DType::F32, &[inter, hidden]));
-        operands.push(weight(g, &format!("down{e}"), DType::F32, &[hidden, inter]));
-    }
-    let y = g
-        .add1("experts", Op::MoeExpertFfn { num_experts }, &operands)
-        .unwrap();
-    let out = g
-        .add1("combine", Op::MoeCombine, &[y, d[0], routed[0]])
-        .unwrap();
-    (out, y, vec![routed[0], routed[1], d[0], d[1]])
+    let weights: Vec<[ValueId; 3]> = (0..num_experts)
+        .map(|e| {
+            [
+                weight(g, &format!("gate{e}"), DType::F32, &[inter, hidden]),
+                weight(g, &format!("up{e}"), DType::F32, &[inter, hidden]),
+                weight(g, &format!("down{e}"), DType::F32, &[hidden, inter]),
+            ]
+        })
+        .collect();
+    let moe = g.add_moe("moe", x, logits, &weights, top_k, true).unwrap();
+    (
+        moe.out,
+        moe.rows,
+        vec![moe.weights, moe.experts, moe.order, moe.offsets],
+    )
 }
 
 /// `down · (silu(gate · x) ⊙ (up · x))` in f64.

@@ -513,42 +513,26 @@ impl<'a> Builder<'a> {
             ),
         };
         let logits = self.linear(&format!("{block}.gate"), x, moe.num_experts, hidden, false)?;
-        let routed = self.graph.add(
-            &format!("{block}.router"),
-            Op::MoeRouter {
-                top_k: moe.top_k,
-                normalize: moe.normalize_top_k,
-            },
-            &[logits],
-        )?;
-        let (weights, experts) = (routed[0], routed[1]);
-        let dispatched = self.graph.add(
-            &format!("{block}.dispatch"),
-            Op::MoeDispatch {
-                num_experts: moe.num_experts,
-            },
-            &[experts],
-        )?;
-        let (order, offsets) = (dispatched[0], dispatched[1]);
-        let mut operands = vec![x, order, offsets];
+        let mut expert_weights = Vec::with_capacity(moe.num_experts);
         for e in 0..moe.num_experts {
             let p = format!("{block}.experts.{e}");
-            operands.push(self.weight(&format!("{p}.{gate_name}.weight"), &[width, hidden])?);
-            operands.push(self.weight(&format!("{p}.{up_name}.weight"), &[width, hidden])?);
-            operands.push(self.weight(&format!("{p}.{down_name}.weight"), &[hidden, width])?);
+            expert_weights.push([
+                self.weight(&format!("{p}.{gate_name}.weight"), &[width, hidden])?,
+                self.weight(&format!("{p}.{up_name}.weight"), &[width, hidden])?,
+                self.weight(&format!("{p}.{down_name}.weight"), &[hidden, width])?,
+            ]);
         }
-        let y = self.graph.add1(
-            &format!("{block}.experts"),
-            Op::MoeExpertFfn {
-                num_experts: moe.num_experts,
-            },
-            &operands,
-        )?;
-        let mut out = self.graph.add1(
-            &format!("{block}.combine"),
-            Op::MoeCombine,
-            &[y, order, weights],
-        )?;
+        let mut out = self
+            .graph
+            .add_moe(
+                &block,
+                x,
+                logits,
+                &expert_weights,
+                moe.top_k,
+                moe.normalize_top_k,
+            )?
+            .out;
         if let Some(shared_width) = moe.shared_expert_intermediate_size {
             let shared = self.dense_mlp(&format!("{block}.shared_expert"), x, shared_width)?;
             let gate_logit =
