@@ -11,6 +11,9 @@
 //!
 //! The semantics are those of `kiln_ir::op::Op::{MoeRouter, MoeDispatch, MoeExpertFfn,
 //! MoeCombine}` and every kernel is checked against `kiln_ir::interp` on a GPU
-//! (`tests/gpu_moe.rs`). These files generate PTX; they must not launch anything.
+//! (`tests/gpu_moe_routing.rs`, `tests/gpu_moe_expert_ffn.rs`). These files generate PTX; they must not launch anything.
 
+pub mod combine;
+pub mod dispatch;
 pub mod expert_ffn;
+pub mod router;
