@@ -9,7 +9,13 @@ The suite is read from kiln's records:
     record without "kind" is a decode record); two tables, decode then prefill;
   - quest: kiln's Quest rows (one per shape and budget, with the dense decode of the shape
     timed in the same run) join the torch SDPA decode records on (dtype, batch, q_heads,
-    kv_heads, head_dim, context).
+    kv_heads, head_dim, context);
+  - moe: kiln's MoE layer rows join the torch records of the naive expert loop
+    ("torch.moe_naive") and of the grouped bmm reference ("torch.moe_grouped", or
+    "torch.moe_grouped_padded" where the per-slot weight gather would not fit; the impl is
+    named) on (model, dtype, tokens). GB/s on both sides counts the weights of the distinct
+    experts each run's router chose (torch's weights are random, not kiln's: the "distinct"
+    columns say whether both read as many experts).
 Decode and Quest rows also carry the same step timed as the attention step of a compiled
 decode plan (`plan_*` fields, `kiln::bench::plan_step`): those are the figures of what a model
 plan runs; "-" where a shape was skipped.
@@ -146,13 +152,44 @@ def quest_table(kiln, torch):
               f"{plan_cell(r, 'plan_quest_us')} | {plan_cell(r, 'plan_dense_us')} | {ratio(sdpa, r.get('plan_quest_us'))} |")
 
 
+MOE_KEY = ("model", "dtype", "tokens")
+
+
+def moe_table(kiln, torch):
+    ceiling = header(kiln, torch)
+    naive, grouped = {}, {}
+    for r in torch["records"]:
+        if r.get("suite") != "moe":
+            continue
+        table = naive if r["impl"] == "torch.moe_naive" else grouped
+        key = tuple(r[f] for f in MOE_KEY)
+        if key not in table or torch_us(r) < torch_us(table[key]):
+            table[key] = r
+    print("| model | dtype | tokens | E | k | distinct | kiln µs | kiln GB/s | % ceiling | router+dispatch µs | expert FFN µs | "
+          "combine µs | naive torch µs | naive distinct | grouped torch impl | grouped torch µs | grouped torch GB/s | "
+          "speedup vs naive | speedup vs grouped |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    for r in kiln["records"]:
+        key = tuple(r[f] for f in MOE_KEY)
+        n, g = naive.get(key), grouped.get(key)
+        pct = f"{100 * r['gb_per_s'] / ceiling:.0f}%" if ceiling else "-"
+        routing = r["router_linear_us"] + r["router_us"] + r["dispatch_us"]
+        print(f"| {r['model']} | {r['dtype']} | {r['tokens']} | {r['experts']} | {r['top_k']} | {r['distinct_experts']} | "
+              f"{r['median_us']:.1f} | {r['gb_per_s']:.0f} | {pct} | {routing:.1f} | {r['expert_ffn_us']:.1f} | "
+              f"{r['combine_us']:.1f} | {format(torch_us(n), '.1f') if n else '-'} | {field(n, 'distinct_experts', '')} | "
+              f"{field(g, 'impl', '')} | {format(torch_us(g), '.1f') if g else '-'} | {field(g, 'gb_per_s', '.0f')} | "
+              f"{ratio(torch_us(n) if n else None, r['median_us'])} | {ratio(torch_us(g) if g else None, r['median_us'])} |")
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     kiln = load(sys.argv[1])
     torch = load(sys.argv[2])
     suites = {r.get("suite") for r in kiln["records"]}
-    if "quest" in suites:
+    if "moe" in suites:
+        moe_table(kiln, torch)
+    elif "quest" in suites:
         quest_table(kiln, torch)
     elif "attention" in suites:
         attention_tables(kiln, torch)

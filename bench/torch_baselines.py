@@ -14,7 +14,22 @@ the L2 cache holds):
     for the shapes `kiln bench attention` times (src/bench/attention.rs);
   - quest: the SDPA decode of the shapes `kiln bench quest` times against its dense decode
     (src/bench/quest.rs: the same shapes as the attention decode rows), so the Quest table
-    can set Quest beside SDPA.
+    can set Quest beside SDPA;
+  - moe: one MoE layer (router linear + softmax + top-k + renormalise, the experts' SwiGLU FFN,
+    the weighted combine) for the shapes `kiln bench moe` times (src/bench/moe.rs: Mixtral 8x7B
+    at 1..4096 tokens, Qwen3-30B-A3B at 1 and 64 tokens, bf16), two ways:
+      "torch.moe_naive": the Hugging Face style loop over experts (`nonzero` of the top-k ids,
+      gather the tokens, silu(x @ gate.T) * (x @ up.T) @ down.T, `index_add_` weighted);
+      "torch.moe_grouped": slots sorted by expert, each slot's expert weights gathered with
+      `index_select` from stacked [E, I, H] weights and multiplied with `torch.bmm`. That
+      gathers slots * 3 * H * I weights per call (Mixtral: 352 MiB per slot), so where it would
+      exceed MOE_GATHER_BYTES it becomes "torch.moe_grouped_padded": the slots of each chosen
+      expert padded to the largest group, one `torch.bmm` over the chosen experts' stacked
+      weights (no weight copy when every expert is chosen).
+    GB/s counts the weights of the distinct experts the call chose (distinct * 3 * H * I * 2
+    bytes), as kiln's rows do. The weights are random (randn / sqrt(fan-in)), not kiln's, so
+    the router may choose a different number of experts than in kiln's run: both records carry
+    distinct_experts. No rotation: the same input every call (as in kiln's bench).
 Every suite's JSON starts with the ceiling record, measured in the same run.
 
 Usage: python3 bench/torch_baselines.py --suite gemm --out baseline.json
@@ -26,6 +41,7 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
 
 L2_ROTATE_BYTES = 256 << 20  # rotate inputs through at least this much memory
 
@@ -198,9 +214,134 @@ def prefill(tokens_list, kv_heads, q_heads, head_dim, dtype_names):
     return records
 
 
+MOE_SHAPES = [
+    # model, experts, top_k, hidden, intermediate, normalize, token counts
+    ("mixtral", 8, 2, 4096, 14336, True, [1, 4, 16, 64, 512, 4096]),
+    ("qwen3-30b-a3b", 128, 8, 2048, 768, True, [1, 64]),
+]
+MOE_GATHER_BYTES = 8 << 30  # the per-slot weight gather of the grouped reference, at most
+
+
+def moe_route(x, router, top_k, normalize):
+    """Router logits, softmax in f32, top-k, renormalised: (weights [T, k] f32, ids [T, k])."""
+    probs = torch.softmax((x @ router.t()).float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_naive(x, router, gate, up, down, top_k, normalize):
+    """The loop over experts: each expert's tokens found with nonzero (a host sync each)."""
+    weights, ids = moe_route(x, router, top_k, normalize)
+    out = torch.zeros_like(x)
+    for e in range(gate.shape[0]):
+        rows, slots = (ids == e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        h = x[rows]
+        y = (F.silu(h @ gate[e].t()) * (h @ up[e].t())) @ down[e].t()
+        out.index_add_(0, rows, y * weights[rows, slots, None].to(x.dtype))
+    return out
+
+
+def moe_sorted(x, router, top_k, normalize):
+    """Routing, then the slots (token * k + j) sorted by expert: (token of each sorted slot,
+    its weight, its expert)."""
+    weights, ids = moe_route(x, router, top_k, normalize)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order // top_k, weights.reshape(-1)[order], flat[order]
+
+
+def moe_grouped(x, router, gate, up, down, top_k, normalize):
+    """Per-slot expert weights gathered with index_select, one bmm per projection."""
+    tokens, slot_weights, experts = moe_sorted(x, router, top_k, normalize)
+    xs = x[tokens].unsqueeze(2)  # [S, H, 1]
+    h = F.silu(torch.bmm(gate.index_select(0, experts), xs)) * torch.bmm(up.index_select(0, experts), xs)
+    y = torch.bmm(down.index_select(0, experts), h).squeeze(2)  # [S, H]
+    out = torch.zeros_like(x)
+    out.index_add_(0, tokens, y * slot_weights[:, None].to(x.dtype))
+    return out
+
+
+def moe_grouped_padded(x, router, gate, up, down, top_k, normalize):
+    """Each chosen expert's slots padded to the largest group, one bmm per projection over the
+    chosen experts (their weights index_select-ed unless every expert is chosen)."""
+    tokens, slot_weights, experts = moe_sorted(x, router, top_k, normalize)
+    num_experts = gate.shape[0]
+    counts = torch.bincount(experts, minlength=num_experts)
+    used = counts.nonzero().squeeze(1)
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(experts.numel(), device=x.device) - starts[experts]
+    group_of = torch.full((num_experts,), -1, dtype=torch.long, device=x.device)
+    group_of[used] = torch.arange(used.numel(), device=x.device)
+    group = group_of[experts]
+    padded = x.new_zeros(used.numel(), width, x.shape[1])
+    padded[group, position] = x[tokens]
+    if used.numel() < num_experts:
+        gate, up, down = gate.index_select(0, used), up.index_select(0, used), down.index_select(0, used)
+    h = F.silu(torch.bmm(padded, gate.transpose(1, 2))) * torch.bmm(padded, up.transpose(1, 2))
+    y = torch.bmm(h, down.transpose(1, 2))[group, position]  # [S, H]
+    out = torch.zeros_like(x)
+    out.index_add_(0, tokens, y * slot_weights[:, None].to(x.dtype))
+    return out
+
+
+def moe(shapes, dtype_name="bf16"):
+    """Both MoE references per shape; one record each. The layer's weights are made once per
+    model and shared by its token counts."""
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    records = []
+    for model, num_experts, top_k, hidden, inter, normalize, token_counts in shapes:
+        router = torch.randn(num_experts, hidden, device="cuda", dtype=dtype) / hidden**0.5
+        gate = torch.randn(num_experts, inter, hidden, device="cuda", dtype=dtype) / hidden**0.5
+        up = torch.randn(num_experts, inter, hidden, device="cuda", dtype=dtype) / hidden**0.5
+        down = torch.randn(num_experts, hidden, inter, device="cuda", dtype=dtype) / inter**0.5
+        expert_bytes = 3 * hidden * inter * 2
+        for tokens in token_counts:
+            x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+            _, ids = moe_route(x, router, top_k, normalize)
+            distinct = int(torch.unique(ids).numel())
+            slots = tokens * top_k
+            grouped = ("torch.moe_grouped", moe_grouped)
+            if slots * expert_bytes > MOE_GATHER_BYTES:
+                print(f"note: moe {model} {tokens} tokens: the per-slot weight gather would take "
+                      f"{slots * expert_bytes >> 20} MiB; grouped reference padded per expert",
+                      file=sys.stderr)
+                grouped = ("torch.moe_grouped_padded", moe_grouped_padded)
+            for impl, fn in [("torch.moe_naive", moe_naive), grouped]:
+                def call(_):
+                    return fn(x, router, gate, up, down, top_k, normalize)
+                try:
+                    out = call(0)
+                    if not torch.isfinite(out).all():
+                        print(f"note: {impl} {model} {tokens} tokens: non-finite output", file=sys.stderr)
+                    median, best = time_ms(call, 1)
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                    print(f"note: {impl} {model} {tokens} tokens failed: {error}", file=sys.stderr)
+                    torch.cuda.empty_cache()
+                    continue
+                records.append({
+                    "suite": "moe", "impl": impl, "model": model, "dtype": dtype_name,
+                    "tokens": tokens, "experts": num_experts, "top_k": top_k, "hidden": hidden,
+                    "intermediate": inter, "distinct_experts": distinct,
+                    "expert_bytes": distinct * expert_bytes,
+                    "median_ms": median, "min_ms": best,
+                    "median_us": median * 1e3, "min_us": best * 1e3,
+                    "gb_per_s": distinct * expert_bytes / median / 1e6,
+                })
+            del x
+            torch.cuda.empty_cache()
+        del router, gate, up, down
+        torch.cuda.empty_cache()
+    return records
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["gemm", "attention", "quest", "ceiling"], default="gemm")
+    parser.add_argument("--suite", choices=["gemm", "attention", "quest", "moe", "ceiling"], default="gemm")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -217,10 +358,12 @@ def main():
     elif args.suite == "quest":
         records += attention(ATTENTION_CONTEXTS, ATTENTION_BATCHES, ATTENTION_KV_HEADS,
                              ATTENTION_Q_HEADS, ATTENTION_HEAD_DIM, suite="quest")
+    elif args.suite == "moe":
+        records += moe(MOE_SHAPES)
     with open(args.out, "w") as f:
         json.dump({"device": device, "torch": torch.__version__, "records": records}, f, indent=1)
     print(f"device: {device}, torch {torch.__version__}")
-    table = [r for r in records if r["suite"] not in ("attention", "quest")]
+    table = [r for r in records if r["suite"] not in ("attention", "quest", "moe")]
     if table:
         print(f"{'suite':<8} {'name':<14} {'dtype':<5} {'M':>5} {'N':>6} {'K':>5} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}")
     for r in table:
@@ -239,6 +382,12 @@ def main():
     for r in prefill_rows:
         print(f"{r['impl']:<28} {r['dtype']:<5} {r['batch']:>5} {r['kv_heads']:>4} {r['tokens']:>7} "
               f"{r['median_us']:>10.1f} {r['tflops']:>8.1f}")
+    moe_rows = [r for r in records if r["suite"] == "moe"]
+    if moe_rows:
+        print(f"{'moe impl':<26} {'model':<14} {'dtype':<5} {'tokens':>6} {'distinct':>8} {'median us':>10} {'GB/s':>8}")
+    for r in moe_rows:
+        print(f"{r['impl']:<26} {r['model']:<14} {r['dtype']:<5} {r['tokens']:>6} {r['distinct_experts']:>8} "
+              f"{r['median_us']:>10.1f} {r['gb_per_s']:>8.0f}")
 
 
 if __name__ == "__main__":

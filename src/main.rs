@@ -86,10 +86,13 @@ struct BenchArgs {
     /// The suite: `gemm` (GEMV/GEMM at K=4096, N=14336 and 4096, M=1..4096, f16 and bf16),
     /// `attention` (rows by kind: dense split-KV paged decode, batch 1 and 16, 32 query heads,
     /// 8 and 32 KV heads, head_dim 128, contexts 4K..64K, f16; causal paged prefill, batch 1,
-    /// 4K/8K/16K tokens, 8 KV heads, f16 and bf16) or `quest` (the Quest decode step:
+    /// 4K/8K/16K tokens, 8 KV heads, f16 and bf16), `quest` (the Quest decode step:
     /// estimate + top-K + sparse decode, budgets 1024/2048/4096 tokens, against the dense
-    /// decode of the same shapes as `attention`'s decode rows).
-    #[arg(value_parser = ["gemm", "attention", "quest"])]
+    /// decode of the same shapes as `attention`'s decode rows) or `moe` (one MoE layer as a
+    /// compiled plan: router linear, router, dispatch, expert FFN, combine; Mixtral 8x7B at
+    /// 1..4096 tokens and Qwen3-30B-A3B at 1 and 64 tokens, bf16; every step must be on the
+    /// GPU).
+    #[arg(value_parser = ["gemm", "attention", "quest", "moe"])]
     suite: String,
     /// Also write the results as JSON to this file.
     #[arg(long)]
@@ -427,7 +430,16 @@ fn bench_command(args: BenchArgs) -> Result<()> {
             let text = kiln::bench::quest::render(&report);
             return print_and_save(&text, &report, args.json.as_deref());
         }
-        other => anyhow::bail!("unknown suite `{other}` (suites: gemm, attention, quest)"),
+        "moe" => {
+            let report = kiln::bench::moe::bench_moe(&device, |r| {
+                progress.set_message(r.describe());
+                progress.tick();
+            })?;
+            progress.finish_and_clear();
+            let text = kiln::bench::moe::render(&report);
+            return print_and_save(&text, &report, args.json.as_deref());
+        }
+        other => anyhow::bail!("unknown suite `{other}` (suites: gemm, attention, quest, moe)"),
     };
     progress.finish_and_clear();
     print!("{}", kiln::bench::render(&report));

@@ -7,7 +7,10 @@
 //!   and 32 KV heads, head_dim 128, contexts 4K..64K, f16) and causal paged prefill (batch 1,
 //!   4K/8K/16K tokens, 8 KV heads, f16 and bf16), rows tagged by kind;
 //! - `quest`: the Quest decode step (page estimate + top-K + sparse decode) against the
-//!   dense decode of the same shape, budgets 1024/2048/4096 tokens.
+//!   dense decode of the same shape, budgets 1024/2048/4096 tokens;
+//! - `moe`: one MoE layer (router linear, router, dispatch, expert FFN, combine) as a
+//!   compiled plan run by the executor: Mixtral 8x7B at 1..4096 tokens, Qwen3-30B-A3B at 1
+//!   and 64 tokens, bf16.
 //!
 //! `paged` holds what the paged suites share: the page pool (filled by the KV-append
 //! kernel), rotated shuffled page sets, the decode launch pair and the rotating timer.
@@ -20,6 +23,7 @@
 
 pub mod attention;
 pub mod gemm;
+pub mod moe;
 pub mod paged;
 pub mod plan_step;
 pub mod quest;
