@@ -1,8 +1,8 @@
 //! Plan execution on the GPU: `kiln run --device cuda` against `--device cpu` on the tiny
-//! presets. Both run the same compiled (rewritten) prefill and decode plans; on `cuda` the
-//! linear, RMSNorm, RoPE, elementwise, embedding gather, slice, KV-append and attention
-//! kernels are generated PTX and the rest (tiny-mixtral's MoE) runs on the host with the
-//! plan's transfers. The tiny presets have head_dim 32,
+//! presets. Both run the same compiled (rewritten) prefill and decode plans; on `cuda` every
+//! step (linear, RMSNorm, RoPE, elementwise, embedding gather, slice, KV append, attention
+//! and tiny-mixtral's MoE router, dispatch, expert FFN and combine) is generated PTX: the
+//! tests assert that no step of either phase runs on the host. The tiny presets have head_dim 32,
 //! which the attention generators take, so their prefill, decode and Quest attention run on
 //! the GPU as they are (the `_d32` tests: a 100- or 300-token prompt with the KV cache
 //! resident on the device); the `_d64` / `_d128` variants widen the heads. Each is checked
@@ -136,6 +136,11 @@ fn cuda_matches_cpu_with(model: &str, dtype: DType, head_dim: Option<usize>, cas
     assert!(
         prefill_gpu > 0 && decode_gpu > 0,
         "kernels were placed on the GPU"
+    );
+    assert_eq!(
+        (prefill_cpu, decode_cpu),
+        (0, 0),
+        "{model} {dtype}: every step of a half-precision tiny preset has a GPU generator"
     );
     let (prefill_stats, decode_stats) = gpu_runner.stats();
     assert!(prefill_stats.gpu_launches > 0 && decode_stats.gpu_launches > 0);

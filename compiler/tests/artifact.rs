@@ -8,18 +8,27 @@ use kiln_models::{ModelConfig, Phase};
 use std::path::Path;
 
 fn tiny_llama_bf16() -> ModelConfig {
-    let mut config = ModelConfig::preset("tiny-llama").unwrap();
+    preset_bf16("tiny-llama")
+}
+
+fn preset_bf16(model: &str) -> ModelConfig {
+    let mut config = ModelConfig::preset(model).unwrap();
     config.dtype = DType::BF16;
     config
 }
 
 /// The bf16 tiny-llama artifact for `target`, with the default sizes.
 fn compiled(target: &str) -> Artifact {
+    compiled_preset("tiny-llama", target)
+}
+
+/// The bf16 artifact of preset `model` for `target`, with the default sizes.
+fn compiled_preset(model: &str, target: &str) -> Artifact {
     let options = ArtifactOptions {
         target: Target::from_name(target).unwrap(),
         ..ArtifactOptions::default()
     };
-    Artifact::compile(&tiny_llama_bf16(), &options).unwrap()
+    Artifact::compile(&preset_bf16(model), &options).unwrap()
 }
 
 fn written(target: &str) -> (tempfile::TempDir, std::path::PathBuf, Artifact) {
@@ -143,14 +152,20 @@ fn a_cpu_target_places_every_step_on_the_host() {
     assert!(artifact.manifest.kernels.is_empty());
 }
 
-/// The last host steps of the dense presets have generators: a bf16 tiny-llama artifact for
-/// sm_90 runs every step of both phases on the GPU (the embedding gather, prefill's
-/// last-token slice and decode's i32 `lengths = cache_start + 1` map included), and holds
-/// their kernels.
+/// The last host steps of the tiny presets have generators: a bf16 tiny-llama or
+/// tiny-mixtral artifact for sm_90 runs every step of both phases on the GPU (the embedding
+/// gather, prefill's last-token slice, decode's i32 `lengths = cache_start + 1` map and, for
+/// tiny-mixtral, the four MoE stages included), and holds their kernels.
 #[test]
-fn a_bf16_tiny_llama_artifact_for_sm_90_has_no_host_steps() {
+fn bf16_tiny_preset_artifacts_for_sm_90_have_no_host_steps() {
+    for model in ["tiny-llama", "tiny-mixtral"] {
+        assert_no_host_steps(model);
+    }
+}
+
+fn assert_no_host_steps(model: &str) {
     use kiln_ir::schedule::{Device, Family, FamilyKind};
-    let artifact = compiled("sm_90");
+    let artifact = compiled_preset(model, "sm_90");
     for phase in [Phase::Prefill, Phase::Decode] {
         let plan = artifact.plan(phase);
         let on_cpu: Vec<String> = plan
@@ -159,7 +174,10 @@ fn a_bf16_tiny_llama_artifact_for_sm_90_has_no_host_steps() {
             .filter(|k| k.device == Device::Cpu)
             .map(|k| format!("{} ({})", k.name, k.family.describe()))
             .collect();
-        assert!(on_cpu.is_empty(), "{phase:?}: host steps {on_cpu:?}");
+        assert!(
+            on_cpu.is_empty(),
+            "{model} {phase:?}: host steps {on_cpu:?}"
+        );
         assert_eq!(plan.count_on(Device::Cpu), 0);
         assert!(artifact.cpu_steps(phase).iter().all(Option::is_none));
         let kinds: Vec<FamilyKind> = plan.kernels.iter().map(|k| k.family.kind()).collect();
@@ -179,12 +197,89 @@ fn a_bf16_tiny_llama_artifact_for_sm_90_has_no_host_steps() {
         .iter()
         .map(|k| k.entry.as_str())
         .collect();
-    for entry in ["gather_bf16_h", "slice_bf16_h", "elementwise_i32_2in_s1_"] {
+    let mut expected = vec!["gather_bf16_h", "slice_bf16_h", "elementwise_i32_2in_s1_"];
+    if model == "tiny-mixtral" {
+        expected.extend([
+            "moe_router_",
+            "moe_dispatch_",
+            "moe_gate_up_",
+            "moe_down_",
+            "moe_combine_",
+        ]);
+    }
+    for entry in expected {
         assert!(
             entries.iter().any(|e| e.starts_with(entry)),
-            "{entry}: {entries:?}"
+            "{model}: {entry}: {entries:?}"
         );
     }
+}
+
+/// tiny-mixtral's MoE layers are plan steps like any other: the router, dispatch and
+/// combine one launch each, the expert FFN its two stages through a workspace, every
+/// expert's gate, up and down weights bound to the step's operands in the op's order.
+#[test]
+fn the_moe_expert_ffn_step_binds_every_experts_weights() {
+    use kiln_ir::schedule::{Family, MoeStage};
+    use kiln_kernels::step_launches::StepBuffer;
+    let config = preset_bf16("tiny-mixtral");
+    let moe = config.moe.clone().expect("tiny-mixtral is an MoE model");
+    let artifact = compiled_preset("tiny-mixtral", "sm_90");
+    let plan = artifact.plan(Phase::Decode);
+    let tables = &artifact.phase(Phase::Decode).launch_tables;
+    assert!(!tables.is_empty());
+    let mut seen = 0;
+    for (index, kernel) in plan.kernels.iter().enumerate() {
+        let Family::Moe { stage, top_k, .. } = &kernel.family else {
+            continue;
+        };
+        assert_eq!(*top_k, moe.top_k);
+        let step = tables[0].steps[index]
+            .as_ref()
+            .expect("a GPU step has launches");
+        match stage {
+            MoeStage::ExpertFfn { experts, .. } => {
+                seen += 1;
+                assert_eq!(*experts, moe.num_experts);
+                assert_eq!(step.launches.len(), 2);
+                assert!(matches!(
+                    step.buffers["activated"],
+                    StepBuffer::Workspace { bytes } if bytes > 0
+                ));
+                for e in 0..*experts {
+                    for (offset, weight) in ["gate", "up", "down"].into_iter().enumerate() {
+                        assert_eq!(
+                            step.buffers[&format!("{weight}_{e}")],
+                            StepBuffer::Operand {
+                                index: 3 + 3 * e + offset
+                            }
+                        );
+                    }
+                }
+                // Each launch binds exactly the parameters its kernel declares.
+                for launch in &step.launches {
+                    let kernels = artifact.kernels();
+                    let kernel = kernels
+                        .get(&launch.kernel)
+                        .expect("the launch's kernel is in the artifact");
+                    let declared: Vec<&str> = kernel
+                        .params
+                        .iter()
+                        .filter(|p| matches!(p.kind, kiln_codegen::kernel::ParamKind::Pointer(_)))
+                        .map(|p| p.name.as_str())
+                        .collect();
+                    let bound: Vec<&str> =
+                        launch.buffers.iter().map(|b| b.param.as_str()).collect();
+                    assert_eq!(bound, declared, "{}", launch.kernel);
+                }
+            }
+            _ => assert_eq!(step.launches.len(), 1, "{}", kernel.family.describe()),
+        }
+    }
+    let moe_layers = (0..config.num_layers)
+        .filter(|&l| config.is_moe_layer(l))
+        .count();
+    assert_eq!(seen, moe_layers, "one expert FFN per MoE layer");
 }
 
 /// In f32 (no GPU generator takes it) the gather and the slice stay on the host even for a

@@ -33,6 +33,10 @@ use crate::attention::program::ProgramError;
 use crate::elementwise::{self, ElementwiseSpec};
 use crate::gemm::{self, GemmSpec};
 use crate::gemv::{self, GemvSpec};
+use crate::moe::combine::{self, MoeCombineSpec};
+use crate::moe::dispatch::{self, MoeDispatchSpec};
+use crate::moe::expert_ffn::{self, MoeExpertFfnSpec};
+use crate::moe::router::{self, MoeRouterSpec};
 use crate::rms_norm::{self, RmsNormSpec};
 use crate::rope::{self, RopeSpec};
 use crate::row_copy::{self, RowCopySpec, RowIndex};
@@ -40,7 +44,7 @@ use crate::{Epilogue, SpecError};
 use kiln_codegen::expr::Expr;
 use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::op::MapStep;
-use kiln_ir::schedule::{slice_range, Family, LinearEpilogue};
+use kiln_ir::schedule::{slice_range, Family, LinearEpilogue, MoeStage};
 use kiln_ir::shape::{Bindings, ShapeError};
 use std::collections::BTreeMap;
 
@@ -66,10 +70,9 @@ pub enum LowerError {
         end: Option<i64>,
         axis_len: u64,
     },
-    /// An attention or KV-append family, which lowers through [`crate::attention::program`].
-    #[error(
-        "{family} runs as a program of several launches (`attention::program`), not one kernel"
-    )]
+    /// An attention, KV-append or MoE expert FFN family, which runs as several launches
+    /// ([`crate::step_launches`]).
+    #[error("{family} runs as a program of several launches (`step_launches`), not one kernel")]
     Program { family: String },
     #[error("no GPU generator for `{op}`")]
     NoGenerator { op: String },
@@ -97,6 +100,11 @@ pub enum KernelSpec {
     Rope(RopeSpec),
     Elementwise(ElementwiseSpec),
     RowCopy(RowCopySpec),
+    MoeRouter(MoeRouterSpec),
+    MoeDispatch(MoeDispatchSpec),
+    /// One stage of the expert FFN (a step of two launches: [`crate::step_launches`]).
+    MoeExpertFfn(MoeExpertFfnSpec),
+    MoeCombine(MoeCombineSpec),
 }
 
 /// A scalar kernel argument (in JSON: `{"u32": 7}` or `{"f32": 1e-6}`).
@@ -211,6 +219,32 @@ impl KernelSpec {
                 row_elements: *inner,
                 index: RowIndex::Slice,
             }),
+            Family::Moe {
+                stage,
+                top_k,
+                dtype,
+                ..
+            } => match *stage {
+                MoeStage::Router { experts, normalize } => KernelSpec::MoeRouter(MoeRouterSpec {
+                    dtype: *dtype,
+                    experts,
+                    top_k: *top_k,
+                    normalize,
+                }),
+                MoeStage::Dispatch { experts } => {
+                    KernelSpec::MoeDispatch(MoeDispatchSpec { experts })
+                }
+                MoeStage::Combine { hidden } => KernelSpec::MoeCombine(MoeCombineSpec {
+                    dtype: *dtype,
+                    hidden,
+                    top_k: *top_k,
+                }),
+                MoeStage::ExpertFfn { .. } => {
+                    return Err(LowerError::Program {
+                        family: family.describe(),
+                    })
+                }
+            },
             Family::HostOnly { op } => return Err(LowerError::NoGenerator { op: op.clone() }),
         })
     }
@@ -229,6 +263,10 @@ impl KernelSpec {
             KernelSpec::Rope(spec) => rope::generate(spec),
             KernelSpec::Elementwise(spec) => elementwise::generate(spec),
             KernelSpec::RowCopy(spec) => row_copy::generate(spec),
+            KernelSpec::MoeRouter(spec) => router::generate(spec),
+            KernelSpec::MoeDispatch(spec) => dispatch::generate(spec),
+            KernelSpec::MoeExpertFfn(spec) => expert_ffn::generate(spec),
+            KernelSpec::MoeCombine(spec) => combine::generate(spec),
         }
     }
 
@@ -238,7 +276,10 @@ impl KernelSpec {
     /// Linear: `(x, weight[, bias | residual]) → out`. RMSNorm: `(x, weight) → out`, or with
     /// the residual fused (`add_rms_norm`): `(x, residual, weight) → (residual_out, out)`.
     /// RoPE: `(x, positions) → out`. Maps: `(in0, in1, …) → out`. Gather (embedding):
-    /// `(table, ids) → out`. Slice: `x → out`.
+    /// `(table, ids) → out`. Slice: `x → out`. MoE router: `logits → (weights, experts)`;
+    /// dispatch: `experts → (order, offsets)`; combine: `(y, order, weights) → out`. The
+    /// expert FFN's stages bind per-expert weights by name (`gate_0`, …): see
+    /// [`crate::step_launches`]; here they list only their fixed parameters.
     pub fn operand_params(&self) -> (Vec<&'static str>, Vec<&'static str>) {
         let linear = |epilogue: Epilogue| {
             let mut inputs = vec!["x", "weight"];
@@ -268,6 +309,10 @@ impl KernelSpec {
                 index: RowIndex::Slice,
                 ..
             }) => (vec!["x"], vec!["out"]),
+            KernelSpec::MoeRouter(_) => (vec!["logits"], vec!["weights", "experts"]),
+            KernelSpec::MoeDispatch(_) => (vec!["experts"], vec!["order", "offsets"]),
+            KernelSpec::MoeCombine(_) => (vec!["y", "order", "weights"], vec!["out"]),
+            KernelSpec::MoeExpertFfn(_) => (vec!["x", "order", "offsets"], vec!["y"]),
         }
     }
 
@@ -333,6 +378,17 @@ impl KernelSpec {
                 scalars.insert("axis_len", Scalar::U32(u32_of("axis_len", axis)?));
                 scalars.insert("start", Scalar::U32(u32_of("start", first)?));
             }
+            (KernelSpec::MoeRouter(_) | KernelSpec::MoeCombine(_), Family::Moe { tokens, .. }) => {
+                let tokens = tokens.resolve(bindings)?;
+                scalars.insert("tokens", Scalar::U32(u32_of("tokens", tokens)?));
+            }
+            (
+                KernelSpec::MoeDispatch(_) | KernelSpec::MoeExpertFfn(_),
+                Family::Moe { tokens, top_k, .. },
+            ) => {
+                let slots = tokens.resolve(bindings)?.saturating_mul(*top_k as u64);
+                scalars.insert("slots", Scalar::U32(u32_of("slots", slots)?));
+            }
             (spec, family) => {
                 return Err(LowerError::Mismatch {
                     spec: spec.key(),
@@ -375,24 +431,29 @@ impl Lowering {
     }
 
     /// Every kernel that computes `family` under `bindings`, with its spec key (the key the
-    /// runtime looks a prebuilt kernel up by): the one kernel of a single-launch family, or
-    /// the launches of an attention / KV-append program ([`crate::attention::program`],
-    /// sized for a device of `sm_count` SMs), or why it has none.
+    /// runtime looks a prebuilt kernel up by): the kernel of each launch of the family's
+    /// step ([`crate::step_launches`]: one for a single-launch family; an attention or
+    /// KV-append program sized for a device of `sm_count` SMs; the expert FFN's two stages),
+    /// or why it has none.
     pub fn lower_all(
         &mut self,
         family: &Family,
         bindings: &Bindings,
         sm_count: usize,
     ) -> Result<Vec<(String, GpuKernel)>, LowerError> {
-        if !matches!(family, Family::Attention { .. } | Family::KvAppend { .. }) {
-            let (spec, kernel) = self.lower(family, bindings)?;
-            return Ok(vec![(spec.key(), kernel)]);
-        }
-        let program = crate::attention::program::program(family, bindings, sm_count)?;
-        program
-            .launches
+        let derived = crate::step_launches::step_launches(family, bindings, sm_count)?;
+        derived
+            .kernels
             .iter()
-            .map(|launch| Ok((launch.kernel.key(), self.program_kernel(&launch.kernel)?)))
+            .map(|kernel| {
+                let key = kernel.key();
+                let generated = self
+                    .generated
+                    .entry(key.clone())
+                    .or_insert_with(|| kernel.generate())
+                    .clone()?;
+                Ok((key, generated))
+            })
             .collect()
     }
 
@@ -404,17 +465,6 @@ impl Lowering {
         rows.push(GEMV_MAX_ROWS + 1);
         rows.push(gemm::GemmTile::LARGE_ROWS);
         rows
-    }
-
-    /// The kernel of one program launch (generated once per spec).
-    pub fn program_kernel(
-        &mut self,
-        kernel: &crate::attention::program::ProgramKernel,
-    ) -> Result<GpuKernel, SpecError> {
-        self.generated
-            .entry(kernel.key())
-            .or_insert_with(|| kernel.generate())
-            .clone()
     }
 
     /// Distinct specs generated so far (successful or not).
@@ -603,6 +653,22 @@ mod tests {
                 },
                 gather(dtype),
                 last_token(dtype),
+                moe(
+                    MoeStage::Router {
+                        experts: 8,
+                        normalize: true,
+                    },
+                    dtype,
+                ),
+                moe(
+                    MoeStage::ExpertFfn {
+                        experts: 8,
+                        hidden: 256,
+                        intermediate: 96,
+                    },
+                    dtype,
+                ),
+                moe(MoeStage::Combine { hidden: 256 }, dtype),
             ]
         };
         let kinds: std::collections::BTreeSet<FamilyKind> =
@@ -615,18 +681,35 @@ mod tests {
                 assert!(!launches.is_empty(), "{}", family.describe());
             }
         }
-        // The family-specific dtypes: i32 maps (with a scalar operand, as decode's lengths).
+        // The family-specific dtypes: i32 maps (with a scalar operand, as decode's lengths)
+        // and the MoE dispatch, which sorts i32 expert ids.
         for (&kind, dtypes) in &capabilities.family_dtypes {
-            assert_eq!(kind, FamilyKind::Map);
             for &dtype in dtypes {
-                let (spec, kernel) = lowering.lower(&lengths_map(dtype), &bindings).unwrap();
-                assert!(matches!(spec, KernelSpec::Elementwise(_)), "{spec:?}");
-                assert!(
-                    kernel.entry.contains(&dtype.to_string()),
-                    "{}",
-                    kernel.entry
-                );
+                assert_eq!(dtype, DType::I32);
+                let (spec, kernel) = match kind {
+                    FamilyKind::Map => lowering.lower(&lengths_map(dtype), &bindings).unwrap(),
+                    FamilyKind::Moe => lowering
+                        .lower(&moe(MoeStage::Dispatch { experts: 8 }, dtype), &bindings)
+                        .unwrap(),
+                    other => panic!("no i32 example of {other:?}"),
+                };
+                match kind {
+                    FamilyKind::Map => {
+                        assert!(matches!(spec, KernelSpec::Elementwise(_)), "{spec:?}");
+                        assert!(kernel.entry.contains("i32"), "{}", kernel.entry);
+                    }
+                    _ => assert!(matches!(spec, KernelSpec::MoeDispatch(_)), "{spec:?}"),
+                }
             }
+        }
+    }
+
+    fn moe(stage: MoeStage, dtype: DType) -> Family {
+        Family::Moe {
+            stage,
+            tokens: seq(),
+            top_k: 2,
+            dtype,
         }
     }
 

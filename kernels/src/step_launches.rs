@@ -6,7 +6,9 @@
 //! result of the step, a workspace, a derived table, Quest page bounds kept between calls)
 //! and the scalar arguments. A single-kernel family (linear, RMSNorm, RoPE, map) is one
 //! launch whose parameters bind to the step's operands and results; attention and KV append
-//! are the programs of [`crate::attention::program`]. [`step_launches`] derives them from a
+//! are the programs of [`crate::attention::program`]; the MoE expert FFN is its two stages
+//! (gate and up with SwiGLU into a workspace, then down), each expert's weights bound by
+//! name (`gate_e`, `up_e`, `down_e` to operands `3 + 3e`, `4 + 3e`, `5 + 3e`). [`step_launches`] derives them from a
 //! step's family for one set of sizes (and the device's SM count, which sizes the decode
 //! splits) and returns the specs beside them ([`DerivedStep`]), so that a caller that
 //! generates code can; a recorded [`StepLaunches`] names kernels by key only.
@@ -35,9 +37,10 @@
 
 use crate::attention::program::{program, AttentionProgram, ProgramBuffer, ProgramKernel};
 use crate::lower::{KernelSpec, LowerError, Scalar};
+use crate::moe::expert_ffn::{self, ExpertFfnStage, MoeExpertFfnSpec};
 use crate::SpecError;
 use kiln_codegen::kernel::GpuKernel;
-use kiln_ir::schedule::Family;
+use kiln_ir::schedule::{Family, MoeStage};
 use kiln_ir::shape::Bindings;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -151,6 +154,33 @@ pub fn step_launches(
     if matches!(family, Family::Attention { .. } | Family::KvAppend { .. }) {
         return Ok(from_program(program(family, bindings, sm_count)?));
     }
+    if let Family::Moe {
+        stage:
+            MoeStage::ExpertFfn {
+                experts,
+                hidden,
+                intermediate,
+            },
+        top_k,
+        dtype,
+        ..
+    } = *family
+    {
+        let spec = |stage| MoeExpertFfnSpec {
+            dtype,
+            experts,
+            hidden,
+            intermediate,
+            top_k,
+            stage,
+        };
+        return expert_ffn_launches(
+            family,
+            bindings,
+            spec(ExpertFfnStage::GateUp),
+            spec(ExpertFfnStage::Down),
+        );
+    }
     let spec = KernelSpec::for_family(family, bindings)?;
     let (inputs, outputs) = spec.operand_params();
     let mut buffers = BTreeMap::new();
@@ -180,6 +210,89 @@ pub fn step_launches(
         },
         kernels: vec![LaunchKernel::Single(spec)],
     })
+}
+
+/// The expert FFN's two launches: gate and up (with SwiGLU) into the `activated` workspace,
+/// then down into the result, each expert's weights bound to its operands.
+fn expert_ffn_launches(
+    family: &Family,
+    bindings: &Bindings,
+    gate_up: MoeExpertFfnSpec,
+    down: MoeExpertFfnSpec,
+) -> Result<DerivedStep, LowerError> {
+    let scalars: BTreeMap<String, Scalar> = KernelSpec::MoeExpertFfn(gate_up)
+        .scalars(family, bindings)?
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+    let slots = match scalars.get("slots") {
+        Some(Scalar::U32(slots)) => *slots as usize,
+        _ => 0,
+    };
+    let mut buffers = BTreeMap::from([
+        ("x".to_string(), StepBuffer::Operand { index: 0 }),
+        ("order".to_string(), StepBuffer::Operand { index: 1 }),
+        ("offsets".to_string(), StepBuffer::Operand { index: 2 }),
+        (
+            "activated".to_string(),
+            StepBuffer::Workspace {
+                bytes: expert_ffn::workspace_bytes(&gate_up, slots),
+            },
+        ),
+        ("y".to_string(), StepBuffer::Result { index: 0 }),
+    ]);
+    for e in 0..gate_up.experts {
+        for (offset, weight) in ["gate", "up", "down"].into_iter().enumerate() {
+            buffers.insert(
+                expert_ffn::expert_param(weight, e),
+                StepBuffer::Operand {
+                    index: 3 + 3 * e + offset,
+                },
+            );
+        }
+    }
+    let mut launches = Vec::with_capacity(2);
+    let mut kernels = Vec::with_capacity(2);
+    for spec in [gate_up, down] {
+        let kernel = KernelSpec::MoeExpertFfn(spec);
+        let bound = expert_ffn_pointer_params(&spec)
+            .iter()
+            .map(|param| binding(param, param))
+            .collect();
+        launches.push(LaunchRecord {
+            kernel: kernel.key(),
+            buffers: bound,
+            scalars: scalars.clone(),
+        });
+        kernels.push(LaunchKernel::Single(kernel));
+    }
+    Ok(DerivedStep {
+        launches: StepLaunches {
+            buffers,
+            launches,
+            bounds_refresh: None,
+        },
+        kernels,
+    })
+}
+
+/// The pointer parameters of an expert FFN stage, in order (`kiln_kernels::moe::expert_ffn`
+/// declares them so): gate and up read `x`, `order`, `offsets`, every `gate_e`, every `up_e`
+/// and write `activated`; down reads `activated`, `offsets`, every `down_e` and writes `y`.
+fn expert_ffn_pointer_params(spec: &MoeExpertFfnSpec) -> Vec<String> {
+    let (before, after): (&[&str], &[&str]) = match spec.stage {
+        ExpertFfnStage::GateUp => (&["x", "order", "offsets"], &["activated"]),
+        ExpertFfnStage::Down => (&["activated", "offsets"], &["y"]),
+    };
+    let per_expert = expert_ffn::expert_params(spec.stage)
+        .iter()
+        .flat_map(|group| (0..spec.experts).map(|e| expert_ffn::expert_param(group, e)));
+    before
+        .iter()
+        .map(|name| name.to_string())
+        .chain(per_expert)
+        .chain(after.iter().map(|name| name.to_string()))
+        .collect()
 }
 
 fn binding(param: &str, buffer: &str) -> ParamBinding {

@@ -118,9 +118,39 @@ pub enum Family {
         head_dim: usize,
         dtype: DType,
     },
+    /// One stage of a mixture-of-experts layer (see [`MoeStage`]) over `tokens` tokens, each
+    /// routed to `top_k` experts. `dtype` is the activations' (the router's
+    /// logits, the expert FFN's `x` and weights, the combine's rows); the dispatch, which
+    /// reads and writes only expert ids, is i32.
+    Moe {
+        stage: MoeStage,
+        tokens: SymExpr,
+        top_k: usize,
+        dtype: DType,
+    },
     /// Any other op: no GPU generator takes it, so it runs on the host, on its CPU step
     /// (`kiln_kernels::cpu_step`).
     HostOnly { op: String },
+}
+
+/// Which op of a mixture-of-experts layer a [`Family::Moe`] kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum MoeStage {
+    /// `MoeRouter`: softmax over the `experts` logits, the top `k`, renormalised when
+    /// `normalize`.
+    Router { experts: usize, normalize: bool },
+    /// `MoeDispatch`: the slots sorted by expert (of `experts`) and each expert's offsets.
+    Dispatch { experts: usize },
+    /// `MoeExpertFfn`: each slot's SwiGLU FFN with its expert's `[intermediate, hidden]`
+    /// gate and up and `[hidden, intermediate]` down weights.
+    ExpertFfn {
+        experts: usize,
+        hidden: usize,
+        intermediate: usize,
+    },
+    /// `MoeCombine`: each token's `top_k` expert rows of `hidden`, weighted and summed.
+    Combine { hidden: usize },
 }
 
 /// Which attention op an [`Family::Attention`] kernel computes.
@@ -151,6 +181,7 @@ pub enum FamilyKind {
     KvAppend,
     Gather,
     Slice,
+    Moe,
     HostOnly,
 }
 
@@ -166,6 +197,7 @@ impl FamilyKind {
             FamilyKind::KvAppend => "kv_append",
             FamilyKind::Gather => "gather",
             FamilyKind::Slice => "slice",
+            FamilyKind::Moe => "moe",
             FamilyKind::HostOnly => "host_only",
         }
     }
@@ -183,6 +215,7 @@ impl Family {
             Family::KvAppend { .. } => FamilyKind::KvAppend,
             Family::Gather { .. } => FamilyKind::Gather,
             Family::Slice { .. } => FamilyKind::Slice,
+            Family::Moe { .. } => FamilyKind::Moe,
             Family::HostOnly { .. } => FamilyKind::HostOnly,
         }
     }
@@ -202,7 +235,8 @@ impl Family {
             | Family::Attention { dtype, .. }
             | Family::KvAppend { dtype, .. }
             | Family::Gather { dtype, .. }
-            | Family::Slice { dtype, .. } => Some(*dtype),
+            | Family::Slice { dtype, .. }
+            | Family::Moe { dtype, .. } => Some(*dtype),
             Family::HostOnly { .. } => None,
         }
     }
@@ -288,6 +322,29 @@ impl Family {
             } => {
                 let end = end.map_or(String::new(), |e| e.to_string());
                 format!("slice {dtype} {start}..{end} inner={inner}")
+            }
+            Family::Moe {
+                stage,
+                top_k,
+                dtype,
+                ..
+            } => {
+                let stage = match stage {
+                    MoeStage::Router { experts, normalize } => format!(
+                        "router{} experts={experts}",
+                        if *normalize { " normalized" } else { "" }
+                    ),
+                    MoeStage::Dispatch { experts } => format!("dispatch experts={experts}"),
+                    MoeStage::ExpertFfn {
+                        experts,
+                        hidden,
+                        intermediate,
+                    } => format!(
+                        "expert_ffn experts={experts} hidden={hidden} intermediate={intermediate}"
+                    ),
+                    MoeStage::Combine { hidden } => format!("combine hidden={hidden}"),
+                };
+                format!("moe {stage} {dtype} top_k={top_k}")
             }
             Family::HostOnly { op } => format!("host_only {op}"),
         }
@@ -476,6 +533,88 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 start: *start,
                 end: *end,
                 inner: SymExpr::product(&dims[*axis + 1..]).as_const()? as usize,
+                dtype,
+            })
+        }
+        Op::MoeRouter { top_k, normalize } => {
+            let logits = operand(0)?;
+            let dims = logits.shape.dims();
+            Some(Family::Moe {
+                stage: MoeStage::Router {
+                    experts: const_dim(logits.shape.last())?,
+                    normalize: *normalize,
+                },
+                tokens: leading(dims),
+                top_k: *top_k,
+                dtype: logits.dtype,
+            })
+        }
+        Op::MoeDispatch { num_experts } => {
+            let chosen = operand(0)?;
+            Some(Family::Moe {
+                stage: MoeStage::Dispatch {
+                    experts: *num_experts,
+                },
+                tokens: leading(chosen.shape.dims()),
+                top_k: const_dim(chosen.shape.last())?,
+                dtype: DType::I32,
+            })
+        }
+        Op::MoeExpertFfn { num_experts } => {
+            let x = operand(0)?;
+            let order = operand(1)?;
+            let gate = operand(3)?;
+            let hidden = const_dim(x.shape.last())?;
+            let intermediate = const_dim(gate.shape.dims().first())?;
+            // Every expert's weights in the activations' dtype and shapes.
+            for e in 0..*num_experts {
+                let (g, u, d) = (
+                    operand(3 + 3 * e)?,
+                    operand(4 + 3 * e)?,
+                    operand(5 + 3 * e)?,
+                );
+                let shapes = [
+                    (&g, intermediate, hidden),
+                    (&u, intermediate, hidden),
+                    (&d, hidden, intermediate),
+                ];
+                for (w, rows, columns) in shapes {
+                    let wd = w.shape.dims();
+                    if w.dtype != dtype
+                        || wd.len() != 2
+                        || wd[0].as_const() != Some(rows)
+                        || wd[1].as_const() != Some(columns)
+                    {
+                        return None;
+                    }
+                }
+            }
+            if x.dtype != dtype {
+                return None;
+            }
+            Some(Family::Moe {
+                stage: MoeStage::ExpertFfn {
+                    experts: *num_experts,
+                    hidden,
+                    intermediate,
+                },
+                tokens: leading(order.shape.dims()),
+                top_k: const_dim(order.shape.last())?,
+                dtype,
+            })
+        }
+        Op::MoeCombine => {
+            let y = operand(0)?;
+            let order = operand(1)?;
+            if y.dtype != dtype {
+                return None;
+            }
+            Some(Family::Moe {
+                stage: MoeStage::Combine {
+                    hidden: const_dim(out.shape.last())?,
+                },
+                tokens: leading(order.shape.dims()),
+                top_k: const_dim(order.shape.last())?,
                 dtype,
             })
         }

@@ -34,7 +34,9 @@ pub mod placement;
 pub mod size;
 
 pub use computation::Computation;
-pub use family::{classify, slice_range, AttentionKind, Family, FamilyKind, LinearEpilogue};
+pub use family::{
+    classify, slice_range, AttentionKind, Family, FamilyKind, LinearEpilogue, MoeStage,
+};
 pub use memory::{MemoryPlan, PlanMemory};
 pub use pass::{Pass, PassRecord, PassReport};
 pub use placement::{recompute_transfers, ForceCpu, GpuCapabilities};
@@ -243,6 +245,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::graph::ValueId;
     use crate::op::{InputKind, Op};
     use crate::shape::Dim;
 
@@ -431,6 +434,96 @@ mod tests {
                 assert_eq!(kernel.device, device, "{dtype}: {}", kernel.name);
             }
         }
+    }
+
+    /// One MoE layer: router, dispatch, expert FFN and combine over `experts` experts.
+    fn moe_graph(dtype: DType, experts: usize) -> Graph {
+        let (hidden, width, top_k) = (16, 8, 2);
+        let mut g = Graph::new("moe");
+        let x = g
+            .input(
+                "x",
+                InputKind::Activation,
+                dtype,
+                crate::shape!["tokens", hidden],
+            )
+            .unwrap();
+        let logits = g
+            .input(
+                "logits",
+                InputKind::Activation,
+                dtype,
+                crate::shape!["tokens", experts],
+            )
+            .unwrap();
+        let weights: Vec<[ValueId; 3]> = (0..experts)
+            .map(|e| {
+                let mut weight = |name: &str, shape| {
+                    g.input(&format!("{name}_{e}"), InputKind::Weight, dtype, shape)
+                        .unwrap()
+                };
+                [
+                    weight("gate", crate::shape![width, hidden]),
+                    weight("up", crate::shape![width, hidden]),
+                    weight("down", crate::shape![hidden, width]),
+                ]
+            })
+            .collect();
+        let out = g
+            .add_moe("moe", x, logits, &weights, top_k, true)
+            .unwrap()
+            .out;
+        g.output("out", out);
+        g
+    }
+
+    #[test]
+    fn moe_stages_are_typed_families_on_the_gpu_in_half_precision() {
+        let plan = schedule(&moe_graph(DType::BF16, 4), &ScheduleOptions::default()).unwrap();
+        let stages: Vec<MoeStage> = plan
+            .kernels
+            .iter()
+            .map(|k| {
+                assert_eq!(k.device, Device::Gpu, "{}", k.family.describe());
+                match &k.family {
+                    Family::Moe {
+                        stage, top_k: 2, ..
+                    } => *stage,
+                    other => panic!("not an MoE family: {}", other.describe()),
+                }
+            })
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                MoeStage::Router {
+                    experts: 4,
+                    normalize: true
+                },
+                MoeStage::Dispatch { experts: 4 },
+                MoeStage::ExpertFfn {
+                    experts: 4,
+                    hidden: 16,
+                    intermediate: 8
+                },
+                MoeStage::Combine { hidden: 16 },
+            ]
+        );
+        // The dispatch is i32 and its readers are on the GPU, so it is too.
+        assert!(matches!(
+            plan.kernels[1].family,
+            Family::Moe {
+                dtype: DType::I32,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_f32_moe_layer_stays_on_the_host_dispatch_included() {
+        let plan = schedule(&moe_graph(DType::F32, 3), &ScheduleOptions::default()).unwrap();
+        assert_eq!(plan.count_on(Device::Gpu), 0, "{}", plan.to_json());
+        assert_eq!(plan.kernels.len(), 4);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! [`GpuCapabilities::place`], named after the node's label and recording its decoder layer.
 //! Lifetimes are set last, from the kernels' operands.
 
-use super::family::{classify, AttentionKind, Family, LinearEpilogue};
+use super::family::{classify, AttentionKind, Family, LinearEpilogue, MoeStage};
 use super::placement::GpuCapabilities;
 use super::size::SymExpr;
 use super::{
@@ -277,6 +277,25 @@ fn launch_of(family: &Family) -> Launch {
                 row_threads(*inner),
             )
         }
+        // Router: a warp per token; dispatch: one block; expert FFN: a block per four
+        // intermediate rows and expert; combine: a block per token.
+        Family::Moe { stage, tokens, .. } => match stage {
+            MoeStage::Router { .. } => ([tokens.clone(), one(), one()], 32),
+            MoeStage::Dispatch { .. } => ([one(), one(), one()], 256),
+            MoeStage::ExpertFfn {
+                experts,
+                intermediate,
+                ..
+            } => (
+                [
+                    SymExpr::constant(*intermediate as u64).ceil_div(4),
+                    SymExpr::constant(*experts as u64),
+                    one(),
+                ],
+                128,
+            ),
+            MoeStage::Combine { .. } => ([tokens.clone(), one(), one()], 128),
+        },
         Family::HostOnly { .. } => ([one(), one(), one()], 1),
     };
     Launch {

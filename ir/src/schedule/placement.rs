@@ -6,8 +6,8 @@
 //! A kernel without a GPU generator runs on the CPU as its host step (Cranelift kernels, or
 //! the runtime's copies for data movement: `kiln_kernels::cpu_step`); every buffer it reads
 //! that is only valid on the GPU is copied to the host first, and vice versa.
-//! Integer maps follow their readers ([`place_integer_maps_with_their_readers`]): an i32 map
-//! stays on the GPU only where a GPU kernel reads it. Graph inputs start on the host; graph
+//! Integer kernels follow their readers ([`place_integer_maps_with_their_readers`]): an i32
+//! map or an MoE dispatch stays on the GPU only where a GPU kernel reads it. Graph inputs start on the host; graph
 //! outputs end on the host.
 
 use super::family::{Family, FamilyKind};
@@ -34,7 +34,8 @@ impl Default for GpuCapabilities {
     /// The generators of `kiln-kernels` today: linear (GEMV/GEMM), RMSNorm, RoPE,
     /// elementwise maps (operands of the result's shape or single elements broadcast to it;
     /// also in i32), attention (causal prefill, decode and Quest decode over the contiguous
-    /// KV cache), KV append, the embedding gather and slices, in f16 and bf16.
+    /// KV cache), KV append, the embedding gather and slices, the MoE router, dispatch (i32),
+    /// grouped expert FFN and combine, in f16 and bf16.
     fn default() -> GpuCapabilities {
         GpuCapabilities {
             families: [
@@ -46,12 +47,14 @@ impl Default for GpuCapabilities {
                 FamilyKind::KvAppend,
                 FamilyKind::Gather,
                 FamilyKind::Slice,
+                FamilyKind::Moe,
             ]
             .into_iter()
             .collect(),
             dtypes: [DType::F16, DType::BF16].into_iter().collect(),
-            family_dtypes: [(FamilyKind::Map, [DType::I32].into_iter().collect())]
+            family_dtypes: [FamilyKind::Map, FamilyKind::Moe]
                 .into_iter()
+                .map(|kind| (kind, [DType::I32].into_iter().collect()))
                 .collect(),
         }
     }
@@ -88,10 +91,10 @@ impl GpuCapabilities {
     }
 }
 
-/// Integer maps (sequence-length bookkeeping such as decode's `cache_start + 1`) run where
-/// they are read: one placed on the GPU whose results no GPU kernel reads goes back to the
-/// CPU, so a plan whose readers are all on the host (an f32 plan, say) needs no device and
-/// no round trip for one addition. Kernels are visited last to first, so a chain of integer
+/// Integer kernels (sequence-length bookkeeping such as decode's `cache_start + 1`, and the
+/// MoE dispatch, which sorts expert ids) run where they are read: one placed on the GPU whose
+/// results no GPU kernel reads goes back to the CPU, so a plan whose readers are all on the
+/// host (an f32 plan, say) needs no device and no round trip for them. Kernels are visited last to first, so a chain of integer
 /// maps follows its last reader. Returns how many kernels moved.
 pub fn place_integer_maps_with_their_readers(schedule: &mut Schedule) -> usize {
     let mut moved = 0;
@@ -100,6 +103,9 @@ pub fn place_integer_maps_with_their_readers(schedule: &mut Schedule) -> usize {
         let integer_map = matches!(
             kernel.family,
             Family::Map {
+                dtype: DType::I32,
+                ..
+            } | Family::Moe {
                 dtype: DType::I32,
                 ..
             }
