@@ -9,7 +9,7 @@ use kiln::compiler::{Artifact, ArtifactOptions, Target};
 use kiln::generate::{generate, generate_reference, GenerateOptions};
 use kiln::inspect::{inspect, render, Workload};
 use kiln::model_source::{load_config, load_expected_weights, load_weights};
-use kiln::options::QuestArgs;
+use kiln::options::{LayerArgs, QuestArgs};
 use kiln::plan_runner::{PlanRunner, RunDevice};
 use kiln_ir::dtype::DType;
 use kiln_models::{build_model, ModelConfig, Phase};
@@ -78,6 +78,8 @@ struct CompileArgs {
     #[arg(long, default_value_t = 4096)]
     context: usize,
     #[command(flatten)]
+    layers: LayerArgs,
+    #[command(flatten)]
     quest: QuestArgs,
 }
 
@@ -111,7 +113,7 @@ struct RunArgs {
     /// Run a compiled artifact (`kiln compile -o DIR`) instead of compiling --model: its
     /// plans and kernels as written, nothing generated (the model, dtype and Quest options
     /// are the artifact's).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "dtype", "quest_budget", "quest_page_size", "quest_skip_layers"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "dtype", "layers", "quest_budget", "quest_page_size", "quest_skip_layers"])]
     compiled: Option<PathBuf>,
     /// Weights: a .safetensors file, a model.safetensors.index.json, or a directory holding
     /// them. Without it, weights are random from --seed.
@@ -152,6 +154,8 @@ struct RunArgs {
     /// bf16 on a GPU, where the generators take f16 and bf16.
     #[arg(long, value_parser = ["f16", "bf16", "f32"])]
     dtype: Option<String>,
+    #[command(flatten)]
+    layers: LayerArgs,
     #[command(flatten)]
     quest: QuestArgs,
 }
@@ -203,7 +207,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let config = match &artifact {
         Some(artifact) => artifact.manifest.model.clone(),
-        None => model_config(&args.model, args.dtype.as_deref(), on_gpu)?,
+        None => model_config(&args.model, args.dtype.as_deref(), &args.layers, on_gpu)?,
     };
     let started = std::time::Instant::now();
     let weights = match &artifact {
@@ -473,7 +477,12 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         }
         None => Target::default(),
     };
-    let config = model_config(&args.model, args.dtype.as_deref(), target.is_gpu())?;
+    let config = model_config(
+        &args.model,
+        args.dtype.as_deref(),
+        &args.layers,
+        target.is_gpu(),
+    )?;
     let options = ArtifactOptions {
         batch: args.batch,
         prompt_len: args.prompt_len,
@@ -494,10 +503,17 @@ fn compile_command(args: CompileArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model named on the command line in `dtype` when given; otherwise in its own dtype,
-/// except that an f32 model runs in bf16 on a GPU (the GPU generators take f16 and bf16).
-fn model_config(model: &str, dtype: Option<&str>, on_gpu: bool) -> Result<ModelConfig> {
+/// The model named on the command line, with the layers `--layers` keeps, in `dtype` when
+/// given; otherwise in its own dtype, except that an f32 model runs in bf16 on a GPU (the
+/// GPU generators take f16 and bf16).
+fn model_config(
+    model: &str,
+    dtype: Option<&str>,
+    layers: &LayerArgs,
+    on_gpu: bool,
+) -> Result<ModelConfig> {
     let mut config = load_config(model)?;
+    layers.apply(&mut config)?;
     match dtype {
         Some(dtype) => {
             config.dtype = DType::parse(dtype).context("--dtype takes f16, bf16 or f32")?;

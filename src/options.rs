@@ -1,12 +1,35 @@
 //! Command-line option groups shared by several `kiln` commands.
 //!
 //! Owns [`QuestArgs`] (`--quest-budget`, `--quest-page-size`, `--quest-skip-layers`) and its
-//! validation into `QuestOptions`; later placement and quantization groups go here too. It
-//! must not compile or run anything.
+//! validation into `QuestOptions`, and [`LayerArgs`] (`--layers`); later placement and
+//! quantization groups go here too. It must not compile or run anything.
 
 use anyhow::Result;
 use clap::Args;
 use kiln_ir::quest::QuestOptions;
+use kiln_models::ModelConfig;
+
+/// Which decoder layers of the model to keep.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LayerArgs {
+    /// Keep only the first N decoder layers (1 to the model's count): a model too large for
+    /// this machine runs end to end with random weights, e.g. `--model mixtral-8x7b
+    /// --layers 2`. Default: every layer.
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
+}
+
+impl LayerArgs {
+    /// Applies `--layers` to `config`; the error names the flag and the allowed range.
+    pub fn apply(&self, config: &mut ModelConfig) -> Result<()> {
+        if let Some(layers) = self.layers {
+            config
+                .keep_first_layers(layers)
+                .map_err(|e| anyhow::anyhow!("--layers {layers}: {e}"))?;
+        }
+        Ok(())
+    }
+}
 
 /// The Quest pass's flags.
 #[derive(Args, Debug, Clone, Default)]

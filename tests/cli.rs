@@ -561,3 +561,54 @@ fn an_artifact_for_another_machine_is_refused() {
     );
     assert!(!message.contains("panicked"), "{message}");
 }
+
+/// `--layers N` keeps the first N decoder layers: two layers of Mixtral 8x7B compile for an
+/// H100 with every step of both phases on the GPU (its MoE layers included), and the
+/// artifact says which layers it holds.
+#[test]
+fn a_two_layer_mixtral_compiles_with_every_step_on_the_gpu() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("mixtral2");
+    let output = kiln(&[
+        "compile",
+        "--model",
+        "mixtral-8x7b",
+        "--layers",
+        "2",
+        "--target",
+        "sm_90",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = stdout(&output);
+    let placements: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("after rewriting"))
+        .collect();
+    assert_eq!(placements.len(), 2, "{report}");
+    for line in placements {
+        assert!(line.contains(" 0 cpu)"), "{line}");
+    }
+    assert!(
+        report.contains("moe_gate_up_bf16_e8_h4096_i14336_k2"),
+        "{report}"
+    );
+    let plan = std::fs::read_to_string(dir.join("plan.json")).unwrap();
+    assert!(plan.contains("first 2 of 32 layers"));
+}
+
+#[test]
+fn bad_layer_counts_name_the_flag() {
+    for layers in ["0", "3"] {
+        let output = kiln(&["run", "--model", "tiny-llama", "--layers", layers]);
+        assert!(!output.status.success());
+        let text = stderr(&output);
+        assert!(text.contains(&format!("--layers {layers}")), "{text}");
+        assert!(text.contains("expected 1..=2"), "{text}");
+        assert_eq!(text.trim().lines().count(), 1, "{text}");
+    }
+    let output = kiln(&["run", "--compiled", "/nonexistent", "--layers", "1"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--layers"), "{}", stderr(&output));
+}

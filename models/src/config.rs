@@ -351,6 +351,41 @@ impl ModelConfig {
         self.validate_as(&self.name)
     }
 
+    /// Keeps only the first `layers` decoder layers (`1..=num_hidden_layers`), so that a model
+    /// too large for a machine runs end to end (random weights, or the matching tensors of a
+    /// checkpoint): `num_layers` becomes `layers`, MoE `mlp_only_layers` past it are dropped
+    /// and the name says which layers are kept. Other counts are an error naming the field.
+    ///
+    /// ```
+    /// let mut config = kiln_models::ModelConfig::preset("mixtral-8x7b").unwrap();
+    /// config.keep_first_layers(2).unwrap();
+    /// assert_eq!(config.num_layers, 2);
+    /// assert!(config.keep_first_layers(3).is_err());
+    /// ```
+    pub fn keep_first_layers(&mut self, layers: usize) -> Result<(), ModelError> {
+        if layers == 0 || layers > self.num_layers {
+            return Err(ModelError::InvalidField {
+                origin: self.name.clone(),
+                field: "num_hidden_layers".to_string(),
+                message: format!(
+                    "cannot keep the first {layers} layers of {}: expected 1..={}",
+                    self.num_layers, self.num_layers
+                ),
+            });
+        }
+        if layers < self.num_layers {
+            self.name = format!(
+                "{} (first {layers} of {} layers)",
+                self.name, self.num_layers
+            );
+            self.num_layers = layers;
+            if let Some(moe) = &mut self.moe {
+                moe.dense_layers.retain(|&layer| layer < layers);
+            }
+        }
+        self.validate()
+    }
+
     /// Whether decoder layer `layer` has a mixture-of-experts block instead of a dense MLP.
     /// Always false for dense models and for layers past the last one.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
