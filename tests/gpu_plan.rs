@@ -119,10 +119,16 @@ fn cuda_matches_cpu_with(model: &str, dtype: DType, head_dim: Option<usize>, cas
     if let Some(d) = head_dim {
         config.head_dim = d;
     }
+    cuda_matches_cpu_config(&config, case);
+}
+
+/// `config` run by the GPU runner and by the CPU runner on the same weights and prompt.
+fn cuda_matches_cpu_config(config: &ModelConfig, case: Case) {
+    let (model, dtype) = (config.name.as_str(), config.dtype);
     let model = format!("{model} d{}", config.head_dim);
     let seed = common::fresh_seed(&format!("{model}-{dtype}-{}", case.prompt_len));
-    let (gpu, gpu_runner) = run(&config, seed, RunDevice::Cuda, case);
-    let (cpu, _) = run(&config, seed, RunDevice::Cpu, case);
+    let (gpu, gpu_runner) = run(config, seed, RunDevice::Cuda, case);
+    let (cpu, _) = run(config, seed, RunDevice::Cpu, case);
     let (prefill_gpu, prefill_cpu, decode_gpu, decode_cpu) = gpu_runner.placement;
     eprintln!(
         "{model} {dtype}: {} on the GPU runner; prefill {prefill_gpu} gpu + {prefill_cpu} cpu, decode {decode_gpu} gpu + {decode_cpu} cpu kernels; KV cache on the {}",
@@ -140,7 +146,7 @@ fn cuda_matches_cpu_with(model: &str, dtype: DType, head_dim: Option<usize>, cas
     assert_eq!(
         (prefill_cpu, decode_cpu),
         (0, 0),
-        "{model} {dtype}: every step of a half-precision tiny preset has a GPU generator"
+        "{model} {dtype}: every step of a half-precision plan of these models has a GPU generator"
     );
     let (prefill_stats, decode_stats) = gpu_runner.stats();
     assert!(prefill_stats.gpu_launches > 0 && decode_stats.gpu_launches > 0);
@@ -161,14 +167,14 @@ fn cuda_matches_cpu_with(model: &str, dtype: DType, head_dim: Option<usize>, cas
     // 6e-3 to 0.37.)
     let mut strict_steps = case.strict_steps;
     if config.moe.is_some() {
-        let graph = build_model(&config, Phase::Prefill).unwrap();
+        let graph = build_model(config, Phase::Prefill).unwrap();
         let weights = load_weights(&graph, None, seed).unwrap();
         let options = GenerateOptions {
-            prompt: prompt(&config, case, seed),
+            prompt: prompt(config, case, seed),
             new_tokens: NEW_TOKENS,
             keep_logits: false,
         };
-        let margins = kiln::generate::router_margins(&config, &weights, &options).unwrap();
+        let margins = kiln::generate::router_margins(config, &weights, &options).unwrap();
         let same_path = margins
             .tokens
             .iter()
@@ -263,6 +269,18 @@ const LONG: Case = Case {
     cache_on_device: true,
     strict_steps: NEW_TOKENS,
 };
+
+/// Two layers of Mixtral 8x7B at its real sizes (`--layers 2`): every step on the GPU, the
+/// MoE layers' router, dispatch, grouped expert FFN and combine included, against the CPU
+/// plan.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn mixtral_8x7b_two_layers_bf16_cuda_matches_cpu() {
+    let mut config = ModelConfig::preset("mixtral-8x7b").unwrap();
+    config.keep_first_layers(2).unwrap();
+    config.dtype = DType::BF16;
+    cuda_matches_cpu_config(&config, SHORT);
+}
 
 #[test]
 #[ignore = "needs a CUDA device"]
