@@ -18,7 +18,9 @@ The suite is read from kiln's records:
     columns say whether both read as many experts).
 Decode and Quest rows also carry the same step timed as the attention step of a compiled
 decode plan (`plan_*` fields, `kiln::bench::plan_step`): those are the figures of what a model
-plan runs; "-" where a shape was skipped.
+plan runs, and the decode table leads with them (GB/s and % ceiling of the plan step; the
+kernels launched by hand, without the plan's KV append, follow as "kernels only"); "-" where
+a shape was skipped.
 Where torch has several records for one key (SDPA with enable_gqa and with repeat_interleave),
 the fastest is the baseline and its impl is named. Ratios: speedup = torch time / kiln time;
 "% ceiling" = achieved bytes per second over the device copy ceiling measured in the same run.
@@ -112,15 +114,20 @@ def attention_tables(kiln, torch):
     prefill = [r for r in kiln["records"] if r.get("kind") == "prefill"]
     if decode:
         baseline = fastest(torch["records"], "decode", "context")
-        print("| kind | dtype | batch | KV heads | context | splits | kiln µs | kiln GB/s | % ceiling | torch impl | torch µs | torch GB/s | speedup vs torch | plan step µs | plan step vs torch |")
+        print("| kind | dtype | batch | KV heads | context | splits | plan step µs | plan step GB/s | % ceiling | torch impl | torch µs | torch GB/s | plan step vs torch | kernels only µs | kernels only vs torch |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
         for r in decode:
             b = baseline.get(key_of(r, "context"))
-            pct = f"{100 * r['gb_per_s'] / ceiling:.0f}%" if ceiling else "-"
             plan = r.get("plan_median_us")
+            # The K/V bytes one step reads, from the kernels-only figure of the same row.
+            kv_bytes = r["gb_per_s"] * r["median_us"] * 1e3
+            plan_gbs = kv_bytes / plan / 1e3 if plan else None
+            pct = f"{100 * plan_gbs / ceiling:.0f}%" if ceiling and plan_gbs else "-"
+            torch_time = torch_us(b) if b else None
             print(f"| decode | {r['dtype']} | {r['batch']} | {r['kv_heads']} | {r['context']} | {r.get('splits', '-')} | "
-                  f"{r['median_us']:.1f} | {r['gb_per_s']:.0f} | {pct} | {baseline_columns(b, r['median_us'], 'gb_per_s')} | "
-                  f"{format(plan, '.1f') if plan else '-'} | {ratio(torch_us(b) if b else None, plan)} |")
+                  f"{format(plan, '.1f') if plan else '-'} | {format(plan_gbs, '.0f') if plan_gbs else '-'} | {pct} | "
+                  f"{field(b, 'impl', '')} | {format(torch_time, '.1f') if b else '-'} | {field(b, 'gb_per_s', '.0f')} | "
+                  f"{ratio(torch_time, plan)} | {r['median_us']:.1f} | {ratio(torch_time, r['median_us'])} |")
     if decode and prefill:
         print()
     if prefill:
