@@ -295,7 +295,7 @@ fn emit(spec: &MoeExpertFfnSpec, params: &Params, k: &mut KernelBuilder) {
     let empty = k.setp(Cmp::Ge, begin, end);
     k.guard(empty, |k| k.ret());
 
-    let weights = select_expert(k, &params.weights, expert);
+    let weights = super::select_expert(k, &params.weights, expert);
     k.comment("this warp's weight row(s) of expert e");
     let row_bytes = (length * ELEMENT_BYTES) as u32;
     let weight_rows: Vec<Reg<U64>> = weights
@@ -326,8 +326,8 @@ fn emit(spec: &MoeExpertFfnSpec, params: &Params, k: &mut KernelBuilder) {
                 let x = k.mad_wide(token, row_bytes, params.input);
                 let sums = warp_dots(k, spec.dtype, &weight_rows, x, lane_offset, length);
                 k.guard(lane0, |k| {
-                    let gate = round_to_dtype(k, spec.dtype, sums[0]);
-                    let up = round_to_dtype(k, spec.dtype, sums[1]);
+                    let gate = vector::round_to_dtype(k, spec.dtype, sums[0]);
+                    let up = vector::round_to_dtype(k, spec.dtype, sums[1]);
                     let activated = lower_expr(k, &Epilogue::SwiGlu.expr(), &[gate, up]);
                     let value = k.select::<F32>(valid, activated, f32::NAN);
                     vector::store_scalar(k, spec.dtype, out, value);
@@ -340,26 +340,6 @@ fn emit(spec: &MoeExpertFfnSpec, params: &Params, k: &mut KernelBuilder) {
             }
         }
     });
-}
-
-/// Expert `expert`'s pointer of each group, chosen from the per-expert parameters by a
-/// `setp.eq` / `selp` chain (PTX cannot index parameters); one `setp` per expert serves
-/// every group.
-fn select_expert(
-    k: &mut KernelBuilder,
-    groups: &[Vec<Reg<U64>>],
-    expert: Reg<U32>,
-) -> Vec<Reg<U64>> {
-    k.comment("select expert e's weight pointers: a setp/selp chain over the parameters");
-    let mut chosen: Vec<Reg<U64>> = groups.iter().map(|group| group[0]).collect();
-    let experts = groups.first().map_or(0, Vec::len);
-    for e in 1..experts {
-        let is_e = k.setp(Cmp::Eq, expert, e as u32);
-        for (pointer, group) in chosen.iter_mut().zip(groups) {
-            *pointer = k.select(is_e, group[e], *pointer);
-        }
-    }
-    chosen
 }
 
 /// The dot products of each row in `rows` with `x` (row and vector start addresses, `length`
@@ -405,14 +385,6 @@ fn warp_dots(
     acc.into_iter()
         .map(|sum| k.warp_all_reduce(sum, WarpReduce::Sum))
         .collect()
-}
-
-/// `value` rounded to the dtype (nearest even) and widened back to f32, as the reference
-/// rounds the gate and up products before the activation.
-fn round_to_dtype(k: &mut KernelBuilder, dtype: DType, value: Reg<F32>) -> Reg<F32> {
-    let word = vector::narrow_pair(k, dtype, value, value);
-    let word = k.bitcast::<U32>(word);
-    vector::widen_pair(k, dtype, word)[0]
 }
 
 #[cfg(test)]
