@@ -39,4 +39,3 @@ pub(crate) fn select_expert(
     }
     chosen
 }
-
