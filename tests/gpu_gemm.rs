@@ -208,6 +208,7 @@ fn check(dtype: DType, epilogue: Epilogue, test: &str) {
                 k,
                 tile,
                 epilogue,
+                grouping: None,
             };
             let kernel = device.load(&generate(&spec).unwrap()).unwrap();
             let problem = Problem::random(dtype, epilogue, (m, n, k), &mut rng);

@@ -1,7 +1,11 @@
 //! GPU numerics of the grouped expert FFN (`kiln_kernels::moe::expert_ffn`): the gate-up
 //! stage into a poisoned `activated` workspace, then the down stage into a poisoned `y`,
 //! compared with `kiln_ir::interp` of a one-op `Op::MoeExpertFfn` graph within the half
-//! tolerance of the dense GEMV tests (1e-2 relative); NaN anywhere fails.
+//! tolerance of the dense GEMV tests (1e-2 relative); NaN anywhere fails. Every case runs
+//! both kernels of the spec (`ExpertFfnKernel::Gemv` and, where `H` and `I` are multiples
+//! of 64, `ExpertFfnKernel::GroupedGemm`, each into fresh poisoned buffers) against the same
+//! reference; the grouped GEMM has its own sweep too (9, 200 and 1000 tokens, sizes that
+//! are multiples of 64 with a partial block of down's output columns).
 //!
 //! The dispatch (`order`, `offsets`) comes from `kiln_ir::movement::dispatch` on random
 //! expert choices with planted structure: one expert no token chooses (its blocks must exit
@@ -21,7 +25,9 @@ use kiln::ir::dtype::DType;
 use kiln::ir::graph::Graph;
 use kiln::ir::op::Op;
 use kiln::ir::tensor::Tensor;
-use kiln_kernels::moe::expert_ffn::{self, expert_param, ExpertFfnStage, MoeExpertFfnSpec};
+use kiln_kernels::moe::expert_ffn::{
+    self, expert_param, ExpertFfnKernel, ExpertFfnStage, MoeExpertFfnSpec,
+};
 use kiln_runtime::cuda::{Args, CudaDevice, DeviceTensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -33,6 +39,12 @@ const TOKENS: [usize; 3] = [1, 3, 200];
 /// (hidden, intermediate): vector path in both stages (one chunk; several chunks with a
 /// partial one), scalar path in both, and each stage on a different path.
 const SIZES: [(usize, usize); 5] = [(256, 128), (1024, 520), (100, 37), (64, 37), (100, 40)];
+/// Token counts of the grouped-GEMM sweep: under one 64-row block per expert, several
+/// blocks, many blocks (prefill).
+const GEMM_TOKENS: [usize; 3] = [9, 200, 1000];
+/// (hidden, intermediate) of the grouped-GEMM sweep, multiples of 64: the tiny preset's
+/// (128, 256), (256, 128), and H = 320, which leaves down a partial 128-column block.
+const GEMM_SIZES: [(usize, usize); 3] = [(128, 256), (256, 128), (320, 192)];
 
 /// One expert's weights: `gate [I, H]`, `up [I, H]`, `down [H, I]`.
 struct Expert {
@@ -107,6 +119,7 @@ fn case(
             intermediate,
             top_k,
             stage: ExpertFfnStage::GateUp,
+            kernel: ExpertFfnKernel::Gemv,
         },
         tokens,
         x,
@@ -144,9 +157,13 @@ fn interp_reference(case: &Case) -> Tensor {
     reference(&g, &inputs)
 }
 
-/// Launches gate-up then down on the device; returns `y` and the `activated` workspace.
-fn run_kernels(device: &CudaDevice, case: &Case) -> (Tensor, Tensor) {
-    let spec = case.spec;
+/// Launches gate-up then down of `kernel` on the device; returns `y` and the `activated`
+/// workspace.
+fn run_kernels(device: &CudaDevice, case: &Case, kernel: ExpertFfnKernel) -> (Tensor, Tensor) {
+    let spec = MoeExpertFfnSpec {
+        kernel,
+        ..case.spec
+    };
     let slots = case.tokens * spec.top_k;
     let upload = |t: &Tensor| DeviceTensor::upload(device, t).unwrap();
     let x = upload(&case.x);
@@ -204,18 +221,44 @@ fn run_kernels(device: &CudaDevice, case: &Case) -> (Tensor, Tensor) {
     (y.download().unwrap(), activated.download().unwrap())
 }
 
-fn check(device: &CudaDevice, case: &Case) {
-    let (y, activated) = run_kernels(device, case);
-    let what = format!("{} tokens={}", case.spec.entry(), case.tokens);
-    if let Some(i) = activated.data.iter().position(|v| !v.is_finite()) {
-        panic!("{what}: activated element {i} is {}", activated.data[i]);
+/// The kernels a case runs: the GEMV always, the grouped GEMM where its spec is valid.
+fn kernels(spec: &MoeExpertFfnSpec) -> Vec<ExpertFfnKernel> {
+    let grouped = MoeExpertFfnSpec {
+        kernel: ExpertFfnKernel::GroupedGemm,
+        ..*spec
+    };
+    let mut kernels = vec![ExpertFfnKernel::Gemv];
+    if grouped.validate().is_ok()
+        && (MoeExpertFfnSpec {
+            stage: ExpertFfnStage::Down,
+            ..grouped
+        })
+        .validate()
+        .is_ok()
+    {
+        kernels.push(ExpertFfnKernel::GroupedGemm);
     }
-    assert_close(
-        &what,
-        &y,
-        &interp_reference(case),
-        tolerance(case.spec.dtype),
-    );
+    kernels
+}
+
+fn check(device: &CudaDevice, case: &Case) {
+    check_kernels(device, case, &kernels(&case.spec));
+}
+
+fn check_kernels(device: &CudaDevice, case: &Case, kernels: &[ExpertFfnKernel]) {
+    let expected = interp_reference(case);
+    for &kernel in kernels {
+        let (y, activated) = run_kernels(device, case, kernel);
+        let spec = MoeExpertFfnSpec {
+            kernel,
+            ..case.spec
+        };
+        let what = format!("{} tokens={}", spec.entry(), case.tokens);
+        if let Some(i) = activated.data.iter().position(|v| !v.is_finite()) {
+            panic!("{what}: activated element {i} is {}", activated.data[i]);
+        }
+        assert_close(&what, &y, &expected, tolerance(case.spec.dtype));
+    }
 }
 
 fn sweep(dtype: DType, test: &str) {
@@ -230,6 +273,33 @@ fn sweep(dtype: DType, test: &str) {
     }
 }
 
+/// The grouped GEMM at prefill-like token counts (each case also runs the GEMV).
+fn gemm_sweep(dtype: DType, test: &str) {
+    let device = device();
+    let mut rng = rng(fresh_seed(test));
+    for routing in ROUTINGS {
+        for sizes in GEMM_SIZES {
+            for tokens in GEMM_TOKENS {
+                let case = case(dtype, routing, tokens, sizes, &mut rng);
+                assert!(kernels(&case.spec).contains(&ExpertFfnKernel::GroupedGemm));
+                check(&device, &case);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn grouped_gemm_f16_matches_interp() {
+    gemm_sweep(DTYPES[0], "moe_grouped_gemm_f16");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn grouped_gemm_bf16_matches_interp() {
+    gemm_sweep(DTYPES[1], "moe_grouped_gemm_bf16");
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn expert_ffn_f16_matches_interp() {
@@ -242,18 +312,23 @@ fn expert_ffn_bf16_matches_interp() {
     sweep(DTYPES[1], "moe_expert_ffn_bf16");
 }
 
-/// Every slot goes to one expert (all others empty, expert 0's blocks included): 200 tokens
-/// × k = 2 in one run of 400 slots through expert 5, in slot order.
+/// Every slot goes to one expert (all others empty, expert 0's blocks included): 200 and
+/// 1000 tokens × k = 2 in one run of all slots through expert 5, in slot order; both
+/// kernels (the sizes are multiples of 64).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn one_expert_takes_every_slot() {
     let device = device();
     let mut rng = rng(fresh_seed("moe_expert_ffn_one_expert"));
     for dtype in DTYPES {
-        let mut case = case(dtype, (8, 2), 200, (256, 128), &mut rng);
-        let identity: Vec<i32> = (0..400).collect();
-        case.order = Tensor::i32(&[200, 2], &identity);
-        case.offsets = Tensor::i32(&[9], &[0, 0, 0, 0, 0, 400, 400, 400, 400]);
-        check(&device, &case);
+        for tokens in [200usize, 1000] {
+            let slots = 2 * tokens as i32;
+            let mut case = case(dtype, (8, 2), tokens, (256, 128), &mut rng);
+            let identity: Vec<i32> = (0..slots).collect();
+            case.order = Tensor::i32(&[tokens, 2], &identity);
+            case.offsets = Tensor::i32(&[9], &[0, 0, 0, 0, 0, slots, slots, slots, slots]);
+            assert!(kernels(&case.spec).contains(&ExpertFfnKernel::GroupedGemm));
+            check(&device, &case);
+        }
     }
 }

@@ -48,6 +48,38 @@
 //! `(ceil(m / block_m), ceil(n / block_n))` — blocks along M vary fastest, so the blocks
 //! running together share weight tiles and the (smaller) activations stay in L2 — with
 //! `warps_m · warps_n · 32` threads and `stages · stage_bytes` of dynamic shared memory.
+//!
+//! **Grouped mode** ([`GemmSpec::grouping`], the mixture-of-experts expert FFN for prefill
+//! and large batches; `kiln_kernels::moe::expert_ffn` picks it with
+//! `ExpertFfnKernel::GroupedGemm`). One launch runs one GEMM per expert over that expert's
+//! run of dispatched rows `offsets[e] ≤ p < offsets[e + 1]` (the end clamped to `slots`).
+//! The grid gains `z = E`: block `(bm, bn, e)` reads `offsets[e]`, `offsets[e + 1]` and
+//! computes rows `offsets[e] + bm · block_m …` of the run; a block past its run's end (or of
+//! an empty run, or a negative offset, which reads as a huge unsigned value) exits at once,
+//! before any barrier and uniformly for the whole block. `grid.x = ceil(slots / block_m)`
+//! bounds any run. Rows past the run play the part of rows past `m`: zero-filled in shared
+//! memory, never stored. Expert `e`'s weight pointers come from a `setp` / `selp` chain over
+//! the per-expert parameters (`crate::moe::select_expert`, shared with the GEMV expert FFN).
+//! The output width `N` is [`Grouping::n`], fixed by the spec (no `n` scalar). Two shapes:
+//!
+//! - gate and up (`gather_rows`, [`Epilogue::SwiGlu`]): row `p` of A is `x` row
+//!   `order[p] / top_k`; the weight slice loads its gate rows from `gate_e` and its up rows
+//!   from `up_e` (each `[N, K]`, instead of one `[2N, K]` tensor); the epilogue rounds gate
+//!   and up to the dtype before `silu(gate) · up` (as `kiln_ir::interp`'s `swiglu_ffn`) and
+//!   writes row `p` of `activated` `[slots, N]`. An `order` entry outside `0..slots`
+//!   (negative included) is clamped to the last slot for the load and its output row is
+//!   NaN — the GEMV kernel's rule. Parameters: `x`, `order`, `offsets`,
+//!   `gate_0 … gate_{E−1}`, `up_0 … up_{E−1}`, `activated`; scalar `slots`.
+//! - down (no gather, [`Epilogue::None`]): row `p` of A is `activated` row `p`; the weight
+//!   is `down_e`; output row `p` of `y` `[slots, N]`. Parameters: `activated`, `offsets`,
+//!   `down_0 … down_{E−1}`, `y`; scalar `slots`.
+//!
+//! The names and order are those of the GEMV expert FFN's stages, so a plan binds either
+//! kernel by the same names. Entry names start `moe_gate_up_mma_` / `moe_down_mma_`.
+//!
+//! **Short K.** With at most eight K slices the main loop carries `.pragma "nounroll"`:
+//! ptxas otherwise unrolls it completely and the hoisted fragment loads spill (K = 256 on
+//! the small tile).
 
 use kiln_codegen::kernel::{Access, Extent, GpuKernel, LaunchRule};
 use kiln_codegen::ptx::{
@@ -59,6 +91,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::epilogue::Epilogue;
 use crate::error::SpecError;
+use crate::vector;
 
 const FAMILY: &str = "gemm";
 
@@ -208,8 +241,29 @@ impl Tile {
     }
 }
 
-/// A GEMM kernel: dtype, the (fixed) reduction length `k`, the tiling and the epilogue.
+/// The grouped (mixture-of-experts) mode of a GEMM: one GEMM per expert over that expert's
+/// run of dispatched rows, in one launch (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Grouping {
+    /// `E`, the number of experts (`1..=`[`MAX_EXPERTS`]): the grid's z extent and the
+    /// per-expert weight parameters.
+    pub experts: usize,
+    /// `k`, the experts each token chose: slot `t·k + j` belongs to token `t`.
+    pub top_k: usize,
+    /// Whether row `p` of the A operand is `x` row `order[p] / top_k` (gate and up) rather
+    /// than row `p` of `activated` (down).
+    pub gather_rows: bool,
+    /// The output width `N` (`I` for gate and up, `H` for down), fixed by the spec: a
+    /// multiple of 8. The grouped kernel takes no `n` scalar.
+    pub n: usize,
+}
+
+/// The most experts a grouped GEMM takes (the per-expert pointer chain and the 4 KiB
+/// parameter space), as for the GEMV expert FFN.
+pub const MAX_EXPERTS: usize = 128;
+
+/// A GEMM kernel: dtype, the (fixed) reduction length `k`, the tiling and the epilogue.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GemmSpec {
     /// `F16` or `BF16`: inputs, weights, extra operand and output.
     pub dtype: DType,
@@ -217,6 +271,24 @@ pub struct GemmSpec {
     pub k: usize,
     pub tile: GemmTile,
     pub epilogue: Epilogue,
+    /// The grouped MoE mode, or `None` for a plain GEMM. Left out of the serialized form
+    /// and of `Debug` (the spec key) when `None`, so plain specs keep their keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grouping: Option<Grouping>,
+}
+
+impl std::fmt::Debug for GemmSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("GemmSpec");
+        d.field("dtype", &self.dtype)
+            .field("k", &self.k)
+            .field("tile", &self.tile)
+            .field("epilogue", &self.epilogue);
+        if let Some(grouping) = &self.grouping {
+            d.field("grouping", grouping);
+        }
+        d.finish()
+    }
 }
 
 impl GemmSpec {
@@ -227,6 +299,7 @@ impl GemmSpec {
             k,
             tile: GemmTile::h100(epilogue),
             epilogue,
+            grouping: None,
         }
     }
 
@@ -239,20 +312,34 @@ impl GemmSpec {
         }
     }
 
-    /// The kernel's entry name, unique per spec.
+    /// The kernel's entry name, unique per spec: `gemm_bf16_swiglu_k4096_128x128x64_w2x4_s3`;
+    /// grouped, `moe_gate_up_mma_bf16_e8_h4096_i14336_k2_64x64x64_w2x2_s4` (gate and up) or
+    /// `moe_down_mma_…` (down), named like the GEMV expert FFN's kernels.
     pub fn entry_name(&self) -> String {
         let t = &self.tile;
+        let head = match &self.grouping {
+            None => format!(
+                "gemm_{}_{}_k{}",
+                self.dtype.name(),
+                self.epilogue.name(),
+                self.k
+            ),
+            Some(g) => {
+                let (stage, hidden, intermediate) = match g.gather_rows {
+                    true => ("gate_up", self.k, g.n),
+                    false => ("down", g.n, self.k),
+                };
+                format!(
+                    "moe_{stage}_mma_{}_e{}_h{hidden}_i{intermediate}_k{}",
+                    self.dtype.name(),
+                    g.experts,
+                    g.top_k
+                )
+            }
+        };
         format!(
-            "gemm_{}_{}_k{}_{}x{}x{}_w{}x{}_s{}",
-            self.dtype.name(),
-            self.epilogue.name(),
-            self.k,
-            t.block_m,
-            t.block_n,
-            t.block_k,
-            t.warps_m,
-            t.warps_n,
-            t.stages
+            "{head}_{}x{}x{}_w{}x{}_s{}",
+            t.block_m, t.block_n, t.block_k, t.warps_m, t.warps_n, t.stages
         ) + match t.pipeline {
             Pipeline::Basic => "_basic",
             Pipeline::Fragments => "",
@@ -359,12 +446,52 @@ impl GemmSpec {
                 8 * g.n_tiles
             ));
         }
+        if let Some(grouping) = &self.grouping {
+            self.validate_grouping(grouping)?;
+        }
         if self.shared_bytes() > MAX_SHARED_BYTES as usize {
             return err(format!(
                 "{} stages of {} bytes exceed the {MAX_SHARED_BYTES} bytes of shared memory a \
                  block may use",
                 t.stages,
                 self.stage_bytes()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl GemmSpec {
+    fn validate_grouping(&self, g: &Grouping) -> Result<(), SpecError> {
+        let err = |message: String| Err(SpecError::new(FAMILY, message));
+        if !(1..=MAX_EXPERTS).contains(&g.experts) {
+            return err(format!(
+                "grouping: experts = {} is outside 1..={MAX_EXPERTS}",
+                g.experts
+            ));
+        }
+        if !(1..=g.experts).contains(&g.top_k) {
+            return err(format!(
+                "grouping: top_k = {} is outside 1..=experts ({})",
+                g.top_k, g.experts
+            ));
+        }
+        if g.n == 0 || g.n > 1 << 24 || !g.n.is_multiple_of(8) {
+            return err(format!(
+                "grouping: n = {} must be a positive multiple of 8, at most 2^24",
+                g.n
+            ));
+        }
+        let wanted = match g.gather_rows {
+            true => Epilogue::SwiGlu,
+            false => Epilogue::None,
+        };
+        if self.epilogue != wanted {
+            return err(format!(
+                "grouping: the {} stage needs epilogue {}, not {}",
+                if g.gather_rows { "gate-up" } else { "down" },
+                wanted.name(),
+                self.epilogue.name()
             ));
         }
         Ok(())
@@ -429,25 +556,110 @@ impl Geometry {
 
 /// Generates the GEMM kernel of `spec` (target sm_80, runs on sm_80 and newer).
 pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
+    generate_for(spec, Target::Sm80)
+}
+
+/// The grouped mode's per-kernel registers: the gather of A rows (gate and up only).
+#[derive(Clone, Copy)]
+struct Gather {
+    order: Reg<U64>,
+    slots: Reg<U32>,
+    top_k: u32,
+}
+
+/// Generates the GEMM kernel of `spec` for `target`.
+pub fn generate_for(spec: &GemmSpec, target: Target) -> Result<GpuKernel, SpecError> {
     spec.validate()?;
     let g = Geometry::of(spec);
     let t = Tile::of(&spec.tile);
-    let mut k = KernelBuilder::new(&spec.entry_name(), Target::Sm80);
+    let mut k = KernelBuilder::new(&spec.entry_name(), target);
     if t.min_blocks_per_sm > 1 {
         k.min_blocks_per_sm(t.min_blocks_per_sm);
     }
-    let x = k.param_pointer("x", Access::Read);
-    let weight = k.param_pointer("weight", Access::Read);
-    let extra = spec
-        .epilogue
-        .extra_param()
-        .map(|name| k.param_pointer(name, Access::Read));
-    let out = k.param_pointer("out", Access::Write);
-    let m = k.param_u32("m");
-    let n = k.param_u32("n");
+    let Some(grouping) = spec.grouping else {
+        let x = k.param_pointer("x", Access::Read);
+        let weight = k.param_pointer("weight", Access::Read);
+        let extra = spec
+            .epilogue
+            .extra_param()
+            .map(|name| k.param_pointer(name, Access::Read));
+        let out = k.param_pointer("out", Access::Write);
+        let m = k.param_u32("m");
+        let n = k.param_u32("n");
+        let smem = k.dynamic_shared("smem", 128);
+
+        k.comment("block (bm, bn) computes out[bm*BM .., bn*BN ..]; warp (wm, wn) a sub-tile");
+        let tid = k.tid_x();
+        let lane = k.and(tid, 31u32);
+        let warp = k.shr(tid, 5u32);
+        let warp_n = k.rem(warp, t.warps_n);
+        let warp_m = k.div(warp, t.warps_n);
+        let block_m = k.special(Special::Ctaid(Axis::X));
+        let block_n = k.special(Special::Ctaid(Axis::Y));
+        let row0 = k.mul(block_m, t.block_m);
+        let col0 = k.mul(block_n, t.block_n);
+        let smem_base = k.shared_address(&smem);
+        let body = Body {
+            x,
+            weights: vec![weight],
+            gather: None,
+            extra,
+            out,
+            tid,
+            lane,
+            warp_m,
+            warp_n,
+            row0,
+            col0,
+            m,
+            n,
+            smem_base,
+        };
+        emit_body(&mut k, spec, &g, &body);
+        let launch = LaunchRule {
+            grid: [
+                Extent::ceil_div("m", t.block_m),
+                Extent::ceil_div("n", t.block_n),
+                Extent::fixed(1),
+            ],
+            block: [g.threads, 1, 1],
+            shared_bytes: t.stages * g.stage_bytes,
+        };
+        return Ok(k.finish(launch));
+    };
+
+    // Grouped: parameters named and ordered as the GEMV expert FFN's stages.
+    let (x, order) = match grouping.gather_rows {
+        true => {
+            let x = k.param_pointer("x", Access::Read);
+            (x, Some(k.param_pointer("order", Access::Read)))
+        }
+        false => (k.param_pointer("activated", Access::Read), None),
+    };
+    let offsets = k.param_pointer("offsets", Access::Read);
+    let groups: &[&str] = match grouping.gather_rows {
+        true => &["gate", "up"],
+        false => &["down"],
+    };
+    let weight_params: Vec<Vec<Reg<U64>>> = groups
+        .iter()
+        .map(|group| {
+            (0..grouping.experts)
+                .map(|e| k.param_pointer(&format!("{group}_{e}"), Access::Read))
+                .collect()
+        })
+        .collect();
+    let out = match grouping.gather_rows {
+        true => k.param_pointer("activated", Access::Write),
+        false => k.param_pointer("y", Access::Write),
+    };
+    let slots = k.param_u32("slots");
     let smem = k.dynamic_shared("smem", 128);
 
-    k.comment("block (bm, bn) computes out[bm*BM .., bn*BN ..]; warp (wm, wn) a sub-tile");
+    k.comment(
+        "grouped: block (bm, bn, e) computes rows offsets[e] + bm*BM .. of expert e's run, \
+         columns bn*BN ..; warp (wm, wn) a sub-tile",
+    );
     let tid = k.tid_x();
     let lane = k.and(tid, 31u32);
     let warp = k.shr(tid, 5u32);
@@ -455,15 +667,86 @@ pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
     let warp_m = k.div(warp, t.warps_n);
     let block_m = k.special(Special::Ctaid(Axis::X));
     let block_n = k.special(Special::Ctaid(Axis::Y));
-    let row0 = k.mul(block_m, t.block_m);
-    let col0 = k.mul(block_n, t.block_n);
-    let smem_base = k.shared_address(&smem);
-
-    let zero_fill = spec.tile.pipeline == Pipeline::Basic;
-    let copy = emit_copy_setup(
-        &mut k, spec, &g, x, weight, tid, row0, col0, m, n, smem_base, zero_fill,
+    let expert = k.special(Special::Ctaid(Axis::Z));
+    k.comment(
+        "expert e's run offsets[e] .. min(offsets[e + 1], slots); a block past its end exits \
+         (whole block, before any barrier)",
     );
-    let frag = emit_fragment_setup(&mut k, &g, lane, warp_m, warp_n, smem_base);
+    let offset_address = k.mad_wide(expert, 4u32, offsets);
+    let begin = k.ld_global::<U32>(offset_address.at(0));
+    let end = k.ld_global::<U32>(offset_address.at(4));
+    let end = k.min(end, slots);
+    let block_row = k.mul(block_m, t.block_m);
+    let row0 = k.add(begin, block_row);
+    let empty = k.setp(Cmp::Ge, begin, end);
+    let past = k.setp(Cmp::Ge, row0, end);
+    let done = k.or(empty, past);
+    k.guard(done, |k| k.ret());
+    let col0 = k.mul(block_n, t.block_n);
+    let n = k.mov::<U32>(grouping.n as u32);
+    let weights = crate::moe::select_expert(&mut k, &weight_params, expert);
+    let smem_base = k.shared_address(&smem);
+    let body = Body {
+        x,
+        weights,
+        gather: order.map(|order| Gather {
+            order,
+            slots,
+            top_k: grouping.top_k as u32,
+        }),
+        extra: None,
+        out,
+        tid,
+        lane,
+        warp_m,
+        warp_n,
+        row0,
+        col0,
+        m: end,
+        n,
+        smem_base,
+    };
+    emit_body(&mut k, spec, &g, &body);
+    let launch = LaunchRule {
+        grid: [
+            Extent::ceil_div("slots", t.block_m),
+            Extent::fixed(grouping.n.div_ceil(spec.tile.block_n) as u32),
+            Extent::fixed(grouping.experts as u32),
+        ],
+        block: [g.threads, 1, 1],
+        shared_bytes: t.stages * g.stage_bytes,
+    };
+    Ok(k.finish(launch))
+}
+
+/// The registers the body of either mode works from.
+struct Body {
+    /// The A operand: `x` (plain, grouped gate and up) or `activated` (grouped down).
+    x: Reg<U64>,
+    /// The weight: `[weight]` (plain; SwiGLU up rows `n` rows after the gate rows) or the
+    /// expert's `[gate, up]` / `[down]` (grouped).
+    weights: Vec<Reg<U64>>,
+    gather: Option<Gather>,
+    extra: Option<Reg<U64>>,
+    out: Reg<U64>,
+    tid: Reg<U32>,
+    lane: Reg<U32>,
+    warp_m: Reg<U32>,
+    warp_n: Reg<U32>,
+    /// The block's first output row and column.
+    row0: Reg<U32>,
+    col0: Reg<U32>,
+    /// Rows at or past `m` (grouped: the run's end) and columns at or past `n` are outside.
+    m: Reg<U32>,
+    n: Reg<U32>,
+    smem_base: Reg<U32>,
+}
+
+/// Copies, main loop and epilogue, shared by the plain and grouped modes.
+fn emit_body(k: &mut KernelBuilder, spec: &GemmSpec, g: &Geometry, b: &Body) {
+    let zero_fill = spec.tile.pipeline == Pipeline::Basic;
+    let copy = emit_copy_setup(k, spec, g, b, zero_fill);
+    let frag = emit_fragment_setup(k, g, b.lane, b.warp_m, b.warp_n, b.smem_base);
 
     k.comment("f32 accumulators: [set][m tile][n tile][4] (set 1 = SwiGLU up)");
     let sets = spec.accumulators() as usize;
@@ -478,24 +761,25 @@ pub fn generate(spec: &GemmSpec) -> Result<GpuKernel, SpecError> {
     }
 
     match spec.tile.pipeline {
-        Pipeline::Basic => emit_basic_loop(&mut k, spec, &g, &copy, &frag, &acc),
-        Pipeline::Fragments => emit_pipelined_loop(&mut k, spec, &g, &copy, &frag, &acc),
+        Pipeline::Basic => emit_basic_loop(k, spec, g, &copy, &frag, &acc),
+        Pipeline::Fragments => emit_pipelined_loop(k, spec, g, &copy, &frag, &acc),
     }
 
-    emit_epilogue(
-        &mut k, spec, &g, &acc, lane, warp_m, warp_n, row0, col0, m, n, out, extra,
-    );
+    emit_epilogue(k, spec, g, &acc, b);
+}
 
-    let launch = LaunchRule {
-        grid: [
-            Extent::ceil_div("m", t.block_m),
-            Extent::ceil_div("n", t.block_n),
-            Extent::fixed(1),
-        ],
-        block: [g.threads, 1, 1],
-        shared_bytes: t.stages * g.stage_bytes,
-    };
-    Ok(k.finish(launch))
+/// K-slice counts up to this keep the main loop rolled (`.pragma "nounroll"`): ptxas
+/// unrolls such short constant loops completely and the hoisted fragment loads spill (at
+/// K = 256 on the small tile). Longer loops are left to ptxas (and print as before).
+const NO_UNROLL_MAX_K_TILES: u32 = 8;
+
+/// The main loop `for kt in 0..k_tiles`.
+fn main_loop(k: &mut KernelBuilder, g: &Geometry, body: impl FnOnce(&mut KernelBuilder, Reg<U32>)) {
+    if g.k_tiles <= NO_UNROLL_MAX_K_TILES {
+        k.for_range_no_unroll(0u32, g.k_tiles, 1u32, body);
+    } else {
+        k.for_range(0u32, g.k_tiles, 1u32, body);
+    }
 }
 
 /// The [`Pipeline::Basic`] prologue and main loop.
@@ -528,7 +812,7 @@ fn emit_basic_loop(
         g.k_tiles,
         t.stages - 1
     ));
-    k.for_range(0u32, g.k_tiles, 1u32, |k, kt| {
+    main_loop(k, g, |k, kt| {
         k.cp_async_wait(t.stages - 2);
         k.bar_sync(0);
         if g.k_tiles >= t.stages {
@@ -596,7 +880,7 @@ fn emit_pipelined_loop(
         g.k_steps,
         t.stages - 1
     ));
-    k.for_range(0u32, g.k_tiles, 1u32, |k, kt| {
+    main_loop(k, g, |k, kt| {
         let refill =
             (g.k_tiles >= t.stages).then(|| k.setp(Cmp::Lt, kt, g.k_tiles - (t.stages - 1)));
         let mut current = carried.clone();
@@ -763,8 +1047,11 @@ struct WeightPass {
 struct CopySetup {
     /// Shared address of this thread's first chunk in stage 0.
     shared: Reg<U32>,
-    /// Global address of this thread's first `x` chunk of the next slice.
-    x_source: Reg<U64>,
+    /// Global addresses of this thread's `x` chunks of the next slice: one for all passes
+    /// (rows `rows_per_pass` apart), or one per pass when grouped gate and up gather rows.
+    x_sources: Vec<Reg<U64>>,
+    /// Per `x` pass: index into `x_sources` and the byte offset from it.
+    x_passes: Vec<(usize, i64)>,
     /// Whether each `x` pass's row is below `m`.
     x_inside: Vec<Reg<Pred>>,
     /// Source bytes (16 or 0) of each `x` pass ([`Pipeline::Basic`] only).
@@ -789,10 +1076,10 @@ impl CopySetup {
             None => self.shared,
         };
         let pass_shared = g.threads * CHUNK_BYTES;
-        let pass_global = (g.rows_per_pass * g.row_bytes) as i64;
         for (j, bytes) in self.x_bytes.iter().enumerate() {
             let shared = base.at((constant + j as u32 * pass_shared) as i64);
-            let global = self.x_source.at(j as i64 * pass_global);
+            let (source, offset) = self.x_passes[j];
+            let global = self.x_sources[source].at(offset);
             k.cp_async_16_zero_fill(shared, global, *bytes);
         }
         for (j, pass) in self.weight_passes.iter().enumerate() {
@@ -807,9 +1094,7 @@ impl CopySetup {
     /// Moves the global addresses one slice on.
     fn advance_sources(&self, k: &mut KernelBuilder, g: &Geometry) {
         let step = (g.chunks_per_row * CHUNK_BYTES) as u64;
-        let next = k.add(self.x_source, step);
-        k.assign(self.x_source, next);
-        for source in &self.weight_sources {
+        for source in self.x_sources.iter().chain(&self.weight_sources) {
             let next = k.add(*source, step);
             k.assign(*source, next);
         }
@@ -832,14 +1117,14 @@ impl CopySetup {
             None => self.shared,
         };
         let pass_shared = g.threads * CHUNK_BYTES;
-        let pass_global = (g.rows_per_pass * g.row_bytes) as i64;
         let when = |k: &mut KernelBuilder, inside: Reg<Pred>| match refill {
             Some(refill) => k.and(refill, inside),
             None => inside,
         };
         for (j, inside) in self.x_inside.iter().enumerate() {
             let shared = base.at((constant + j as u32 * pass_shared) as i64);
-            let global = self.x_source.at(j as i64 * pass_global);
+            let (source, offset) = self.x_passes[j];
+            let global = self.x_sources[source].at(offset);
             let p = when(k, *inside);
             k.guard(p, |k| k.cp_async_16(shared, global));
         }
@@ -878,21 +1163,14 @@ impl CopySetup {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn emit_copy_setup(
     k: &mut KernelBuilder,
     spec: &GemmSpec,
     g: &Geometry,
-    x: Reg<U64>,
-    weight: Reg<U64>,
-    tid: Reg<U32>,
-    row0: Reg<U32>,
-    col0: Reg<U32>,
-    m: Reg<U32>,
-    n: Reg<U32>,
-    smem_base: Reg<U32>,
+    b: &Body,
     zero_fill: bool,
 ) -> CopySetup {
+    let (tid, row0, col0, m, n) = (b.tid, b.row0, b.col0, b.m, b.n);
     k.comment(&format!(
         "copies: thread t moves chunk (t % {cpr}) of row t / {cpr} (+{rpp} rows per pass) of \
          each slice; rows past m / n are zero-filled",
@@ -905,17 +1183,49 @@ fn emit_copy_setup(
     let chunk_bytes = k.shl(chunk_in_row, 4u32);
     let chunk_bytes = k.cvt::<U64>(chunk_bytes);
     let swizzled = swizzled_chunk_bytes(k, tid);
-    let shared = k.add(smem_base, swizzled);
+    let shared = k.add(b.smem_base, swizzled);
 
     let x_row = k.add(row0, row_in_slice);
-    let x_offset = k.mad_wide(x_row, g.row_bytes, chunk_bytes);
-    let x_source = k.add(x, x_offset);
-    let x_inside: Vec<Reg<Pred>> = (0..g.a_rows / g.rows_per_pass)
-        .map(|j| {
-            let row = k.add(x_row, j * g.rows_per_pass);
-            k.setp(Cmp::Lt, row, m)
-        })
-        .collect();
+    let passes = g.a_rows / g.rows_per_pass;
+    let (x_sources, x_passes, x_inside) = match b.gather {
+        None => {
+            let x_offset = k.mad_wide(x_row, g.row_bytes, chunk_bytes);
+            let x_source = k.add(b.x, x_offset);
+            let x_inside: Vec<Reg<Pred>> = (0..passes)
+                .map(|j| {
+                    let row = k.add(x_row, j * g.rows_per_pass);
+                    k.setp(Cmp::Lt, row, m)
+                })
+                .collect();
+            let pass_global = (g.rows_per_pass * g.row_bytes) as i64;
+            let x_passes = (0..passes as i64).map(|j| (0, j * pass_global)).collect();
+            (vec![x_source], x_passes, x_inside)
+        }
+        Some(gather) => {
+            k.comment(&format!(
+                "gathered rows: pass j's row p reads x row min(order[p], slots - 1) / {} (row \
+                 0 for rows past the run); a bad order entry is caught by the epilogue",
+                gather.top_k
+            ));
+            let last_slot = k.sub(gather.slots, 1u32);
+            let mut sources = Vec::new();
+            let mut inside = Vec::new();
+            for j in 0..passes {
+                let row = k.add(x_row, j * g.rows_per_pass);
+                let row_inside = k.setp(Cmp::Lt, row, m);
+                let order_address = k.mad_wide(row, 4u32, gather.order);
+                let slot = k.guard(row_inside, |k| k.ld_global::<U32>(order_address));
+                let slot = k.min(slot, last_slot);
+                let token = k.div(slot, gather.top_k);
+                let token = k.select(row_inside, token, 0u32);
+                let offset = k.mad_wide(token, g.row_bytes, chunk_bytes);
+                sources.push(k.add(b.x, offset));
+                inside.push(row_inside);
+            }
+            let x_passes = (0..passes as usize).map(|j| (j, 0)).collect();
+            (sources, x_passes, inside)
+        }
+    };
     let x_bytes = match zero_fill {
         true => x_inside
             .iter()
@@ -926,12 +1236,20 @@ fn emit_copy_setup(
 
     let column = k.add(col0, row_in_slice);
     let gate_offset = k.mad_wide(column, g.row_bytes, chunk_bytes);
-    let gate_source = k.add(weight, gate_offset);
+    let gate_source = k.add(b.weights[0], gate_offset);
     let mut weight_sources = vec![gate_source];
     if spec.epilogue == Epilogue::SwiGlu {
-        k.comment("SwiGLU: up rows start n rows after the gate rows");
-        let up_source = k.mad_wide(n, g.row_bytes, gate_source);
-        weight_sources.push(up_source);
+        match b.weights.get(1) {
+            None => {
+                k.comment("SwiGLU: up rows start n rows after the gate rows");
+                let up_source = k.mad_wide(n, g.row_bytes, gate_source);
+                weight_sources.push(up_source);
+            }
+            Some(&up) => {
+                k.comment("SwiGLU: up rows from the expert's up weight");
+                weight_sources.push(k.add(up, gate_offset));
+            }
+        }
     }
     let block_n = Tile::of(&spec.tile).block_n;
     let weight_passes = (0..g.b_rows / g.rows_per_pass)
@@ -955,7 +1273,8 @@ fn emit_copy_setup(
         .collect();
     CopySetup {
         shared,
-        x_source,
+        x_sources,
+        x_passes,
         x_inside,
         x_bytes,
         weight_sources,
@@ -1075,22 +1394,20 @@ pub(crate) fn pack_from_f32(
     }
 }
 
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop)]
 fn emit_epilogue(
     k: &mut KernelBuilder,
     spec: &GemmSpec,
     g: &Geometry,
     acc: &[Vec<Vec<[Reg<F32>; 4]>>],
-    lane: Reg<U32>,
-    warp_m: Reg<U32>,
-    warp_n: Reg<U32>,
-    row0: Reg<U32>,
-    col0: Reg<U32>,
-    m: Reg<U32>,
-    n: Reg<U32>,
-    out: Reg<U64>,
-    extra: Option<Reg<U64>>,
+    b: &Body,
 ) {
+    let (lane, warp_m, warp_n, row0, col0, m, n, out, extra) = (
+        b.lane, b.warp_m, b.warp_n, b.row0, b.col0, b.m, b.n, b.out, b.extra,
+    );
+    // Grouped SwiGLU rounds gate and up to the dtype before the activation, as the
+    // reference (`kiln_ir::interp`'s `swiglu_ffn`) does.
+    let round_inputs = spec.grouping.is_some() && spec.epilogue == Epilogue::SwiGlu;
     k.comment(&format!(
         "epilogue ({}): lane (g, t) = (lane / 4, lane % 4) owns rows g, g + 8 and columns \
          2t, 2t + 1 of each 16x8 tile; rows >= m and columns >= n are not stored",
@@ -1134,6 +1451,12 @@ fn emit_epilogue(
         for half in 0..2usize {
             let row = k.add(row_first, (16 * i + 8 * half) as u32);
             let row_inside = k.setp(Cmp::Lt, row, m);
+            let valid = b.gather.map(|gather| {
+                k.comment("an order entry outside 0..slots makes the row NaN");
+                let order_address = k.mad_wide(row, 4u32, gather.order);
+                let slot = k.guard(row_inside, |k| k.ld_global::<U32>(order_address));
+                k.setp(Cmp::Lt, slot, gather.slots)
+            });
             let out_row = k.mad_wide(row, out_row_bytes, out_base);
             let residual_row = match (spec.epilogue, extra_base) {
                 (Epilogue::Residual, Some(base)) => Some(k.mad_wide(row, out_row_bytes, base)),
@@ -1152,11 +1475,26 @@ fn emit_epilogue(
                         unpack_to_f32(k, spec.dtype, bits)
                     }),
                 };
-                let results: [Reg<F32>; 2] = std::array::from_fn(|e| {
-                    let mut inputs = vec![acc[0][i][j][2 * half + e]];
+                let first = [acc[0][i][j][2 * half], acc[0][i][j][2 * half + 1]];
+                let (first, second) = match (round_inputs, second) {
+                    (true, Some(second)) => (
+                        vector::round_pair_to_dtype(k, spec.dtype, first[0], first[1]),
+                        Some(vector::round_pair_to_dtype(
+                            k, spec.dtype, second[0], second[1],
+                        )),
+                    ),
+                    _ => (first, second),
+                };
+                let mut results: [Reg<F32>; 2] = std::array::from_fn(|e| {
+                    let mut inputs = vec![first[e]];
                     inputs.extend(second.map(|s| s[e]));
                     lower_expr(k, &expr, &inputs)
                 });
+                if let Some(valid) = valid {
+                    for result in &mut results {
+                        *result = k.select::<F32>(valid, *result, f32::NAN);
+                    }
+                }
                 let packed = pack_from_f32(k, spec.dtype, results[0], results[1]);
                 k.guard(inside, |k| k.st(Store::GLOBAL, out_row.at(offset), packed));
             }

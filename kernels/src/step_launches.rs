@@ -173,6 +173,7 @@ pub fn step_launches(
             intermediate,
             top_k,
             stage,
+            kernel: Default::default(),
         };
         return expert_ffn_launches(
             family,

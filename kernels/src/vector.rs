@@ -108,3 +108,22 @@ pub fn store_scalar(k: &mut KernelBuilder, dtype: DType, address: impl Into<Mem>
     let bits = k.bitcast::<U32>(word);
     k.st_narrow(Store::GLOBAL, kiln_codegen::ptx::Narrow::U16, address, bits);
 }
+
+/// `value` rounded to the dtype (nearest even) and widened back to f32, as the reference
+/// rounds the gate and up products before the activation.
+pub fn round_to_dtype(k: &mut KernelBuilder, dtype: DType, value: Reg<F32>) -> Reg<F32> {
+    round_pair_to_dtype(k, dtype, value, value)[0]
+}
+
+/// Two values rounded to the dtype (nearest even) and widened back to f32: one narrowing
+/// and one widening for the pair.
+pub fn round_pair_to_dtype(
+    k: &mut KernelBuilder,
+    dtype: DType,
+    lo: Reg<F32>,
+    hi: Reg<F32>,
+) -> [Reg<F32>; 2] {
+    let word = narrow_pair(k, dtype, lo, hi);
+    let word = k.bitcast::<U32>(word);
+    widen_pair(k, dtype, word)
+}

@@ -12,7 +12,8 @@ use kiln_codegen::kernel::{Access, ParamKind};
 use kiln_codegen::ptx::Target;
 use kiln_ir::dtype::DType;
 use kiln_kernels::moe::expert_ffn::{
-    self, expert_param, expert_params, ExpertFfnStage, MoeExpertFfnSpec, WARPS_PER_BLOCK,
+    self, expert_param, expert_params, ExpertFfnKernel, ExpertFfnStage, MoeExpertFfnSpec,
+    WARPS_PER_BLOCK,
 };
 use std::collections::BTreeMap;
 
@@ -33,6 +34,7 @@ fn spec(
         intermediate,
         top_k,
         stage,
+        kernel: ExpertFfnKernel::Gemv,
     }
 }
 

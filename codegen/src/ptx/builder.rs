@@ -624,6 +624,31 @@ impl KernelBuilder {
         step: impl Into<Operand<U32>>,
         body: impl FnOnce(&mut KernelBuilder, Reg<U32>),
     ) {
+        self.for_range_with(start, end, step, false, body);
+    }
+
+    /// [`for_range`](KernelBuilder::for_range) with `.pragma "nounroll";` in the loop
+    /// header, so ptxas keeps the loop rolled: a loop with a small constant trip count is
+    /// otherwise unrolled completely, and the hoisted loads of a register-heavy body can
+    /// then spill.
+    pub fn for_range_no_unroll(
+        &mut self,
+        start: impl Into<Operand<U32>>,
+        end: impl Into<Operand<U32>>,
+        step: impl Into<Operand<U32>>,
+        body: impl FnOnce(&mut KernelBuilder, Reg<U32>),
+    ) {
+        self.for_range_with(start, end, step, true, body);
+    }
+
+    fn for_range_with(
+        &mut self,
+        start: impl Into<Operand<U32>>,
+        end: impl Into<Operand<U32>>,
+        step: impl Into<Operand<U32>>,
+        no_unroll: bool,
+        body: impl FnOnce(&mut KernelBuilder, Reg<U32>),
+    ) {
         self.assert_unguarded("for_range");
         let (start, end, step) = (start.into(), end.into(), step.into());
         let index = self.label_count;
@@ -637,6 +662,9 @@ impl KernelBuilder {
         let i = self.reg::<U32>();
         self.emit(format!("mov.u32 {i}, {start}"));
         self.place_label(&head);
+        if no_unroll {
+            self.raw_instruction(".pragma \"nounroll\"");
+        }
         let done = self.reg::<Pred>();
         self.emit(format!("setp.ge.u32 {done}, {i}, {end}"));
         self.branch_if(done, &exit);

@@ -16,6 +16,18 @@
 //! every product accumulates in f32. The semantics are `Op::MoeExpertFfn` in
 //! `kiln_ir::interp` (its `swiglu_ffn`), split at the rounded activation.
 //!
+//! **Two kernels.** [`MoeExpertFfnSpec::kernel`] picks the generator of both stages:
+//! [`ExpertFfnKernel::Gemv`] (the default, this file) is a warp-per-row grouped GEMV, right
+//! for decode — each weight row is streamed once and reused across the few slots of an
+//! expert. [`ExpertFfnKernel::GroupedGemm`] is the tensor-core GEMM of [`crate::gemm`] in
+//! its grouped mode ([`MoeExpertFfnSpec::gemm_spec`]: `mma.sync` tiles of 64 slots of one
+//! expert), for prefill and large batches, where the GEMV's per-slot dot products are far
+//! too slow; it needs `H` and `I` to be multiples of 64. The plan lowering chooses (GEMV for
+//! a few tokens — at most 8 — the grouped GEMM above). Both take the same parameters in the
+//! same order with the same semantics, robustness rules included, and write the same
+//! `activated` workspace; only the entry names (`moe_gate_up_…` / `moe_gate_up_mma_…`) and
+//! launch geometry differ. The rest of this doc describes the GEMV.
+//!
 //! Launch geometry: blocks of [`WARPS_PER_BLOCK`] warps, one warp per output row (a weight
 //! row: `I` rows for gate-up, `H` for down); `grid.x = ceil(rows / WARPS_PER_BLOCK)` and
 //! `grid.y = E`, both fixed by the spec. Block `(x, e)` reads `offsets[e]` and
@@ -44,6 +56,7 @@
 //! This file generates PTX; it must not launch anything, allocate the workspace or choose
 //! the dispatch (that is `super::dispatch`'s).
 
+use crate::gemm::{self, GemmSpec, GemmTile, Grouping};
 use crate::vector::{self, check_half, HALVES_PER_CHUNK};
 use crate::{Epilogue, SpecError};
 use kiln_codegen::kernel::{Access, Extent, GpuKernel, LaunchRule};
@@ -89,8 +102,26 @@ impl ExpertFfnStage {
     }
 }
 
+/// Which generator builds a stage: the warp-per-row grouped GEMV of this file, or the
+/// grouped tensor-core GEMM of [`crate::gemm`] (its [`Grouping`] mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertFfnKernel {
+    /// One warp per output row looping over the expert's slots: for decode (a few tokens).
+    #[default]
+    Gemv,
+    /// `mma.sync` tiles of 64 slots of one expert: for prefill and large batches.
+    GroupedGemm,
+}
+
+impl ExpertFfnKernel {
+    fn is_gemv(&self) -> bool {
+        *self == ExpertFfnKernel::Gemv
+    }
+}
+
 /// One stage of the grouped expert FFN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MoeExpertFfnSpec {
     /// Storage dtype of `x`, the weights, `activated` and `y`: f16 or bf16.
     pub dtype: DType,
@@ -103,6 +134,26 @@ pub struct MoeExpertFfnSpec {
     /// `k`, the experts each token chose: slot `t·k + j` belongs to token `t`.
     pub top_k: usize,
     pub stage: ExpertFfnStage,
+    /// The generator; left out of the serialized form and of `Debug` (the spec key) when
+    /// [`ExpertFfnKernel::Gemv`], so GEMV specs keep their keys.
+    #[serde(default, skip_serializing_if = "ExpertFfnKernel::is_gemv")]
+    pub kernel: ExpertFfnKernel,
+}
+
+impl std::fmt::Debug for MoeExpertFfnSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("MoeExpertFfnSpec");
+        d.field("dtype", &self.dtype)
+            .field("experts", &self.experts)
+            .field("hidden", &self.hidden)
+            .field("intermediate", &self.intermediate)
+            .field("top_k", &self.top_k)
+            .field("stage", &self.stage);
+        if !self.kernel.is_gemv() {
+            d.field("kernel", &self.kernel);
+        }
+        d.finish()
+    }
 }
 
 /// The per-expert parameter groups of `stage`, in parameter order: group `g` is the
@@ -148,11 +199,43 @@ impl MoeExpertFfnSpec {
 
     /// Threads per block.
     pub fn threads(&self) -> u32 {
-        32 * WARPS_PER_BLOCK as u32
+        match self.kernel {
+            ExpertFfnKernel::Gemv => 32 * WARPS_PER_BLOCK as u32,
+            ExpertFfnKernel::GroupedGemm => self.gemm_spec().tile.threads() as u32,
+        }
     }
 
-    /// The kernel entry name: `moe_gate_up_bf16_e8_h4096_i14336_k2`.
+    /// The grouped GEMM spec of this stage ([`ExpertFfnKernel::GroupedGemm`]): gate and up
+    /// gather `x` rows through `order` with the SwiGLU epilogue over the expert's `gate_e`
+    /// and `up_e` (`K = H`, `N = I`); down reads `activated` rows in place (`K = I`,
+    /// `N = H`). Both use [`GemmTile::small`] (64-row blocks waste less of each expert's
+    /// run than 128-row ones).
+    pub fn gemm_spec(&self) -> GemmSpec {
+        let (epilogue, gather_rows) = match self.stage {
+            ExpertFfnStage::GateUp => (Epilogue::SwiGlu, true),
+            ExpertFfnStage::Down => (Epilogue::None, false),
+        };
+        GemmSpec {
+            dtype: self.dtype,
+            k: self.dot_length(),
+            tile: GemmTile::small(epilogue),
+            epilogue,
+            grouping: Some(Grouping {
+                experts: self.experts,
+                top_k: self.top_k,
+                gather_rows,
+                n: self.rows(),
+            }),
+        }
+    }
+
+    /// The kernel entry name: `moe_gate_up_bf16_e8_h4096_i14336_k2` (GEMV), or
+    /// `moe_gate_up_mma_bf16_e8_h4096_i14336_k2_64x64x64_w2x2_s4` (grouped GEMM, see
+    /// [`GemmSpec::entry_name`]).
     pub fn entry(&self) -> String {
+        if self.kernel == ExpertFfnKernel::GroupedGemm {
+            return self.gemm_spec().entry_name();
+        }
         format!(
             "moe_{}_{}_e{}_h{}_i{}_k{}",
             self.stage.name(),
@@ -192,6 +275,14 @@ impl MoeExpertFfnSpec {
                 self.top_k, self.experts
             ));
         }
+        if self.kernel == ExpertFfnKernel::GroupedGemm {
+            self.gemm_spec().validate().map_err(|e| {
+                SpecError::new(
+                    FAMILY,
+                    format!("grouped GEMM (H and I must be multiples of 64): {e}"),
+                )
+            })?;
+        }
         Ok(())
     }
 }
@@ -204,6 +295,9 @@ pub fn generate(spec: &MoeExpertFfnSpec) -> Result<GpuKernel, SpecError> {
 /// Generates the stage's kernel for `target`.
 pub fn generate_for(spec: &MoeExpertFfnSpec, target: Target) -> Result<GpuKernel, SpecError> {
     spec.validate()?;
+    if spec.kernel == ExpertFfnKernel::GroupedGemm {
+        return gemm::generate_for(&spec.gemm_spec(), target);
+    }
     let mut k = KernelBuilder::new(&spec.entry(), target);
     let params = Params::declare(spec, &mut k);
     emit(spec, &params, &mut k);
@@ -295,7 +389,7 @@ fn emit(spec: &MoeExpertFfnSpec, params: &Params, k: &mut KernelBuilder) {
     let empty = k.setp(Cmp::Ge, begin, end);
     k.guard(empty, |k| k.ret());
 
-    let weights = select_expert(k, &params.weights, expert);
+    let weights = super::select_expert(k, &params.weights, expert);
     k.comment("this warp's weight row(s) of expert e");
     let row_bytes = (length * ELEMENT_BYTES) as u32;
     let weight_rows: Vec<Reg<U64>> = weights
@@ -326,8 +420,8 @@ fn emit(spec: &MoeExpertFfnSpec, params: &Params, k: &mut KernelBuilder) {
                 let x = k.mad_wide(token, row_bytes, params.input);
                 let sums = warp_dots(k, spec.dtype, &weight_rows, x, lane_offset, length);
                 k.guard(lane0, |k| {
-                    let gate = round_to_dtype(k, spec.dtype, sums[0]);
-                    let up = round_to_dtype(k, spec.dtype, sums[1]);
+                    let gate = vector::round_to_dtype(k, spec.dtype, sums[0]);
+                    let up = vector::round_to_dtype(k, spec.dtype, sums[1]);
                     let activated = lower_expr(k, &Epilogue::SwiGlu.expr(), &[gate, up]);
                     let value = k.select::<F32>(valid, activated, f32::NAN);
                     vector::store_scalar(k, spec.dtype, out, value);
@@ -340,26 +434,6 @@ fn emit(spec: &MoeExpertFfnSpec, params: &Params, k: &mut KernelBuilder) {
             }
         }
     });
-}
-
-/// Expert `expert`'s pointer of each group, chosen from the per-expert parameters by a
-/// `setp.eq` / `selp` chain (PTX cannot index parameters); one `setp` per expert serves
-/// every group.
-fn select_expert(
-    k: &mut KernelBuilder,
-    groups: &[Vec<Reg<U64>>],
-    expert: Reg<U32>,
-) -> Vec<Reg<U64>> {
-    k.comment("select expert e's weight pointers: a setp/selp chain over the parameters");
-    let mut chosen: Vec<Reg<U64>> = groups.iter().map(|group| group[0]).collect();
-    let experts = groups.first().map_or(0, Vec::len);
-    for e in 1..experts {
-        let is_e = k.setp(Cmp::Eq, expert, e as u32);
-        for (pointer, group) in chosen.iter_mut().zip(groups) {
-            *pointer = k.select(is_e, group[e], *pointer);
-        }
-    }
-    chosen
 }
 
 /// The dot products of each row in `rows` with `x` (row and vector start addresses, `length`
@@ -407,14 +481,6 @@ fn warp_dots(
         .collect()
 }
 
-/// `value` rounded to the dtype (nearest even) and widened back to f32, as the reference
-/// rounds the gate and up products before the activation.
-fn round_to_dtype(k: &mut KernelBuilder, dtype: DType, value: Reg<F32>) -> Reg<F32> {
-    let word = vector::narrow_pair(k, dtype, value, value);
-    let word = k.bitcast::<U32>(word);
-    vector::widen_pair(k, dtype, word)[0]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,6 +493,7 @@ mod tests {
             intermediate: 14336,
             top_k: 2,
             stage,
+            kernel: ExpertFfnKernel::Gemv,
         }
     }
 

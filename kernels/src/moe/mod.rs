@@ -17,3 +17,25 @@ pub mod combine;
 pub mod dispatch;
 pub mod expert_ffn;
 pub mod router;
+
+use kiln_codegen::ptx::{Cmp, KernelBuilder, Reg, U32, U64};
+
+/// Expert `expert`'s pointer of each group, chosen from the per-expert parameters by a
+/// `setp.eq` / `selp` chain (PTX cannot index parameters); one `setp` per expert serves
+/// every group.
+pub(crate) fn select_expert(
+    k: &mut KernelBuilder,
+    groups: &[Vec<Reg<U64>>],
+    expert: Reg<U32>,
+) -> Vec<Reg<U64>> {
+    k.comment("select expert e's weight pointers: a setp/selp chain over the parameters");
+    let mut chosen: Vec<Reg<U64>> = groups.iter().map(|group| group[0]).collect();
+    let experts = groups.first().map_or(0, Vec::len);
+    for e in 1..experts {
+        let is_e = k.setp(Cmp::Eq, expert, e as u32);
+        for (pointer, group) in chosen.iter_mut().zip(groups) {
+            *pointer = k.select(is_e, group[e], *pointer);
+        }
+    }
+    chosen
+}
