@@ -6,7 +6,9 @@
 //!   run offsets, computed on the device (no host round trip).
 //! - [`expert_ffn`]: the grouped expert FFN over the dispatched slots, in two stages: gate
 //!   and up products with the SwiGLU activation, then the down product. Each block reads one
-//!   expert's weights; an expert no token chose costs nothing.
+//!   expert's weights; an expert no token chose costs nothing. Two generators take the
+//!   same parameters: a warp-per-row GEMV (decode) and the grouped tensor-core GEMM of
+//!   `crate::gemm` (prefill and large batches), chosen by the spec's `kernel`.
 //! - [`combine`]: each token's output, the routing-weighted sum of its `k` expert rows.
 //!
 //! The semantics are those of `kiln_ir::op::Op::{MoeRouter, MoeDispatch, MoeExpertFfn,
