@@ -8,7 +8,9 @@
 //! launch whose parameters bind to the step's operands and results; attention and KV append
 //! are the programs of [`crate::attention::program`]; the MoE expert FFN is its two stages
 //! (gate and up with SwiGLU into a workspace, then down), each expert's weights bound by
-//! name (`gate_e`, `up_e`, `down_e` to operands `3 + 3e`, `4 + 3e`, `5 + 3e`). [`step_launches`] derives them from a
+//! name (`gate_e`, `up_e`, `down_e` to operands `3 + 3e`, `4 + 3e`, `5 + 3e`), on the grouped
+//! GEMV for at most [`crate::lower::GEMV_MAX_ROWS`] tokens and on the grouped tensor-core
+//! GEMM above, where its sizes allow. [`step_launches`] derives them from a
 //! step's family for one set of sizes (and the device's SM count, which sizes the decode
 //! splits) and returns the specs beside them ([`DerivedStep`]), so that a caller that
 //! generates code can; a recorded [`StepLaunches`] names kernels by key only.
@@ -37,7 +39,7 @@
 
 use crate::attention::program::{program, AttentionProgram, ProgramBuffer, ProgramKernel};
 use crate::lower::{KernelSpec, LowerError, Scalar};
-use crate::moe::expert_ffn::{self, ExpertFfnStage, MoeExpertFfnSpec};
+use crate::moe::expert_ffn::{self, ExpertFfnKernel, ExpertFfnStage, MoeExpertFfnSpec};
 use crate::SpecError;
 use kiln_codegen::kernel::GpuKernel;
 use kiln_ir::schedule::{Family, MoeStage};
@@ -166,15 +168,32 @@ pub fn step_launches(
         ..
     } = *family
     {
-        let spec = |stage| MoeExpertFfnSpec {
+        let tokens = match family {
+            Family::Moe { tokens, .. } => tokens.resolve(bindings)?,
+            _ => unreachable!("matched above"),
+        };
+        let spec = |stage, kernel| MoeExpertFfnSpec {
             dtype,
             experts,
             hidden,
             intermediate,
             top_k,
             stage,
-            kernel: Default::default(),
+            kernel,
         };
+        // Decode-sized calls read each chosen expert's weights once with the GEMV; more
+        // tokens than a GEMV linear takes go to the tensor cores, where both stages' sizes fit
+        // the grouped GEMM.
+        let grouped = tokens > crate::lower::GEMV_MAX_ROWS as u64
+            && [ExpertFfnStage::GateUp, ExpertFfnStage::Down]
+                .into_iter()
+                .all(|stage| spec(stage, ExpertFfnKernel::GroupedGemm).validate().is_ok());
+        let kernel = if grouped {
+            ExpertFfnKernel::GroupedGemm
+        } else {
+            ExpertFfnKernel::Gemv
+        };
+        let spec = |stage| spec(stage, kernel);
         return expert_ffn_launches(
             family,
             bindings,
@@ -373,6 +392,7 @@ pub struct LaunchTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::moe::expert_ffn::ExpertFfnKernel;
     use kiln_ir::dtype::DType;
     use kiln_ir::schedule::{AttentionKind, LinearEpilogue, SymExpr};
     use kiln_ir::shape::Dim;
@@ -458,6 +478,45 @@ mod tests {
         let back: StepLaunches = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, derived.launches);
         assert_eq!(back.launches[0].scalars["eps"], Scalar::F32(1e-6));
+    }
+
+    #[test]
+    fn the_expert_ffn_runs_on_the_gemv_for_few_tokens_and_the_grouped_gemm_above() {
+        let family = |hidden, intermediate| Family::Moe {
+            stage: MoeStage::ExpertFfn {
+                experts: 8,
+                hidden,
+                intermediate,
+            },
+            tokens: sym("seq"),
+            top_k: 2,
+            dtype: DType::BF16,
+        };
+        let kernels = |family: &Family, seq| {
+            let derived = step_launches(family, &Bindings::from_pairs(&[("seq", seq)]), 132)
+                .expect("the expert FFN lowers");
+            assert_eq!(derived.launches.launches.len(), 2);
+            derived
+                .kernels
+                .iter()
+                .map(|k| match k {
+                    LaunchKernel::Single(KernelSpec::MoeExpertFfn(spec)) => spec.kernel,
+                    other => panic!("not an expert FFN stage: {other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let tensor_core = family(4096, 14336);
+        for (seq, kernel) in [
+            (1, ExpertFfnKernel::Gemv),
+            (8, ExpertFfnKernel::Gemv),
+            (9, ExpertFfnKernel::GroupedGemm),
+            (4096, ExpertFfnKernel::GroupedGemm),
+        ] {
+            assert_eq!(kernels(&tensor_core, seq), [kernel, kernel], "seq {seq}");
+        }
+        // Sizes the grouped GEMM cannot tile stay on the GEMV at any token count.
+        let odd = family(100, 37);
+        assert_eq!(kernels(&odd, 512), [ExpertFfnKernel::Gemv; 2]);
     }
 
     #[test]
