@@ -33,6 +33,8 @@ fn elementwise_swiglu_matches_the_interpreter() {
             inputs: 2,
             expr: Expr::input(0).silu() * Expr::input(1),
             scalar_inputs: vec![],
+            row_inputs: vec![],
+            row_width: 0,
         };
         let kernel = device.load(&elementwise::generate(&spec).unwrap()).unwrap();
         for n in [1usize, 7, 8, 9, 1000, 3 * 4096 + 5, 1 << 20] {

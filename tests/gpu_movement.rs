@@ -1,7 +1,7 @@
 //! GPU tests of the last host steps of the dense presets, now generated: the row copy
 //! (`kiln_kernels::row_copy`: the embedding gather and slices along one axis) and the
-//! elementwise map with single-element operands and in i32 (decode's `lengths =
-//! cache_start + 1`). Each kernel is lowered from the family the scheduler gives a one-op
+//! elementwise map with single-element operands, with one value per row (Qwen2-MoE's
+//! per-token shared-expert gate) and in i32 (decode's `lengths = cache_start + 1`). Each kernel is lowered from the family the scheduler gives a one-op
 //! graph (`KernelSpec::for_family`, its scalars and parameter names, as the executor binds
 //! them) and compared with `kiln_ir::interp` on fresh random inputs: copies and i32 maps
 //! bit for bit, half maps within 1e-2. Outputs are poisoned with NaN before each launch.
@@ -294,6 +294,72 @@ fn half_maps_with_a_scalar_operand_match_the_interpreter() {
             let want = reference(&g, &[("x", &x), ("s", &s)]);
             let got = launch_one(&device, &fused, "map", &[&x, &s], None);
             assert_close(&format!("silu(x * s) {dtype} n={n}"), &got, &want, 1e-2);
+        }
+    }
+}
+
+/// Qwen2-MoE's gated shared expert, `out + sigmoid(gate) · shared` with the gate `[rows, 1]`
+/// (one value per row, a row operand) and the others `[rows, width]`, as the rewriter fuses
+/// it: widths of whole chunks (64, 4096) and of chunks straddling rows (100); per-row gates
+/// planted far apart (logits ±6 and random in between) so that a gate read from the wrong
+/// row is an error of about one `shared` element, caught element by element.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn half_maps_with_a_row_operand_match_the_interpreter() {
+    use kiln::ir::op::MapStep;
+    let device = device();
+    let mut rng = rng(fresh_seed("half_row_map"));
+    for dtype in DTYPES {
+        for width in [64usize, 100, 4096] {
+            for rows in [1usize, 3, 37] {
+                let out = random(dtype, &[rows, width], 0.5, &mut rng);
+                let shared = random(dtype, &[rows, width], 1.0, &mut rng);
+                let logits: Vec<f32> = (0..rows)
+                    .map(|r| match r % 3 {
+                        0 => 6.0,
+                        1 => -6.0,
+                        _ => rng.random_range(-2.0..2.0),
+                    })
+                    .collect();
+                let gate = Tensor::new(dtype, &[rows, 1], logits).unwrap();
+                let mut g = Graph::new("gated_shared_expert");
+                let o = input(&mut g, "out", &out);
+                let gv = input(&mut g, "gate", &gate);
+                let sv = input(&mut g, "shared", &shared);
+                let steps = vec![
+                    MapStep::Operand { index: 0 },
+                    MapStep::Operand { index: 1 },
+                    MapStep::Operand { index: 2 },
+                    MapStep::Sigmoid { x: 1 },
+                    MapStep::Mul { a: 3, b: 2 },
+                    MapStep::Add { a: 0, b: 4 },
+                ];
+                let y = g
+                    .add1("gated", Op::FusedMap { steps }, &[o, gv, sv])
+                    .unwrap();
+                g.output("y", y);
+                let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+                assert!(
+                    matches!(
+                        &plan.kernels[0].family,
+                        Family::Map { row_operands, row_width, broadcast: false, .. }
+                            if row_operands == &vec![1] && *row_width == width
+                    ),
+                    "{}",
+                    plan.kernels[0].family.describe()
+                );
+                let want = reference(&g, &[("out", &out), ("gate", &gate), ("shared", &shared)]);
+                let got = launch_one(&device, &g, "map", &[&out, &gate, &shared], None);
+                let what = format!("out + sigmoid(gate) * shared {dtype} {rows}x{width}");
+                assert_close(&what, &got, &want, 1e-2);
+                for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 2e-2 * w.abs().max(1.0),
+                        "{what}: element {i} (row {}) is {g}, want {w}",
+                        i / width
+                    );
+                }
+            }
         }
     }
 }

@@ -289,6 +289,59 @@ fn gather_slice_and_lengths_run_as_host_steps_in_f32() {
     assert_eq!(got["last"].shape, vec![batch, 1, hidden]);
 }
 
+/// Qwen2-MoE's gated shared expert, `out + sigmoid(gate) · shared` with the gate `[t, 1]`, in
+/// f32: a map with a row operand, placed on the host, where the operand is expanded to the
+/// result's shape before the map kernel runs; it matches the interpreter.
+#[test]
+fn a_row_gated_map_runs_as_a_host_step_in_f32() {
+    use kiln::ir::graph::Graph;
+    use kiln::ir::op::{InputKind, MapStep, Op};
+    use kiln::ir::schedule::{schedule, Family, ScheduleOptions};
+    use kiln::ir::shape::Shape;
+    let mut rng = common::rng(common::fresh_seed(
+        "a_row_gated_map_runs_as_a_host_step_in_f32",
+    ));
+    let (tokens, hidden) = (5usize, 12usize);
+    let mut g = Graph::new("gated");
+    let activation = |g: &mut Graph, name: &str, dims: &[usize]| {
+        g.input(name, InputKind::Activation, DType::F32, Shape::of(dims))
+            .unwrap()
+    };
+    let out = activation(&mut g, "out", &[tokens, hidden]);
+    let gate = activation(&mut g, "gate", &[tokens, 1]);
+    let shared = activation(&mut g, "shared", &[tokens, hidden]);
+    let steps = vec![
+        MapStep::Operand { index: 0 },
+        MapStep::Operand { index: 1 },
+        MapStep::Operand { index: 2 },
+        MapStep::Sigmoid { x: 1 },
+        MapStep::Mul { a: 3, b: 2 },
+        MapStep::Add { a: 0, b: 4 },
+    ];
+    let y = g
+        .add1("gated", Op::FusedMap { steps }, &[out, gate, shared])
+        .unwrap();
+    g.output("y", y);
+    let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+    assert!(matches!(
+        &plan.kernels[0].family,
+        Family::Map { row_operands, row_width: 12, .. } if row_operands == &vec![1]
+    ));
+    let mut inputs = std::collections::HashMap::new();
+    for (name, dims) in [
+        ("out", vec![tokens, hidden]),
+        ("gate", vec![tokens, 1]),
+        ("shared", vec![tokens, hidden]),
+    ] {
+        inputs.insert(
+            name.to_string(),
+            common::random(DType::F32, &dims, 2.0, &mut rng),
+        );
+    }
+    let weights = kiln::ir::weights::Weights::new();
+    host_plan_matches_the_interpreter(&g, &weights, &inputs, common::tolerance(DType::F32));
+}
+
 /// A prefill graph as a framework exporter writes attention (transposes, repeated KV heads,
 /// `MatMul`, causal mask, `Softmax`), not rewritten: every one of those ops runs on its host
 /// step (dot and softmax kernels, the runtime's copies) and the logits match the

@@ -298,12 +298,14 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
             steps,
             broadcast,
             scalar_operands,
+            row_operands,
             dtype,
             ..
         } if float(*dtype) || *dtype == DType::I32 => Some(CpuStep::Map {
             map: MapSpec::new(map_expr(steps), *inputs, ElemType::F32),
             dtype: *dtype,
-            broadcast: *broadcast || !scalar_operands.is_empty(),
+            // The host expands single-element and per-row operands to the result's shape.
+            broadcast: *broadcast || !scalar_operands.is_empty() || !row_operands.is_empty(),
         }),
         _ => None,
     }
@@ -383,6 +385,8 @@ mod tests {
             ],
             broadcast: false,
             scalar_operands: vec![],
+            row_operands: vec![],
+            row_width: 0,
             dtype: DType::F32,
         };
         assert!(matches!(step(&map), Some(CpuStep::Map { .. })));
@@ -438,6 +442,8 @@ mod tests {
             ],
             broadcast: true,
             scalar_operands: vec![],
+            row_operands: vec![],
+            row_width: 0,
             dtype: DType::F32,
         };
         assert!(matches!(
@@ -458,6 +464,8 @@ mod tests {
             ],
             broadcast: false,
             scalar_operands: vec![1],
+            row_operands: vec![],
+            row_width: 0,
             dtype: DType::I32,
         };
         assert!(matches!(
@@ -465,6 +473,29 @@ mod tests {
             Some(CpuStep::Map {
                 broadcast: true,
                 dtype: DType::I32,
+                ..
+            })
+        ));
+        // So is a per-row operand (Qwen2-MoE's `[.., 1]` shared-expert gate) on the host.
+        let gated = Family::Map {
+            elements: SymExpr::constant(12),
+            inputs: 2,
+            steps: vec![
+                MapStep::Operand { index: 0 },
+                MapStep::Operand { index: 1 },
+                MapStep::Mul { a: 0, b: 1 },
+            ],
+            broadcast: false,
+            scalar_operands: vec![],
+            row_operands: vec![1],
+            row_width: 4,
+            dtype: DType::F32,
+        };
+        assert!(matches!(
+            step(&gated),
+            Some(CpuStep::Map {
+                broadcast: true,
+                dtype: DType::F32,
                 ..
             })
         ));

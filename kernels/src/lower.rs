@@ -4,7 +4,8 @@
 //! Owns [`KernelSpec`] (which generator, with which spec), [`KernelSpec::for_family`] (the
 //! choice: GEMV for at most [`GEMV_MAX_ROWS`] rows when it takes the K, GEMM otherwise;
 //! RMSNorm; RoPE; elementwise
-//! maps, with single-element operands broadcast; the embedding gather and slices, both a
+//! maps, with single-element operands broadcast to every element and `[.., 1]` operands to
+//! every element of their row; the embedding gather and slices, both a
 //! [`RowCopySpec`]), the parameter names a plan kernel's inputs and outputs bind to
 //! ([`KernelSpec::operand_params`]) and its scalar arguments ([`KernelSpec::scalars`]).
 //! Both `kiln compile` and the runtime's plan executor lower through here, so the PTX a plan
@@ -60,7 +61,7 @@ pub enum LowerError {
     #[error("{name} = {value} does not fit a u32 kernel scalar")]
     Scalar { name: &'static str, value: u64 },
     #[error(
-        "elementwise maps with broadcast operands (other than single elements) have no GPU generator"
+        "elementwise maps with broadcast operands (other than single elements or one value per row) have no GPU generator"
     )]
     BroadcastMap,
     /// A slice whose bounds fall outside its axis once the axis length is known.
@@ -195,6 +196,8 @@ impl KernelSpec {
                 steps,
                 broadcast: false,
                 scalar_operands,
+                row_operands,
+                row_width,
                 dtype,
                 ..
             } => KernelSpec::Elementwise(ElementwiseSpec {
@@ -202,6 +205,8 @@ impl KernelSpec {
                 inputs: *inputs,
                 expr: map_expr(steps),
                 scalar_inputs: scalar_operands.clone(),
+                row_inputs: row_operands.clone(),
+                row_width: *row_width,
             }),
             Family::Map { .. } => return Err(LowerError::BroadcastMap),
             Family::Attention { .. } | Family::KvAppend { .. } => {
@@ -559,8 +564,12 @@ mod tests {
                 ],
                 broadcast: false,
                 scalar_operands: vec![],
+                row_operands: vec![],
+                row_width: 0,
                 dtype: DType::F16,
             },
+            gated_map(DType::F16, 256),
+            gated_map(DType::BF16, 100),
             gather(DType::F16),
             last_token(DType::BF16),
             lengths_map(DType::I32),
@@ -630,8 +639,12 @@ mod tests {
                     steps: vec![MapStep::Operand { index: 0 }, MapStep::Silu { x: 0 }],
                     broadcast: false,
                     scalar_operands: vec![],
+                    row_operands: vec![],
+                    row_width: 0,
                     dtype,
                 },
+                // Qwen2-MoE's per-token shared-expert gate: a row operand.
+                gated_map(dtype, 256),
                 Family::Attention {
                     kind: AttentionKind::Decode,
                     batch: SymExpr::constant(1),
@@ -733,6 +746,56 @@ mod tests {
         }
     }
 
+    /// `out + sigmoid(gate) · shared`, the gate one value per row of `width`.
+    fn gated_map(dtype: DType, width: usize) -> Family {
+        Family::Map {
+            elements: seq().times(width as u64),
+            inputs: 3,
+            steps: vec![
+                MapStep::Operand { index: 0 },
+                MapStep::Operand { index: 1 },
+                MapStep::Operand { index: 2 },
+                MapStep::Sigmoid { x: 1 },
+                MapStep::Mul { a: 3, b: 2 },
+                MapStep::Add { a: 0, b: 4 },
+            ],
+            broadcast: false,
+            scalar_operands: vec![],
+            row_operands: vec![1],
+            row_width: width,
+            dtype,
+        }
+    }
+
+    #[test]
+    fn row_operands_lower_to_row_inputs_and_general_broadcast_does_not() {
+        let bindings = Bindings::from_pairs(&[("seq", 3)]);
+        let KernelSpec::Elementwise(spec) =
+            KernelSpec::for_family(&gated_map(DType::BF16, 100), &bindings).unwrap()
+        else {
+            panic!("a map lowers to the elementwise generator")
+        };
+        assert_eq!((spec.row_inputs.clone(), spec.row_width), (vec![1], 100));
+        assert!(spec.entry().contains("_3in_r1_w100_"), "{}", spec.entry());
+        let Family::Map { steps, .. } = gated_map(DType::BF16, 100) else {
+            unreachable!()
+        };
+        let general = Family::Map {
+            elements: seq().times(100),
+            inputs: 3,
+            steps,
+            broadcast: true,
+            scalar_operands: vec![],
+            row_operands: vec![],
+            row_width: 0,
+            dtype: DType::BF16,
+        };
+        assert_eq!(
+            KernelSpec::for_family(&general, &bindings).unwrap_err(),
+            LowerError::BroadcastMap
+        );
+    }
+
     fn lengths_map(dtype: DType) -> Family {
         Family::Map {
             elements: SymExpr::constant(3),
@@ -744,6 +807,8 @@ mod tests {
             ],
             broadcast: false,
             scalar_operands: vec![1],
+            row_operands: vec![],
+            row_width: 0,
             dtype,
         }
     }
@@ -802,6 +867,8 @@ mod tests {
             steps: vec![MapStep::Operand { index: 0 }, MapStep::Silu { x: 0 }],
             broadcast: false,
             scalar_operands: vec![],
+            row_operands: vec![],
+            row_width: 0,
             dtype: DType::I32,
         };
         let err = Lowering::default()

@@ -16,6 +16,8 @@ fn swiglu_map(dtype: DType) -> ElementwiseSpec {
         inputs: 2,
         expr: Expr::input(0).silu() * Expr::input(1),
         scalar_inputs: vec![],
+        row_inputs: vec![],
+        row_width: 0,
     }
 }
 
@@ -62,6 +64,8 @@ fn elementwise_every_expression_op_assembles() {
         inputs: 3,
         expr,
         scalar_inputs: vec![],
+        row_inputs: vec![],
+        row_width: 0,
     };
     assert_assembles(&elementwise::generate(&spec).unwrap());
 }

@@ -27,6 +27,8 @@ fn lengths_map() -> ElementwiseSpec {
         inputs: 2,
         expr: Expr::input(0) + Expr::input(1),
         scalar_inputs: vec![1],
+        row_inputs: vec![],
+        row_width: 0,
     }
 }
 
@@ -136,6 +138,8 @@ fn i32_lengths_map_snapshot_and_ptxas() {
         inputs: 3,
         expr,
         scalar_inputs: vec![0, 2],
+        row_inputs: vec![],
+        row_width: 0,
     };
     assert_assembles(&elementwise::generate(&spec).unwrap());
 }
@@ -149,6 +153,8 @@ fn half_maps_take_scalar_inputs() {
             inputs: 2,
             expr: Expr::input(0) * Expr::input(1),
             scalar_inputs: vec![1],
+            row_inputs: vec![],
+            row_width: 0,
         };
         let kernel = elementwise::generate(&spec).unwrap();
         assert!(kernel.entry.contains("_2in_s1_"), "{}", kernel.entry);
@@ -179,6 +185,8 @@ fn elementwise_rejects_float_only_i32_steps_and_bad_scalar_inputs() {
             inputs: 1,
             expr,
             scalar_inputs: vec![],
+            row_inputs: vec![],
+            row_width: 0,
         };
         let err = elementwise::generate(&spec).unwrap_err().to_string();
         assert!(err.contains(named) && err.contains("float-only"), "{err}");
@@ -197,4 +205,124 @@ fn elementwise_rejects_float_only_i32_steps_and_bad_scalar_inputs() {
     };
     let err = elementwise::generate(&spec).unwrap_err().to_string();
     assert!(err.contains("dtype"), "{err}");
+}
+
+/// Qwen2-MoE's gated shared expert: `out + sigmoid(gate) · shared`, the gate (input 1) one
+/// element per row of `width` output elements.
+fn gated_map(dtype: DType, width: usize) -> ElementwiseSpec {
+    ElementwiseSpec {
+        dtype,
+        inputs: 3,
+        expr: Expr::input(0) + Expr::input(1).sigmoid() * Expr::input(2),
+        scalar_inputs: vec![],
+        row_inputs: vec![1],
+        row_width: width,
+    }
+}
+
+#[test]
+fn row_input_map_snapshot_and_ptxas() {
+    let kernel = elementwise::generate(&gated_map(DType::BF16, 64)).unwrap();
+    insta::assert_snapshot!("elementwise_bf16_gated_rows_w64", kernel.ptx);
+    assert!(
+        kernel.entry.starts_with("elementwise_bf16_3in_r1_w64_"),
+        "{}",
+        kernel.entry
+    );
+    // Eight lanes per chunk, eight chunks per row: one gate load per chunk, at chunk / 8.
+    assert!(kernel.ptx.contains("div.u32"), "the chunk's row");
+    assert_eq!(
+        kernel.ptx.matches("ld.global.nc.v4.u32").count(),
+        2,
+        "16-byte loads of the full-length inputs only"
+    );
+    assert!(kernel.ptx.contains("st.global.v4.b32"), "16-byte stores");
+    assert_assembles(&kernel);
+    assert_eq!(
+        kernel,
+        elementwise::generate(&gated_map(DType::BF16, 64)).unwrap()
+    );
+    let full = ElementwiseSpec {
+        row_inputs: vec![],
+        row_width: 0,
+        ..gated_map(DType::BF16, 64)
+    };
+    assert_ne!(elementwise::generate(&full).unwrap().entry, kernel.entry);
+    assert_ne!(
+        elementwise::generate(&gated_map(DType::BF16, 128))
+            .unwrap()
+            .entry,
+        kernel.entry,
+        "the row width is part of the name"
+    );
+}
+
+#[test]
+fn row_input_maps_assemble_at_every_width_class() {
+    // Whole chunks per row (one load per chunk; one chunk a row at 8), rows that chunks
+    // straddle (100, 12, 3: a load per lane), and Qwen2-MoE-sized rows; i32 rows too.
+    for dtype in [DType::F16, DType::BF16] {
+        for width in [8, 64, 4096, 100, 12, 3] {
+            let kernel = elementwise::generate(&gated_map(dtype, width)).unwrap();
+            let per_lane = width % 8 != 0;
+            // The straddling chunk loads the gate eight times with 16-bit loads.
+            let narrow_loads = kernel.ptx.matches("ld.global.u16").count()
+                + kernel.ptx.matches("ld.global.f16").count()
+                + kernel.ptx.matches("ld.global.b16").count();
+            if per_lane {
+                assert!(narrow_loads >= 9, "{}: {narrow_loads}", kernel.entry);
+            } else {
+                assert!(narrow_loads <= 4, "{}: {narrow_loads}", kernel.entry);
+            }
+            assert_assembles(&kernel);
+        }
+    }
+    for width in [4, 6] {
+        let spec = ElementwiseSpec {
+            dtype: DType::I32,
+            inputs: 2,
+            expr: Expr::input(0) + Expr::input(1),
+            scalar_inputs: vec![],
+            row_inputs: vec![0],
+            row_width: width,
+        };
+        let kernel = elementwise::generate(&spec).unwrap();
+        assert!(kernel.entry.contains("_2in_r0_w"), "{}", kernel.entry);
+        assert_assembles(&kernel);
+    }
+}
+
+#[test]
+fn elementwise_rejects_bad_row_inputs_by_field() {
+    for row_inputs in [vec![3], vec![1, 1], vec![2, 1]] {
+        let spec = ElementwiseSpec {
+            row_inputs,
+            ..gated_map(DType::F16, 64)
+        };
+        let err = elementwise::generate(&spec).unwrap_err().to_string();
+        assert!(err.contains("row_inputs"), "{err}");
+    }
+    let both = ElementwiseSpec {
+        scalar_inputs: vec![1],
+        ..gated_map(DType::F16, 64)
+    };
+    let err = elementwise::generate(&both).unwrap_err().to_string();
+    assert!(
+        err.contains("row_inputs") && err.contains("scalar"),
+        "{err}"
+    );
+    for (row_inputs, row_width) in [(vec![1], 0), (vec![], 64)] {
+        let spec = ElementwiseSpec {
+            row_inputs,
+            row_width,
+            ..gated_map(DType::F16, 64)
+        };
+        let err = elementwise::generate(&spec).unwrap_err().to_string();
+        assert!(err.contains("row_width"), "{err}");
+    }
+    // A map without row inputs writes no row fields, so older specs read as before.
+    let json = serde_json::to_string(&ElementwiseSpec::new(DType::F16, 1, Expr::input(0))).unwrap();
+    assert!(!json.contains("row_"), "{json}");
+    let back: ElementwiseSpec = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, ElementwiseSpec::new(DType::F16, 1, Expr::input(0)));
 }

@@ -62,9 +62,11 @@ pub enum Family {
     },
     /// An elementwise program (`fused_map` or a plain `add`/`mul`/`silu`/`sigmoid`).
     /// `scalar_operands` lists the operands that hold a single element (rank 0, or every
-    /// dimension 1) and are broadcast to every element of the result; `broadcast` is set when
-    /// some other operand is smaller than the result (general broadcasting, with no GPU
-    /// generator).
+    /// dimension 1) and are broadcast to every element of the result; `row_operands` lists the
+    /// operands of the result's shape with the last dimension 1 (one value per row of
+    /// `row_width` elements, the result's last dimension, broadcast along it: a per-token
+    /// gate). `broadcast` is set when some other operand is smaller than the result (general
+    /// broadcasting, with no GPU generator).
     Map {
         elements: SymExpr,
         inputs: usize,
@@ -72,6 +74,11 @@ pub enum Family {
         broadcast: bool,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         scalar_operands: Vec<usize>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        row_operands: Vec<usize>,
+        /// The result's last dimension when there are row operands; 0 otherwise.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        row_width: usize,
         dtype: DType,
     },
     /// `Embedding`: `rows` ids (i32) each select one row of `hidden` elements of a
@@ -271,15 +278,22 @@ impl Family {
                 steps,
                 broadcast,
                 scalar_operands,
+                row_operands,
+                row_width,
                 dtype,
                 ..
             } => format!(
-                "map {dtype} inputs={inputs} steps={}{}{}",
+                "map {dtype} inputs={inputs} steps={}{}{}{}",
                 steps.len(),
                 if scalar_operands.is_empty() {
                     String::new()
                 } else {
                     format!(" scalar_operands={scalar_operands:?}")
+                },
+                if row_operands.is_empty() {
+                    String::new()
+                } else {
+                    format!(" row_operands={row_operands:?} row_width={row_width}")
                 },
                 if *broadcast { " broadcast" } else { "" }
             ),
@@ -349,6 +363,10 @@ impl Family {
             Family::HostOnly { op } => format!("host_only {op}"),
         }
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn const_dim(dim: Option<&Dim>) -> Option<usize> {
@@ -421,6 +439,16 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
             };
             let mut broadcast = false;
             let mut scalar_operands = Vec::new();
+            let mut row_operands = Vec::new();
+            // One value per row of the result's (constant) last dimension.
+            let out_dims = out.shape.dims();
+            let row_width = out_dims.last().and_then(Dim::as_const).unwrap_or(0);
+            let is_row = |dims: &[Dim]| {
+                row_width > 1
+                    && dims.len() == out_dims.len()
+                    && dims.last().and_then(Dim::as_const) == Some(1)
+                    && dims[..dims.len() - 1] == out_dims[..out_dims.len() - 1]
+            };
             for (index, v) in node.inputs.iter().enumerate() {
                 let ty = graph.value_type(*v).ok()?;
                 if ty.dtype != dtype {
@@ -431,6 +459,8 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 }
                 if SymExpr::elements(&ty.shape).as_const() == Some(1) {
                     scalar_operands.push(index);
+                } else if is_row(ty.shape.dims()) {
+                    row_operands.push(index);
                 } else {
                     broadcast = true;
                 }
@@ -440,7 +470,13 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 inputs: node.inputs.len(),
                 steps,
                 broadcast,
+                row_width: if row_operands.is_empty() {
+                    0
+                } else {
+                    row_width
+                },
                 scalar_operands,
+                row_operands,
                 dtype,
             })
         }

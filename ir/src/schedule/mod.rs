@@ -246,7 +246,7 @@ impl Schedule {
 mod tests {
     use super::*;
     use crate::graph::ValueId;
-    use crate::op::{InputKind, Op};
+    use crate::op::{InputKind, MapStep, Op};
     use crate::shape::Dim;
 
     #[test]
@@ -548,6 +548,102 @@ mod tests {
             matches!(&kernel.family, Family::Map { broadcast: true, scalar_operands, .. } if scalar_operands.is_empty())
         );
         assert_eq!(kernel.device, Device::Cpu);
+    }
+
+    /// Qwen2-MoE's gated shared expert: `out + sigmoid(gate) · shared`, the gate `[t, 1]`.
+    fn gated_graph(dtype: DType) -> Graph {
+        let mut g = Graph::new("gated");
+        let out = g
+            .input("out", InputKind::Activation, dtype, crate::shape!["t", 16])
+            .unwrap();
+        let gate = g
+            .input("gate", InputKind::Activation, dtype, crate::shape!["t", 1])
+            .unwrap();
+        let shared = g
+            .input(
+                "shared",
+                InputKind::Activation,
+                dtype,
+                crate::shape!["t", 16],
+            )
+            .unwrap();
+        let steps = vec![
+            MapStep::Operand { index: 0 },
+            MapStep::Operand { index: 1 },
+            MapStep::Operand { index: 2 },
+            MapStep::Sigmoid { x: 1 },
+            MapStep::Mul { a: 3, b: 2 },
+            MapStep::Add { a: 0, b: 4 },
+        ];
+        let y = g
+            .add1("gated", Op::FusedMap { steps }, &[out, gate, shared])
+            .unwrap();
+        g.output("y", y);
+        g
+    }
+
+    #[test]
+    fn row_gated_maps_have_row_operands_and_go_to_the_gpu_in_half_precision() {
+        let plan = schedule(&gated_graph(DType::BF16), &ScheduleOptions::default()).unwrap();
+        let kernel = &plan.kernels[0];
+        assert!(
+            matches!(
+                &kernel.family,
+                Family::Map { broadcast: false, scalar_operands, row_operands, row_width: 16, .. }
+                    if scalar_operands.is_empty() && row_operands == &vec![1]
+            ),
+            "{:?}",
+            kernel.family
+        );
+        assert_eq!(kernel.device, Device::Gpu);
+        assert_eq!(
+            kernel.family.describe(),
+            "map bf16 inputs=3 steps=6 row_operands=[1] row_width=16"
+        );
+        // The fields round-trip, and a map without row operands serialises as before.
+        let json = serde_json::to_value(&kernel.family).unwrap();
+        assert_eq!(json["row_operands"], serde_json::json!([1]));
+        assert_eq!(json["row_width"], 16);
+        let back: Family = serde_json::from_value(json).unwrap();
+        assert_eq!(back, kernel.family);
+
+        let plan = schedule(&gated_graph(DType::F32), &ScheduleOptions::default()).unwrap();
+        let kernel = &plan.kernels[0];
+        assert!(
+            matches!(&kernel.family, Family::Map { row_operands, .. } if row_operands == &vec![1])
+        );
+        assert_eq!(kernel.device, Device::Cpu, "f32 has no GPU generator");
+    }
+
+    #[test]
+    fn a_last_dimension_of_one_in_another_position_is_general_broadcasting() {
+        // `[t, 1]` against `[t, 16]` is a row operand; `[1, 16]` and `[t]` are not.
+        for shape in [crate::shape![1, 16], crate::shape!["t"]] {
+            let mut g = Graph::new("bias");
+            let x = g
+                .input(
+                    "x",
+                    InputKind::Activation,
+                    DType::F16,
+                    crate::shape!["t", 16],
+                )
+                .unwrap();
+            let b = g
+                .input("b", InputKind::Activation, DType::F16, shape)
+                .unwrap();
+            let Ok(y) = g.add1("bias", Op::Add, &[x, b]) else {
+                continue;
+            };
+            g.output("y", y);
+            let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+            let kernel = &plan.kernels[0];
+            assert!(
+                matches!(&kernel.family, Family::Map { broadcast: true, row_operands, row_width: 0, .. } if row_operands.is_empty()),
+                "{:?}",
+                kernel.family
+            );
+            assert_eq!(kernel.device, Device::Cpu);
+        }
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub struct GpuCapabilities {
 
 impl Default for GpuCapabilities {
     /// The generators of `kiln-kernels` today: linear (GEMV/GEMM), RMSNorm, RoPE,
-    /// elementwise maps (operands of the result's shape or single elements broadcast to it;
+    /// elementwise maps (operands of the result's shape, single elements broadcast to it, or
+    /// one value per row of its last dimension, as Qwen2-MoE's `[.., 1]` shared-expert gate;
     /// also in i32), attention (causal prefill, decode and Quest decode over the contiguous
     /// KV cache), KV append, the embedding gather and slices, the MoE router, dispatch (i32),
     /// grouped expert FFN and combine, in f16 and bf16.
@@ -71,7 +72,8 @@ impl GpuCapabilities {
                     .is_some_and(|dtypes| dtypes.contains(&dtype)))
     }
 
-    /// Where a kernel of `family` runs.
+    /// Where a kernel of `family` runs. A map runs on the GPU unless it broadcasts some
+    /// operand other than a single element or a per-row value (`Family::Map::broadcast`).
     pub fn place(&self, family: &Family) -> Device {
         let supported = family
             .dtype()
