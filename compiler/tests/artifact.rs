@@ -582,3 +582,57 @@ fn edited_launch_tables_are_refused_with_the_field() {
     });
     refused(&dir, &["phases[1].launch_tables[0].steps", "entries for"]);
 }
+
+/// A Qwen2-MoE model (routed experts plus the shared expert with its per-token sigmoid gate,
+/// a `[tokens, 1]` operand broadcast along each row) compiles in bf16 for sm_90 with every
+/// step of both phases on the GPU.
+#[test]
+fn a_bf16_qwen2_moe_artifact_for_sm_90_has_no_host_steps() {
+    use kiln_ir::schedule::{Device, Family};
+    let json = r#"{
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "hidden_act": "silu",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 192,
+        "num_experts": 6,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": false,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 8192,
+        "torch_dtype": "bfloat16"
+    }"#;
+    let config = ModelConfig::from_hf_json(json, "qwen2-moe test config").unwrap();
+    let options = ArtifactOptions {
+        target: Target::from_name("sm_90").unwrap(),
+        ..ArtifactOptions::default()
+    };
+    let artifact = Artifact::compile(&config, &options).unwrap();
+    for phase in [Phase::Prefill, Phase::Decode] {
+        let plan = artifact.plan(phase);
+        let on_cpu: Vec<String> = plan
+            .kernels
+            .iter()
+            .filter(|k| k.device == Device::Cpu)
+            .map(|k| format!("{} ({})", k.name, k.family.describe()))
+            .collect();
+        assert!(on_cpu.is_empty(), "{phase:?}: host steps {on_cpu:?}");
+        let gated = plan.kernels.iter().filter(
+            |k| matches!(&k.family, Family::Map { row_operands, .. } if !row_operands.is_empty()),
+        );
+        assert_eq!(
+            gated.count(),
+            2,
+            "{phase:?}: one gated shared expert per MoE layer"
+        );
+    }
+}
