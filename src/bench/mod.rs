@@ -30,6 +30,8 @@ pub mod quest;
 
 pub use gemm::{bench_gemm, render, BenchRecord, BenchReport};
 
+use kiln_ir::dtype::DType;
+use kiln_ir::tensor::Tensor;
 use kiln_runtime::cuda::CudaDevice;
 use serde::Serialize;
 
@@ -56,5 +58,33 @@ impl<R> SuiteReport<R> {
     /// The notes, one `note: …` line each.
     pub fn render_notes(&self) -> String {
         self.notes.iter().map(|n| format!("note: {n}\n")).collect()
+    }
+}
+
+/// Hash-derived bench data (cheap for gigabytes of weights or caches): magnitude in
+/// `[1/64, 1) · scale`, random sign, never zero, never NaN.
+pub fn hash_values(dtype: DType, shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    use rayon::prelude::*;
+    let count: usize = shape.iter().product();
+    let seed = seed.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    let data = (0..count as u64)
+        .into_par_iter()
+        .map(|i| {
+            let mut x = (i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            x ^= x >> 29;
+            x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x ^= x >> 32;
+            let magnitude = ((1 + (x & 63)) as f32 / 64.0 - 1.0 / 128.0) * scale;
+            if x & (1 << 40) == 0 {
+                magnitude
+            } else {
+                -magnitude
+            }
+        })
+        .collect();
+    Tensor {
+        dtype,
+        shape: shape.to_vec(),
+        data,
     }
 }

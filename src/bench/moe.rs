@@ -182,7 +182,7 @@ impl MoeLayer {
         let by_i = 1.0 / (i as f32).sqrt();
         weights.insert(
             ROUTER_WEIGHT,
-            hash_values(self.dtype, &[self.experts, h], 0x726f_7574, by_h),
+            super::hash_values(self.dtype, &[self.experts, h], 0x726f_7574, by_h),
         );
         for e in 0..self.experts {
             let seed = 0x6578_7000 + 4 * e as u64;
@@ -194,7 +194,7 @@ impl MoeLayer {
             .into_iter()
             .enumerate()
             {
-                let tensor = hash_values(self.dtype, &shape, seed + n as u64, scale);
+                let tensor = super::hash_values(self.dtype, &shape, seed + n as u64, scale);
                 weights.insert(&expert_weight(e, which), tensor);
             }
         }
@@ -203,34 +203,7 @@ impl MoeLayer {
 
     /// The input activations.
     pub fn x(&self) -> Tensor {
-        hash_values(self.dtype, &[self.tokens, self.hidden], 0x78, 1.0)
-    }
-}
-
-/// Hash-derived values: magnitude in `[1/64, 1) · scale`, random sign, never zero.
-fn hash_values(dtype: DType, shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    use rayon::prelude::*;
-    let count: usize = shape.iter().product();
-    let seed = seed.wrapping_mul(0xD6E8_FEB8_6659_FD93);
-    let data = (0..count as u64)
-        .into_par_iter()
-        .map(|i| {
-            let mut x = (i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            x ^= x >> 29;
-            x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x ^= x >> 32;
-            let magnitude = ((1 + (x & 63)) as f32 / 64.0 - 1.0 / 128.0) * scale;
-            if x & (1 << 40) == 0 {
-                magnitude
-            } else {
-                -magnitude
-            }
-        })
-        .collect();
-    Tensor {
-        dtype,
-        shape: shape.to_vec(),
-        data,
+        super::hash_values(self.dtype, &[self.tokens, self.hidden], 0x78, 1.0)
     }
 }
 

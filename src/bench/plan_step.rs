@@ -152,28 +152,7 @@ impl DecodeStep {
 
 /// Hash-derived values: magnitude in `[1/64, 1)`, random sign, never zero.
 fn cache_values(dtype: DType, shape: &[usize], seed: u64) -> Tensor {
-    use rayon::prelude::*;
-    let count: usize = shape.iter().product();
-    let data = (0..count as u64)
-        .into_par_iter()
-        .map(|i| {
-            let mut x = (i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            x ^= x >> 29;
-            x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x ^= x >> 32;
-            let magnitude = (1 + (x & 63)) as f32 / 64.0 - 1.0 / 128.0;
-            if x & (1 << 40) == 0 {
-                magnitude
-            } else {
-                -magnitude
-            }
-        })
-        .collect();
-    Tensor {
-        dtype,
-        shape: shape.to_vec(),
-        data,
-    }
+    super::hash_values(dtype, shape, seed, 1.0)
 }
 
 /// Times the attention step of `step`'s plan; `None` when its caches exceed
