@@ -17,26 +17,8 @@ use kiln_kernels::moe::expert_ffn::{
 };
 use std::collections::BTreeMap;
 
-const STAGES: [ExpertFfnStage; 2] = [ExpertFfnStage::GateUp, ExpertFfnStage::Down];
-
-fn spec(
-    dtype: DType,
-    experts: usize,
-    hidden: usize,
-    intermediate: usize,
-    top_k: usize,
-    stage: ExpertFfnStage,
-) -> MoeExpertFfnSpec {
-    MoeExpertFfnSpec {
-        dtype,
-        experts,
-        hidden,
-        intermediate,
-        top_k,
-        stage,
-        kernel: ExpertFfnKernel::Gemv,
-    }
-}
+const STAGES: [ExpertFfnStage; 2] = common::EXPERT_FFN_STAGES;
+const KERNEL: ExpertFfnKernel = ExpertFfnKernel::Gemv;
 
 /// Mixtral (E=8, H=4096, I=14336, k=2), many small experts (E=128, H=2048, I=768, k=8), an
 /// odd size on the scalar path of both stages (H=100, I=37), and mixed paths (vector
@@ -45,12 +27,32 @@ fn assembled() -> Vec<MoeExpertFfnSpec> {
     let mut specs = Vec::new();
     for stage in STAGES {
         for dtype in [DType::F16, DType::BF16] {
-            specs.push(spec(dtype, 8, 4096, 14336, 2, stage));
-            specs.push(spec(dtype, 128, 2048, 768, 8, stage));
-            specs.push(spec(dtype, 8, 100, 37, 2, stage));
+            specs.push(common::expert_ffn_spec(
+                KERNEL, dtype, 8, 4096, 14336, 2, stage,
+            ));
+            specs.push(common::expert_ffn_spec(
+                KERNEL, dtype, 128, 2048, 768, 8, stage,
+            ));
+            specs.push(common::expert_ffn_spec(KERNEL, dtype, 8, 100, 37, 2, stage));
         }
-        specs.push(spec(DType::BF16, 16, 64, 37, 4, stage));
-        specs.push(spec(DType::F16, 1, 100, 40, 1, stage));
+        specs.push(common::expert_ffn_spec(
+            KERNEL,
+            DType::BF16,
+            16,
+            64,
+            37,
+            4,
+            stage,
+        ));
+        specs.push(common::expert_ffn_spec(
+            KERNEL,
+            DType::F16,
+            1,
+            100,
+            40,
+            1,
+            stage,
+        ));
     }
     specs
 }
@@ -73,12 +75,13 @@ fn kernels_assemble_for_sm80_and_sm90_without_spills() {
 fn ptx_snapshots() {
     // Four experts keep the pointer-selection chain short; H = 64 takes the vector path in
     // gate-up, I = 24 in down.
-    let gate_up = spec(DType::BF16, 4, 64, 24, 2, ExpertFfnStage::GateUp);
+    let gate_up =
+        common::expert_ffn_spec(KERNEL, DType::BF16, 4, 64, 24, 2, ExpertFfnStage::GateUp);
     insta::assert_snapshot!(
         "moe_gate_up_bf16_e4_h64_i24_k2",
         expert_ffn::generate(&gate_up).unwrap().ptx
     );
-    let down = spec(DType::F16, 4, 64, 24, 2, ExpertFfnStage::Down);
+    let down = common::expert_ffn_spec(KERNEL, DType::F16, 4, 64, 24, 2, ExpertFfnStage::Down);
     insta::assert_snapshot!(
         "moe_down_f16_e4_h64_i24_k2",
         expert_ffn::generate(&down).unwrap().ptx
@@ -88,7 +91,18 @@ fn ptx_snapshots() {
 #[test]
 fn vector_and_scalar_paths_follow_the_dot_length() {
     // Gate-up dots length H, down length I.
-    let mixed = |stage| expert_ffn::generate(&spec(DType::BF16, 4, 64, 37, 2, stage)).unwrap();
+    let mixed = |stage| {
+        expert_ffn::generate(&common::expert_ffn_spec(
+            KERNEL,
+            DType::BF16,
+            4,
+            64,
+            37,
+            2,
+            stage,
+        ))
+        .unwrap()
+    };
     let gate_up = mixed(ExpertFfnStage::GateUp).ptx;
     assert!(
         gate_up.contains("ld.global.nc.v4.u32"),
@@ -119,7 +133,16 @@ fn vector_and_scalar_paths_follow_the_dot_length() {
 fn parameters_are_named_and_ordered_for_the_plan_lowering() {
     let experts = 3;
     let names = |stage| -> Vec<String> {
-        let kernel = expert_ffn::generate(&spec(DType::F16, experts, 64, 32, 2, stage)).unwrap();
+        let kernel = expert_ffn::generate(&common::expert_ffn_spec(
+            KERNEL,
+            DType::F16,
+            experts,
+            64,
+            32,
+            2,
+            stage,
+        ))
+        .unwrap();
         kernel.params.iter().map(|p| p.name.clone()).collect()
     };
     assert_eq!(
@@ -155,7 +178,16 @@ fn parameters_are_named_and_ordered_for_the_plan_lowering() {
     assert_eq!(expert_param("up", 7), "up_7");
 
     let access = |stage, name: &str| {
-        let kernel = expert_ffn::generate(&spec(DType::F16, experts, 64, 32, 2, stage)).unwrap();
+        let kernel = expert_ffn::generate(&common::expert_ffn_spec(
+            KERNEL,
+            DType::F16,
+            experts,
+            64,
+            32,
+            2,
+            stage,
+        ))
+        .unwrap();
         kernel.param(name).map(|(_, p)| p.kind)
     };
     let read = Some(ParamKind::Pointer(Access::Read));
@@ -173,7 +205,7 @@ fn parameters_are_named_and_ordered_for_the_plan_lowering() {
 #[test]
 fn launch_is_one_warp_per_row_and_one_block_row_per_expert() {
     for stage in STAGES {
-        let spec = spec(DType::BF16, 8, 4096, 14336, 2, stage);
+        let spec = common::expert_ffn_spec(KERNEL, DType::BF16, 8, 4096, 14336, 2, stage);
         let kernel = expert_ffn::generate(&spec).unwrap();
         let scalars = BTreeMap::from([("slots".to_string(), 2u64)]);
         let (grid, block) = kernel.launch.evaluate(&scalars).unwrap();
@@ -186,7 +218,7 @@ fn launch_is_one_warp_per_row_and_one_block_row_per_expert() {
         assert_eq!(kernel.launch.shared_bytes, 0);
     }
     // A partial last block of rows.
-    let odd = spec(DType::F16, 5, 100, 37, 2, ExpertFfnStage::GateUp);
+    let odd = common::expert_ffn_spec(KERNEL, DType::F16, 5, 100, 37, 2, ExpertFfnStage::GateUp);
     let kernel = expert_ffn::generate(&odd).unwrap();
     let (grid, _) = kernel.launch.evaluate(&BTreeMap::new()).unwrap();
     assert_eq!(grid, [37u32.div_ceil(WARPS_PER_BLOCK as u32), 5, 1]);
@@ -202,9 +234,17 @@ fn every_expert_pointer_is_selectable() {
     // One setp per expert after the first, one selp per expert and group after the first.
     for (stage, groups) in [(ExpertFfnStage::GateUp, 2), (ExpertFfnStage::Down, 1)] {
         let experts = 6;
-        let ptx = expert_ffn::generate(&spec(DType::F16, experts, 64, 32, 2, stage))
-            .unwrap()
-            .ptx;
+        let ptx = expert_ffn::generate(&common::expert_ffn_spec(
+            KERNEL,
+            DType::F16,
+            experts,
+            64,
+            32,
+            2,
+            stage,
+        ))
+        .unwrap()
+        .ptx;
         assert_eq!(ptx.matches("selp.u64").count(), (experts - 1) * groups);
         for e in 1..experts {
             let compared = ptx.lines().any(|line| {
@@ -220,7 +260,15 @@ fn generation_is_deterministic() {
     for spec in assembled() {
         assert_eq!(expert_ffn::generate(&spec), expert_ffn::generate(&spec));
     }
-    let a = spec(DType::F16, 8, 4096, 14336, 2, ExpertFfnStage::GateUp);
+    let a = common::expert_ffn_spec(
+        KERNEL,
+        DType::F16,
+        8,
+        4096,
+        14336,
+        2,
+        ExpertFfnStage::GateUp,
+    );
     let b = MoeExpertFfnSpec {
         stage: ExpertFfnStage::Down,
         ..a
@@ -242,7 +290,8 @@ fn generation_is_deterministic() {
 fn stage_serialises_in_snake_case() {
     let json = serde_json::to_string(&ExpertFfnStage::GateUp).unwrap();
     assert_eq!(json, "\"gate_up\"");
-    let spec = spec(DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::Down);
+    let spec =
+        common::expert_ffn_spec(KERNEL, DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::Down);
     let back: MoeExpertFfnSpec =
         serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
     assert_eq!(back, spec);
@@ -250,7 +299,15 @@ fn stage_serialises_in_snake_case() {
 
 #[test]
 fn bad_specs_are_rejected_with_the_field_named() {
-    let good = spec(DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::GateUp);
+    let good = common::expert_ffn_spec(
+        KERNEL,
+        DType::BF16,
+        8,
+        4096,
+        14336,
+        2,
+        ExpertFfnStage::GateUp,
+    );
     let message = |spec: MoeExpertFfnSpec| {
         let error = expert_ffn::generate(&spec).unwrap_err();
         assert_eq!(error.family, "moe_expert_ffn");

@@ -18,26 +18,8 @@ use kiln_kernels::moe::expert_ffn::{self, ExpertFfnKernel, ExpertFfnStage, MoeEx
 use kiln_kernels::Epilogue;
 use std::collections::BTreeMap;
 
-const STAGES: [ExpertFfnStage; 2] = [ExpertFfnStage::GateUp, ExpertFfnStage::Down];
-
-fn spec(
-    dtype: DType,
-    experts: usize,
-    hidden: usize,
-    intermediate: usize,
-    top_k: usize,
-    stage: ExpertFfnStage,
-) -> MoeExpertFfnSpec {
-    MoeExpertFfnSpec {
-        dtype,
-        experts,
-        hidden,
-        intermediate,
-        top_k,
-        stage,
-        kernel: ExpertFfnKernel::GroupedGemm,
-    }
-}
+const STAGES: [ExpertFfnStage; 2] = common::EXPERT_FFN_STAGES;
+const KERNEL: ExpertFfnKernel = ExpertFfnKernel::GroupedGemm;
 
 /// Mixtral (E=8, H=4096, I=14336, k=2), Qwen3-MoE (E=128, H=2048, I=768, k=8) and the tiny
 /// preset (E=4, H=128, I=256, k=2), both stages, f16 and bf16.
@@ -45,9 +27,15 @@ fn assembled() -> Vec<MoeExpertFfnSpec> {
     let mut specs = Vec::new();
     for stage in STAGES {
         for dtype in [DType::F16, DType::BF16] {
-            specs.push(spec(dtype, 8, 4096, 14336, 2, stage));
-            specs.push(spec(dtype, 128, 2048, 768, 8, stage));
-            specs.push(spec(dtype, 4, 128, 256, 2, stage));
+            specs.push(common::expert_ffn_spec(
+                KERNEL, dtype, 8, 4096, 14336, 2, stage,
+            ));
+            specs.push(common::expert_ffn_spec(
+                KERNEL, dtype, 128, 2048, 768, 8, stage,
+            ));
+            specs.push(common::expert_ffn_spec(
+                KERNEL, dtype, 4, 128, 256, 2, stage,
+            ));
         }
     }
     specs
@@ -73,12 +61,13 @@ fn kernels_assemble_for_sm80_and_sm90_without_spills() {
 fn ptx_snapshots() {
     // Four experts keep the pointer chain short; K = 128 (gate-up) and 64 (down) are two
     // and one K slices.
-    let gate_up = spec(DType::BF16, 4, 128, 64, 2, ExpertFfnStage::GateUp);
+    let gate_up =
+        common::expert_ffn_spec(KERNEL, DType::BF16, 4, 128, 64, 2, ExpertFfnStage::GateUp);
     insta::assert_snapshot!(
         "moe_gate_up_mma_bf16_e4_h128_i64_k2",
         expert_ffn::generate(&gate_up).unwrap().ptx
     );
-    let down = spec(DType::F16, 4, 128, 64, 2, ExpertFfnStage::Down);
+    let down = common::expert_ffn_spec(KERNEL, DType::F16, 4, 128, 64, 2, ExpertFfnStage::Down);
     insta::assert_snapshot!(
         "moe_down_mma_f16_e4_h128_i64_k2",
         expert_ffn::generate(&down).unwrap().ptx
@@ -88,7 +77,7 @@ fn ptx_snapshots() {
 #[test]
 fn parameters_match_the_gemv_stages() {
     for stage in STAGES {
-        let grouped = spec(DType::F16, 3, 128, 64, 2, stage);
+        let grouped = common::expert_ffn_spec(KERNEL, DType::F16, 3, 128, 64, 2, stage);
         let gemv = MoeExpertFfnSpec {
             kernel: ExpertFfnKernel::Gemv,
             ..grouped
@@ -100,8 +89,16 @@ fn parameters_match_the_gemv_stages() {
         };
         assert_eq!(params(&a), params(&b), "{stage:?}");
     }
-    let kernel =
-        expert_ffn::generate(&spec(DType::F16, 3, 128, 64, 2, ExpertFfnStage::GateUp)).unwrap();
+    let kernel = expert_ffn::generate(&common::expert_ffn_spec(
+        KERNEL,
+        DType::F16,
+        3,
+        128,
+        64,
+        2,
+        ExpertFfnStage::GateUp,
+    ))
+    .unwrap();
     let names: Vec<&str> = kernel.params.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
@@ -128,7 +125,7 @@ fn parameters_match_the_gemv_stages() {
 #[test]
 fn launch_covers_every_run_of_every_expert() {
     for stage in STAGES {
-        let spec = spec(DType::BF16, 8, 4096, 14336, 2, stage);
+        let spec = common::expert_ffn_spec(KERNEL, DType::BF16, 8, 4096, 14336, 2, stage);
         let kernel = expert_ffn::generate(&spec).unwrap();
         let gemm = spec.gemm_spec();
         let t = gemm.tile;
@@ -148,9 +145,17 @@ fn launch_covers_every_run_of_every_expert() {
 #[test]
 fn ptx_exits_before_barriers_and_uses_tensor_cores() {
     for stage in STAGES {
-        let ptx = expert_ffn::generate(&spec(DType::BF16, 6, 128, 256, 2, stage))
-            .unwrap()
-            .ptx;
+        let ptx = expert_ffn::generate(&common::expert_ffn_spec(
+            KERNEL,
+            DType::BF16,
+            6,
+            128,
+            256,
+            2,
+            stage,
+        ))
+        .unwrap()
+        .ptx;
         assert!(ptx.contains("mma.sync.aligned.m16n8k16"));
         assert!(ptx.contains("cp.async"));
         assert!(ptx.contains("%ctaid.z"));
@@ -174,7 +179,7 @@ fn ptx_exits_before_barriers_and_uses_tensor_cores() {
 fn default_kernels_keep_their_keys() {
     let gemv = MoeExpertFfnSpec {
         kernel: ExpertFfnKernel::Gemv,
-        ..spec(DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::Down)
+        ..common::expert_ffn_spec(KERNEL, DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::Down)
     };
     let key = format!("{gemv:?}");
     assert!(!key.contains("kernel"), "{key}");
@@ -182,7 +187,8 @@ fn default_kernels_keep_their_keys() {
     assert!(!json.contains("kernel"), "{json}");
     let back: MoeExpertFfnSpec = serde_json::from_str(&json).unwrap();
     assert_eq!(back, gemv);
-    let grouped = spec(DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::Down);
+    let grouped =
+        common::expert_ffn_spec(KERNEL, DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::Down);
     assert!(format!("{grouped:?}").contains("GroupedGemm"));
     let json = serde_json::to_string(&grouped).unwrap();
     assert!(json.contains("\"kernel\":\"grouped_gemm\""), "{json}");
@@ -205,12 +211,21 @@ fn default_kernels_keep_their_keys() {
 #[test]
 fn bad_grouped_specs_are_rejected() {
     // K must be a multiple of block_k (64).
-    let odd = spec(DType::BF16, 8, 100, 256, 2, ExpertFfnStage::GateUp);
+    let odd = common::expert_ffn_spec(KERNEL, DType::BF16, 8, 100, 256, 2, ExpertFfnStage::GateUp);
     let error = expert_ffn::generate(&odd).unwrap_err();
     assert_eq!(error.family, "moe_expert_ffn");
     assert!(error.to_string().contains("multiple of block_k"), "{error}");
     // The grouped GEMM's own checks.
-    let base = spec(DType::BF16, 8, 4096, 14336, 2, ExpertFfnStage::GateUp).gemm_spec();
+    let base = common::expert_ffn_spec(
+        KERNEL,
+        DType::BF16,
+        8,
+        4096,
+        14336,
+        2,
+        ExpertFfnStage::GateUp,
+    )
+    .gemm_spec();
     let grouping = base.grouping.unwrap();
     let cases = [
         (

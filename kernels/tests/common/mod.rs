@@ -64,3 +64,30 @@ pub fn assemble_cleanly(kernel: &GpuKernel, arch: &str) -> kiln_codegen::ptxas::
     );
     report
 }
+
+/// The expert FFN stages, in launch order.
+pub const EXPERT_FFN_STAGES: [kiln_kernels::moe::expert_ffn::ExpertFfnStage; 2] = [
+    kiln_kernels::moe::expert_ffn::ExpertFfnStage::GateUp,
+    kiln_kernels::moe::expert_ffn::ExpertFfnStage::Down,
+];
+
+/// An expert FFN stage spec on `kernel`.
+pub fn expert_ffn_spec(
+    kernel: kiln_kernels::moe::expert_ffn::ExpertFfnKernel,
+    dtype: DType,
+    experts: usize,
+    hidden: usize,
+    intermediate: usize,
+    top_k: usize,
+    stage: kiln_kernels::moe::expert_ffn::ExpertFfnStage,
+) -> kiln_kernels::moe::expert_ffn::MoeExpertFfnSpec {
+    kiln_kernels::moe::expert_ffn::MoeExpertFfnSpec {
+        dtype,
+        experts,
+        hidden,
+        intermediate,
+        top_k,
+        stage,
+        kernel,
+    }
+}
