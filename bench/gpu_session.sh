@@ -2,6 +2,10 @@
 # One GPU session on the GPU machine, over a dist/ built by scripts/build_gpu_dist.sh:
 # GPU tests (--ignored), `kiln bench`, the PyTorch baselines in the same run, and the
 # side-by-side table. Writes logs and JSON under $OUT; prints the table last.
+#
+# KILN_GPU_TESTS (test binary names, space-separated; default all of dist/tests, "" for none)
+# and KILN_TEST_SKIP (a libtest --skip filter) narrow the tests when device time is short;
+# KILN_BENCH_SUITES (default gemm, "" for none) picks the benches.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/kiln-gpu}
@@ -9,16 +13,20 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 status=0
-for t in dist/tests/*; do
+tests=${KILN_GPU_TESTS-$(ls dist/tests)}
+skip=()
+[ -n "${KILN_TEST_SKIP:-}" ] && skip=(--skip "$KILN_TEST_SKIP")
+for name in $tests; do
+  t=dist/tests/$name
   echo "== $t"
-  if ! "$t" --ignored --test-threads=1 --nocapture >"$out/$(basename "$t").log" 2>&1; then
+  if ! "$t" --ignored --test-threads=1 --nocapture "${skip[@]}" >"$out/$(basename "$t").log" 2>&1; then
     status=1
     echo "FAILED: $t (see $(basename "$t").log)"
   fi
   grep -E "^test |test result" "$out/$(basename "$t").log" | grep -v "ok$" || true
   grep -E "test result" "$out/$(basename "$t").log"
 done
-for suite in ${KILN_BENCH_SUITES:-gemm}; do
+for suite in ${KILN_BENCH_SUITES-gemm}; do
   dist/kiln bench "$suite" --json "$out/kiln_$suite.json" >"$out/kiln_$suite.txt" 2>&1 || { status=1; tail -5 "$out/kiln_$suite.txt"; }
   python3 bench/torch_baselines.py --suite "$suite" --out "$out/torch_$suite.json" >"$out/torch_$suite.txt" 2>&1 || { status=1; tail -5 "$out/torch_$suite.txt"; }
   python3 bench/compare.py "$out/kiln_$suite.json" "$out/torch_$suite.json" | tee "$out/table_$suite.md"
