@@ -127,6 +127,7 @@ fn router_matches_the_interpreter() {
                     experts,
                     top_k,
                     normalize,
+                    hidden: None,
                 };
                 let loaded = device.load(&router::generate(&spec).unwrap()).unwrap();
                 for tokens in [1usize, 5, 300] {
