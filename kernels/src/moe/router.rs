@@ -30,8 +30,9 @@
 //! dtype, as the interpreter rounds the `Linear` it stands for, and lane 0 stores it to a
 //! shared array of `experts` f32 (4 KiB at 1024 experts); after one block barrier, warp 0
 //! routes the row as below, reading its logits from shared memory. `h` must be a multiple of
-//! 8; the f32 accumulation order differs from the interpreter's f64, so a logit can round to
-//! the neighbouring dtype value where the exact product lies within an f32 ulp of a rounding
+//! 8 and `x` and `w` 16-byte aligned (device allocations and plan buffers are). The product
+//! is accumulated in f32 where the interpreter uses f64, so a logit can round to the
+//! neighbouring dtype value where the exact product lies within an f32 ulp of a rounding
 //! boundary.
 //!
 //! **Routing** (both forms). The routing warp's lane `i` holds experts `i, i + 32, …` in
@@ -380,20 +381,25 @@ impl RowProduct {
     }
 }
 
+/// This thread's place in the fused router's block: the block's token, its warp and lane.
+#[derive(Clone, Copy)]
+struct Place {
+    token: Reg<U32>,
+    warp: Reg<U32>,
+    lane: Reg<U32>,
+}
+
 /// The fused linear: warp `v` of the block computes the logits `x[token] · w[e]` of experts
 /// `e = v, v + 8, …`, rounded to the dtype, into `logits[e]` in shared memory.
-#[allow(clippy::too_many_arguments)]
 fn linear_logits(
     k: &mut KernelBuilder,
     spec: &MoeRouterSpec,
     hidden: usize,
-    x: Reg<U64>,
-    w: Reg<U64>,
-    token: Reg<U32>,
-    warp: Reg<U32>,
-    lane: Reg<U32>,
+    (x, w): (Reg<U64>, Reg<U64>),
+    place: &Place,
     logits: &SharedArray,
 ) {
+    let Place { token, warp, lane } = *place;
     let row_bytes = hidden as u32 * spec.element_bytes();
     let chunks = row_bytes / CHUNK_BYTES;
     let full_steps = (chunks / 32) as usize;
@@ -509,7 +515,8 @@ pub fn generate(spec: &MoeRouterSpec) -> Result<GpuKernel, SpecError> {
             let lane = k.and(tid, 31u32);
             let warp = k.shr(tid, 5u32);
             let token = k.ctaid_x();
-            linear_logits(&mut k, spec, hidden, x, w, token, warp, lane, &logits);
+            let place = Place { token, warp, lane };
+            linear_logits(&mut k, spec, hidden, (x, w), &place, &logits);
             k.bar_sync(0);
 
             k.comment("warp 0 routes the token, its lane i holding experts i, i + 32, ...");
