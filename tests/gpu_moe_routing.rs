@@ -8,6 +8,17 @@
 //!   300 tokens. Planted rows: two experts tied for the top (the lower index must come
 //!   first), `-0` and `+0` tied for the top, and a row of equal logits (the first `k`
 //!   experts, in index order).
+//! - router with its linear fused (`MoeRouterLinear`): Mixtral-like (8 experts of 4096, top
+//!   2) and Qwen3-MoE-like (128 experts of 2048, top 8), renormalised, f16 and bf16, 1, 5
+//!   and 300 tokens; experts bit for bit on every token, weights within 1e-5. The inputs are
+//!   grid values (`common::grid`), so the kernel's f32 dot products equal the interpreter's
+//!   f64 ones exactly and its logits, rounded to the dtype, are the interpreter's bit for
+//!   bit: every near-tie is a real tie, which both must break to the lower index. (On
+//!   arbitrary values a logit whose exact product lies within an f32 ulp of a dtype rounding
+//!   boundary may legitimately round the other way; comparing experts there would test luck,
+//!   not the kernel.) bf16 rounding ties many logits; planted as well: experts 1 and E − 2
+//!   with equal weight rows aligned with token 0 (tied far above the rest: 1 first) and an
+//!   all-zero token 1 (every logit ties: the first `k` experts, equal weights).
 //! - dispatch: `order` and `offsets` bit for bit; decode sizes, many slots on one expert,
 //!   empty experts, one expert, 8192 slots; slots with an expert outside the table
 //!   (placed nowhere, `order`'s tail −1, which the interpreter refuses: the reference is a
@@ -19,7 +30,7 @@
 //! Run on a GPU machine with `cargo test --test gpu_moe_routing -- --ignored`.
 
 mod common;
-use common::{assert_close, device, fresh_seed, input, random, rng};
+use common::{assert_close, device, fresh_seed, grid, input, random, rng};
 
 use kiln::ir::dtype::DType;
 use kiln::ir::graph::Graph;
@@ -127,6 +138,7 @@ fn router_matches_the_interpreter() {
                     experts,
                     top_k,
                     normalize,
+                    hidden: None,
                 };
                 let loaded = device.load(&router::generate(&spec).unwrap()).unwrap();
                 for tokens in [1usize, 5, 300] {
@@ -167,6 +179,115 @@ fn router_matches_the_interpreter() {
                             assert!((sum - 1.0).abs() < 1e-5, "{what}: row {r} sums to {sum}");
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+// ----- router with its linear fused ----------------------------------------------------------
+
+fn fused_router_graph(x: &Tensor, w: &Tensor, top_k: usize, normalize: bool) -> Graph {
+    let mut g = Graph::new("router_linear");
+    let x = input(&mut g, "x", x);
+    let w = input(&mut g, "w", w);
+    let outs = g
+        .add("route", Op::MoeRouterLinear { top_k, normalize }, &[x, w])
+        .unwrap();
+    g.output("weights", outs[0]);
+    g.output("experts", outs[1]);
+    g
+}
+
+/// Grid inputs `x [tokens, hidden]` (steps of 1/8) and `w [experts, hidden]` (1/16) with the
+/// planted rows of the module docs; returns them and the expected leading picks of the
+/// planted tokens.
+fn fused_router_inputs(
+    dtype: DType,
+    tokens: usize,
+    experts: usize,
+    hidden: usize,
+    top_k: usize,
+    rng: &mut ChaCha8Rng,
+) -> (Tensor, Tensor, Vec<(usize, Vec<i32>)>) {
+    let mut x = grid(dtype, &[tokens, hidden], 0.125, rng);
+    let mut w = grid(dtype, &[experts, hidden], 0.0625, rng);
+    let mut planted = Vec::new();
+    // Token 0's row, halved (exact): experts 1 and E - 2 score |x₀|² / 2, about 64, far
+    // above every other logit (about 1.4 apart on average).
+    for e in [1, experts - 2] {
+        for i in 0..hidden {
+            w.data[e * hidden + i] = x.data[i] * 0.5;
+        }
+    }
+    planted.push((0, vec![1, experts as i32 - 2]));
+    if tokens > 1 {
+        x.data[hidden..2 * hidden].fill(0.0);
+        planted.push((1, (0..top_k as i32).collect()));
+    }
+    (x, w, planted)
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_router_matches_the_interpreter() {
+    let device = device();
+    let mut rng = rng(fresh_seed("moe_router_linear"));
+    // (experts, top_k, hidden): Mixtral, Qwen3-MoE.
+    for (experts, top_k, hidden) in [(8usize, 2usize, 4096usize), (128, 8, 2048)] {
+        for dtype in [DType::F16, DType::BF16] {
+            let spec = MoeRouterSpec {
+                dtype,
+                experts,
+                top_k,
+                normalize: true,
+                hidden: Some(hidden),
+            };
+            let loaded = device.load(&router::generate(&spec).unwrap()).unwrap();
+            for tokens in [1usize, 5, 300] {
+                let what = format!("{} tokens={tokens}", spec.entry());
+                let (x, w, planted) =
+                    fused_router_inputs(dtype, tokens, experts, hidden, top_k, &mut rng);
+                let want = interpret(
+                    &fused_router_graph(&x, &w, top_k, true),
+                    &[("x", &x), ("w", &w)],
+                );
+
+                let (x_dev, w_dev) = (upload(&device, &x), upload(&device, &w));
+                let weights = poisoned(&device, DType::F32, &[tokens, top_k]);
+                let chosen = poisoned(&device, DType::I32, &[tokens, top_k]);
+                let args = Args::new()
+                    .buffer("x", x_dev.arg())
+                    .buffer("w", w_dev.arg())
+                    .buffer("weights", weights.arg())
+                    .buffer("experts", chosen.arg())
+                    .u32("tokens", tokens as u32);
+                loaded.launch(&args).unwrap();
+                let got_experts = chosen.download().unwrap();
+                let got_weights = weights.download().unwrap();
+
+                assert_exact(&format!("{what} experts"), &got_experts, &want["experts"]);
+                for (r, picks) in &planted {
+                    let row = &got_experts.to_i32()[r * top_k..r * top_k + picks.len()];
+                    assert_eq!(row, &picks[..], "{what}: planted row {r}");
+                }
+                assert_close(
+                    &format!("{what} weights"),
+                    &got_weights,
+                    &want["weights"],
+                    1e-5,
+                );
+                for (r, row) in got_weights.data.chunks(top_k).enumerate() {
+                    let sum: f32 = row.iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-5, "{what}: row {r} sums to {sum}");
+                }
+                if tokens > 1 {
+                    let zero_row = &got_weights.data[top_k..2 * top_k];
+                    let even = 1.0 / top_k as f32;
+                    assert!(
+                        zero_row.iter().all(|&v| (v - even).abs() < 1e-6),
+                        "{what}: the all-tied row's weights {zero_row:?}"
+                    );
                 }
             }
         }

@@ -2,9 +2,9 @@
 //! compiled, rewritten prefill and decode plans of the tiny presets, every kernel on the host
 //! (Cranelift kernels and the runtime's copies; nothing is interpreted), give the reference
 //! interpreter's tokens and logits; so do graphs of the other host steps (decomposed
-//! attention, Quest attention) against `ir::interp`. Bad per-call tensors, a GPU plan
-//! without a device and a host step without a CPU kernel are clear errors. The GPU side is
-//! `tests/gpu_plan.rs`.
+//! attention, Quest attention, the MoE router with its linear fused) against `ir::interp`.
+//! Bad per-call tensors, a GPU plan without a device and a host step without a CPU kernel are
+//! clear errors. The GPU side is `tests/gpu_plan.rs`.
 
 mod common;
 
@@ -477,6 +477,118 @@ fn quest_attention_on_the_host_matches_the_interpreter() {
 
 /// A host step whose op has no CPU kernel (quantization, until Atom's) is refused when the
 /// executor is made, naming the kernel and the op; nothing falls back to an interpreter.
+/// The MoE router with its linear fused (`MoeRouterLinear`) on its host step — the dot
+/// kernel's logits rounded to the dtype, then the softmax kernel and the top-k — in f32 and
+/// in bf16 (forced onto the host), against the interpreter: experts exactly, weights within
+/// the f32 tolerance. Grid values make the logits exact and ties common; planted: experts 1
+/// and 6 have equal weight rows aligned with token 0 (tied above the rest there: 1 first),
+/// and token 1 is all zeros (every logit ties: experts 0, 1, 2 in order, equal weights).
+#[test]
+fn the_fused_router_runs_as_a_host_step_and_matches_the_interpreter() {
+    use kiln::ir::graph::Graph;
+    use kiln::ir::op::{InputKind, Op};
+    use kiln::ir::schedule::ScheduleOptions;
+    use kiln::ir::schedule::{schedule, Device, Family, ForceCpu, MoeStage, Pass};
+    use kiln::ir::shape::Shape;
+    let mut rng = common::rng(common::fresh_seed(
+        "the_fused_router_runs_as_a_host_step_and_matches_the_interpreter",
+    ));
+    let (tokens, experts, hidden, top_k) = (9usize, 8usize, 64usize, 3usize);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut g = Graph::new("router_linear");
+        let x = g
+            .input(
+                "x",
+                InputKind::Activation,
+                dtype,
+                Shape::of(&[1, tokens, hidden]),
+            )
+            .unwrap();
+        let w = g
+            .input(
+                "router.weight",
+                InputKind::Weight,
+                dtype,
+                Shape::of(&[experts, hidden]),
+            )
+            .unwrap();
+        let router = Op::MoeRouterLinear {
+            top_k,
+            normalize: true,
+        };
+        let routed = g.add("router", router, &[x, w]).unwrap();
+        g.output("weights", routed[0]);
+        g.output("experts", routed[1]);
+
+        let mut plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+        assert!(matches!(
+            plan.kernels[0].family,
+            Family::Moe {
+                stage: MoeStage::Router {
+                    hidden: Some(64),
+                    ..
+                },
+                ..
+            }
+        ));
+        ForceCpu {
+            kernels: plan
+                .kernels
+                .iter()
+                .map(|k| (k.name.clone(), "this test runs the host step".to_string()))
+                .collect(),
+        }
+        .run(&mut plan);
+        assert!(plan.kernels.iter().all(|k| k.device == Device::Cpu));
+
+        let mut x_value = common::grid(dtype, &[1, tokens, hidden], 0.25, &mut rng);
+        let mut w_value = common::grid(dtype, &[experts, hidden], 0.125, &mut rng);
+        x_value.data[hidden..2 * hidden].fill(0.0);
+        for e in [1, 6] {
+            for (i, v) in w_value.data[e * hidden..(e + 1) * hidden]
+                .iter_mut()
+                .enumerate()
+            {
+                *v = x_value.data[i] * 0.5;
+            }
+        }
+        let mut weights = kiln::ir::weights::Weights::new();
+        weights.insert("router.weight", w_value);
+        let mut inputs = std::collections::HashMap::new();
+        inputs.insert("x".to_string(), x_value);
+
+        let mut executor = Executor::new(plan, &weights, None, &DeviceWeights::default()).unwrap();
+        let got = executor.run(&inputs).unwrap();
+        assert!(executor.stats().cpu_kernels > 0);
+        let want =
+            kiln::ir::interp::run_with(&g, |name| inputs.get(name).or_else(|| weights.get(name)))
+                .unwrap();
+        assert_eq!(got["experts"], want["experts"], "{dtype}: experts");
+        common::assert_close(
+            &format!("{dtype}: weights"),
+            &got["weights"],
+            &want["weights"],
+            common::tolerance(DType::F32),
+        );
+        let chosen = got["experts"].to_i32();
+        assert_eq!(
+            &chosen[..2],
+            &[1, 6],
+            "{dtype}: the planted tie, lower index first"
+        );
+        assert_eq!(
+            &chosen[top_k..2 * top_k],
+            &[0, 1, 2],
+            "{dtype}: a row of ties"
+        );
+        let zero_row = &got["weights"].data[top_k..2 * top_k];
+        assert!(
+            zero_row.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-6),
+            "{zero_row:?}"
+        );
+    }
+}
+
 #[test]
 fn a_host_step_without_a_cpu_kernel_is_refused() {
     use kiln::ir::graph::Graph;

@@ -251,6 +251,15 @@ pub fn node_cost(graph: &Graph, node: &Node, bindings: &Bindings) -> Result<(f64
             (2.0 * out_elements * k + out_elements, read_all + written)
         }
         Op::AddRmsNorm { .. } => (6.0 * out_elements, read_all + written),
+        Op::MoeRouterLinear { .. } => {
+            // The logits' product (never stored), then the router's softmax over them.
+            let x = dims(operand(0)?)?;
+            let k = *x.last().expect("rank ≥ 1") as f64;
+            let tokens: f64 = x[..x.len() - 1].iter().product::<usize>() as f64;
+            let experts = dims(operand(1)?)?[0] as f64;
+            let logits = tokens * experts;
+            (2.0 * logits * k + 5.0 * logits, read_all + written)
+        }
         Op::CausalMask => (0.0, written),
     })
 }

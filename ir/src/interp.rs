@@ -569,6 +569,21 @@ pub fn eval(
             )?;
             Ok(vec![sum, normed])
         }
+        Op::MoeRouterLinear { top_k, normalize } => {
+            // The logits in the input's dtype, as a `Linear` node stores them.
+            let logits = eval_plain(Op::Linear, operands, operands[0].dtype, bindings)?;
+            let router = Node {
+                op: Op::MoeRouter {
+                    top_k: *top_k,
+                    normalize: *normalize,
+                },
+                inputs: Vec::new(),
+                outputs: node.outputs.clone(),
+                label: String::new(),
+                layer: None,
+            };
+            eval(&router, &[&logits], bindings)
+        }
         Op::QuantizedLinear { scheme } => {
             let weight = eval_plain(
                 Op::Dequantize {

@@ -191,6 +191,10 @@ pub enum Op {
     /// add and the RMSNorm that reads it: `sum = x + residual` (rounded to the dtype) and
     /// `normed = RmsNorm { eps }(sum, weight)`.
     AddRmsNorm { eps: f32 },
+    /// `(x [.., H], w [E, H]) → (weights [.., k] f32, experts [.., k] i32)`: an MoE router
+    /// with its logits' linear fused: `logits = x · wᵀ` (f64 accumulation, rounded to `x`'s
+    /// dtype, exactly `Linear`), then `MoeRouter { top_k, normalize }` on them.
+    MoeRouterLinear { top_k: usize, normalize: bool },
     /// `(x [.., K] float, q [N, K] i4|i8, scale [N, K/g] f16[, zero [N, K/g] f16]) → [.., N]`:
     /// `x · wᵀ` with `w = Dequantize { scheme, to: x's dtype }(q, scale[, zero])` (rounded to
     /// the dtype), accumulated in f64; a dequantize fused into its matmul.
@@ -257,13 +261,14 @@ impl Op {
             Op::SwiGluLinear => "swiglu_linear",
             Op::LinearAdd => "linear_add",
             Op::AddRmsNorm { .. } => "add_rms_norm",
+            Op::MoeRouterLinear { .. } => "moe_router_linear",
             Op::QuantizedLinear { .. } => "quantized_linear",
             Op::CausalMask => "causal_mask",
         }
     }
 
     /// Every op name, for documentation and coverage tests.
-    pub const NAMES: [&'static str; 34] = [
+    pub const NAMES: [&'static str; 35] = [
         "input",
         "constant",
         "embedding",
@@ -296,6 +301,7 @@ impl Op {
         "swiglu_linear",
         "linear_add",
         "add_rms_norm",
+        "moe_router_linear",
         "quantized_linear",
         "causal_mask",
     ];

@@ -885,6 +885,17 @@ pub fn infer(op: &Op, operands: &[TensorType]) -> Rule {
             .remove(0);
             Ok(vec![normed.clone(), normed])
         }
+        Op::MoeRouterLinear { top_k, normalize } => {
+            expect_count(operands, 2)?;
+            let logits = infer(&Op::Linear, operands)?;
+            infer(
+                &Op::MoeRouter {
+                    top_k: *top_k,
+                    normalize: *normalize,
+                },
+                &logits,
+            )
+        }
         Op::QuantizedLinear { scheme } => {
             expect_count(operands, if scheme.symmetric { 3 } else { 4 })?;
             let x = &operands[0];

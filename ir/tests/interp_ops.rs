@@ -242,6 +242,10 @@ const OP_TESTS: &[(&str, fn())] = &[
         "quantized_linear_matches_dequantize_then_linear",
         quantized_linear_matches_dequantize_then_linear,
     ),
+    (
+        "moe_router_linear_matches_linear_then_router",
+        moe_router_linear_matches_linear_then_router,
+    ),
     ("causal_mask_by_hand", causal_mask_by_hand),
 ];
 
@@ -2169,6 +2173,61 @@ fn add_rms_norm_by_hand() {
     // normed = [3, 4] / 3.5355339 · [1, 0.5] = [0.8485281, 0.5656854].
     assert_values(&out["sum"], &[1, 2], &[3., 4.], 0.0);
     assert_values(&out["normed"], &[1, 2], &[0.848_528_1, 0.565_685_4], TOL);
+}
+
+#[test]
+fn moe_router_linear_matches_linear_then_router() {
+    // In bf16 the logits are rounded to the dtype before routing, as the `Linear` node's
+    // result is; the fused op must choose the same experts with the same weights. Small
+    // integer activations and weights give exact, often tied logits.
+    let mut r = rng(94);
+    let (tokens, experts, hidden) = (6, 8, 16);
+    for (dtype, normalize) in [(DType::BF16, true), (DType::F32, false)] {
+        let mut g = Graph::new("router_linear");
+        let x = act(&mut g, "x", dtype, &[2, tokens / 2, hidden]);
+        let w = weight(&mut g, "w", dtype, &[experts, hidden]);
+        let logits = g.add1("logits", Op::Linear, &[x, w]).unwrap();
+        let router = Op::MoeRouter {
+            top_k: 3,
+            normalize,
+        };
+        let plain = g.add("plain", router, &[logits]).unwrap();
+        let fused = g
+            .add(
+                "fused",
+                Op::MoeRouterLinear {
+                    top_k: 3,
+                    normalize,
+                },
+                &[x, w],
+            )
+            .unwrap();
+        for (name, value) in [
+            ("plain_w", plain[0]),
+            ("plain_e", plain[1]),
+            ("fused_w", fused[0]),
+            ("fused_e", fused[1]),
+        ] {
+            g.output(name, value);
+        }
+        let mut integers = |shape: &[usize], scale: f32| {
+            let mut t = Tensor::uniform(dtype, shape, 2.5, &mut r);
+            for v in &mut t.data {
+                *v = v.round() * scale;
+            }
+            t
+        };
+        let out = run(
+            &g,
+            vec![
+                ("x", integers(&[2, tokens / 2, hidden], 0.5)),
+                ("w", integers(&[experts, hidden], 0.25)),
+            ],
+        );
+        assert_eq!(out["fused_e"].shape, vec![2, tokens / 2, 3]);
+        assert_eq!(out["fused_e"], out["plain_e"], "{dtype}");
+        assert_eq!(out["fused_w"], out["plain_w"], "{dtype}");
+    }
 }
 
 #[test]

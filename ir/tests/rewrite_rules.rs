@@ -438,6 +438,54 @@ fn dequantize_and_linear_become_a_quantized_linear() {
     }
 }
 
+#[test]
+fn the_router_linear_fuses_into_the_router() {
+    // An MoE router over the logits of its linear, as the model builder writes it: both
+    // results come from one fused node, and the logits are never stored.
+    for dtype in [DType::F32, DType::BF16] {
+        let mut g = Graph::new("router");
+        let x = act(&mut g, "x", dtype, &[2, 3, 32]);
+        let w = weight(&mut g, "gate.weight", dtype, &[8, 32]);
+        let logits = g.add1("gate", Op::Linear, &[x, w]).unwrap();
+        let router = Op::MoeRouter {
+            top_k: 2,
+            normalize: true,
+        };
+        let routed = g.add("router", router, &[logits]).unwrap();
+        g.output("weights", routed[0]);
+        g.output("experts", routed[1]);
+        let fused = g
+            .add(
+                "fused",
+                Op::MoeRouterLinear {
+                    top_k: 2,
+                    normalize: true,
+                },
+                &[x, w],
+            )
+            .unwrap();
+        let mut proof = g.clone();
+        proof.output("lhs", routed[1]);
+        proof.output("rhs", fused[1]);
+        assert!(proves(&proof, &[RuleSet::Patterns]));
+
+        g.nodes.truncate(g.nodes.len() - 1);
+        let (rewritten, report) = optimize_checked(&g, 0.0);
+        assert_eq!(
+            kernels(&rewritten),
+            vec!["moe_router_linear"],
+            "{rewritten}"
+        );
+        let outputs: Vec<ValueId> = rewritten.outputs.iter().map(|(_, v)| *v).collect();
+        assert_eq!(outputs[0].node, outputs[1].node);
+        assert_eq!((outputs[0].output, outputs[1].output), (0, 1));
+        assert_eq!(report.applied["router-linear"], 1);
+        assert_eq!(report.after.launches, 1);
+        // The fused node keeps the router's label.
+        assert_eq!(rewritten.nodes[outputs[0].node].label, "router");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------------------------

@@ -231,6 +231,24 @@ fn graph_add_rejects_mis_typed_operands_of_every_kind() {
             "top_k = 9",
         ),
         (
+            "router_linear",
+            Op::MoeRouterLinear {
+                top_k: 3,
+                normalize: true,
+            },
+            vec![x, x],
+            "top_k = 3",
+        ),
+        (
+            "router_linear_k",
+            Op::MoeRouterLinear {
+                top_k: 1,
+                normalize: true,
+            },
+            vec![x, k3],
+            "rank",
+        ),
+        (
             "dispatch",
             Op::MoeDispatch { num_experts: 0 },
             vec![experts],

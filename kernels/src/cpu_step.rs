@@ -11,8 +11,8 @@
 //! prefill, decode) is the runtime's CPU attention over the Cranelift dot and softmax kernels;
 //! the MoE experts (`MoeExpertFfn`) gather each expert's routed rows and run its SwiGLU FFN as
 //! two dot kernels, a map and a dot kernel — the CPU expert Fiddler places; the MoE router is
-//! the softmax kernel (in f64, as the interpreter computes it) followed by the top-k choice,
-//! and dispatch and combine are the runtime's routing bookkeeping (a counting sort, a
+//! the softmax kernel (in f64, as the interpreter computes it) followed by the top-k choice
+//! (with its linear fused, the dot kernel's logits first, rounded to the dtype), and dispatch and combine are the runtime's routing bookkeeping (a counting sort, a
 //! weighted sum of each token's expert rows). Steps
 //! that only move data — the embedding gather, slices, KV append — are copies the runtime
 //! does itself, with no arithmetic (whatever their family: a `Gather` or `Slice` family
@@ -110,11 +110,14 @@ pub enum CpuStep {
     },
     /// `MoeRouter`: each row's softmax (the softmax kernel in f64), its `top_k` experts
     /// (largest first, ties to the lower index) and their weights, renormalised when
-    /// `normalize`.
+    /// `normalize`. With `linear` (`MoeRouterLinear`), the rows are first computed from the
+    /// operands `(x, w)`: the logits `x · wᵀ` on the dot kernel, rounded to the dtype.
     MoeRouter {
         softmax: SoftmaxSpec,
         top_k: usize,
         normalize: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        linear: Option<RouterLinear>,
     },
     /// `MoeDispatch`: the slots sorted by expert (stable) and each expert's offsets.
     MoeDispatch { num_experts: usize },
@@ -158,6 +161,14 @@ pub enum CpuStep {
     CausalMask,
 }
 
+/// The fused router's logits: `x · wᵀ` (`[rows, hidden] · [experts, hidden]ᵀ`) on `dot`,
+/// rounded to `dtype` as the interpreter rounds the `Linear` they stand for.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouterLinear {
+    pub dot: DotSpec,
+    pub dtype: DType,
+}
+
 /// Whether a dtype's values are computed in f32 on the host (the interpreter's rule: floats
 /// in f32, rounded to the dtype after each op).
 fn float(dtype: DType) -> bool {
@@ -182,7 +193,20 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
                 softmax: SoftmaxSpec::new(ElemType::F64),
                 top_k: *top_k,
                 normalize: *normalize,
+                linear: None,
             })
+        }
+        Op::MoeRouterLinear { top_k, normalize } => {
+            let dtype = computes.inputs.first()?.dtype;
+            return float(dtype).then(|| CpuStep::MoeRouter {
+                softmax: SoftmaxSpec::new(ElemType::F64),
+                top_k: *top_k,
+                normalize: *normalize,
+                linear: Some(RouterLinear {
+                    dot: DotSpec::new(ElemType::F32),
+                    dtype,
+                }),
+            });
         }
         Op::MoeDispatch { num_experts } => {
             return Some(CpuStep::MoeDispatch {
@@ -390,6 +414,42 @@ mod tests {
             dtype: DType::F32,
         };
         assert!(matches!(step(&map), Some(CpuStep::Map { .. })));
+    }
+
+    #[test]
+    fn the_fused_router_computes_its_logits_on_the_dot_kernel_first() {
+        let family = Family::HostOnly { op: "any".into() };
+        let router = |dtype| Computation {
+            op: Op::MoeRouterLinear {
+                top_k: 2,
+                normalize: true,
+            },
+            inputs: vec![kiln_ir::graph::TensorType::new(
+                dtype,
+                kiln_ir::shape::Shape::of(&[3, 16]),
+            )],
+            outputs: Vec::new(),
+        };
+        let Some(CpuStep::MoeRouter {
+            linear: Some(linear),
+            top_k: 2,
+            normalize: true,
+            ..
+        }) = cpu_step(&family, &router(DType::BF16))
+        else {
+            panic!("the fused router has a CPU step with its linear")
+        };
+        assert_eq!(linear.dtype, DType::BF16);
+        let Some(CpuStep::MoeRouter { linear: None, .. }) = cpu_step(
+            &family,
+            &of(Op::MoeRouter {
+                top_k: 2,
+                normalize: true,
+            }),
+        ) else {
+            panic!("the plain router reads stored logits")
+        };
+        assert_eq!(cpu_step(&family, &router(DType::I32)), None);
     }
 
     #[test]

@@ -230,11 +230,16 @@ impl KernelSpec {
                 dtype,
                 ..
             } => match *stage {
-                MoeStage::Router { experts, normalize } => KernelSpec::MoeRouter(MoeRouterSpec {
+                MoeStage::Router {
+                    experts,
+                    normalize,
+                    hidden,
+                } => KernelSpec::MoeRouter(MoeRouterSpec {
                     dtype: *dtype,
                     experts,
                     top_k: *top_k,
                     normalize,
+                    hidden,
                 }),
                 MoeStage::Dispatch { experts } => {
                     KernelSpec::MoeDispatch(MoeDispatchSpec { experts })
@@ -281,7 +286,8 @@ impl KernelSpec {
     /// Linear: `(x, weight[, bias | residual]) → out`. RMSNorm: `(x, weight) → out`, or with
     /// the residual fused (`add_rms_norm`): `(x, residual, weight) → (residual_out, out)`.
     /// RoPE: `(x, positions) → out`. Maps: `(in0, in1, …) → out`. Gather (embedding):
-    /// `(table, ids) → out`. Slice: `x → out`. MoE router: `logits → (weights, experts)`;
+    /// `(table, ids) → out`. Slice: `x → out`. MoE router: `logits → (weights, experts)`, or
+    /// with its linear fused `(x, w) → (weights, experts)`;
     /// dispatch: `experts → (order, offsets)`; combine: `(y, order, weights) → out`. The
     /// expert FFN's stages bind per-expert weights by name (`gate_0`, …): see
     /// [`crate::step_launches`]; here they list only their fixed parameters.
@@ -314,7 +320,12 @@ impl KernelSpec {
                 index: RowIndex::Slice,
                 ..
             }) => (vec!["x"], vec!["out"]),
-            KernelSpec::MoeRouter(_) => (vec!["logits"], vec!["weights", "experts"]),
+            KernelSpec::MoeRouter(MoeRouterSpec { hidden: None, .. }) => {
+                (vec!["logits"], vec!["weights", "experts"])
+            }
+            KernelSpec::MoeRouter(MoeRouterSpec {
+                hidden: Some(_), ..
+            }) => (vec!["x", "w"], vec!["weights", "experts"]),
             KernelSpec::MoeDispatch(_) => (vec!["experts"], vec!["order", "offsets"]),
             KernelSpec::MoeCombine(_) => (vec!["y", "order", "weights"], vec!["out"]),
             KernelSpec::MoeExpertFfn(_) => (vec!["x", "order", "offsets"], vec!["y"]),
@@ -670,6 +681,15 @@ mod tests {
                     MoeStage::Router {
                         experts: 8,
                         normalize: true,
+                        hidden: None,
+                    },
+                    dtype,
+                ),
+                moe(
+                    MoeStage::Router {
+                        experts: 8,
+                        normalize: true,
+                        hidden: Some(256),
                     },
                     dtype,
                 ),

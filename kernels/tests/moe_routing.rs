@@ -1,6 +1,8 @@
 //! The MoE routing generators (`kiln_kernels::moe::{router, dispatch, combine}`): PTX
-//! snapshots at representative specs, ptxas for sm_80 and sm_90 without spills over the
-//! spec space (partial lane chunks, the largest expert counts, vector and scalar rows),
+//! snapshots at representative specs (the router over stored logits and with its linear
+//! fused), ptxas for sm_80 and sm_90 without spills over the spec space (partial lane chunks,
+//! the largest expert counts, fused rows of partial and many 512-byte steps, vector and
+//! scalar rows),
 //! determinism, launch geometry, and spec errors naming the field. Their results are checked
 //! against the interpreter on a GPU by the root `tests/gpu_moe_routing.rs`.
 
@@ -25,6 +27,20 @@ fn router_spec(dtype: DType, experts: usize, top_k: usize, normalize: bool) -> M
         experts,
         top_k,
         normalize,
+        hidden: None,
+    }
+}
+
+fn fused_router_spec(
+    dtype: DType,
+    hidden: usize,
+    experts: usize,
+    top_k: usize,
+    normalize: bool,
+) -> MoeRouterSpec {
+    MoeRouterSpec {
+        hidden: Some(hidden),
+        ..router_spec(dtype, experts, top_k, normalize)
     }
 }
 
@@ -72,6 +88,72 @@ fn routers_assemble_over_the_spec_space() {
                 assembles(&kernel);
                 assert_eq!(kernel, router::generate(&spec).unwrap(), "deterministic");
                 // The renormalisation is a second warp sum and a division.
+                assert_eq!(
+                    normalize,
+                    kernel.ptx.matches("div.rn.f32").count() == 2,
+                    "{}",
+                    kernel.entry
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_router_snapshot_and_ptxas() {
+    // Mixtral's router with its linear: 8 experts of 4096, top 2, renormalised.
+    let spec = fused_router_spec(DType::BF16, 4096, 8, 2, true);
+    let kernel = router::generate(&spec).unwrap();
+    insta::assert_snapshot!("moe_router_linear_bf16_h4096_e8_k2_norm", kernel.ptx);
+    assert_eq!(kernel.entry, spec.entry());
+    assert_eq!(names(&kernel), ["x", "w", "weights", "experts", "tokens"]);
+    assert_eq!(kernel.launch.block, [256, 1, 1]);
+    assert_eq!(kernel.launch.grid[0], Extent::ceil_div("tokens", 1));
+    assert!(
+        kernel.ptx.contains("ld.global.nc.L1::no_allocate.v4.u32"),
+        "16-byte weight loads"
+    );
+    assert!(
+        kernel.ptx.contains("ld.global.nc.L1::evict_last.v4.u32"),
+        "16-byte x loads"
+    );
+    assert!(kernel.ptx.contains("fma.rn.f32"), "f32 accumulation");
+    assert!(
+        kernel.ptx.contains(".shared .align 16 .b8 logits[32]"),
+        "the logits in shared memory, sized by the experts"
+    );
+    assert_eq!(
+        kernel.ptx.matches("bar.sync").count(),
+        1,
+        "one block barrier"
+    );
+    assert!(
+        kernel.ptx.contains("ex2.approx.f32"),
+        "the router's softmax"
+    );
+    assembles(&kernel);
+}
+
+#[test]
+fn fused_routers_assemble_over_the_spec_space() {
+    // (hidden, experts, top_k): Mixtral and Qwen3-MoE; a row of one 16-byte chunk (lanes
+    // 1..32 read nothing); 33 chunks (one whole step and one lane more); a wide row of many
+    // looped steps over the largest expert and pick counts; a partial lane chunk of experts.
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        for (hidden, experts, top_k) in [
+            (4096, 8, 2),
+            (2048, 128, 8),
+            (8, 4, 1),
+            (264, 60, 4),
+            (7168, 1024, 32),
+        ] {
+            for normalize in [false, true] {
+                let spec = fused_router_spec(dtype, hidden, experts, top_k, normalize);
+                let kernel = router::generate(&spec).unwrap();
+                assert_eq!(kernel.entry, spec.entry());
+                assert!(kernel.ptx.contains(&format!(".b8 logits[{}]", 4 * experts)));
+                assembles(&kernel);
+                assert_eq!(kernel, router::generate(&spec).unwrap(), "deterministic");
                 assert_eq!(
                     normalize,
                     kernel.ptx.matches("div.rn.f32").count() == 2,
@@ -157,6 +239,16 @@ fn bad_specs_are_refused_naming_the_field() {
     let err = router_err(router_spec(DType::I32, 8, 2, false));
     assert!(err.contains("dtype"), "{err}");
     assert!(router_spec(DType::F32, 1024, 32, true).validate().is_ok());
+    for hidden in [0, 12, 4100, (1 << 20) + 8] {
+        let err = router_err(fused_router_spec(DType::BF16, hidden, 8, 2, true));
+        assert!(
+            err.contains("hidden") && err.contains("moe_router"),
+            "{err}"
+        );
+    }
+    assert!(fused_router_spec(DType::F32, 1 << 20, 1024, 32, true)
+        .validate()
+        .is_ok());
 
     for experts in [0, 1025] {
         let err = dispatch::generate(&MoeDispatchSpec { experts })

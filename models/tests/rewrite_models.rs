@@ -1,8 +1,8 @@
 //! Whole-model tests of `ir::rewrite`: the rewritten graphs of the preset models verify and,
 //! on the tiny presets with random weights, compute the same outputs as the originals under
-//! `ir::interp`; the builder's typed layers survive rewriting and scheduling; rewriting is
-//! deterministic; kernel counts on llama-3-8b decode and the time to optimise mixtral-8x7b
-//! decode are printed (run with `--nocapture`).
+//! `ir::interp`; every MoE router takes its linear fused; the builder's typed layers survive
+//! rewriting and scheduling; rewriting is deterministic; kernel counts on llama-3-8b decode
+//! and the time to optimise mixtral-8x7b decode are printed (run with `--nocapture`).
 
 use kiln_ir::dtype::DType;
 use kiln_ir::graph::Graph;
@@ -225,6 +225,46 @@ fn every_preset_rewrites_to_a_verified_graph() {
                 report.after.seconds <= report.before.seconds,
                 "{name}: {report}"
             );
+        }
+    }
+}
+
+/// Every MoE preset's router reads its logits' linear through the fused
+/// `moe_router_linear`: one per MoE layer, no plain router left, and no plain linear reading
+/// a router weight (`….gate.weight`, `[experts, hidden]`).
+#[test]
+fn every_moe_router_takes_its_linear_fused() {
+    for name in ModelConfig::preset_names() {
+        let config = ModelConfig::preset(name).unwrap();
+        let Some(moe) = &config.moe else { continue };
+        for phase in [Phase::Prefill, Phase::Decode] {
+            let what = format!("{name} {}", phase.name());
+            let graph = build_model(&config, phase).unwrap();
+            let routers = count(&graph, "moe_router");
+            assert!(routers > 0, "{what}");
+            let (rewritten, report) = optimize(&graph, &RewriteOptions::default()).unwrap();
+            assert_eq!(count(&rewritten, "moe_router_linear"), routers, "{what}");
+            assert_eq!(count(&rewritten, "moe_router"), 0, "{what}");
+            assert_eq!(report.applied["router-linear"], routers, "{what}");
+            for node in &rewritten.nodes {
+                let reads_router_weight = node.inputs.iter().any(|v| {
+                    matches!(
+                        &rewritten.nodes[v.node].op,
+                        Op::Input { name, shape, .. }
+                            if name.ends_with(".gate.weight")
+                                && shape.dims().first().and_then(|d| d.as_const())
+                                    == Some(moe.num_experts)
+                    )
+                });
+                if reads_router_weight {
+                    assert!(
+                        matches!(node.op, Op::MoeRouterLinear { .. }),
+                        "{what}: `{}` ({}) reads a router weight",
+                        node.label,
+                        node.op.name()
+                    );
+                }
+            }
         }
     }
 }

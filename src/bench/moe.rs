@@ -3,9 +3,10 @@
 //! naive PyTorch expert loop and a grouped (bmm) PyTorch reference.
 //!
 //! **The plan.** The MoE layer `kiln_models` builds (`builder.rs`, `fn moe`), without the
-//! shared expert: `x [tokens, hidden]` → router `Linear` (`[experts, hidden]`) →
-//! `MoeRouter { top_k, normalize }` → `MoeDispatch` → `MoeExpertFfn` (per expert
-//! `gate_e [I, H]`, `up_e [I, H]`, `down_e [H, I]`) → `MoeCombine`, scheduled by
+//! shared expert, as the rewriter leaves it (its `router-linear` rule fuses the router's
+//! linear): `x [tokens, hidden]` → `MoeRouterLinear { top_k, normalize }` (router weight
+//! `[experts, hidden]`) → `MoeDispatch` → `MoeExpertFfn` (per expert `gate_e [I, H]`,
+//! `up_e [I, H]`, `down_e [H, I]`) → `MoeCombine`, scheduled by
 //! `kiln_ir::schedule` and run by `kiln_runtime::exec::Executor` with its kernels lowered by
 //! `kiln_kernels`. The plan also outputs the router's `experts` tensor, so the bench knows
 //! which experts each call read. Every step must be on the GPU: a step placed on the host
@@ -16,7 +17,7 @@
 //! H = 2048, I = 768, renormalised) at 1 and 64 tokens.
 //!
 //! **The figure** is the layer's device time per call: the sum over the plan's steps (router
-//! linear, router, dispatch, expert FFN, combine) of each step's CUDA-event time from the
+//! with its linear, dispatch, expert FFN, combine) of each step's CUDA-event time from the
 //! executor's step profile, median and best over [`ITERATIONS`] calls after [`WARMUP`]. Each
 //! stage's median is reported too. GB/s counts the weights of the distinct experts the call
 //! chose (`distinct · 3 · H · I · dtype bytes`, [`expert_bytes`]) over the median time: what
@@ -153,14 +154,13 @@ impl MoeLayer {
                 )?);
             }
         }
-        let logits = g.add1("router_linear", Op::Linear, &[x, router])?;
         let routed = g.add(
             "router",
-            Op::MoeRouter {
+            Op::MoeRouterLinear {
                 top_k: self.top_k,
                 normalize: self.normalize,
             },
-            &[logits],
+            &[x, router],
         )?;
         let (weights, chosen) = (routed[0], routed[1]);
         let dispatched = g.add("dispatch", Op::MoeDispatch { num_experts: e }, &[chosen])?;
@@ -227,7 +227,7 @@ pub fn check_on_gpu(plan: &Schedule, what: &str) -> Result<()> {
 /// Which stage column a plan step's time goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
-    RouterLinear,
+    /// The router with its linear fused.
     Router,
     Dispatch,
     ExpertFfn,
@@ -237,8 +237,7 @@ enum Stage {
 
 fn stage_of(op: &Op) -> Stage {
     match op {
-        Op::Linear => Stage::RouterLinear,
-        Op::MoeRouter { .. } => Stage::Router,
+        Op::MoeRouterLinear { .. } => Stage::Router,
         Op::MoeDispatch { .. } => Stage::Dispatch,
         Op::MoeExpertFfn { .. } => Stage::ExpertFfn,
         Op::MoeCombine => Stage::Combine,
@@ -268,13 +267,12 @@ pub struct MoeRow {
     pub min_us: f64,
     /// `expert_bytes` over the median time.
     pub gb_per_s: f64,
-    /// Each stage's median step time.
-    pub router_linear_us: f64,
+    /// Each stage's median step time (the router's includes its fused linear).
     pub router_us: f64,
     pub dispatch_us: f64,
     pub expert_ffn_us: f64,
     pub combine_us: f64,
-    /// Steps of the plan that are none of the five stages (0 when there are none).
+    /// Steps of the plan that are none of the four stages (0 when there are none).
     pub other_us: f64,
 }
 
@@ -400,7 +398,7 @@ fn time_layer(
         .map(|i| executor.step_samples(i))
         .collect();
     let layer_timing = Timing::from_samples(per_call_sums(&samples)?).context("no timed calls")?;
-    let mut stage_us = [0.0f64; 6];
+    let mut stage_us = [0.0f64; 5];
     for (index, stage) in stages.iter().enumerate() {
         let median = Timing::from_samples(samples[index].to_vec())
             .with_context(|| format!("{what}: step {index} was not timed"))?
@@ -431,7 +429,6 @@ fn time_layer(
         median_us,
         min_us: layer_timing.min_ms * 1e3,
         gb_per_s: gb_per_s(bytes, median_us),
-        router_linear_us: stage_us[Stage::RouterLinear as usize],
         router_us: stage_us[Stage::Router as usize],
         dispatch_us: stage_us[Stage::Dispatch as usize],
         expert_ffn_us: stage_us[Stage::ExpertFfn as usize],
@@ -444,7 +441,7 @@ fn time_layer(
 pub fn render(report: &SuiteReport<MoeRow>) -> String {
     let mut out = format!("device: {}\n", report.device);
     out.push_str(&format!(
-        "{:<14} {:<5} {:>6} {:>4} {:>3} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "{:<14} {:<5} {:>6} {:>4} {:>3} {:>8} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9}\n",
         "model",
         "dtype",
         "tokens",
@@ -454,7 +451,6 @@ pub fn render(report: &SuiteReport<MoeRow>) -> String {
         "median µs",
         "min µs",
         "GB/s",
-        "linear µs",
         "router µs",
         "dispatch",
         "ffn µs",
@@ -462,7 +458,7 @@ pub fn render(report: &SuiteReport<MoeRow>) -> String {
     ));
     for r in &report.records {
         out.push_str(&format!(
-            "{:<14} {:<5} {:>6} {:>4} {:>3} {:>8} {:>10.1} {:>10.1} {:>7.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
+            "{:<14} {:<5} {:>6} {:>4} {:>3} {:>8} {:>10.1} {:>10.1} {:>7.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
             r.model,
             r.dtype,
             r.tokens,
@@ -472,7 +468,6 @@ pub fn render(report: &SuiteReport<MoeRow>) -> String {
             r.median_us,
             r.min_us,
             r.gb_per_s,
-            r.router_linear_us,
             r.router_us,
             r.dispatch_us,
             r.expert_ffn_us,
@@ -530,8 +525,7 @@ mod tests {
             assert_eq!(
                 ops,
                 [
-                    "linear",
-                    "moe_router",
+                    "moe_router_linear",
                     "moe_dispatch",
                     "moe_expert_ffn",
                     "moe_combine"
@@ -545,7 +539,6 @@ mod tests {
             assert_eq!(
                 stages,
                 [
-                    Stage::RouterLinear,
                     Stage::Router,
                     Stage::Dispatch,
                     Stage::ExpertFfn,
@@ -668,8 +661,7 @@ mod tests {
             median_us: 1000.0,
             min_us: 900.0,
             gb_per_s: 2818.6,
-            router_linear_us: 5.0,
-            router_us: 3.0,
+            router_us: 8.0,
             dispatch_us: 4.0,
             expert_ffn_us: 980.0,
             combine_us: 8.0,
@@ -697,7 +689,6 @@ mod tests {
             "median_us",
             "min_us",
             "gb_per_s",
-            "router_linear_us",
             "router_us",
             "dispatch_us",
             "expert_ffn_us",

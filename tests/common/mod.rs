@@ -43,6 +43,18 @@ pub fn random(dtype: DType, shape: &[usize], std: f32, rng: &mut ChaCha8Rng) -> 
     Tensor::normal(dtype, shape, std, rng)
 }
 
+/// Random multiples of `step` in `-2·step..=2·step` of `dtype` (`step` a power of two, so
+/// every value is exact in f16 and bf16): a dot product of such values over a few thousand
+/// elements is exact in f32 whatever the summation order, so a kernel's f32 accumulation
+/// gives the interpreter's f64 result bit for bit, and near-ties of the result are real ties.
+pub fn grid(dtype: DType, shape: &[usize], step: f32, rng: &mut ChaCha8Rng) -> Tensor {
+    let count = shape.iter().product();
+    let values = (0..count)
+        .map(|_| rand::Rng::random_range(&mut *rng, -2i32..=2) as f32 * step)
+        .collect();
+    Tensor::new(dtype, shape, values).unwrap()
+}
+
 /// Asserts `got` matches `want` within relative error `tolerance` (‖got − want‖ / ‖want‖);
 /// NaN anywhere (an unwritten, poisoned element) fails.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {

@@ -126,9 +126,9 @@ pub enum Family {
         dtype: DType,
     },
     /// One stage of a mixture-of-experts layer (see [`MoeStage`]) over `tokens` tokens, each
-    /// routed to `top_k` experts. `dtype` is the activations' (the router's
-    /// logits, the expert FFN's `x` and weights, the combine's rows); the dispatch, which
-    /// reads and writes only expert ids, is i32.
+    /// routed to `top_k` experts. `dtype` is the activations' (the router's logits, or its
+    /// `x` and weight with the linear fused; the expert FFN's `x` and weights; the combine's
+    /// rows); the dispatch, which reads and writes only expert ids, is i32.
     Moe {
         stage: MoeStage,
         tokens: SymExpr,
@@ -145,8 +145,15 @@ pub enum Family {
 #[serde(tag = "stage", rename_all = "snake_case")]
 pub enum MoeStage {
     /// `MoeRouter`: softmax over the `experts` logits, the top `k`, renormalised when
-    /// `normalize`.
-    Router { experts: usize, normalize: bool },
+    /// `normalize`. With `hidden`, `MoeRouterLinear`: the logits are first computed from
+    /// `x [.., hidden]` and the router weight `[experts, hidden]` in the same kernel (absent
+    /// in plans from before the fusion, which read stored logits).
+    Router {
+        experts: usize,
+        normalize: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hidden: Option<usize>,
+    },
     /// `MoeDispatch`: the slots sorted by expert (of `experts`) and each expert's offsets.
     Dispatch { experts: usize },
     /// `MoeExpertFfn`: each slot's SwiGLU FFN with its expert's `[intermediate, hidden]`
@@ -344,8 +351,13 @@ impl Family {
                 ..
             } => {
                 let stage = match stage {
-                    MoeStage::Router { experts, normalize } => format!(
-                        "router{} experts={experts}",
+                    MoeStage::Router {
+                        experts,
+                        normalize,
+                        hidden,
+                    } => format!(
+                        "router{}{} experts={experts}",
+                        hidden.map_or(String::new(), |h| format!(" linear hidden={h}")),
                         if *normalize { " normalized" } else { "" }
                     ),
                     MoeStage::Dispatch { experts } => format!("dispatch experts={experts}"),
@@ -579,10 +591,31 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 stage: MoeStage::Router {
                     experts: const_dim(logits.shape.last())?,
                     normalize: *normalize,
+                    hidden: None,
                 },
                 tokens: leading(dims),
                 top_k: *top_k,
                 dtype: logits.dtype,
+            })
+        }
+        Op::MoeRouterLinear { top_k, normalize } => {
+            let x = operand(0)?;
+            let w = operand(1)?;
+            let hidden = const_dim(x.shape.last())?;
+            let wd = w.shape.dims();
+            let experts = const_dim(wd.first())?;
+            if w.dtype != x.dtype || wd.len() != 2 || wd[1].as_const() != Some(hidden) {
+                return None;
+            }
+            Some(Family::Moe {
+                stage: MoeStage::Router {
+                    experts,
+                    normalize: *normalize,
+                    hidden: Some(hidden),
+                },
+                tokens: leading(x.shape.dims()),
+                top_k: *top_k,
+                dtype: x.dtype,
             })
         }
         Op::MoeDispatch { num_experts } => {
@@ -679,4 +712,69 @@ fn binary_steps(add: bool) -> Vec<MapStep> {
         MapStep::Operand { index: 1 },
         combine,
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::InputKind;
+    use crate::shape;
+
+    #[test]
+    fn a_fused_router_is_the_router_stage_with_its_hidden_width() {
+        let mut g = Graph::new("router");
+        let x = g
+            .input(
+                "x",
+                InputKind::Activation,
+                DType::BF16,
+                shape!["batch", 1, 64],
+            )
+            .unwrap();
+        let w = g
+            .input("w", InputKind::Weight, DType::BF16, shape![8, 64])
+            .unwrap();
+        let op = Op::MoeRouterLinear {
+            top_k: 2,
+            normalize: true,
+        };
+        let routed = g.add("router", op, &[x, w]).unwrap();
+        let family = classify(&g, &g.nodes[routed[0].node]);
+        let Family::Moe {
+            stage,
+            tokens,
+            top_k: 2,
+            dtype: DType::BF16,
+        } = &family
+        else {
+            panic!("{family:?}")
+        };
+        assert_eq!(
+            *stage,
+            MoeStage::Router {
+                experts: 8,
+                normalize: true,
+                hidden: Some(64),
+            }
+        );
+        assert_eq!(tokens.to_string(), "batch");
+        assert_eq!(
+            family.describe(),
+            "moe router linear hidden=64 normalized experts=8 bf16 top_k=2"
+        );
+    }
+
+    #[test]
+    fn a_router_stage_without_hidden_reads_stored_logits_in_json() {
+        // Plans written before the fusion have no `hidden`; plain routers still write none.
+        let old = r#"{"stage": "router", "experts": 8, "normalize": true}"#;
+        let stage: MoeStage = serde_json::from_str(old).unwrap();
+        let plain = MoeStage::Router {
+            experts: 8,
+            normalize: true,
+            hidden: None,
+        };
+        assert_eq!(stage, plain);
+        assert!(!serde_json::to_string(&plain).unwrap().contains("hidden"));
+    }
 }

@@ -498,7 +498,8 @@ mod tests {
             [
                 MoeStage::Router {
                     experts: 4,
-                    normalize: true
+                    normalize: true,
+                    hidden: None,
                 },
                 MoeStage::Dispatch { experts: 4 },
                 MoeStage::ExpertFfn {

@@ -277,10 +277,14 @@ fn launch_of(family: &Family) -> Launch {
                 row_threads(*inner),
             )
         }
-        // Router: a warp per token; dispatch: one block; expert FFN: a block per four
-        // intermediate rows and expert; combine: a block per token.
+        // Router: a warp per token, or a block per token with the linear fused; dispatch: one
+        // block; expert FFN: a block per four intermediate rows and expert; combine: a block
+        // per token.
         Family::Moe { stage, tokens, .. } => match stage {
-            MoeStage::Router { .. } => ([tokens.clone(), one(), one()], 32),
+            MoeStage::Router { hidden: None, .. } => ([tokens.clone(), one(), one()], 32),
+            MoeStage::Router {
+                hidden: Some(_), ..
+            } => ([tokens.clone(), one(), one()], 256),
             MoeStage::Dispatch { .. } => ([one(), one(), one()], 256),
             MoeStage::ExpertFfn {
                 experts,

@@ -1,7 +1,8 @@
 //! Mixture-of-experts on the GPU: the four kernels an `Moe` layer lowers to, one file each.
 //!
 //! - [`router`]: router logits → softmax → top-k experts and their weights (renormalised
-//!   when the config says so), one warp per token.
+//!   when the config says so), one warp per token; or, with the router's linear fused, the
+//!   logits first computed from `x` and the router weight, one block per token.
 //! - [`dispatch`]: the slots (`token · k + j`) sorted by expert, stably, and each expert's
 //!   run offsets, computed on the device (no host round trip).
 //! - [`expert_ffn`]: the grouped expert FFN over the dispatched slots, in two stages: gate
@@ -11,8 +12,8 @@
 //!   `crate::gemm` (prefill and large batches), chosen by the spec's `kernel`.
 //! - [`combine`]: each token's output, the routing-weighted sum of its `k` expert rows.
 //!
-//! The semantics are those of `kiln_ir::op::Op::{MoeRouter, MoeDispatch, MoeExpertFfn,
-//! MoeCombine}` and every kernel is checked against `kiln_ir::interp` on a GPU
+//! The semantics are those of `kiln_ir::op::Op::{MoeRouter, MoeRouterLinear, MoeDispatch,
+//! MoeExpertFfn, MoeCombine}` and every kernel is checked against `kiln_ir::interp` on a GPU
 //! (`tests/gpu_moe_routing.rs`, `tests/gpu_moe_expert_ffn.rs`). These files generate PTX; they must not launch anything.
 
 pub mod combine;

@@ -5,8 +5,8 @@
 //! rounded to the step's dtype as the interpreter rounds it, then its epilogue map row by
 //! row; a map over whole operands (broadcast operands expanded to the result's shape first);
 //! and the copies and MoE routing bookkeeping (embedding gather, slice, KV append, concat,
-//! dispatch, combine, the router's top-k), which are `kiln_ir::movement`'s, shared with the
-//! interpreter. Results are cast to the result dtype by the caller, as for every host step.
+//! dispatch, combine, the router's top-k, after its logits on the dot kernel when the
+//! router's linear is fused), which are `kiln_ir::movement`'s, shared with the interpreter. Results are cast to the result dtype by the caller, as for every host step.
 //! It must not build kernel IR (that is `kiln_codegen::cpu`) or decide which steps have
 //! kernels (that is `kiln_kernels::cpu_step`).
 
@@ -65,6 +65,8 @@ pub(super) enum HostKernel {
         softmax: SoftmaxKernel,
         top_k: usize,
         normalize: bool,
+        /// With the router's linear fused: the logits' dot kernel and their dtype.
+        linear: Option<(DotKernel, DType)>,
     },
     MoeDispatch {
         num_experts: usize,
@@ -518,10 +520,17 @@ impl HostKernels {
                     softmax,
                     top_k,
                     normalize,
+                    linear,
                 }) => Some(HostKernel::MoeRouter {
                     softmax: jit.softmax(*softmax).map_err(cpu_error(name))?,
                     top_k: *top_k,
                     normalize: *normalize,
+                    linear: match linear {
+                        Some(linear) => {
+                            Some((jit.dot(linear.dot).map_err(cpu_error(name))?, linear.dtype))
+                        }
+                        None => None,
+                    },
                 }),
                 Some(CpuStep::MoeDispatch { num_experts }) => Some(HostKernel::MoeDispatch {
                     num_experts: *num_experts,
@@ -669,16 +678,52 @@ impl HostKernel {
                 softmax,
                 top_k,
                 normalize,
+                linear,
             } => {
-                let logits = operands
-                    .first()
-                    .ok_or_else(|| bad("the router takes logits".into()))?;
-                let experts = logits.shape.last().copied().unwrap_or(0);
+                let (logits, experts): (std::borrow::Cow<[f32]>, usize) = match (linear, operands) {
+                    (None, [logits]) => (
+                        std::borrow::Cow::Borrowed(logits.data.as_slice()),
+                        logits.shape.last().copied().unwrap_or(0),
+                    ),
+                    (Some((dot, dtype)), [x, w]) if w.shape.len() == 2 => {
+                        let (experts, hidden) = (w.shape[0], w.shape[1]);
+                        if hidden == 0 || x.data.len() % hidden != 0 {
+                            return Err(bad(format!(
+                                "input of {} values is not rows of {hidden}",
+                                x.data.len()
+                            )));
+                        }
+                        let rows = x.data.len() / hidden;
+                        let mut product = vec![0.0f32; rows * experts];
+                        dot.run(
+                            &x.data,
+                            &w.data,
+                            &mut product,
+                            DotShape::new(rows, experts, hidden),
+                            1.0,
+                            0.0,
+                            Parallelism::Rayon,
+                        )
+                        .map_err(cpu_error(kernel))?;
+                        if *dtype != DType::F32 {
+                            for value in &mut product {
+                                *value = dtype.round(*value);
+                            }
+                        }
+                        (std::borrow::Cow::Owned(product), experts)
+                    }
+                    (None, _) => return Err(bad("the router takes logits".into())),
+                    (Some(_), _) => {
+                        return Err(bad(
+                            "the fused router takes x and a [experts, hidden] weight".into(),
+                        ))
+                    }
+                };
                 if experts == 0 || *top_k > experts {
                     return Err(bad(format!("top {top_k} of {experts} experts")));
                 }
-                let rows = logits.data.len() / experts;
-                let mut probabilities: Vec<f64> = logits.data.iter().map(|&v| v as f64).collect();
+                let rows = logits.len() / experts;
+                let mut probabilities: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
                 softmax
                     .run(
                         &mut probabilities,

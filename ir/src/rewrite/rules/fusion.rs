@@ -6,6 +6,7 @@
 //! | `add-rms-norm` | `s = a + b; n = rms_norm(s, w)` → both results of `add_rms_norm(a, b, w)` (`a`, `b` of one type) |
 //! | `swiglu` | `silu(linear(x, w_gate)) · linear(x, w_up) → swiglu_linear(x, concat₀(w_gate, w_up))` |
 //! | `dequantize-linear` | `linear(x, dequantize(q, s[, z])) → quantized_linear(x, q, s[, z])` |
+//! | `router-linear` | `moe_router(linear(x, w))` → both results of `moe_router_linear(x, w)` (the logits are never stored) |
 //!
 //! Products commute here (`a + b` and `b + a` are the same f32 value), so each rule tries both
 //! operand orders of the `add`/`mul` it starts from. The concatenated SwiGLU weight depends only
@@ -24,6 +25,7 @@ pub fn rules() -> Vec<Rule> {
         rule("add-rms-norm", &["rms_norm"], add_rms_norm),
         rule("swiglu", &["mul"], swiglu),
         rule("dequantize-linear", &["linear"], dequantize_linear),
+        rule("router-linear", &["moe_router"], router_linear),
     ]
 }
 
@@ -120,6 +122,22 @@ fn dequantize_linear(egraph: &mut EGraph, class: Id, node: &ENode) -> Found {
         children.extend(operands(egraph, &dequantize));
         if let Some(new) = add(egraph, Op::QuantizedLinear { scheme: *scheme }, children) {
             found.push((class, new));
+        }
+    }
+    found
+}
+
+fn router_linear(egraph: &mut EGraph, class: Id, node: &ENode) -> Found {
+    let Some(&Op::MoeRouter { top_k, normalize }) = node.op() else {
+        return Vec::new();
+    };
+    let logits = operands(egraph, node)[0];
+    let mut found = Vec::new();
+    for linear in nodes_named(egraph, logits, "linear") {
+        let xw = operands(egraph, &linear);
+        // The router's tuple e-class gains the fused node: the projections reading it stay.
+        if let Some(fused) = add(egraph, Op::MoeRouterLinear { top_k, normalize }, xw) {
+            found.push((class, fused));
         }
     }
     found
