@@ -3,9 +3,10 @@
 //! naive PyTorch expert loop and a grouped (bmm) PyTorch reference.
 //!
 //! **The plan.** The MoE layer `kiln_models` builds (`builder.rs`, `fn moe`), without the
-//! shared expert, as the rewriter leaves it (its `router-linear` rule fuses the router's
-//! linear): `x [tokens, hidden]` → `MoeRouterLinear { top_k, normalize }` (router weight
-//! `[experts, hidden]`) → `MoeDispatch` → `MoeExpertFfn` (per expert `gate_e [I, H]`,
+//! shared expert, as the rewriter leaves it ([`MoeLayer::plan`]; its `router-linear` rule
+//! fuses the router's linear when the router weight is small, as Mixtral's is; Qwen3's keeps
+//! `Linear` + `MoeRouter`): `x [tokens, hidden]` → `MoeRouterLinear { top_k, normalize }`
+//! (router weight `[experts, hidden]`) → `MoeDispatch` → `MoeExpertFfn` (per expert `gate_e [I, H]`,
 //! `up_e [I, H]`, `down_e [H, I]`) → `MoeCombine`, scheduled by
 //! `kiln_ir::schedule` and run by `kiln_runtime::exec::Executor` with its kernels lowered by
 //! `kiln_kernels`. The plan also outputs the router's `experts` tensor, so the bench knows
@@ -38,6 +39,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kiln_ir::dtype::DType;
 use kiln_ir::graph::Graph;
 use kiln_ir::op::{InputKind, Op};
+use kiln_ir::rewrite::{optimize, RewriteOptions};
 use kiln_ir::schedule::{schedule, Device, Schedule, ScheduleOptions};
 use kiln_ir::shape::Shape;
 use kiln_ir::tensor::Tensor;
@@ -133,7 +135,17 @@ impl MoeLayer {
         format!("moe {} {} tokens {}", self.model, self.dtype, self.tokens)
     }
 
-    /// The one-layer MoE graph: outputs `y [tokens, H]` and the router's `experts
+    /// The plan the bench times: [`MoeLayer::graph`] through the rewriter (which fuses the
+    /// router's linear where it pays), then scheduled.
+    pub fn plan(&self) -> Result<Schedule> {
+        let what = self.describe();
+        let (graph, _) = optimize(&self.graph()?, &RewriteOptions::default())
+            .with_context(|| format!("{what}: rewriting"))?;
+        schedule(&graph, &ScheduleOptions::default()).with_context(|| format!("{what}: scheduling"))
+    }
+
+    /// The one-layer MoE graph as the model builder writes it (router linear, router,
+    /// dispatch, expert FFN, combine): outputs `y [tokens, H]` and the router's `experts
     /// [tokens, top_k]`.
     pub fn graph(&self) -> Result<Graph> {
         let mut g = Graph::new("moe_layer");
@@ -154,13 +166,14 @@ impl MoeLayer {
                 )?);
             }
         }
+        let logits = g.add1("router_logits", Op::Linear, &[x, router])?;
         let routed = g.add(
             "router",
-            Op::MoeRouterLinear {
+            Op::MoeRouter {
                 top_k: self.top_k,
                 normalize: self.normalize,
             },
-            &[x, router],
+            &[logits],
         )?;
         let (weights, chosen) = (routed[0], routed[1]);
         let dispatched = g.add("dispatch", Op::MoeDispatch { num_experts: e }, &[chosen])?;
@@ -227,7 +240,7 @@ pub fn check_on_gpu(plan: &Schedule, what: &str) -> Result<()> {
 /// Which stage column a plan step's time goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
-    /// The router with its linear fused.
+    /// The router with its linear (one step when fused, two otherwise).
     Router,
     Dispatch,
     ExpertFfn,
@@ -237,7 +250,8 @@ enum Stage {
 
 fn stage_of(op: &Op) -> Stage {
     match op {
-        Op::MoeRouterLinear { .. } => Stage::Router,
+        // The router's linear (the only linear of the layer), fused or not.
+        Op::MoeRouterLinear { .. } | Op::MoeRouter { .. } | Op::Linear => Stage::Router,
         Op::MoeDispatch { .. } => Stage::Dispatch,
         Op::MoeExpertFfn { .. } => Stage::ExpertFfn,
         Op::MoeCombine => Stage::Combine,
@@ -313,8 +327,7 @@ pub fn bench_moe(
     let mut layers = Vec::new();
     for layer in shapes() {
         let what = layer.describe();
-        let plan = schedule(&layer.graph()?, &ScheduleOptions::default())
-            .with_context(|| format!("{what}: scheduling"))?;
+        let plan = layer.plan()?;
         check_on_gpu(&plan, &what)?;
         layers.push((layer, plan));
     }
@@ -517,34 +530,32 @@ mod tests {
     #[test]
     fn the_layer_graph_verifies_and_schedules_one_step_per_stage() {
         // A real Mixtral shape: the graph is shapes only, no weights are made.
-        for layer in [shapes()[3], small()] {
+        // Mixtral's small router fuses its linear; Qwen3's 128 × 2048 one does not.
+        let qwen = *shapes().last().unwrap();
+        for (layer, fused) in [(shapes()[3], true), (small(), true), (qwen, false)] {
             let graph = layer.graph().unwrap();
             graph.verify().unwrap();
-            let plan = schedule(&graph, &ScheduleOptions::default()).unwrap();
+            let plan = layer.plan().unwrap();
             let ops: Vec<&str> = plan.kernels.iter().map(|k| k.computes.op.name()).collect();
-            assert_eq!(
-                ops,
-                [
-                    "moe_router_linear",
-                    "moe_dispatch",
-                    "moe_expert_ffn",
-                    "moe_combine"
-                ]
-            );
+            let router: &[&str] = if fused {
+                &["moe_router_linear"]
+            } else {
+                &["linear", "moe_router"]
+            };
+            let expected: Vec<&str> = router
+                .iter()
+                .copied()
+                .chain(["moe_dispatch", "moe_expert_ffn", "moe_combine"])
+                .collect();
+            assert_eq!(ops, expected, "{}", layer.describe());
             let stages: Vec<Stage> = plan
                 .kernels
                 .iter()
                 .map(|k| stage_of(&k.computes.op))
                 .collect();
-            assert_eq!(
-                stages,
-                [
-                    Stage::Router,
-                    Stage::Dispatch,
-                    Stage::ExpertFfn,
-                    Stage::Combine
-                ]
-            );
+            let mut expected = vec![Stage::Router; router.len()];
+            expected.extend([Stage::Dispatch, Stage::ExpertFfn, Stage::Combine]);
+            assert_eq!(stages, expected);
             let outputs: Vec<&str> = graph.outputs.iter().map(|(n, _)| n.as_str()).collect();
             assert_eq!(outputs, ["y", "experts"]);
         }
@@ -553,7 +564,7 @@ mod tests {
     #[test]
     fn a_host_step_is_an_error_naming_it() {
         let layer = small();
-        let mut plan = schedule(&layer.graph().unwrap(), &ScheduleOptions::default()).unwrap();
+        let mut plan = layer.plan().unwrap();
         // Every step on the GPU passes (whatever this build's placement says)…
         for kernel in &mut plan.kernels {
             kernel.device = Device::Gpu;

@@ -6,7 +6,7 @@
 //! | `add-rms-norm` | `s = a + b; n = rms_norm(s, w)` → both results of `add_rms_norm(a, b, w)` (`a`, `b` of one type) |
 //! | `swiglu` | `silu(linear(x, w_gate)) · linear(x, w_up) → swiglu_linear(x, concat₀(w_gate, w_up))` |
 //! | `dequantize-linear` | `linear(x, dequantize(q, s[, z])) → quantized_linear(x, q, s[, z])` |
-//! | `router-linear` | `moe_router(linear(x, w))` → both results of `moe_router_linear(x, w)` (the logits are never stored) |
+//! | `router-linear` | `moe_router(linear(x, w))` → both results of `moe_router_linear(x, w)` (the logits are never stored; only for a router weight of at most [`FUSED_ROUTER_MAX_WEIGHT`] elements) |
 //!
 //! Products commute here (`a + b` and `b + a` are the same f32 value), so each rule tries both
 //! operand orders of the `add`/`mul` it starts from. The concatenated SwiGLU weight depends only
@@ -16,6 +16,7 @@ use super::{add, nodes_named, operands, project, rule, ty, Found, Rule};
 use crate::op::Op;
 use crate::rewrite::analysis::EGraph;
 use crate::rewrite::language::ENode;
+use crate::shape::Bindings;
 use egg::Id;
 
 /// The pattern-fusion rules (attention is in `attention`).
@@ -127,6 +128,15 @@ fn dequantize_linear(egraph: &mut EGraph, class: Id, node: &ENode) -> Found {
     found
 }
 
+/// The largest router weight (`experts × hidden` elements) the `router-linear` rule fuses.
+///
+/// The fused kernel gives each token one block, which streams the whole router weight through
+/// one SM; the separate linear spreads it over the machine. Mixtral's `8 × 4096` (64 KiB in
+/// bf16) is under the bound; Qwen3-30B-A3B's `128 × 2048` (512 KiB) is not, and keeps its
+/// GEMV + router pair. This is a design estimate, not a measurement: `kiln bench moe` on a GPU
+/// should set it.
+pub const FUSED_ROUTER_MAX_WEIGHT: u64 = 1 << 16;
+
 fn router_linear(egraph: &mut EGraph, class: Id, node: &ENode) -> Found {
     let Some(&Op::MoeRouter { top_k, normalize }) = node.op() else {
         return Vec::new();
@@ -135,6 +145,12 @@ fn router_linear(egraph: &mut EGraph, class: Id, node: &ENode) -> Found {
     let mut found = Vec::new();
     for linear in nodes_named(egraph, logits, "linear") {
         let xw = operands(egraph, &linear);
+        let small = ty(egraph, xw[1])
+            .and_then(|w| w.shape.num_elements(&Bindings::new()).ok())
+            .is_some_and(|elements| elements as u64 <= FUSED_ROUTER_MAX_WEIGHT);
+        if !small {
+            continue;
+        }
         // The router's tuple e-class gains the fused node: the projections reading it stay.
         if let Some(fused) = add(egraph, Op::MoeRouterLinear { top_k, normalize }, xw) {
             found.push((class, fused));
