@@ -24,9 +24,11 @@
 
 pub mod builder;
 pub mod config;
+pub mod gguf;
 pub mod weights;
 
 pub use builder::{
     build_layer, build_layer_with, build_model, build_model_with, BuildOptions, Phase,
 };
 pub use config::{Architecture, ModelConfig, ModelError, MoeConfig};
+pub use gguf::{GgufError, GgufFile, GgufTokenizerData};
