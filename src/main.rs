@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln::compiler::{Artifact, ArtifactOptions, Target};
 use kiln::generate::{generate, generate_reference, GenerateOptions};
 use kiln::inspect::{inspect, render, Workload};
-use kiln::model_source::{load_config, load_expected_weights, load_weights};
+use kiln::model_source::{load_config, load_expected_weights, load_weights, weights_source};
 use kiln::options::{LayerArgs, QuestArgs};
 use kiln::plan_runner::{PlanRunner, RunDevice};
 use kiln_ir::dtype::DType;
@@ -50,7 +50,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct CompileArgs {
-    /// Model: a preset name or a path to a Hugging Face config.json or its directory.
+    /// Model: a preset name, a path to a Hugging Face config.json or its directory, or a
+    /// llama.cpp .gguf file (its metadata gives the configuration).
     #[arg(long, short)]
     model: String,
     /// Output directory: the artifact (plan.json, kernels/*.ptx, report.txt), replaced only
@@ -107,7 +108,10 @@ struct BenchArgs {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Model: a preset (tiny-llama, tiny-mixtral, llama-2-7b, llama-3-8b, mixtral-8x7b,
-    /// qwen3-30b-a3b) or a path to a Hugging Face config.json or its directory.
+    /// qwen3-30b-a3b), a path to a Hugging Face config.json or its directory, or a llama.cpp
+    /// .gguf file (architectures llama, Mixtral as llama with experts, and qwen2; the
+    /// configuration and the weights both come from the file, dequantized from F32, F16,
+    /// BF16, Q8_0, Q4_0 or Q4_1 at load, so --weights is refused).
     #[arg(long, short, default_value = "tiny-mixtral")]
     model: String,
     /// Run a compiled artifact (`kiln compile -o DIR`) instead of compiling --model: its
@@ -115,8 +119,9 @@ struct RunArgs {
     /// are the artifact's).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "dtype", "layers", "quest_budget", "quest_page_size", "quest_skip_layers"])]
     compiled: Option<PathBuf>,
-    /// Weights: a .safetensors file, a model.safetensors.index.json, or a directory holding
-    /// them. Without it, weights are random from --seed.
+    /// Weights: a .safetensors file, a model.safetensors.index.json, a directory holding
+    /// them, or a .gguf file (for example with --compiled). Without it, weights are random
+    /// from --seed, unless --model is a .gguf file.
     #[arg(long, short)]
     weights: Option<PathBuf>,
     /// Seed of the random weights.
@@ -162,7 +167,8 @@ struct RunArgs {
 
 #[derive(Args, Debug)]
 struct InspectArgs {
-    /// Model: a preset name or a path to a Hugging Face config.json or its directory.
+    /// Model: a preset name, a path to a Hugging Face config.json or its directory, or a
+    /// llama.cpp .gguf file.
     model: String,
     /// Sequences per call for the per-token figures.
     #[arg(long, default_value_t = 1)]
@@ -219,7 +225,7 @@ fn run(args: RunArgs) -> Result<()> {
         )?,
         None => load_weights(
             &build_model(&config, Phase::Prefill)?,
-            args.weights.as_deref(),
+            weights_source(&args.model, args.weights.as_deref())?,
             args.seed,
         )?,
     };

@@ -612,3 +612,183 @@ fn bad_layer_counts_name_the_flag() {
     assert!(!output.status.success());
     assert!(stderr(&output).contains("--layers"), "{}", stderr(&output));
 }
+
+/// Writes `weights` of a llama `config` as an all-F32 GGUF v3 file (llama.cpp's names and
+/// metadata, q/k rows permuted as `convert_hf_to_gguf.py` does): a test-only writer.
+fn write_llama_gguf(
+    path: &Path,
+    config: &kiln::models::ModelConfig,
+    weights: &kiln::ir::weights::Weights,
+) {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let u32_keys = [
+        ("llama.block_count", config.num_layers),
+        ("llama.context_length", config.max_position_embeddings),
+        ("llama.embedding_length", config.hidden_size),
+        ("llama.feed_forward_length", config.intermediate_size),
+        ("llama.attention.head_count", config.num_attention_heads),
+        ("llama.attention.head_count_kv", config.num_kv_heads),
+    ];
+    let f32_keys = [
+        ("llama.rope.freq_base", config.rope_theta),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            config.rms_norm_eps,
+        ),
+    ];
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, tensor) in weights.iter() {
+        let gguf = match name {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "lm_head.weight" => "output.weight".to_string(),
+            _ => {
+                let rest = name.strip_prefix("model.layers.").unwrap();
+                let (layer, rest) = rest.split_once('.').unwrap();
+                let part = match rest {
+                    "input_layernorm.weight" => "attn_norm",
+                    "post_attention_layernorm.weight" => "ffn_norm",
+                    "self_attn.q_proj.weight" => "attn_q",
+                    "self_attn.k_proj.weight" => "attn_k",
+                    "self_attn.v_proj.weight" => "attn_v",
+                    "self_attn.o_proj.weight" => "attn_output",
+                    "mlp.gate_proj.weight" => "ffn_gate",
+                    "mlp.up_proj.weight" => "ffn_up",
+                    "mlp.down_proj.weight" => "ffn_down",
+                    other => panic!("no GGUF name for {other}"),
+                };
+                format!("blk.{layer}.{part}.weight")
+            }
+        };
+        let mut data = tensor.data.clone();
+        let heads = if gguf.ends_with("attn_q.weight") {
+            Some(config.num_attention_heads)
+        } else if gguf.ends_with("attn_k.weight") {
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            // HF permute: reshape(heads, 2, rows/heads/2, cols).swapaxes(1, 2).
+            let (rows, columns) = (tensor.shape[0], tensor.shape[1]);
+            let half = rows / heads / 2;
+            data.clear();
+            for h in 0..heads {
+                for j in 0..half {
+                    for t in 0..2 {
+                        let row = (h * 2 + t) * half + j;
+                        data.extend_from_slice(&tensor.data[row * columns..(row + 1) * columns]);
+                    }
+                }
+            }
+        }
+        tensors.push((gguf, tensor.shape.clone(), data));
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend(((1 + u32_keys.len() + f32_keys.len()) as u64).to_le_bytes());
+    string(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes());
+    string(&mut out, "llama");
+    for (key, value) in u32_keys {
+        string(&mut out, key);
+        out.extend(4u32.to_le_bytes());
+        out.extend((value as u32).to_le_bytes());
+    }
+    for (key, value) in f32_keys {
+        string(&mut out, key);
+        out.extend(6u32.to_le_bytes());
+        out.extend(value.to_le_bytes());
+    }
+    let mut offset = 0u64;
+    for (name, shape, data) in &tensors {
+        string(&mut out, name);
+        out.extend((shape.len() as u32).to_le_bytes());
+        for &n in shape.iter().rev() {
+            out.extend((n as u64).to_le_bytes());
+        }
+        out.extend(0u32.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += (data.len() as u64 * 4).div_ceil(32) * 32;
+    }
+    for (_, _, data) in &tensors {
+        out.resize(out.len().div_ceil(32) * 32, 0);
+        out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn a_gguf_model_runs_like_its_safetensors_twin() {
+    use kiln::models::{build_model, ModelConfig, Phase};
+    let dir = tempfile::tempdir().unwrap();
+    let config = ModelConfig::preset("tiny-llama").unwrap();
+    let graph = build_model(&config, Phase::Prefill).unwrap();
+    let weights = kiln::model_source::load_weights(&graph, None, 3).unwrap();
+    let safetensors = dir.path().join("tiny.safetensors");
+    weights.save(&safetensors).unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_llama_gguf(&gguf, &config, &weights);
+    let (safetensors, gguf) = (safetensors.to_str().unwrap(), gguf.to_str().unwrap());
+
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--json", "-n", "5", "--device", "reference"];
+        all.extend(args);
+        let output = kiln(&all);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let twin = run(&["--model", "tiny-llama", "--weights", safetensors]);
+    let from_gguf = run(&["--model", gguf]);
+    assert_eq!(from_gguf["tokens"], twin["tokens"]);
+    assert_eq!(from_gguf["tokens"].as_array().unwrap().len(), 5);
+
+    // --weights beside a GGUF model is refused; inspect and compile read its metadata.
+    let output = kiln(&["run", "--model", gguf, "--weights", safetensors, "-n", "1"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("--weights") && message.contains("tiny.gguf"),
+        "{message}"
+    );
+    let output = kiln(&["inspect", gguf, "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let artifact = dir.path().join("artifact");
+    let artifact = artifact.to_str().unwrap();
+    let output = kiln(&[
+        "compile", "--model", gguf, "--target", "cpu", "-o", artifact,
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // The artifact runs with the GGUF file as its weights, as with the safetensors twin.
+    let compiled = |weights: &str| {
+        let args = [
+            "run",
+            "--json",
+            "-n",
+            "5",
+            "--compiled",
+            artifact,
+            "--weights",
+            weights,
+        ];
+        let output = kiln(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()["tokens"].clone()
+    };
+    assert_eq!(compiled(gguf), compiled(safetensors));
+
+    // A bad GGUF file is one line naming it.
+    std::fs::write(dir.path().join("bad.gguf"), b"GGUF\x09\0\0\0").unwrap();
+    let bad = dir.path().join("bad.gguf");
+    let output = kiln(&["inspect", bad.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("bad.gguf") && message.contains("unsupported GGUF version 9"),
+        "{message}"
+    );
+}

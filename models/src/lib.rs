@@ -5,7 +5,9 @@
 //! into decoder-layer and whole-model graphs for prefill and decode ([`builder`]), and making
 //! the weights those graphs read ([`weights`]: deterministic random initialisation, and
 //! loading and saving safetensors checkpoints checked against the graph's expected names,
-//! shapes and dtypes, into `kiln_ir::weights::Weights`).
+//! shapes and dtypes, into `kiln_ir::weights::Weights`), and reading llama.cpp GGUF files
+//! ([`gguf`]: the configuration from the metadata, dequantized weights by Hugging Face name,
+//! the tokenizer metadata as plain data).
 //!
 //! It must not rewrite, schedule, generate code or touch a device: graphs leave here as plain
 //! `kiln_ir` graphs (every node of decoder layer `i` carrying `layer: Some(i)`, the typed fact
@@ -24,9 +26,11 @@
 
 pub mod builder;
 pub mod config;
+pub mod gguf;
 pub mod weights;
 
 pub use builder::{
     build_layer, build_layer_with, build_model, build_model_with, BuildOptions, Phase,
 };
 pub use config::{Architecture, ModelConfig, ModelError, MoeConfig};
+pub use gguf::{GgufError, GgufFile, GgufTokenizerData};
