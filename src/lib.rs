@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod model_source;
 pub mod options;
 pub mod plan_runner;
+pub mod sampling;
 
 pub use kiln_compiler as compiler;
 pub use kiln_ir as ir;
