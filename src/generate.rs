@@ -1,5 +1,5 @@
-//! Greedy generation on the reference interpreter: prefill a prompt, then decode token by
-//! token with a KV cache.
+//! Generation: prefill a prompt, then decode token by token with a KV cache, each token
+//! chosen by `crate::sampling` (greedy by default) until the limit or a stop token.
 //!
 //! [`generate`] owns the step loop and the per-call inputs (token ids, positions, cache
 //! start), and runs each phase through a step function that owns the KV cache (on the host
@@ -7,6 +7,7 @@
 //! `kiln_models::builder` with `kiln_ir::interp` (kiln's end-to-end reference, against
 //! which compiled plans are checked token for token); `crate::plan_runner` runs compiled plans.
 
+use crate::sampling::{Sampler, Sampling};
 use anyhow::{bail, Context, Result};
 use kiln_ir::interp;
 use kiln_ir::tensor::Tensor;
@@ -35,19 +36,28 @@ pub struct Generation {
     pub decode_step_ms: Vec<f64>,
     /// The median of `decode_step_ms` (0 without decode steps).
     pub decode_ms_per_token_median: f64,
+    /// Whether generation ended at a stop token (the last of `tokens`) before the limit.
+    pub stopped: bool,
+    /// The generated text, when the run had a tokenizer (set by the caller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
     /// The last token's logits at every step, kept when asked for (for comparisons).
     #[serde(skip)]
     pub step_logits: Vec<Vec<f32>>,
 }
 
 /// What to generate.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenerateOptions {
     pub prompt: Vec<i32>,
-    /// Tokens to generate, at least 1.
+    /// Tokens to generate at most, at least 1.
     pub new_tokens: usize,
     /// Keep each step's logits in [`Generation::step_logits`].
     pub keep_logits: bool,
+    /// How each token is chosen (greedy by default).
+    pub sampling: Sampling,
+    /// Generation ends after any of these tokens (EOS, end of turn); empty: never early.
+    pub stop_tokens: Vec<i32>,
 }
 
 /// The index of the largest value; ties go to the lowest index. NaN logits are an error.
@@ -103,7 +113,7 @@ impl HostState {
     }
 }
 
-/// Runs prefill then greedy decode on the reference interpreter, calling `on_token` after each
+/// Runs prefill then decode on the reference interpreter, calling `on_token` after each
 /// generated token.
 pub fn generate_reference(
     config: &ModelConfig,
@@ -131,7 +141,7 @@ pub fn generate_reference(
     generate(config, options, step, on_token)
 }
 
-/// Runs prefill then greedy decode with `step`, which runs one phase's graph on the per-call
+/// Runs prefill then decode with `step`, which runs one phase's graph on the per-call
 /// inputs (`input_ids`, `positions`, `cache_start`; the step keeps the KV-cache state, sized
 /// for at least `prompt + new_tokens` tokens) and returns the graph's outputs (`logits`; any
 /// others are ignored). Calls `on_token` after each token.
@@ -172,8 +182,11 @@ pub fn generate(
         decode_tokens_per_second: 0.0,
         decode_step_ms: Vec::new(),
         decode_ms_per_token_median: 0.0,
+        stopped: false,
+        text: None,
         step_logits: Vec::new(),
     };
+    let mut sampler = Sampler::new(options.sampling);
     let started = Instant::now();
     let positions: Vec<i32> = (0..prompt.len() as i32).collect();
     state.insert("input_ids".into(), Tensor::i32(&[1, prompt.len()], prompt));
@@ -191,22 +204,28 @@ pub fn generate(
     };
     let logits = run_step(Phase::Prefill, &mut state)?;
     generation.prefill_seconds = started.elapsed().as_secs_f64();
-    let mut token = argmax(&logits).context("after prefill")?;
+    let mut token = sampler.next(&logits).context("after prefill")?;
     if options.keep_logits {
         generation.step_logits.push(logits);
     }
     generation.tokens.push(token);
     on_token(token);
+    generation.stopped = options.stop_tokens.contains(&token);
 
     let started = Instant::now();
     for index in 1..options.new_tokens {
+        if generation.stopped {
+            break;
+        }
         let step_started = Instant::now();
         let position = (prompt.len() + index - 1) as i32;
         state.insert("input_ids".into(), Tensor::i32(&[1, 1], &[token]));
         state.insert("positions".into(), Tensor::i32(&[1, 1], &[position]));
         state.insert("cache_start".into(), Tensor::i32(&[1], &[position]));
         let logits = run_step(Phase::Decode, &mut state)?;
-        token = argmax(&logits).with_context(|| format!("at decode step {index}"))?;
+        token = sampler
+            .next(&logits)
+            .with_context(|| format!("at decode step {index}"))?;
         if options.keep_logits {
             generation.step_logits.push(logits);
         }
@@ -215,6 +234,7 @@ pub fn generate(
             .decode_step_ms
             .push(step_started.elapsed().as_secs_f64() * 1e3);
         on_token(token);
+        generation.stopped = options.stop_tokens.contains(&token);
     }
     let mut sorted = generation.decode_step_ms.clone();
     sorted.sort_by(f64::total_cmp);
@@ -225,7 +245,7 @@ pub fn generate(
     };
     generation.decode_seconds = started.elapsed().as_secs_f64();
     generation.prefill_tokens_per_second = prompt.len() as f64 / generation.prefill_seconds;
-    let decoded = (options.new_tokens - 1) as f64;
+    let decoded = (generation.tokens.len() - 1) as f64;
     generation.decode_tokens_per_second = if decoded > 0.0 {
         decoded / generation.decode_seconds
     } else {

@@ -16,10 +16,12 @@ pub mod inspect;
 pub mod model_source;
 pub mod options;
 pub mod plan_runner;
+pub mod sampling;
 
 pub use kiln_compiler as compiler;
 pub use kiln_ir as ir;
 pub use kiln_models as models;
+pub use kiln_tokenizer as tokenizer;
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
 /// that `path` is never left half-written.

@@ -8,9 +8,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln::compiler::{Artifact, ArtifactOptions, Target};
 use kiln::generate::{generate, generate_reference, GenerateOptions};
 use kiln::inspect::{inspect, render, Workload};
-use kiln::model_source::{load_config, load_expected_weights, load_weights, weights_source};
+use kiln::model_source::{
+    find_tokenizer, load_config, load_expected_weights, load_tokenizer, load_weights,
+    weights_source,
+};
 use kiln::options::{LayerArgs, QuestArgs};
 use kiln::plan_runner::{PlanRunner, RunDevice};
+use kiln::sampling::Sampling;
+use kiln::tokenizer::ChatMessage;
 use kiln_ir::dtype::DType;
 use kiln_models::{build_model, ModelConfig, Phase};
 use std::path::PathBuf;
@@ -29,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Prefill a prompt and greedily decode tokens, printing the tokens and tokens/s.
+    /// Prefill a prompt and decode tokens (greedy, or sampled with --temperature), printing
+    /// the text (--prompt) or the token ids, and tokens/s.
     Run(RunArgs),
     /// Report a model's layers, parameters, weight bytes and per-op FLOPs and bytes per token.
     Inspect(InspectArgs),
@@ -124,20 +130,53 @@ struct RunArgs {
     /// from --seed, unless --model is a .gguf file.
     #[arg(long, short)]
     weights: Option<PathBuf>,
-    /// Seed of the random weights.
+    /// Seed of the random weights, of --prompt-len's prompt and of sampling (--temperature).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Prompt token ids, comma-separated (for example 1,15043,3186).
+    /// The prompt as text: encoded with the model's tokenizer, prefilled, then decoded with
+    /// the generated text streamed to stdout as it comes, until --max-tokens or the end of
+    /// turn (EOS, <|im_end|>, <|eot_id|>...); prefill and decode tokens/s go to stderr. Needs
+    /// a tokenizer: a Hugging Face model directory (or config.json) with tokenizer.json beside
+    /// it, a GGUF file, or --tokenizer; presets with random weights have none (use
+    /// --prompt-ids).
+    #[arg(long, value_name = "TEXT", conflicts_with_all = ["prompt_ids", "prompt_len"])]
+    prompt: Option<String>,
+    /// With --prompt: wrap the prompt as a user message in the model's chat template (its
+    /// Jinja template, else ChatML, Llama-3 or Llama-2 by the vocabulary) with the assistant's
+    /// turn opened.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// A tokenizer.json to use instead of the one beside the model (for --compiled, or a
+    /// directory without one).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Prompt token ids, comma-separated (for example 1,15043,3186); token ids are printed
+    /// back.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
-    prompt: Vec<i32>,
-    /// Instead of --prompt, a prompt of N token ids drawn uniformly from the vocabulary with
-    /// --seed (for long-context runs such as 32768).
-    #[arg(long, value_name = "N")]
+    prompt_ids: Vec<i32>,
+    /// Instead of --prompt-ids, a prompt of N token ids drawn uniformly from the vocabulary
+    /// with --seed (for long-context runs such as 32768).
+    #[arg(long, value_name = "N", conflicts_with = "prompt_ids")]
     prompt_len: Option<usize>,
-    /// Number of tokens to generate (the first comes from prefill).
-    #[arg(long, short = 'n', default_value_t = 16)]
+    /// Most tokens to generate (the first comes from prefill); with --prompt, generation also
+    /// ends at the end of turn.
+    #[arg(
+        long = "max-tokens",
+        short = 'n',
+        visible_alias = "tokens",
+        default_value_t = 16
+    )]
     tokens: usize,
-    /// Print the result as JSON on stdout instead of text.
+    /// Sampling temperature: 0 (the default) is greedy, above 0 samples from the softmax of
+    /// logits / T with --seed (the same seed gives the same tokens).
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: draw only from the most probable tokens whose probabilities add up
+    /// to P (needs --temperature above 0).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Print the result as JSON on stdout instead of text (with --prompt, the generated text
+    /// is its `text`).
     #[arg(long)]
     json: bool,
     /// Time every GPU step of the prefill and decode plans with CUDA events and write each
@@ -215,6 +254,39 @@ fn run(args: RunArgs) -> Result<()> {
         Some(artifact) => artifact.manifest.model.clone(),
         None => model_config(&args.model, args.dtype.as_deref(), &args.layers, on_gpu)?,
     };
+    let sampling = Sampling::from_flags(args.temperature, args.top_p, args.seed)?;
+    // Only text prompts read the tokenizer: token-id runs work as they did without one.
+    let tokenizer = match (&args.prompt, &args.tokenizer, &args.compiled) {
+        (None, _, _) => None,
+        (Some(_), Some(path), _) => Some(load_tokenizer(path, &config)?),
+        (Some(_), None, None) => find_tokenizer(&args.model, &config)?,
+        (Some(_), None, Some(_)) => None,
+    };
+    // With --prompt: the tokenizer, and the prompt's ids.
+    let text = match &args.prompt {
+        None => None,
+        Some(prompt) => {
+            let Some(tokenizer) = &tokenizer else {
+                let what = match &args.compiled {
+                    Some(dir) => format!("the artifact {} has no tokenizer", dir.display()),
+                    None => format!("`{}` has no tokenizer", args.model),
+                };
+                anyhow::bail!(
+                    "--prompt needs a tokenizer and {what}: give a model that has one (a Hugging \
+                     Face directory with tokenizer.json beside config.json, or a GGUF file) or \
+                     --tokenizer FILE; without one, give token ids with --prompt-ids"
+                );
+            };
+            let ids = if args.chat {
+                let chat = tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
+                tokenizer.encode(&chat, false)?
+            } else {
+                tokenizer.encode(prompt, true)?
+            };
+            anyhow::ensure!(!ids.is_empty(), "--prompt {prompt:?} encodes to no tokens");
+            Some((tokenizer, ids))
+        }
+    };
     let started = std::time::Instant::now();
     let weights = match &artifact {
         Some(artifact) => load_expected_weights(
@@ -234,24 +306,54 @@ fn run(args: RunArgs) -> Result<()> {
         config.name,
         started.elapsed().as_secs_f64()
     );
-    let progress = ProgressBar::new(args.tokens as u64);
+    // Text streams to stdout: no progress bar beside it.
+    let progress = match text {
+        Some(_) => ProgressBar::hidden(),
+        None => ProgressBar::new(args.tokens as u64),
+    };
     progress.set_style(
         ProgressStyle::with_template("{spinner} decoding {pos}/{len} tokens [{elapsed}] {msg}")
             .expect("the template is valid"),
     );
-    let prompt = match args.prompt_len {
-        Some(0) => anyhow::bail!("--prompt-len must be at least 1"),
-        Some(n) => random_prompt(n, config.vocab_size, args.seed),
-        None => args.prompt.clone(),
+    let prompt = match (&text, args.prompt_len) {
+        (Some((_, ids)), _) => ids.iter().map(|&id| id as i32).collect(),
+        (None, Some(0)) => anyhow::bail!("--prompt-len must be at least 1"),
+        (None, Some(n)) => random_prompt(n, config.vocab_size, args.seed),
+        (None, None) => args.prompt_ids.clone(),
     };
     let options = GenerateOptions {
         prompt: prompt.clone(),
         new_tokens: args.tokens,
         keep_logits: false,
+        sampling,
+        stop_tokens: match &text {
+            Some((tokenizer, _)) => tokenizer
+                .stop_tokens()
+                .iter()
+                .map(|&id| id as i32)
+                .collect(),
+            None => Vec::new(),
+        },
+    };
+    let mut stream = text.as_ref().map(|(tokenizer, _)| tokenizer.stream());
+    let mut stream_error = None;
+    let mut on_token = |id: i32| {
+        progress.inc(1);
+        let Some(stream) = stream.as_mut().filter(|_| stream_error.is_none()) else {
+            return;
+        };
+        match stream.push(id as u32) {
+            Ok(piece) if !args.json => {
+                print!("{piece}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
+            Ok(_) => {}
+            Err(error) => stream_error = Some(error),
+        }
     };
     let (mut generation, ran_on) = match device {
         None => (
-            generate_reference(&config, &weights, &options, |_| progress.inc(1))
+            generate_reference(&config, &weights, &options, &mut on_token)
                 .with_context(|| format!("running {} on the reference interpreter", config.name))?,
             "reference interpreter, cpu".to_string(),
         ),
@@ -300,7 +402,7 @@ fn run(args: RunArgs) -> Result<()> {
                 &config,
                 &options,
                 |phase, state| runner.step(phase, state),
-                |_| progress.inc(1),
+                &mut on_token,
             )
             .with_context(|| format!("running {} on {}", config.name, runner.device))?;
             if let Some(path) = &args.profile {
@@ -334,6 +436,36 @@ fn run(args: RunArgs) -> Result<()> {
     };
     progress.finish_and_clear();
     generation.device = ran_on.clone();
+    if let (Some((tokenizer, _)), Some(stream)) = (&text, stream) {
+        if let Some(error) = stream_error {
+            return Err(error.into());
+        }
+        let rest = stream.finish()?;
+        let ids: Vec<u32> = generation.tokens.iter().map(|&id| id as u32).collect();
+        generation.text = Some(tokenizer.decode(&ids, true)?);
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&generation)?);
+        } else {
+            println!("{rest}");
+        }
+        eprintln!("kiln run: {} {} ({ran_on})", config.name, config.dtype);
+        eprintln!(
+            "prefill {} tokens in {:.1} ms ({:.1} tokens/s); decode {} tokens in {:.1} ms \
+             ({:.1} tokens/s){}",
+            generation.prompt.len(),
+            generation.prefill_seconds * 1e3,
+            generation.prefill_tokens_per_second,
+            generation.tokens.len() - 1,
+            generation.decode_seconds * 1e3,
+            generation.decode_tokens_per_second,
+            if generation.stopped {
+                "; stopped at the end of turn"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&generation)?);
         return Ok(());

@@ -1,19 +1,22 @@
 //! Resolving what the user names on the command line into a model definition and weights.
 //!
 //! A model is a preset name, a path to a Hugging Face `config.json` (or its directory), or a
-//! llama.cpp `.gguf` file (configuration and weights both from the file); weights are random
-//! from a seed, safetensors files checked against the graph, or a `.gguf` file. This module
-//! only resolves and loads (drawing a progress bar on a terminal while a GGUF file loads);
-//! it must not build kernels or run anything.
+//! llama.cpp `.gguf` file (configuration, weights and tokenizer all from the file); weights
+//! are random from a seed, safetensors files checked against the graph, or a `.gguf` file;
+//! the tokenizer is the `tokenizer.json` beside the config (presets have none) or a GGUF
+//! file's tokenizer metadata ([`gguf_tokenizer`]). This module only resolves and loads
+//! (drawing a progress bar on a terminal while a GGUF file loads); it must not build kernels
+//! or run anything.
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_ir::graph::{Graph, TensorType};
 use kiln_ir::weights::Weights;
-use kiln_models::gguf::GgufFile;
+use kiln_models::gguf::{GgufFile, GgufTokenizerData};
 use kiln_models::weights::WeightsIo;
 use kiln_models::ModelConfig;
-use std::path::Path;
+use kiln_tokenizer::{Tokenizer, TokenizerData};
+use std::path::{Path, PathBuf};
 
 /// The weight tensors a graph expects, `(name, type)` in graph order.
 pub fn expected_weights(graph: &Graph) -> Vec<(String, TensorType)> {
@@ -104,6 +107,76 @@ fn load_gguf_weights(expected: &[(String, TensorType)], path: &Path) -> Result<W
     });
     progress.finish_and_clear();
     Ok(weights?)
+}
+
+/// Where the tokenizer of the model named by `spec` would be: `tokenizer.json` in a model
+/// directory, or beside a `config.json`. `None` for a preset or a `.gguf` file (whose
+/// tokenizer is in the file, see [`find_tokenizer`]).
+pub fn tokenizer_path(spec: &str) -> Option<PathBuf> {
+    let path = Path::new(spec);
+    if !path.exists() || is_gguf(path) {
+        return None;
+    }
+    let directory = if path.is_dir() { path } else { path.parent()? };
+    Some(directory.join("tokenizer.json"))
+}
+
+/// The tokenizer of the model named by `spec` when it has one, checked against the model's
+/// vocabulary size: a `.gguf` file's tokenizer metadata, or the `tokenizer.json` of
+/// [`tokenizer_path`]; `None` for a preset or a directory without `tokenizer.json`.
+pub fn find_tokenizer(spec: &str, config: &ModelConfig) -> Result<Option<Tokenizer>> {
+    let path = Path::new(spec);
+    if is_gguf(path) {
+        let data = GgufFile::open(path)?.tokenizer_data()?;
+        return gguf_tokenizer(&tokenizer_data(data), path, config).map(Some);
+    }
+    match tokenizer_path(spec) {
+        Some(path) if path.is_file() => load_tokenizer(&path, config).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Loads a `tokenizer.json` (with the `tokenizer_config.json` and `generation_config.json`
+/// beside it) and checks it against the model's vocabulary size.
+pub fn load_tokenizer(path: &Path, config: &ModelConfig) -> Result<Tokenizer> {
+    let tokenizer = Tokenizer::from_file(path)?;
+    tokenizer.check_vocab_size(config.vocab_size)?;
+    Ok(tokenizer)
+}
+
+/// The tokenizer of a GGUF file, from its tokenizer metadata as the GGUF reader fills
+/// [`TokenizerData`] (`path` names the file in messages), checked against the model's
+/// vocabulary size.
+pub fn gguf_tokenizer(
+    data: &TokenizerData,
+    path: &Path,
+    config: &ModelConfig,
+) -> Result<Tokenizer> {
+    let tokenizer = Tokenizer::from_gguf_data(data, path.display().to_string())?;
+    tokenizer.check_vocab_size(config.vocab_size)?;
+    Ok(tokenizer)
+}
+
+/// The tokenizer's view of a GGUF file's tokenizer metadata. Absent flags take llama.cpp's
+/// defaults: a SentencePiece (`llama`) vocabulary adds BOS and a space prefix, a byte-level
+/// one neither.
+fn tokenizer_data(gguf: GgufTokenizerData) -> TokenizerData {
+    let sentencepiece = gguf.model == "llama";
+    TokenizerData {
+        model: gguf.model,
+        pre: gguf.pre,
+        tokens: gguf.vocab,
+        scores: gguf.scores.unwrap_or_default(),
+        merges: gguf.merges,
+        token_types: gguf.token_types.unwrap_or_default(),
+        bos: gguf.bos_token_id,
+        eos: gguf.eos_token_id,
+        unknown: gguf.unknown_token_id,
+        padding: gguf.padding_token_id,
+        add_bos: gguf.add_bos.unwrap_or(sentencepiece),
+        add_space_prefix: gguf.add_space_prefix.unwrap_or(sentencepiece),
+        chat_template: gguf.chat_template,
+    }
 }
 
 #[cfg(test)]

@@ -229,7 +229,7 @@ fn bad_prompt_is_a_clear_error() {
         "run",
         "--model",
         "tiny-llama",
-        "--prompt",
+        "--prompt-ids",
         "1,99999",
         "-n",
         "1",
@@ -791,4 +791,199 @@ fn a_gguf_model_runs_like_its_safetensors_twin() {
         message.contains("bad.gguf") && message.contains("unsupported GGUF version 9"),
         "{message}"
     );
+}
+
+/// A word-level tokenizer.json: `<s>` 0, `</s>` 1 (special), then `w2`..`w{n-1}`, split on
+/// whitespace, decoded joined by spaces.
+fn word_tokenizer(n: usize) -> String {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<s>".into(), 0.into());
+    vocab.insert("</s>".into(), 1.into());
+    for i in 2..n {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<s>"), special(1, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<s>"}
+    })
+    .to_string()
+}
+
+/// A Hugging Face model directory: tiny-llama's config.json (vocab_size 512) and a
+/// tokenizer.json of `tokens` words.
+fn model_dir(tokens: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = include_str!("../models/src/presets/tiny-llama.json");
+    write(dir.path(), "config.json", config);
+    write(dir.path(), "tokenizer.json", &word_tokenizer(tokens));
+    dir
+}
+
+/// The text of generated ids under [`word_tokenizer`]: special tokens dropped, words joined
+/// by spaces.
+fn words(ids: &[u64]) -> String {
+    ids.iter()
+        .filter(|&&id| id > 1)
+        .map(|id| format!("w{id}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn prompt_text_is_encoded_and_the_text_streamed() {
+    let dir = model_dir(512);
+    let model = dir.path().to_string_lossy().into_owned();
+    let args = [
+        "run",
+        "--model",
+        &model,
+        "--device",
+        "reference",
+        "--prompt",
+        "w7 w300 w9",
+    ];
+    let json = kiln(&[&args[..], &["--json", "--max-tokens", "6"]].concat());
+    assert!(json.status.success(), "{}", stderr(&json));
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["prompt"], serde_json::json!([7, 300, 9]));
+    let tokens: Vec<u64> = report["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert!(!tokens.is_empty() && tokens.len() <= 6, "{tokens:?}");
+    assert_eq!(report["text"].as_str().unwrap(), words(&tokens));
+
+    // Without --json the same text is on stdout, and the speeds on stderr.
+    let plain = kiln(&[&args[..], &["--max-tokens", "6"]].concat());
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert_eq!(stdout(&plain), format!("{}\n", words(&tokens)));
+    let message = stderr(&plain);
+    assert!(
+        message.contains("prefill 3 tokens") && message.contains("tokens/s"),
+        "{message}"
+    );
+}
+
+#[test]
+fn generation_stops_at_eos_and_chat_wraps_the_prompt() {
+    let dir = model_dir(512);
+    // Every id is an EOS id: generation ends after the first token.
+    let all: Vec<usize> = (0..512).collect();
+    write(
+        dir.path(),
+        "generation_config.json",
+        &serde_json::json!({ "eos_token_id": all }).to_string(),
+    );
+    write(
+        dir.path(),
+        "tokenizer_config.json",
+        r#"{"bos_token": "<s>", "eos_token": "</s>",
+            "chat_template": "{{ bos_token }}{% for m in messages %}w5 {{ m.content }}{% endfor %}{% if add_generation_prompt %} w6{% endif %}"}"#,
+    );
+    let model = dir.path().to_string_lossy().into_owned();
+    let output = kiln(&[
+        "run",
+        "--model",
+        &model,
+        "--device",
+        "reference",
+        "--prompt",
+        "w42",
+        "--chat",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["prompt"], serde_json::json!([0, 5, 42, 6]));
+    assert_eq!(report["tokens"].as_array().unwrap().len(), 1);
+    assert_eq!(report["stopped"], true);
+}
+
+#[test]
+fn prompt_text_errors_are_clear() {
+    // A preset has no tokenizer.
+    let output = kiln(&["run", "--model", "tiny-llama", "--prompt", "Hello"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("--prompt") && message.contains("tokenizer.json"),
+        "{message}"
+    );
+    assert!(message.contains("--prompt-ids"), "{message}");
+
+    // More tokens than the model has embeddings.
+    let dir = model_dir(600);
+    let model = dir.path().to_string_lossy().into_owned();
+    let message = stderr(&kiln(&["run", "--model", &model, "--prompt", "w3"]));
+    assert!(
+        message.contains("600") && message.contains("512") && message.contains("tokenizer.json"),
+        "{message}"
+    );
+
+    // A tokenizer.json that does not parse.
+    let dir = model_dir(10);
+    let path = write(dir.path(), "tokenizer.json", "{\"model\": {}}");
+    let model = dir.path().to_string_lossy().into_owned();
+    let message = stderr(&kiln(&["run", "--model", &model, "--prompt", "w3"]));
+    assert!(message.contains(&path), "{message}");
+
+    // --chat without --prompt, and sampling flags out of range.
+    assert!(!kiln(&["run", "--chat"]).status.success());
+    let message = stderr(&kiln(&["run", "--top-p", "2", "--temperature", "1"]));
+    assert!(message.contains("--top-p"), "{message}");
+}
+
+#[test]
+fn sampling_with_a_seed_replays() {
+    let args = [
+        "run",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "reference",
+        "--json",
+        "-n",
+        "8",
+        "--temperature",
+        "1.5",
+        "--top-p",
+        "0.9",
+        "--seed",
+    ];
+    let tokens = |seed: &str| {
+        let output = kiln(&[&args[..], &[seed]].concat());
+        assert!(output.status.success(), "{}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        report["tokens"].clone()
+    };
+    let two = tokens("2");
+    assert_eq!(two, tokens("2"), "a seed replays");
+    assert_ne!(two, tokens("3"), "another seed samples other tokens");
+}
+
+#[test]
+fn run_help_explains_the_text_flags() {
+    let help = stdout(&kiln(&["run", "--help"]));
+    for flag in [
+        "--prompt <TEXT>",
+        "--chat",
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--prompt-ids",
+        "--tokenizer",
+    ] {
+        assert!(help.contains(flag), "missing {flag}:\n{help}");
+    }
 }

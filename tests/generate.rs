@@ -38,6 +38,7 @@ fn check_cache_consistency(model: &str) {
         prompt: prompt.clone(),
         new_tokens: 5,
         keep_logits: true,
+        ..Default::default()
     };
     let generation = generate_reference(&config, &weights, &options, |_| {}).unwrap();
     assert_eq!(generation.tokens.len(), 5);
@@ -72,6 +73,7 @@ fn empty_prompt_and_zero_tokens_are_errors() {
         prompt: vec![],
         new_tokens: 3,
         keep_logits: false,
+        ..Default::default()
     };
     let err = generate_reference(&config, &weights, &empty, |_| {}).unwrap_err();
     assert!(err.to_string().contains("prompt is empty"), "{err}");
@@ -79,6 +81,7 @@ fn empty_prompt_and_zero_tokens_are_errors() {
         prompt: vec![1],
         new_tokens: 0,
         keep_logits: false,
+        ..Default::default()
     };
     assert!(generate_reference(&config, &weights, &zero, |_| {}).is_err());
 }
@@ -101,6 +104,7 @@ fn router_margins_find_the_near_tie_of_a_moe_run() {
         prompt: vec![1, 7, 42, 3, 99, 12, 5, 250, 8, 31, 64],
         new_tokens: 33,
         keep_logits: false,
+        ..Default::default()
     };
     let margins = router_margins(&config, &weights, &options).unwrap();
     assert_eq!(margins.ulps.len(), 33);
@@ -133,4 +137,58 @@ fn router_margins_find_the_near_tie_of_a_moe_run() {
         .unwrap()
         .ulps
         .is_empty());
+}
+
+#[test]
+fn generation_ends_at_a_stop_token_and_sampling_replays_a_seed() {
+    let config = ModelConfig::preset("tiny-llama").unwrap();
+    let weights = load_weights(&build_model(&config, Phase::Prefill).unwrap(), None, 3).unwrap();
+    let run = |options: &GenerateOptions| generate_reference(&config, &weights, options, |_| {});
+    let greedy = GenerateOptions {
+        prompt: vec![1, 2, 3],
+        new_tokens: 8,
+        ..Default::default()
+    };
+    let full = run(&greedy).unwrap();
+    assert_eq!(full.tokens.len(), 8);
+    assert!(!full.stopped);
+
+    // Stopping at the third token's id ends at its first occurrence, the stop token kept.
+    let stop = full.tokens[2];
+    let first = full.tokens.iter().position(|&t| t == stop).unwrap();
+    let mut seen = Vec::new();
+    let stopped = generate_reference(
+        &config,
+        &weights,
+        &GenerateOptions {
+            stop_tokens: vec![stop],
+            ..greedy.clone()
+        },
+        |t| seen.push(t),
+    )
+    .unwrap();
+    assert_eq!(stopped.tokens, full.tokens[..=first]);
+    assert_eq!(seen, stopped.tokens);
+    assert!(stopped.stopped);
+    assert_eq!(stopped.decode_step_ms.len(), first);
+
+    let sampled = |seed| {
+        run(&GenerateOptions {
+            sampling: kiln::sampling::Sampling::TopP {
+                temperature: 2.0,
+                top_p: 1.0,
+                seed,
+            },
+            new_tokens: 12,
+            ..greedy.clone()
+        })
+        .unwrap()
+        .tokens
+    };
+    let a = sampled(5);
+    assert_eq!(a, sampled(5), "a seed replays");
+    assert_ne!(a, sampled(6), "another seed samples other tokens");
+    assert!(a
+        .iter()
+        .all(|&t| t >= 0 && (t as usize) < config.vocab_size));
 }

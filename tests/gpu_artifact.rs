@@ -21,6 +21,7 @@ fn generate_with(runner: &mut PlanRunner, config: &ModelConfig, prompt: &[i32]) 
         prompt: prompt.to_vec(),
         new_tokens: 17,
         keep_logits: true,
+        ..Default::default()
     };
     generate(config, &options, |p, s| runner.step(p, s), |_| {}).unwrap()
 }

@@ -79,6 +79,7 @@ fn run(config: &ModelConfig, seed: u64, device: RunDevice, case: Case) -> (Gener
         prompt: prompt(config, case, seed),
         new_tokens: NEW_TOKENS,
         keep_logits: true,
+        ..Default::default()
     };
     let capacity = options.prompt.len() + NEW_TOKENS;
     let mut runner = PlanRunner::new(
@@ -173,6 +174,7 @@ fn cuda_matches_cpu_config(config: &ModelConfig, case: Case) {
             prompt: prompt(config, case, seed),
             new_tokens: NEW_TOKENS,
             keep_logits: false,
+            ..Default::default()
         };
         let margins = kiln::generate::router_margins(config, &weights, &options).unwrap();
         let same_path = margins

@@ -60,6 +60,7 @@ fn plan_matches_reference(model: &str, dtype: DType, seed: u64) {
         prompt: vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3],
         new_tokens: 12,
         keep_logits: true,
+        ..Default::default()
     };
     let reference = generate_reference(&config, &weights, &options, |_| {}).unwrap();
     let capacity = options.prompt.len() + options.new_tokens;

@@ -104,6 +104,7 @@ fn generate_on_cpu(quest: Option<QuestOptions>, new_tokens: usize) -> (Vec<i32>,
         prompt: vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3],
         new_tokens,
         keep_logits: false,
+        ..Default::default()
     };
     let capacity = options.prompt.len() + new_tokens;
     let mut runner = PlanRunner::new(
