@@ -5,7 +5,7 @@
 //! forward over the `gguf` package's own reader and dequantizers, in float64, in llama.cpp's
 //! tensor layout (permuted Q/K rows, pair-wise rotary) rather than kiln's.
 //!
-//! Checked: the last prompt position's logits (relative error below 1e-3, the same arg max)
+//! Checked: the last prompt position's logits (relative error below 1e-4; measured about 1e-6)
 //! and a greedy continuation of 32 tokens, token for token. The prompt is "The capital of
 //! France is" as token ids (from the model's own BPE, so the test does not depend on kiln's
 //! tokenizer); the reference continues it with " Paris.".
@@ -111,6 +111,7 @@ fn kiln_run(model: &Path, device: Option<RunDevice>) -> (Vec<f32>, Vec<i32>) {
         prompt: PROMPT.to_vec(),
         new_tokens: NEW_TOKENS,
         keep_logits: true,
+        ..Default::default()
     };
     let generation = match device {
         Some(device) => {
@@ -152,7 +153,7 @@ fn check(device: Option<RunDevice>) {
     let error = Tensor::f32(&[logits.len()], logits.clone())
         .relative_error(&Tensor::f32(&[want.logits.len()], want.logits.clone()));
     eprintln!("prompt logits: relative error {error} against the reference");
-    assert!(error < 1e-3, "prompt logits: relative error {error}");
+    assert!(error < 1e-4, "prompt logits: relative error {error}");
     assert_eq!(tokens, want.generated, "greedy continuation");
 }
 
@@ -164,4 +165,50 @@ fn smollm2_on_compiled_cpu_plans_matches_the_numpy_reference() {
 #[test]
 fn smollm2_on_the_interpreter_matches_the_numpy_reference() {
     check(None);
+}
+
+/// Text in, text out through the CLI: the GGUF file's own tokenizer encodes the prompt to the
+/// ids that Python `tokenizers` gives for SmolLM2's vocabulary and merges ([`PROMPT`]), and
+/// the streamed continuation decodes the reference's greedy tokens.
+#[test]
+fn smollm2_text_prompt_through_the_gguf_tokenizer() {
+    let model = model_path();
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .arg("--model")
+        .arg(&model)
+        .args([
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--max-tokens",
+            "3",
+            "--json",
+        ])
+        .args(["--prompt", "The capital of France is"])
+        .output()
+        .expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    let prompt: Vec<i64> = json["prompt"]
+        .as_array()
+        .expect("prompt ids")
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(prompt, PROMPT.map(i64::from).to_vec());
+    let want = reference(&model);
+    let tokens: Vec<i64> = json["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let expected: Vec<i64> = want.generated[..3].iter().map(|&t| t as i64).collect();
+    assert_eq!(tokens, expected);
+    let text = json["text"].as_str().expect("text");
+    assert!(text.starts_with(" Paris."), "{text:?}");
 }
