@@ -11,7 +11,6 @@
 mod common;
 
 use kiln_codegen::kernel::{Access, ParamKind};
-use kiln_codegen::ptx::Target;
 use kiln_ir::dtype::DType;
 use kiln_kernels::gemm::{self, GemmSpec, Grouping};
 use kiln_kernels::moe::expert_ffn::{self, ExpertFfnKernel, ExpertFfnStage, MoeExpertFfnSpec};
@@ -27,12 +26,7 @@ fn assembled() -> Vec<MoeExpertFfnSpec> {
     let mut specs = Vec::new();
     for stage in STAGES {
         for dtype in [DType::F16, DType::BF16] {
-            specs.push(common::expert_ffn_spec(
-                KERNEL, dtype, 8, 4096, 14336, 2, stage,
-            ));
-            specs.push(common::expert_ffn_spec(
-                KERNEL, dtype, 128, 2048, 768, 8, stage,
-            ));
+            specs.extend(common::expert_ffn_model_specs(KERNEL, dtype, stage));
             specs.push(common::expert_ffn_spec(
                 KERNEL, dtype, 4, 128, 256, 2, stage,
             ));
@@ -44,16 +38,8 @@ fn assembled() -> Vec<MoeExpertFfnSpec> {
 #[test]
 fn kernels_assemble_for_sm80_and_sm90_without_spills() {
     for spec in assembled() {
-        let kernel = expert_ffn::generate(&spec).unwrap();
-        assert_eq!(kernel.target, "sm_80");
+        let kernel = common::assemble_expert_ffn_cleanly(&spec);
         assert!(kernel.entry.contains("_mma_"), "{}", kernel.entry);
-        for arch in ["sm_80", "sm_90"] {
-            let report = common::assemble_cleanly(&kernel, arch);
-            eprintln!("{} {arch}: {} registers", kernel.entry, report.registers);
-        }
-        let sm90 = expert_ffn::generate_for(&spec, Target::Sm90).unwrap();
-        assert_eq!(sm90.target, "sm_90");
-        common::assemble_cleanly(&sm90, "sm_90");
     }
 }
 

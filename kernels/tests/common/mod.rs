@@ -91,3 +91,33 @@ pub fn expert_ffn_spec(
         kernel,
     }
 }
+
+/// The model shapes every expert FFN kernel is assembled at, for `stage` and `dtype`: Mixtral
+/// (E=8, H=4096, I=14336, k=2) and Qwen3-30B-A3B (E=128, H=2048, I=768, k=8).
+pub fn expert_ffn_model_specs(
+    kernel: kiln_kernels::moe::expert_ffn::ExpertFfnKernel,
+    dtype: DType,
+    stage: kiln_kernels::moe::expert_ffn::ExpertFfnStage,
+) -> [kiln_kernels::moe::expert_ffn::MoeExpertFfnSpec; 2] {
+    [
+        expert_ffn_spec(kernel, dtype, 8, 4096, 14336, 2, stage),
+        expert_ffn_spec(kernel, dtype, 128, 2048, 768, 8, stage),
+    ]
+}
+
+/// Generates `spec` for sm_80 (assembled for sm_80 and sm_90) and for sm_90 (assembled for
+/// sm_90), each without spills or warnings; returns the sm_80 kernel.
+pub fn assemble_expert_ffn_cleanly(
+    spec: &kiln_kernels::moe::expert_ffn::MoeExpertFfnSpec,
+) -> GpuKernel {
+    use kiln_kernels::moe::expert_ffn;
+    let kernel = expert_ffn::generate(spec).unwrap();
+    assert_eq!(kernel.target, "sm_80");
+    for arch in ["sm_80", "sm_90"] {
+        assemble_cleanly(&kernel, arch);
+    }
+    let sm90 = expert_ffn::generate_for(spec, kiln_codegen::ptx::Target::Sm90).unwrap();
+    assert_eq!(sm90.target, "sm_90");
+    assemble_cleanly(&sm90, "sm_90");
+    kernel
+}
