@@ -6,6 +6,10 @@
 # KILN_GPU_TESTS (test binary names, space-separated; default all of dist/tests, "" for none)
 # and KILN_TEST_SKIP (a libtest --skip filter) narrow the tests when device time is short;
 # KILN_BENCH_SUITES (default gemm, "" for none) picks the benches.
+# KILN_SANITIZE (compute-sanitizer tools, e.g. "memcheck racecheck initcheck"; default none)
+# runs the chosen tests again under each tool, and each tool's ERROR SUMMARY goes to
+# sanitizer.txt. The real-model test reads KILN_SMOLLM2_GGUF and KILN_SMOLLM2_REFERENCE
+# (see tests/real_model.rs), passed on from the environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/kiln-gpu}
@@ -25,6 +29,19 @@ for name in $tests; do
   fi
   grep -E "^test |test result" "$out/$(basename "$t").log" | grep -v "ok$" || true
   grep -E "test result" "$out/$(basename "$t").log"
+done
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in ${KILN_SANITIZE:-}; do
+  for name in $tests; do
+    t=dist/tests/$name
+    log="$out/sanitize_${tool}_$name.log"
+    "$sanitizer" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+      "$t" --ignored --test-threads=1 "${skip[@]}" >"$log" 2>&1
+    code=$?
+    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | sort | uniq -c | tr -s ' ' | paste -sd ';' -)
+    echo "$tool $name exit=$code ${summary:-no summary}" | tee -a "$out/sanitizer.txt"
+    [ "$code" -eq 0 ] || status=1
+  done
 done
 for suite in ${KILN_BENCH_SUITES-gemm}; do
   dist/kiln bench "$suite" --json "$out/kiln_$suite.json" >"$out/kiln_$suite.txt" 2>&1 || { status=1; tail -5 "$out/kiln_$suite.txt"; }
