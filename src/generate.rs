@@ -1,5 +1,6 @@
 //! Generation: prefill a prompt, then decode token by token with a KV cache, each token
-//! chosen by `crate::sampling` (greedy by default) until the limit or a stop token.
+//! chosen by `crate::sampling` (greedy by default) until the limit or a stop token, or
+//! forced (teacher forcing: scoring a known text, for perplexity).
 //!
 //! [`generate`] owns the step loop and the per-call inputs (token ids, positions, cache
 //! start), and runs each phase through a step function that owns the KV cache (on the host
@@ -44,6 +45,35 @@ pub struct Generation {
     /// The last token's logits at every step, kept when asked for (for comparisons).
     #[serde(skip)]
     pub step_logits: Vec<Vec<f32>>,
+    /// With forced tokens: each forced token's natural-log probability under the model, from
+    /// the logits of the step before it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_logprobs: Vec<f64>,
+}
+
+impl Generation {
+    /// With forced tokens: the perplexity of the forced tokens given the prompt, the
+    /// exponential of their mean negative log-probability. `None` without forced tokens.
+    pub fn perplexity(&self) -> Option<f64> {
+        if self.token_logprobs.is_empty() {
+            return None;
+        }
+        let mean = self.token_logprobs.iter().sum::<f64>() / self.token_logprobs.len() as f64;
+        Some((-mean).exp())
+    }
+}
+
+/// The natural-log probability of `token` under the softmax of `logits`, in f64.
+pub fn log_probability(logits: &[f32], token: i32) -> Result<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if !max.is_finite() {
+        bail!("the logits are not finite (largest {max})");
+    }
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    let logit = *logits
+        .get(token as usize)
+        .with_context(|| format!("token {token} is outside the {} logits", logits.len()))?;
+    Ok(logit as f64 - max - sum.ln())
 }
 
 /// What to generate.
@@ -58,6 +88,10 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Generation ends after any of these tokens (EOS, end of turn); empty: never early.
     pub stop_tokens: Vec<i32>,
+    /// Teacher forcing: when not empty, step i's token is `forced[i]` rather than a sampled
+    /// one, `new_tokens` must equal its length, and each forced token's log-probability goes
+    /// to [`Generation::token_logprobs`] (stop tokens do not end a forced run).
+    pub forced: Vec<i32>,
 }
 
 /// The index of the largest value; ties go to the lowest index. NaN logits are an error.
@@ -169,6 +203,31 @@ pub fn generate(
             config.vocab_size
         );
     }
+    let forced = &options.forced;
+    if !forced.is_empty() && forced.len() != options.new_tokens {
+        bail!(
+            "{} forced tokens for {} new tokens: they must be as many",
+            forced.len(),
+            options.new_tokens
+        );
+    }
+    if let Some((i, &id)) = forced
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || id as usize >= config.vocab_size)
+    {
+        bail!(
+            "forced token {i} is {id}, outside the vocabulary of {}",
+            config.vocab_size
+        );
+    }
+    // The step's token: forced (with its log-probability), else the sampler's.
+    let choose = |sampler: &mut Sampler, logits: &[f32], index: usize| -> Result<(i32, f64)> {
+        match forced.get(index) {
+            Some(&token) => Ok((token, log_probability(logits, token)?)),
+            None => Ok((sampler.next(logits)?, 0.0)),
+        }
+    };
     let mut state: HashMap<String, Tensor> = HashMap::new();
 
     let mut generation = Generation {
@@ -185,6 +244,7 @@ pub fn generate(
         stopped: false,
         text: None,
         step_logits: Vec::new(),
+        token_logprobs: Vec::new(),
     };
     let mut sampler = Sampler::new(options.sampling);
     let started = Instant::now();
@@ -204,13 +264,16 @@ pub fn generate(
     };
     let logits = run_step(Phase::Prefill, &mut state)?;
     generation.prefill_seconds = started.elapsed().as_secs_f64();
-    let mut token = sampler.next(&logits).context("after prefill")?;
+    let (mut token, logprob) = choose(&mut sampler, &logits, 0).context("after prefill")?;
+    if !forced.is_empty() {
+        generation.token_logprobs.push(logprob);
+    }
     if options.keep_logits {
         generation.step_logits.push(logits);
     }
     generation.tokens.push(token);
     on_token(token);
-    generation.stopped = options.stop_tokens.contains(&token);
+    generation.stopped = forced.is_empty() && options.stop_tokens.contains(&token);
 
     let started = Instant::now();
     for index in 1..options.new_tokens {
@@ -223,9 +286,12 @@ pub fn generate(
         state.insert("positions".into(), Tensor::i32(&[1, 1], &[position]));
         state.insert("cache_start".into(), Tensor::i32(&[1], &[position]));
         let logits = run_step(Phase::Decode, &mut state)?;
-        token = sampler
-            .next(&logits)
+        let logprob;
+        (token, logprob) = choose(&mut sampler, &logits, index)
             .with_context(|| format!("at decode step {index}"))?;
+        if !forced.is_empty() {
+            generation.token_logprobs.push(logprob);
+        }
         if options.keep_logits {
             generation.step_logits.push(logits);
         }
@@ -234,7 +300,7 @@ pub fn generate(
             .decode_step_ms
             .push(step_started.elapsed().as_secs_f64() * 1e3);
         on_token(token);
-        generation.stopped = options.stop_tokens.contains(&token);
+        generation.stopped = forced.is_empty() && options.stop_tokens.contains(&token);
     }
     let mut sorted = generation.decode_step_ms.clone();
     sorted.sort_by(f64::total_cmp);

@@ -146,6 +146,11 @@ struct RunArgs {
     /// turn opened.
     #[arg(long, requires = "prompt")]
     chat: bool,
+    /// Score --prompt's text instead of generating: prefill its first token, then feed the
+    /// rest one decode step at a time (teacher forcing) and print the perplexity of tokens
+    /// 2..n under the model (with --json: each token's log-probability too).
+    #[arg(long, requires = "prompt", conflicts_with_all = ["chat", "temperature", "tokens"])]
+    perplexity: bool,
     /// A tokenizer.json to use instead of the one beside the model (for --compiled, or a
     /// directory without one).
     #[arg(long, value_name = "FILE")]
@@ -284,6 +289,11 @@ fn run(args: RunArgs) -> Result<()> {
                 tokenizer.encode(prompt, true)?
             };
             anyhow::ensure!(!ids.is_empty(), "--prompt {prompt:?} encodes to no tokens");
+            anyhow::ensure!(
+                !args.perplexity || ids.len() >= 2,
+                "--perplexity needs a text of at least 2 tokens; {prompt:?} encodes to {}",
+                ids.len()
+            );
             Some((tokenizer, ids))
         }
     };
@@ -315,15 +325,25 @@ fn run(args: RunArgs) -> Result<()> {
         ProgressStyle::with_template("{spinner} decoding {pos}/{len} tokens [{elapsed}] {msg}")
             .expect("the template is valid"),
     );
-    let prompt = match (&text, args.prompt_len) {
+    let prompt: Vec<i32> = match (&text, args.prompt_len) {
         (Some((_, ids)), _) => ids.iter().map(|&id| id as i32).collect(),
         (None, Some(0)) => anyhow::bail!("--prompt-len must be at least 1"),
         (None, Some(n)) => random_prompt(n, config.vocab_size, args.seed),
         (None, None) => args.prompt_ids.clone(),
     };
+    // --perplexity: the first token is the prompt, the rest are forced.
+    let (prompt, forced) = match args.perplexity {
+        true => (prompt[..1].to_vec(), prompt[1..].to_vec()),
+        false => (prompt, Vec::new()),
+    };
+    let new_tokens = match args.perplexity {
+        true => forced.len(),
+        false => args.tokens,
+    };
     let options = GenerateOptions {
         prompt: prompt.clone(),
-        new_tokens: args.tokens,
+        new_tokens,
+        forced,
         keep_logits: false,
         sampling,
         stop_tokens: match &text {
@@ -339,7 +359,10 @@ fn run(args: RunArgs) -> Result<()> {
     let mut stream_error = None;
     let mut on_token = |id: i32| {
         progress.inc(1);
-        let Some(stream) = stream.as_mut().filter(|_| stream_error.is_none()) else {
+        let Some(stream) = stream
+            .as_mut()
+            .filter(|_| stream_error.is_none() && !args.perplexity)
+        else {
             return;
         };
         match stream.push(id as u32) {
@@ -358,7 +381,7 @@ fn run(args: RunArgs) -> Result<()> {
             "reference interpreter, cpu".to_string(),
         ),
         Some(device) => {
-            let capacity = prompt.len() + args.tokens;
+            let capacity = prompt.len() + new_tokens;
             let mut runner = match (&artifact, &args.compiled) {
                 // The artifact's launch tables are recorded for its context: use it when the
                 // run fits, so every decode step runs its launches as recorded.
@@ -436,6 +459,30 @@ fn run(args: RunArgs) -> Result<()> {
     };
     progress.finish_and_clear();
     generation.device = ran_on.clone();
+    if let Some(perplexity) = generation.perplexity() {
+        let scored = generation.token_logprobs.len();
+        let mean_nll = -generation.token_logprobs.iter().sum::<f64>() / scored as f64;
+        if args.json {
+            let report = serde_json::json!({
+                "model": config.name,
+                "dtype": config.dtype.to_string(),
+                "device": ran_on,
+                "tokens": generation.prompt.iter().chain(&generation.tokens).collect::<Vec<_>>(),
+                "scored_tokens": scored,
+                "mean_negative_log_likelihood": mean_nll,
+                "perplexity": perplexity,
+                "token_logprobs": generation.token_logprobs,
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "perplexity {perplexity:.4} over {scored} tokens (mean negative log-likelihood \
+                 {mean_nll:.4} nats); {} {} ({ran_on})",
+                config.name, config.dtype
+            );
+        }
+        return Ok(());
+    }
     if let (Some((tokenizer, _)), Some(stream)) = (&text, stream) {
         if let Some(error) = stream_error {
             return Err(error.into());

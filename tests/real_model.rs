@@ -96,18 +96,25 @@ fn run_reference(model: &Path) -> Reference {
     }
 }
 
-/// Runs `tests/reference/gguf_llama_reference.py` on `model` and returns its JSON.
+/// Runs `tests/reference/gguf_llama_reference.py` on `model` for [`PROMPT`] and returns its
+/// JSON.
 fn compute_reference(model: &Path) -> String {
+    reference_json(model, &PROMPT, NEW_TOKENS)
+}
+
+/// Runs `tests/reference/gguf_llama_reference.py` on `model` for `prompt` and `tokens` greedy
+/// tokens and returns its JSON.
+fn reference_json(model: &Path, prompt: &[i32], tokens: usize) -> String {
     let out = std::env::temp_dir().join(format!(
         "kiln-smollm2-reference-{}.json",
         std::process::id()
     ));
-    let prompt: Vec<String> = PROMPT.iter().map(|t| t.to_string()).collect();
+    let prompt: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
     let status = Command::new("python3")
         .arg(root().join("tests/reference/gguf_llama_reference.py"))
         .arg(model)
         .args(["--prompt", &prompt.join(",")])
-        .args(["--tokens", &NEW_TOKENS.to_string()])
+        .args(["--tokens", &tokens.to_string()])
         .arg("--out")
         .arg(&out)
         .env("PYTHONPATH", reference_dir())
@@ -256,4 +263,90 @@ fn smollm2_text_prompt_through_the_gguf_tokenizer() {
     assert_eq!(tokens, expected);
     let text = json["text"].as_str().expect("text");
     assert!(text.starts_with(" Paris."), "{text:?}");
+}
+
+/// The numbers under `key` of a JSON document.
+fn json_numbers(json: &serde_json::Value, key: &str) -> Vec<f64> {
+    json[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("the JSON lacks `{key}`: {json}"))
+        .iter()
+        .map(|v| v.as_f64().expect("a number"))
+        .collect()
+}
+
+/// Perplexity of a fixed paragraph (tests/data/perplexity_paragraph.txt) through the CLI
+/// (`kiln run --perplexity`, compiled CPU plans, f32): each token's log-probability within
+/// 1e-3 of the float64 reference's for the same token ids, and the perplexity within 1e-4
+/// relative. The figure is printed for bench/RESULTS.md.
+#[test]
+fn smollm2_perplexity_of_a_fixed_paragraph_matches_the_reference() {
+    let model = model_path();
+    let paragraph = std::fs::read_to_string(root().join("tests/data/perplexity_paragraph.txt"))
+        .expect("the paragraph is in tests/data");
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .arg("--model")
+        .arg(&model)
+        .args([
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--perplexity",
+            "--json",
+        ])
+        .args(["--prompt", paragraph.trim()])
+        .output()
+        .expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let kiln: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    let tokens: Vec<i32> = json_numbers(&kiln, "tokens")
+        .into_iter()
+        .map(|v| v as i32)
+        .collect();
+    assert!(
+        tokens.len() > 50,
+        "the paragraph is {} tokens",
+        tokens.len()
+    );
+    let logprobs = json_numbers(&kiln, "token_logprobs");
+    assert_eq!(
+        logprobs.len(),
+        tokens.len() - 1,
+        "one log-probability per token after the first"
+    );
+    let perplexity = kiln["perplexity"].as_f64().expect("a perplexity");
+
+    let reference: serde_json::Value =
+        serde_json::from_str(&reference_json(&model, &tokens, 0)).expect("the reference's JSON");
+    let want = json_numbers(&reference, "prompt_logprobs");
+    assert_eq!(want.len(), logprobs.len());
+    for (i, (got, want)) in logprobs.iter().zip(&want).enumerate() {
+        assert!(
+            got.is_finite() && *got <= 0.0,
+            "token {}: log-probability {got}",
+            i + 1
+        );
+        assert!(
+            (got - want).abs() < 1e-3,
+            "token {} ({}): log-probability {got}, reference {want}",
+            i + 1,
+            tokens[i + 1]
+        );
+    }
+    let want_perplexity = (-want.iter().sum::<f64>() / want.len() as f64).exp();
+    eprintln!(
+        "perplexity of the paragraph ({} tokens scored): kiln {perplexity:.4}, reference \
+         {want_perplexity:.4}",
+        logprobs.len()
+    );
+    assert!(
+        ((perplexity - want_perplexity) / want_perplexity).abs() < 1e-4,
+        "perplexity {perplexity}, reference {want_perplexity}"
+    );
+    // A fluent English paragraph under a trained model: far below the vocabulary's 49152.
+    assert!(perplexity < 100.0, "perplexity {perplexity}");
 }

@@ -7,8 +7,9 @@ the rotation here is llama.cpp's "normal" pair rotation, not Hugging Face's rota
 runs the model in float64 with a KV cache: RMSNorm, grouped-query attention, SwiGLU MLP, tied
 or separate output head.
 
-Given prompt token ids it writes JSON: the logits of the prompt's last position and the greedy
-continuation (`--tokens` ids). kiln's test `tests/real_model.rs` compares its own run of the
+Given prompt token ids it writes JSON: the logits of the prompt's last position, the greedy
+continuation (`--tokens` ids, 0 for none), and the log-probability of each prompt token after
+the first given the ones before it (teacher forcing; for perplexity). kiln's test `tests/real_model.rs` compares its own run of the
 same file against this output.
 
 Usage: gguf_llama_reference.py MODEL.gguf --prompt 504,3575,282 --tokens 32 --out ref.json
@@ -116,7 +117,11 @@ def main():
     prompt = [int(s) for s in args.prompt.split(",")]
     config, tensors = load(args.model)
     model = Model(config, tensors)
-    for token in prompt:
+    prompt_logprobs = []
+    for index, token in enumerate(prompt):
+        if index > 0:
+            shifted = logits - logits.max()
+            prompt_logprobs.append(float(shifted[token] - np.log(np.exp(shifted).sum())))
         logits = model.step(token)
     prompt_logits = logits.copy()
     generated = []
@@ -130,6 +135,7 @@ def main():
                 "prompt": prompt,
                 "prompt_last_logits": [float(v) for v in prompt_logits],
                 "generated": generated,
+                "prompt_logprobs": prompt_logprobs,
             },
             f,
         )
