@@ -246,7 +246,7 @@ pub fn node_cost(graph: &Graph, node: &Node, bindings: &Bindings) -> Result<(f64
                 read_all + written,
             )
         }
-        Op::LinearAdd | Op::QuantizedLinear { .. } => {
+        Op::LinearAdd | Op::QuantizedLinear { .. } | Op::AtomLinear { .. } => {
             let k = *dims(operand(0)?)?.last().expect("rank ≥ 1") as f64;
             (2.0 * out_elements * k + out_elements, read_all + written)
         }

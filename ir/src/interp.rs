@@ -584,6 +584,35 @@ pub fn eval(
             };
             eval(&router, &[&logits], bindings)
         }
+        Op::AtomLinear {
+            group_size,
+            outliers,
+            activation_clip,
+        } => {
+            let options = crate::atom::AtomOptions {
+                group_size: *group_size,
+                outliers: *outliers,
+                activation_clip: *activation_clip,
+                ..crate::atom::AtomOptions::default()
+            };
+            let weight = crate::atom::AtomWeight {
+                permutation: operands[1].clone(),
+                int4: operands[2].clone(),
+                int4_scales: operands[3].clone(),
+                int8: operands[4].clone(),
+                int8_scales: operands[5].clone(),
+            };
+            let x = operands[0];
+            let n = weight.int4.shape[0];
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank ≥ 1") = n;
+            let values = crate::atom::linear(x, &weight, &options);
+            Ok(vec![Tensor {
+                dtype,
+                shape,
+                data: values.into_iter().map(|v| v as f32).collect(),
+            }])
+        }
         Op::QuantizedLinear { scheme } => {
             let weight = eval_plain(
                 Op::Dequantize {
@@ -835,7 +864,7 @@ fn broadcast_binary(
 }
 
 /// Quantises along the last axis per [`QuantScheme`]: values, scales and (asymmetric) zeros.
-fn quantize(x: &Tensor, scheme: &QuantScheme) -> Vec<Tensor> {
+pub(crate) fn quantize(x: &Tensor, scheme: &QuantScheme) -> Vec<Tensor> {
     let group = scheme.group_size;
     let levels = (1u32 << scheme.bits) as f64;
     let qmax = levels / 2.0 - 1.0;

@@ -21,6 +21,7 @@
 //! assert_eq!(g.value_type(y).unwrap().to_string(), "f32[tokens, 128]");
 //! ```
 
+pub mod atom;
 pub mod cost;
 pub mod dtype;
 pub mod graph;

@@ -199,6 +199,17 @@ pub enum Op {
     /// `x · wᵀ` with `w = Dequantize { scheme, to: x's dtype }(q, scale[, zero])` (rounded to
     /// the dtype), accumulated in f64; a dequantize fused into its matmul.
     QuantizedLinear { scheme: QuantScheme },
+    /// `(x [.., K] float, permutation [K] i32, int4 [N, K−o] i4, int4_scales [N, (K−o)/g] f16,
+    /// int8 [N, o] i8, int8_scales [N, 1] f16) → [.., N]`: Atom's W4A4 linear with `o =
+    /// outliers` INT8 channels (`crate::atom`): `x`'s channels reordered by `permutation`,
+    /// quantized per token (INT4 groups of `group_size` with `activation_clip`, INT8 for the
+    /// last `o`), integer products per group times both scales, summed in f64 and rounded to
+    /// `x`'s dtype.
+    AtomLinear {
+        group_size: usize,
+        outliers: usize,
+        activation_clip: f32,
+    },
     /// `(scores [B, H, S, T] float[, lengths [B] i32]) → [B, 1, S, T]`: the additive mask of
     /// causal attention, 0 where query `i` of sequence `b` sees key `j` and −∞ elsewhere. It
     /// sees `j < L − (S − 1 − i)` with `L = lengths[b]` (the rule of `AttentionDecode`; needs
@@ -262,6 +273,7 @@ impl Op {
             Op::LinearAdd => "linear_add",
             Op::AddRmsNorm { .. } => "add_rms_norm",
             Op::MoeRouterLinear { .. } => "moe_router_linear",
+            Op::AtomLinear { .. } => "atom_linear",
             Op::QuantizedLinear { .. } => "quantized_linear",
             Op::CausalMask => "causal_mask",
         }

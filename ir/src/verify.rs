@@ -896,6 +896,56 @@ pub fn infer(op: &Op, operands: &[TensorType]) -> Rule {
                 &logits,
             )
         }
+        Op::AtomLinear {
+            group_size,
+            outliers,
+            activation_clip,
+        } => {
+            expect_count(operands, 6)?;
+            let x = &operands[0];
+            expect_float("input", x)?;
+            expect_min_rank("input", x, 1)?;
+            let k = x
+                .shape
+                .last()
+                .and_then(Dim::as_const)
+                .ok_or_else(|| TypeError::QuantAxis {
+                    shape: x.shape.clone(),
+                })?;
+            let ordinary = k.saturating_sub(*outliers);
+            let scheme = crate::op::QuantScheme {
+                bits: 4,
+                group_size: *group_size,
+                symmetric: true,
+                clip: *activation_clip,
+            };
+            let groups = check_scheme(&scheme, &Shape::of(&[ordinary]))?;
+            let [permutation, int4, int4_scales, int8, int8_scales] =
+                [1, 2, 3, 4, 5].map(|i| &operands[i]);
+            expect_dtype("permutation", permutation, DType::I32)?;
+            expect_rank("permutation [K]", permutation, 1)?;
+            expect_dim("permutation [K]: K", &dims(permutation)[0], &Dim::Const(k))?;
+            expect_dtype("int4 weight", int4, DType::I4)?;
+            expect_rank("int4 weight [N, K − outliers]", int4, 2)?;
+            let n = dims(int4)[0].clone();
+            for (what, ty, dtype, cols) in [
+                ("int4 weight [N, K − outliers]", int4, DType::I4, ordinary),
+                (
+                    "int4 scales [N, (K − outliers) / group_size]",
+                    int4_scales,
+                    DType::F16,
+                    groups,
+                ),
+                ("int8 weight [N, outliers]", int8, DType::I8, *outliers),
+                ("int8 scales [N, 1]", int8_scales, DType::F16, 1),
+            ] {
+                expect_dtype(what, ty, dtype)?;
+                expect_rank(what, ty, 2)?;
+                expect_dim(what, &dims(ty)[0], &n)?;
+                expect_dim(what, &dims(ty)[1], &Dim::Const(cols))?;
+            }
+            Ok(vec![TensorType::new(x.dtype, with_last(&x.shape, n))])
+        }
         Op::QuantizedLinear { scheme } => {
             expect_count(operands, if scheme.symmetric { 3 } else { 4 })?;
             let x = &operands[0];

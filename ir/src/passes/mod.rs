@@ -6,4 +6,5 @@
 //! plan's `passes_run` after scheduling, so a plan says how it was made. Passes must not
 //! schedule, generate code or touch a device.
 
+pub mod atom;
 pub mod quest;
