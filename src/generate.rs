@@ -10,6 +10,7 @@
 
 use crate::sampling::{Sampler, Sampling};
 use anyhow::{bail, Context, Result};
+use kiln_ir::graph::Graph;
 use kiln_ir::interp;
 use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
@@ -157,14 +158,27 @@ pub fn generate_reference(
 ) -> Result<Generation> {
     let prefill = build_model(config, Phase::Prefill)?;
     let decode = build_model(config, Phase::Decode)?;
+    generate_on_graphs(config, &prefill, &decode, weights, options, on_token)
+}
+
+/// [`generate_reference`] on given prefill and decode graphs of `config` (the model's, or
+/// the model's after a pass such as Atom's).
+pub fn generate_on_graphs(
+    config: &ModelConfig,
+    prefill: &Graph,
+    decode: &Graph,
+    weights: &Weights,
+    options: &GenerateOptions,
+    on_token: impl FnMut(i32),
+) -> Result<Generation> {
     let capacity = options.prompt.len() + options.new_tokens;
     let mut state = HostState {
         tensors: kv_cache_state(config, capacity, 0.0),
     };
     let step = |phase: Phase, inputs: &HashMap<String, Tensor>| {
         let graph = match phase {
-            Phase::Prefill => &prefill,
-            Phase::Decode => &decode,
+            Phase::Prefill => prefill,
+            Phase::Decode => decode,
         };
         let all = state.with_inputs(inputs);
         let mut outputs =

@@ -9,6 +9,7 @@
 //! loading), `kiln-codegen` (PTX and Cranelift builders), `kiln-kernels` (kernel generators),
 //! `kiln-runtime` (devices, plans, execution) and `kiln-compiler` (driver and artifacts).
 
+pub mod atom_model;
 pub mod bench;
 pub mod embed;
 pub mod generate;

@@ -6,13 +6,13 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::compiler::{Artifact, ArtifactOptions, Target};
-use kiln::generate::{generate, generate_reference, GenerateOptions};
+use kiln::generate::{generate, generate_on_graphs, generate_reference, GenerateOptions};
 use kiln::inspect::{inspect, render, Workload};
 use kiln::model_source::{
     find_tokenizer, load_config, load_expected_weights, load_tokenizer, load_weights,
     weights_source,
 };
-use kiln::options::{LayerArgs, QuestArgs};
+use kiln::options::{AtomArgs, LayerArgs, QuestArgs};
 use kiln::plan_runner::{PlanRunner, RunDevice};
 use kiln::sampling::Sampling;
 use kiln::tokenizer::ChatMessage;
@@ -36,7 +36,7 @@ struct Cli {
 enum Command {
     /// Prefill a prompt and decode tokens (greedy, or sampled with --temperature), printing
     /// the text (--prompt) or the token ids, and tokens/s.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Report a model's layers, parameters, weight bytes and per-op FLOPs and bytes per token.
     Inspect(InspectArgs),
     /// Time generated kernels on the GPU (CUDA events, median of many, L2-busting rotation).
@@ -207,6 +207,8 @@ struct RunArgs {
     layers: LayerArgs,
     #[command(flatten)]
     quest: QuestArgs,
+    #[command(flatten)]
+    atom: AtomArgs,
 }
 
 #[derive(Args, Debug)]
@@ -230,6 +232,13 @@ struct InspectArgs {
 
 fn run(args: RunArgs) -> Result<()> {
     let quest = args.quest.options()?;
+    let atom = args.atom.options()?;
+    if atom.is_some() && (args.device != "reference" || args.compiled.is_some()) {
+        anyhow::bail!(
+            "--atom runs on --device reference for now: compiled plans have no CPU or GPU \
+             kernel of `atom_linear` yet"
+        );
+    }
     if args.compiled.is_some() && args.device == "reference" {
         anyhow::bail!(
             "--compiled runs the artifact's plans; --device reference runs the model graphs \
@@ -374,13 +383,49 @@ fn run(args: RunArgs) -> Result<()> {
             Err(error) => stream_error = Some(error),
         }
     };
-    let (mut generation, ran_on) = match device {
-        None => (
+    let (mut generation, ran_on) = match (device, atom) {
+        (None, Some(atom)) => {
+            let calibration = random_prompt(
+                args.atom.calibration_tokens()?,
+                config.vocab_size,
+                args.seed,
+            );
+            let model = kiln::atom_model::prepare(&config, &weights, atom, &calibration)?;
+            let (dense, packed) = model.linear_bytes;
+            for note in &model.report.notes {
+                eprintln!("kiln run: atom: {note}");
+            }
+            eprintln!(
+                "kiln run: atom: quantized linears {:.1} MB in {} → {:.1} MB packed ({:.2}×); \
+                 calibrated on {} random tokens",
+                dense as f64 / 1e6,
+                config.dtype,
+                packed as f64 / 1e6,
+                dense as f64 / packed as f64,
+                calibration.len()
+            );
+            (
+                generate_on_graphs(
+                    &config,
+                    &model.prefill,
+                    &model.decode,
+                    &model.weights,
+                    &options,
+                    &mut on_token,
+                )
+                .with_context(|| format!("running {} with Atom on the interpreter", config.name))?,
+                format!(
+                    "reference interpreter, cpu; Atom W4A4 (group {}, {} INT8 outliers, clip {})",
+                    atom.group_size, atom.outliers, atom.weight_clip
+                ),
+            )
+        }
+        (None, None) => (
             generate_reference(&config, &weights, &options, &mut on_token)
                 .with_context(|| format!("running {} on the reference interpreter", config.name))?,
             "reference interpreter, cpu".to_string(),
         ),
-        Some(device) => {
+        (Some(device), _) => {
             let capacity = prompt.len() + new_tokens;
             let mut runner = match (&artifact, &args.compiled) {
                 // The artifact's launch tables are recorded for its context: use it when the
@@ -742,9 +787,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli
         .command
-        .unwrap_or_else(|| Command::Run(RunArgs::parse_from_defaults()));
+        .unwrap_or_else(|| Command::Run(Box::new(RunArgs::parse_from_defaults())));
     let result = match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Inspect(args) => inspect_command(args),
         Command::Bench(args) => bench_command(args),
         Command::Embed(args) => kiln::embed::cli::embed_command(args),

@@ -1,11 +1,13 @@
 //! Command-line option groups shared by several `kiln` commands.
 //!
 //! Owns [`QuestArgs`] (`--quest-budget`, `--quest-page-size`, `--quest-skip-layers`) and its
-//! validation into `QuestOptions`, and [`LayerArgs`] (`--layers`); later placement and
-//! quantization groups go here too. It must not compile or run anything.
+//! validation into `QuestOptions`, [`AtomArgs`] (`--atom` and its options) into
+//! `AtomOptions`, and [`LayerArgs`] (`--layers`); a later placement group goes here too. It
+//! must not compile or run anything.
 
 use anyhow::Result;
 use clap::Args;
+use kiln_ir::atom::AtomOptions;
 use kiln_ir::quest::QuestOptions;
 use kiln_models::ModelConfig;
 
@@ -98,5 +100,63 @@ impl QuestArgs {
             .validate()
             .map_err(|e| anyhow::anyhow!("--quest-budget/--quest-page-size: {e}"))?;
         Ok(Some(options))
+    }
+}
+
+/// The Atom pass's flags.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AtomArgs {
+    /// Atom W4A4: every linear layer of the decoder runs with 4-bit weights and activations
+    /// (groups along K with f16 scales, activations quantized per token at run time) and its
+    /// --atom-outliers input channels of largest mean square in INT8, chosen by a calibration
+    /// run (see --atom-calibration-tokens). The embedding, head, routers and experts stay in
+    /// the model's precision. For now on `--device reference` only (the CPU and GPU kernels
+    /// of `atom_linear` are not written yet).
+    #[arg(long)]
+    pub atom: bool,
+    /// Atom: input channels per 4-bit scale [default: 128]. K − outliers of every linear must
+    /// be a multiple of it.
+    #[arg(long, value_name = "N", requires = "atom")]
+    pub atom_group_size: Option<usize>,
+    /// Atom: input channels kept in INT8 per linear layer [default: 128].
+    #[arg(long, value_name = "N", requires = "atom")]
+    pub atom_outliers: Option<usize>,
+    /// Atom: fraction of each group's absolute maximum mapped to the largest 4-bit value, for
+    /// weights and activations (0 < C ≤ 1) [default: 1, no clipping].
+    #[arg(long, value_name = "C", requires = "atom")]
+    pub atom_clip: Option<f32>,
+    /// Atom: the calibration run (which picks each linear's outlier channels) prefills this
+    /// many token ids drawn uniformly with --seed [default: 64]. It never sees the prompt, so
+    /// `--perplexity` scores text the quantization was not fitted to.
+    #[arg(long, value_name = "N", requires = "atom")]
+    pub atom_calibration_tokens: Option<usize>,
+}
+
+impl AtomArgs {
+    /// The Atom options of the flags, `None` without `--atom`; errors name the flag.
+    pub fn options(&self) -> Result<Option<AtomOptions>> {
+        if !self.atom {
+            return Ok(None);
+        }
+        let defaults = AtomOptions::default();
+        let clip = self.atom_clip.unwrap_or(defaults.weight_clip);
+        let options = AtomOptions {
+            group_size: self.atom_group_size.unwrap_or(defaults.group_size),
+            outliers: self.atom_outliers.unwrap_or(defaults.outliers),
+            weight_clip: clip,
+            activation_clip: clip,
+        };
+        options
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--atom-group-size/--atom-clip: {e}"))?;
+        Ok(Some(options))
+    }
+
+    /// Token ids of the calibration run.
+    pub fn calibration_tokens(&self) -> Result<usize> {
+        match self.atom_calibration_tokens.unwrap_or(64) {
+            0 => anyhow::bail!("--atom-calibration-tokens must be at least 1"),
+            n => Ok(n),
+        }
     }
 }

@@ -987,3 +987,57 @@ fn run_help_explains_the_text_flags() {
         assert!(help.contains(flag), "missing {flag}:\n{help}");
     }
 }
+
+/// `--atom` runs on the interpreter, says what it quantized, and refuses what it cannot do
+/// with errors that name the flag or the layer.
+#[test]
+fn atom_runs_on_the_reference_and_refuses_compiled_plans_and_misfit_layers() {
+    let ok = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "reference",
+        "--atom",
+        "-n",
+        "3",
+    ]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let log = stderr(&ok);
+    assert!(log.contains("linear layers in W4A4"), "{log}");
+    assert!(
+        stdout(&ok).contains("Atom W4A4 (group 128, 128 INT8 outliers"),
+        "{}",
+        stdout(&ok)
+    );
+
+    let compiled = kiln(&["run", "--model", "tiny-llama", "--device", "cpu", "--atom"]);
+    assert!(!compiled.status.success());
+    assert!(
+        stderr(&compiled).contains("--atom runs on --device reference"),
+        "{}",
+        stderr(&compiled)
+    );
+
+    let misfit = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "reference",
+        "--atom",
+        "--atom-outliers",
+        "100",
+    ]);
+    assert!(!misfit.status.success());
+    let message = stderr(&misfit);
+    assert!(
+        message.contains("atom: `model.layers.0.")
+            && message.contains("not a multiple of group_size 128"),
+        "{message}"
+    );
+
+    let without = kiln(&["run", "--model", "tiny-llama", "--atom-outliers", "4"]);
+    assert!(!without.status.success());
+    assert!(stderr(&without).contains("--atom"), "{}", stderr(&without));
+}

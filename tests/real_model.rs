@@ -350,3 +350,57 @@ fn smollm2_perplexity_of_a_fixed_paragraph_matches_the_reference() {
     // A fluent English paragraph under a trained model: far below the vocabulary's 49152.
     assert!(perplexity < 100.0, "perplexity {perplexity}");
 }
+
+/// `kiln run --perplexity` of the fixed paragraph on the interpreter, with `extra` flags: the
+/// perplexity.
+fn interpreter_perplexity(model: &Path, extra: &[&str]) -> f64 {
+    let paragraph = std::fs::read_to_string(root().join("tests/data/perplexity_paragraph.txt"))
+        .expect("the paragraph is in tests/data");
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("run")
+        .arg("--model")
+        .arg(model)
+        .args([
+            "--device",
+            "reference",
+            "--dtype",
+            "f32",
+            "--perplexity",
+            "--json",
+        ])
+        .args(extra)
+        .args(["--prompt", paragraph.trim()])
+        .output()
+        .expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{extra:?}: {stderr}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    json["perplexity"].as_f64().expect("a perplexity")
+}
+
+/// Atom W4A4 on a real model (groups of 64: SmolLM2's K of 576 and 1536 less 128 outliers
+/// divide into them): the perplexity of the fixed paragraph stays within 1.5× of the
+/// unquantized model's, and without the INT8 outlier channels it is far worse (the paper's
+/// ablation: outliers are what make 4-bit activations work). Figures printed for
+/// bench/RESULTS.md.
+#[test]
+fn smollm2_atom_w4a4_perplexity_needs_the_outlier_channels() {
+    let model = model_path();
+    let dense = interpreter_perplexity(&model, &[]);
+    let atom = interpreter_perplexity(&model, &["--atom", "--atom-group-size", "64"]);
+    let no_outliers = interpreter_perplexity(
+        &model,
+        &["--atom", "--atom-group-size", "64", "--atom-outliers", "0"],
+    );
+    eprintln!(
+        "perplexity of the paragraph: f32 {dense:.4}; Atom W4A4 g64 + 128 INT8 outliers \
+         {atom:.4}; W4A4 g64 without outliers {no_outliers:.4}"
+    );
+    assert!(atom.is_finite() && atom > dense * 0.9, "{atom} vs {dense}");
+    assert!(atom < 1.5 * dense, "Atom {atom}, unquantized {dense}");
+    assert!(
+        no_outliers > 2.0 * atom,
+        "no outliers {no_outliers}, Atom {atom}"
+    );
+}
