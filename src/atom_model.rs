@@ -2,11 +2,16 @@
 //! prefill and decode graphs, the calibration run that picks each linear's outlier channels,
 //! and the quantized weights the rewritten graphs read.
 //!
+//! A model quantized once (`kiln quantize --atom -o FILE`) is read back by
+//! [`prepare_quantized`]: the file holds the Atom tensors (i4 packed two to a byte, see
+//! `kiln_models::weights::PACKED_I4`) and every other weight, and no calibration runs.
+//!
 //! It owns that orchestration only: the format and math are `kiln_ir::atom`, the rewrite
 //! `kiln_ir::passes::atom`. Compiled plans do not take Atom graphs yet (no CPU or GPU kernel
 //! of `atom_linear`); it must not schedule or touch a device.
 
 use crate::generate::kv_cache_state;
+use crate::model_source::load_weights;
 use anyhow::{Context, Result};
 use kiln_ir::atom::AtomOptions;
 use kiln_ir::graph::Graph;
@@ -17,6 +22,8 @@ use kiln_ir::tensor::Tensor;
 use kiln_ir::weights::Weights;
 use kiln_models::{build_model, ModelConfig, Phase};
 use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
 
 /// A model with the Atom pass applied.
 pub struct AtomModel {
@@ -62,20 +69,8 @@ pub fn prepare(
     let mean_squares = calibration(&outputs, &targets);
     let quantized = quantize_weights(&pass, &targets, weights, &mean_squares)?;
 
-    let (prefill, report) = pass.run(&prefill)?;
-    let (decode, _) = pass.run(&decode)?;
     let replaced: std::collections::HashSet<&str> =
         targets.iter().map(|t| t.weight.as_str()).collect();
-    let dtype_bits = config.dtype.bits();
-    let linear_bytes = targets
-        .iter()
-        .map(|t| t.n * t.k * dtype_bits / 8)
-        .sum::<usize>();
-    // Packed: i4 two to a byte, i8, f16 scales, i32 permutations.
-    let packed = quantized
-        .iter()
-        .map(|(_, t)| (t.len() * t.dtype.bits()).div_ceil(8))
-        .sum();
     let mut all = Weights::new();
     for (name, tensor) in weights.iter() {
         if !replaced.contains(name) {
@@ -85,11 +80,92 @@ pub fn prepare(
     for (name, tensor) in quantized.iter() {
         all.insert(name, tensor.clone());
     }
+    finish(config, &pass, prefill, decode, all)
+}
+
+/// Applies Atom to `config`'s graphs and reads their weights, already quantized, from
+/// `path` (written by `kiln quantize --atom` with the same options).
+pub fn prepare_quantized(
+    config: &ModelConfig,
+    options: AtomOptions,
+    path: &Path,
+) -> Result<AtomModel> {
+    let pass = AtomPass::new(options)?;
+    let prefill = build_model(config, Phase::Prefill)?;
+    let decode = build_model(config, Phase::Decode)?;
+    let (rewritten, _) = pass.run(&prefill)?;
+    let weights = load_weights(&rewritten, Some(path), 0).with_context(|| {
+        format!(
+            "reading the Atom weights of {} from {} (quantized with other --atom options?)",
+            config.name,
+            path.display()
+        )
+    })?;
+    finish(config, &pass, prefill, decode, weights)
+}
+
+/// The rewritten graphs, the report and the byte counts of `weights` (the rewritten graphs').
+fn finish(
+    config: &ModelConfig,
+    pass: &AtomPass,
+    prefill: Graph,
+    decode: Graph,
+    weights: Weights,
+) -> Result<AtomModel> {
+    let targets = pass.targets(&prefill)?;
+    let (prefill, report) = pass.run(&prefill)?;
+    let (decode, _) = pass.run(&decode)?;
+    let linear_bytes = targets
+        .iter()
+        .map(|t| t.n * t.k * config.dtype.bits() / 8)
+        .sum::<usize>();
+    // Packed: i4 two to a byte, i8, f16 scales, i32 permutations.
+    let packed = targets
+        .iter()
+        .flat_map(|t| ATOM_SUFFIXES.map(|suffix| format!("{}.{suffix}", t.weight)))
+        .filter_map(|name| weights.get(&name))
+        .map(|t| (t.len() * t.dtype.bits()).div_ceil(8))
+        .sum();
     Ok(AtomModel {
         prefill,
         decode,
-        weights: all,
+        weights,
         report,
         linear_bytes: (linear_bytes, packed),
     })
+}
+
+const ATOM_SUFFIXES: [&str; 5] = [
+    kiln_ir::atom::PERMUTATION,
+    kiln_ir::atom::INT4,
+    kiln_ir::atom::INT4_SCALES,
+    kiln_ir::atom::INT8,
+    kiln_ir::atom::INT8_SCALES,
+];
+
+/// Whether `path` is a safetensors file holding Atom weights (a tensor named
+/// `*.atom_int4`); reads only the header. Anything else (a directory, a GGUF file, an
+/// unreadable file) is `false`, and loading it reports the problem.
+pub fn is_quantized_file(path: &Path) -> bool {
+    let read_header = || -> std::io::Result<Option<serde_json::Value>> {
+        let mut file = std::fs::File::open(path)?;
+        let mut length = [0u8; 8];
+        file.read_exact(&mut length)?;
+        let length = u64::from_le_bytes(length);
+        if length > 100_000_000 {
+            return Ok(None);
+        }
+        let mut header = vec![0u8; length as usize];
+        file.read_exact(&mut header)?;
+        Ok(serde_json::from_slice(&header).ok())
+    };
+    if !path.is_file() {
+        return false;
+    }
+    match read_header() {
+        Ok(Some(serde_json::Value::Object(map))) => map
+            .keys()
+            .any(|name| name.ends_with(&format!(".{}", kiln_ir::atom::INT4))),
+        _ => false,
+    }
 }

@@ -52,6 +52,37 @@ enum Command {
     /// weights by name, the prefill and decode plans, every kernel by spec key), kernels/*.ptx
     /// and report.txt. `kiln run --compiled DIR` runs it without compiling anything.
     Compile(CompileArgs),
+    /// Quantize a model's weights offline (Atom W4A4: --atom) into one safetensors file:
+    /// the decoder's linears as Atom tensors (i4 packed two to a byte, f16 scales, INT8
+    /// outlier columns, channel permutation), every other weight as loaded. `kiln run
+    /// --model M --weights FILE --atom` (same options) reads it without calibrating again.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args, Debug)]
+struct QuantizeArgs {
+    /// Model: a preset name, a path to a Hugging Face config.json or its directory, or a
+    /// llama.cpp .gguf file.
+    #[arg(long, short)]
+    model: String,
+    /// Weights to quantize (as `kiln run --weights`); default: random from --seed, or the
+    /// .gguf model's own.
+    #[arg(long, short)]
+    weights: Option<PathBuf>,
+    /// Seed of random weights and of the calibration tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The dtype of the weights kept unquantized (`f16`, `bf16` or `f32`); default: the
+    /// model's.
+    #[arg(long, value_parser = ["f16", "bf16", "f32"])]
+    dtype: Option<String>,
+    /// Output safetensors file, written atomically.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+    #[command(flatten)]
+    layers: LayerArgs,
+    #[command(flatten)]
+    atom: AtomArgs,
 }
 
 #[derive(Args, Debug)]
@@ -307,7 +338,13 @@ fn run(args: RunArgs) -> Result<()> {
         }
     };
     let started = std::time::Instant::now();
+    // `--atom --weights FILE` of `kiln quantize`: read in the Atom branch below.
+    let prequantized = match (&atom, &args.weights) {
+        (Some(_), Some(path)) if kiln::atom_model::is_quantized_file(path) => Some(path.clone()),
+        _ => None,
+    };
     let weights = match &artifact {
+        _ if prequantized.is_some() => kiln_ir::weights::Weights::new(),
         Some(artifact) => load_expected_weights(
             &artifact.expected_weights(),
             &config.name,
@@ -390,19 +427,25 @@ fn run(args: RunArgs) -> Result<()> {
                 config.vocab_size,
                 args.seed,
             );
-            let model = kiln::atom_model::prepare(&config, &weights, atom, &calibration)?;
+            let model = match &prequantized {
+                Some(path) => kiln::atom_model::prepare_quantized(&config, atom, path)?,
+                None => kiln::atom_model::prepare(&config, &weights, atom, &calibration)?,
+            };
             let (dense, packed) = model.linear_bytes;
             for note in &model.report.notes {
                 eprintln!("kiln run: atom: {note}");
             }
             eprintln!(
                 "kiln run: atom: quantized linears {:.1} MB in {} → {:.1} MB packed ({:.2}×); \
-                 calibrated on {} random tokens",
+                 {}",
                 dense as f64 / 1e6,
                 config.dtype,
                 packed as f64 / 1e6,
                 dense as f64 / packed as f64,
-                calibration.len()
+                match &prequantized {
+                    Some(path) => format!("quantized weights read from {}", path.display()),
+                    None => format!("calibrated on {} random tokens", calibration.len()),
+                }
             );
             (
                 generate_on_graphs(
@@ -696,6 +739,43 @@ fn print_and_save(
     Ok(())
 }
 
+fn quantize_command(args: QuantizeArgs) -> Result<()> {
+    use kiln::models::weights::WeightsIo;
+    let Some(atom) = args.atom.options()? else {
+        anyhow::bail!("kiln quantize needs a scheme: --atom (the only one so far)");
+    };
+    let config = model_config(&args.model, args.dtype.as_deref(), &args.layers, false)?;
+    let weights = load_weights(
+        &build_model(&config, Phase::Prefill)?,
+        weights_source(&args.model, args.weights.as_deref())?,
+        args.seed,
+    )?;
+    let calibration = random_prompt(
+        args.atom.calibration_tokens()?,
+        config.vocab_size,
+        args.seed,
+    );
+    let model = kiln::atom_model::prepare(&config, &weights, atom, &calibration)?;
+    model
+        .weights
+        .save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let (dense, packed) = model.linear_bytes;
+    for note in &model.report.notes {
+        println!("{note}");
+    }
+    println!(
+        "{}: linears {:.1} MB in {} → {:.1} MB packed ({:.2}×); wrote {}",
+        config.name,
+        dense as f64 / 1e6,
+        config.dtype,
+        packed as f64 / 1e6,
+        dense as f64 / packed as f64,
+        args.out.display()
+    );
+    Ok(())
+}
+
 fn compile_command(args: CompileArgs) -> Result<()> {
     for (name, value) in [("--batch", args.batch), ("--prompt-len", args.prompt_len)] {
         anyhow::ensure!(value > 0, "{name} must be at least 1");
@@ -794,6 +874,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench_command(args),
         Command::Embed(args) => kiln::embed::cli::embed_command(args),
         Command::Compile(args) => compile_command(args),
+        Command::Quantize(args) => quantize_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

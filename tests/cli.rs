@@ -1041,3 +1041,59 @@ fn atom_runs_on_the_reference_and_refuses_compiled_plans_and_misfit_layers() {
     assert!(!without.status.success());
     assert!(stderr(&without).contains("--atom"), "{}", stderr(&without));
 }
+
+/// `kiln quantize --atom` writes the Atom weights once; `kiln run --atom --weights FILE`
+/// reads them without calibrating and decodes the same tokens as quantizing on the fly
+/// (same seed, so the same calibration); other options than the file's are refused.
+#[test]
+fn quantize_atom_writes_weights_that_run_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny-llama-atom.safetensors");
+    let path = file.to_str().unwrap();
+    let quantized = kiln(&["quantize", "--model", "tiny-llama", "--atom", "-o", path]);
+    assert!(quantized.status.success(), "{}", stderr(&quantized));
+    assert!(
+        stdout(&quantized).contains("packed"),
+        "{}",
+        stdout(&quantized)
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model",
+            "tiny-llama",
+            "--device",
+            "reference",
+            "--atom",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-n", "6", "--json"]);
+        kiln(&args)
+    };
+    let on_the_fly = run(&[]);
+    let from_file = run(&["--weights", path]);
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    assert!(
+        stderr(&from_file).contains("quantized weights read from"),
+        "{}",
+        stderr(&from_file)
+    );
+    let tokens = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["tokens"].clone()
+    };
+    assert_eq!(tokens(&from_file), tokens(&on_the_fly));
+    let other = run(&["--weights", path, "--atom-group-size", "64"]);
+    assert!(!other.status.success());
+    assert!(
+        stderr(&other).contains("quantized with other --atom options?"),
+        "{}",
+        stderr(&other)
+    );
+    let no_scheme = kiln(&["quantize", "--model", "tiny-llama", "-o", path]);
+    assert!(!no_scheme.status.success());
+    assert!(
+        stderr(&no_scheme).contains("--atom"),
+        "{}",
+        stderr(&no_scheme)
+    );
+}

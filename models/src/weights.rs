@@ -91,8 +91,11 @@ pub enum WeightsError {
         #[source]
         source: TensorError,
     },
-    #[error("cannot save weight `{name}` of dtype {dtype}: safetensors has no {dtype} type")]
-    UnsupportedDtype { name: String, dtype: DType },
+    #[error(
+        "cannot save weight `{name}` of dtype i4 and shape {shape:?}: it is stored packed, two \
+         values to a byte along the last axis, which must be even"
+    )]
+    OddPackedAxis { name: String, shape: Vec<usize> },
     #[error("cannot write `{}`: {message}", .path.display())]
     Write { path: PathBuf, message: String },
 }
@@ -248,10 +251,10 @@ impl WeightsIo for Weights {
     }
 
     fn save(&self, path: &Path) -> Result<(), WeightsError> {
-        let mut encoded: Vec<(&str, StDtype, &[usize], Vec<u8>)> = Vec::new();
+        let mut encoded: Vec<(&str, StDtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, tensor) in self.iter() {
-            let (dtype, bytes) = encode(name, tensor)?;
-            encoded.push((name, dtype, &tensor.shape, bytes));
+            let (dtype, shape, bytes) = encode(name, tensor)?;
+            encoded.push((name, dtype, shape, bytes));
         }
         let write_err = |message: String| WeightsError::Write {
             path: path.to_path_buf(),
@@ -395,11 +398,15 @@ fn convert(
     view: &TensorView<'_>,
 ) -> Result<Tensor, WeightsError> {
     let expected_shape = concrete_shape(name, ty)?;
-    if view.shape() != expected_shape.as_slice() {
+    let stored_shape = match ty.dtype {
+        DType::I4 => packed_shape(&expected_shape).unwrap_or_default(),
+        _ => expected_shape.clone(),
+    };
+    if view.shape() != stored_shape.as_slice() {
         return Err(WeightsError::ShapeMismatch {
             name: name.to_string(),
             file: file.to_path_buf(),
-            expected: expected_shape,
+            expected: stored_shape,
             found: view.shape().to_vec(),
         });
     }
@@ -448,9 +455,13 @@ fn convert(
         (DType::I32, _) => return Err(dtype_err(" (I32 in the file)")),
         (DType::I8, StDtype::I8) => bytes.iter().map(|&b| b as i8 as f32).collect(),
         (DType::I8, _) => return Err(dtype_err(" (I8 in the file)")),
+        (DType::I4, StDtype::U8) => bytes
+            .iter()
+            .flat_map(|&b| [(b & 0x0f) as f32 - 8.0, (b >> 4) as f32 - 8.0])
+            .collect(),
         (DType::I4, _) => {
             return Err(dtype_err(
-                " (i4 weights cannot be loaded: safetensors has no 4-bit integer type)",
+                " (U8 in the file: i4 values packed two to a byte, see `PACKED_I4`)",
             ))
         }
     };
@@ -461,10 +472,40 @@ fn convert(
     })
 }
 
-/// A host tensor's little-endian bytes in its own dtype.
-fn encode(name: &str, tensor: &Tensor) -> Result<(StDtype, Vec<u8>), WeightsError> {
+/// How i4 tensors are stored: `U8` bytes, two values to a byte along the last axis (which
+/// must be even, and is halved in the file's shape), each the unsigned nibble `q + 8`, the
+/// lower-index value in the low nibble (the Atom kernels' layout).
+pub const PACKED_I4: &str = "U8, two i4 values q + 8 per byte, low nibble first";
+
+/// The file shape of an i4 tensor of `shape` (last axis halved), `None` when it is odd or
+/// the shape is empty.
+fn packed_shape(shape: &[usize]) -> Option<Vec<usize>> {
+    let (&last, _) = shape.split_last()?;
+    if !last.is_multiple_of(2) {
+        return None;
+    }
+    let mut packed = shape.to_vec();
+    *packed.last_mut()? = last / 2;
+    Some(packed)
+}
+
+/// A host tensor's little-endian bytes in its own dtype, with the file's dtype and shape.
+fn encode(name: &str, tensor: &Tensor) -> Result<(StDtype, Vec<usize>, Vec<u8>), WeightsError> {
     let data = &tensor.data;
-    Ok(match tensor.dtype {
+    if tensor.dtype == DType::I4 {
+        let shape = packed_shape(&tensor.shape).ok_or_else(|| WeightsError::OddPackedAxis {
+            name: name.to_string(),
+            shape: tensor.shape.clone(),
+        })?;
+        let nibble = |v: f32| ((v as i32 + 8) & 0x0f) as u8;
+        let bytes = data
+            .chunks_exact(2)
+            .map(|pair| nibble(pair[0]) | (nibble(pair[1]) << 4))
+            .collect();
+        return Ok((StDtype::U8, shape, bytes));
+    }
+    let shape = tensor.shape.clone();
+    let (dtype, bytes) = match tensor.dtype {
         DType::F32 => (
             StDtype::F32,
             data.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -491,13 +532,9 @@ fn encode(name: &str, tensor: &Tensor) -> Result<(StDtype, Vec<u8>), WeightsErro
             StDtype::I8,
             data.iter().flat_map(|&v| (v as i8).to_le_bytes()).collect(),
         ),
-        DType::I4 => {
-            return Err(WeightsError::UnsupportedDtype {
-                name: name.to_string(),
-                dtype: DType::I4,
-            })
-        }
-    })
+        DType::I4 => unreachable!("packed above"),
+    };
+    Ok((dtype, shape, bytes))
 }
 
 /// Writes `bytes` to a fresh temporary file beside `path`, syncs it and renames it over
@@ -642,15 +679,40 @@ mod tests {
     }
 
     #[test]
-    fn saving_i4_is_an_error_naming_the_tensor() {
+    fn i4_round_trips_packed_two_to_a_byte_and_an_odd_axis_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
+        let values: Vec<f32> = (0..12).map(|i| (i as f32) - 8.0 + (i % 3) as f32).collect();
+        let values: Vec<f32> = values.iter().map(|v| v.clamp(-8.0, 7.0)).collect();
         let mut w = Weights::new();
-        w.insert("packed", Tensor::zeros(DType::I4, &[4]));
-        let msg = err_text(w.save(&path));
-        assert!(msg.contains("`packed`") && msg.contains("i4"), "{msg}");
-        assert!(!path.exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        w.insert(
+            "packed",
+            Tensor::new(DType::I4, &[3, 4], values.clone()).unwrap(),
+        );
+        w.save(&path).unwrap();
+        // The file: U8 [3, 2], nibbles q + 8 with the first value low.
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let view = st.tensor("packed").unwrap();
+        assert_eq!(
+            (view.dtype(), view.shape()),
+            (StDtype::U8, &[3usize, 2][..])
+        );
+        let first = view.data()[0];
+        assert_eq!(
+            (first & 0x0f, first >> 4),
+            ((values[0] + 8.0) as u8, (values[1] + 8.0) as u8)
+        );
+        let expected = vec![("packed".to_string(), ty(DType::I4, &[3, 4]))];
+        let back = Weights::load(&path, &expected).unwrap();
+        assert_eq!(back.get("packed").unwrap().data, values);
+
+        let odd = dir.path().join("odd.safetensors");
+        let mut w = Weights::new();
+        w.insert("packed", Tensor::zeros(DType::I4, &[3]));
+        let msg = err_text(w.save(&odd));
+        assert!(msg.contains("`packed`") && msg.contains("even"), "{msg}");
+        assert!(!odd.exists());
     }
 
     #[test]
