@@ -1,8 +1,9 @@
 //! Informational timings of the CPU kernels (ignored by default; run with
 //! `cargo test --release -p kiln-runtime --test cpu_bench -- --ignored --nocapture`).
-//! Prints GFLOP/s of the dot kernel and GB/s of a map; asserts only correctness.
+//! Prints GFLOP/s of the dot kernel, GB/s of a map, and the weight GB/s of one Mixtral expert
+//! projection in int4, bf16 and f32 beside a host copy; asserts only correctness.
 
-use kiln_codegen::cpu::{DotSpec, ElemType, MapSpec};
+use kiln_codegen::cpu::{DotSpec, ElemType, ElementFormat, Int4DotSpec, MapSpec};
 use kiln_codegen::expr::Expr;
 use kiln_runtime::cpu::{CpuJit, DotShape, Parallelism};
 use std::time::Instant;
@@ -124,6 +125,89 @@ fn map_swiglu_bandwidth() {
             s * 1e3,
             3.0 * 4.0 * len as f64 / s / 1e9,
             len as f64 / s / 1e9
+        );
+    }
+}
+
+/// One Mixtral expert projection (N 14336, K 4096) at 1, 4 and 16 tokens: the int4 grouped
+/// dot (group 128) against the bf16 and f32 dot kernels, as GB/s of weights read, beside the
+/// host copy bandwidth (a 256 MiB `copy_from_slice`, read + write) — Fiddler's CPU expert.
+#[test]
+#[ignore = "benchmark; run in release with --ignored --nocapture"]
+fn expert_projection_int4_bf16_f32() {
+    let jit = CpuJit::new().unwrap();
+    let (n, k) = (14336, 4096);
+    let source = vec![1u8; 256 << 20];
+    let mut target = vec![0u8; 256 << 20];
+    eprintln!("host copy, 256 MiB:");
+    let copy = median_seconds(5, || target.copy_from_slice(&source));
+    eprintln!(
+        "  {:.1} GB/s (read + write)",
+        2.0 * source.len() as f64 / copy / 1e9
+    );
+    drop((source, target));
+
+    let int4 = jit.int4_dot(Int4DotSpec::new(128)).unwrap();
+    let packed: Vec<u8> = (0..n * k / 2).map(|i| (i * 37 % 251) as u8).collect();
+    let scales = vec![0.01f32; n * k / 128];
+    let bf16 = jit
+        .dot(DotSpec::new(ElemType::F32).with_formats(ElementFormat::F32, ElementFormat::Bf16))
+        .unwrap();
+    let weights_bf16: Vec<half::bf16> = (0..n * k)
+        .map(|i| half::bf16::from_f32((i % 17) as f32 * 0.01))
+        .collect();
+    let f32_dot = jit.dot(DotSpec::new(ElemType::F32)).unwrap();
+    let weights_f32: Vec<f32> = weights_bf16.iter().map(|v| v.to_f32()).collect();
+    for m in [1, 4, 16] {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+        let mut c = vec![0.0f32; m * n];
+        eprintln!("{m} token(s), int4 g128:");
+        let t = median_seconds(7, || {
+            int4.run(&a, &packed, &scales, &mut c, (m, n, k), Parallelism::Rayon)
+                .unwrap()
+        });
+        let bytes = (packed.len() + 4 * scales.len()) as f64;
+        eprintln!(
+            "  {:.2} ms, {:.1} GB/s of weights",
+            t * 1e3,
+            bytes / t / 1e9
+        );
+        eprintln!("{m} token(s), bf16:");
+        let t = median_seconds(7, || {
+            bf16.run(
+                &a,
+                &weights_bf16,
+                &mut c,
+                DotShape::new(m, n, k),
+                1.0,
+                0.0,
+                Parallelism::Rayon,
+            )
+            .unwrap()
+        });
+        eprintln!(
+            "  {:.2} ms, {:.1} GB/s of weights",
+            t * 1e3,
+            (2 * n * k) as f64 / t / 1e9
+        );
+        eprintln!("{m} token(s), f32:");
+        let t = median_seconds(7, || {
+            f32_dot
+                .run(
+                    &a,
+                    &weights_f32,
+                    &mut c,
+                    DotShape::new(m, n, k),
+                    1.0,
+                    0.0,
+                    Parallelism::Rayon,
+                )
+                .unwrap()
+        });
+        eprintln!(
+            "  {:.2} ms, {:.1} GB/s of weights",
+            t * 1e3,
+            (4 * n * k) as f64 / t / 1e9
         );
     }
 }

@@ -19,6 +19,8 @@
 //!   tables, in f64 (interpreter-exact) or f32.
 //! - [`softmax`]: in-place row softmax of `scale·x` over a per-row count of leading elements
 //!   (zeros after them), the key mask of attention ([`SoftmaxSpec`]).
+//! - [`int4_dot`]: `C = A · Bᵀ` with B in 4 bits per value and a scale per group along K
+//!   (Atom's and Fiddler's int4 weights, [`Int4DotSpec`]).
 //!
 //! Building blocks: [`target`] (what the host ISA offers), [`simd`] (scalar/vector value
 //! helpers), [`load`] (element formats → compute lanes; the one place where narrow formats
@@ -45,6 +47,8 @@
 pub mod dot;
 pub mod error;
 pub mod exp;
+pub mod int4_dot;
+pub mod int4_dot_spec;
 pub mod load;
 pub mod loops;
 pub mod lower_expr;
@@ -58,6 +62,7 @@ pub mod spec;
 pub mod target;
 
 pub use error::CpuCodegenError;
+pub use int4_dot_spec::Int4DotSpec;
 pub use softmax_spec::SoftmaxSpec;
 pub use spec::{CpuKernelSpec, DotSpec, ElemType, ElementFormat, MapSpec, RmsNormSpec, RopeSpec};
 pub use target::CpuTarget;
@@ -72,6 +77,7 @@ pub fn signature(spec: &CpuKernelSpec, target: &CpuTarget) -> Signature {
         CpuKernelSpec::RmsNorm(_) => rms_norm::signature(target),
         CpuKernelSpec::Rope(_) => rope::signature(target),
         CpuKernelSpec::Softmax(_) => softmax::signature(target),
+        CpuKernelSpec::Int4Dot(_) => int4_dot::signature(target),
     }
 }
 
@@ -92,6 +98,7 @@ pub fn build_function(
         CpuKernelSpec::RmsNorm(norm) => rms_norm::build(norm, target, &mut function),
         CpuKernelSpec::Rope(rope) => rope::build(rope, target, &mut function),
         CpuKernelSpec::Softmax(softmax) => softmax::build(softmax, target, &mut function),
+        CpuKernelSpec::Int4Dot(spec) => int4_dot::build(spec, target, &mut function),
     }
     Ok(function)
 }

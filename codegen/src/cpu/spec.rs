@@ -482,6 +482,7 @@ pub enum CpuKernelSpec {
     RmsNorm(RmsNormSpec),
     Rope(RopeSpec),
     Softmax(super::softmax_spec::SoftmaxSpec),
+    Int4Dot(super::int4_dot_spec::Int4DotSpec),
 }
 
 impl CpuKernelSpec {
@@ -492,6 +493,7 @@ impl CpuKernelSpec {
             CpuKernelSpec::RmsNorm(r) => r.validate(),
             CpuKernelSpec::Rope(r) => r.validate(),
             CpuKernelSpec::Softmax(s) => s.validate(),
+            CpuKernelSpec::Int4Dot(d) => d.validate(),
         }
     }
 
@@ -509,6 +511,7 @@ impl CpuKernelSpec {
             CpuKernelSpec::RmsNorm(_) => RmsNormSpec::abi(),
             CpuKernelSpec::Rope(_) => RopeSpec::abi(),
             CpuKernelSpec::Softmax(_) => super::softmax_spec::SoftmaxSpec::abi(),
+            CpuKernelSpec::Int4Dot(_) => super::int4_dot_spec::Int4DotSpec::abi(),
         }
     }
 }

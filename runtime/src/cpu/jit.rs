@@ -6,6 +6,7 @@
 //! [`softmax`](super::softmax) do).
 
 use super::dot::DotKernel;
+use super::int4_dot::Int4DotKernel;
 use super::map::MapKernel;
 use super::rms_norm::RmsNormKernel;
 use super::rope::RopeKernel;
@@ -16,7 +17,8 @@ use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
 use kiln_codegen::cpu::{
-    build_function, CpuKernelSpec, CpuTarget, DotSpec, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec,
+    build_function, CpuKernelSpec, CpuTarget, DotSpec, Int4DotSpec, MapSpec, RmsNormSpec, RopeSpec,
+    SoftmaxSpec,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -166,6 +168,13 @@ impl CpuJit {
         let function = self.compile(&CpuKernelSpec::Dot(spec))?;
         // SAFETY: `function` was compiled from a dot spec, so it has the dot ABI.
         Ok(unsafe { DotKernel::from_compiled(spec, function, self.shared.clone()) })
+    }
+
+    /// The compiled 4-bit grouped dot kernel of `spec`.
+    pub fn int4_dot(&self, spec: Int4DotSpec) -> Result<Int4DotKernel, CpuError> {
+        let function = self.compile(&CpuKernelSpec::Int4Dot(spec))?;
+        // SAFETY: `function` was compiled from an int4 dot spec, so it has its ABI.
+        Ok(unsafe { Int4DotKernel::from_compiled(spec, function, self.shared.clone()) })
     }
 
     /// The compiled row RMSNorm of `spec` (plain, or with the residual add fused).

@@ -5,6 +5,8 @@
 //! - [`jit`]: [`CpuJit`] — native ISA, `opt_level = speed`, cache, [`CpuJit::compilations`];
 //! - [`map`]: [`MapKernel`], elementwise maps over element chunks;
 //! - [`dot`]: [`DotKernel`], `C = alpha·A·Bᵀ + beta·C` over row × column blocks;
+//! - [`int4_dot`]: [`Int4DotKernel`], `C = A·Wᵀ` with W in 4 bits and a scale per group,
+//!   over column blocks;
 //! - [`rms_norm`]: [`RmsNormKernel`], row RMSNorm (optionally after a fused residual add) over
 //!   tasks of whole rows;
 //! - [`rope`]: [`RopeKernel`], rotary position embedding over tasks of whole tokens, with the
@@ -22,6 +24,7 @@ pub mod attention;
 pub mod dot;
 pub mod element;
 pub mod error;
+pub mod int4_dot;
 pub mod jit;
 pub mod map;
 pub mod parallel;
@@ -34,6 +37,7 @@ pub use attention::{AttentionShape, CpuAttention};
 pub use dot::{DotKernel, DotShape};
 pub use element::{Element, Float};
 pub use error::CpuError;
+pub use int4_dot::Int4DotKernel;
 pub use jit::{CompiledFn, CpuJit};
 pub use map::MapKernel;
 pub use parallel::Parallelism;
