@@ -10,7 +10,7 @@ use cranelift_codegen::{settings, verify_function, Context};
 use kiln_codegen::cpu::spec::AbiType;
 use kiln_codegen::cpu::{
     build_function, signature, CpuCodegenError, CpuKernelSpec, CpuTarget, DotSpec, ElemType,
-    ElementFormat, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec,
+    ElementFormat, Int4DotSpec, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec,
 };
 use kiln_codegen::expr::{BinaryOp, Expr, UnaryOp};
 
@@ -92,6 +92,15 @@ fn all_specs() -> Vec<CpuKernelSpec> {
     for compute in [ElemType::F32, ElemType::F64] {
         specs.push(SoftmaxSpec::new(compute).into());
     }
+    for (group_size, tile_rows) in [(16, 1), (128, 4), (64, 3)] {
+        specs.push(
+            Int4DotSpec {
+                group_size,
+                tile_rows,
+            }
+            .into(),
+        );
+    }
     for rotation in [ElemType::F32, ElemType::F64] {
         for unroll in 1..=8 {
             specs.push(
@@ -134,7 +143,10 @@ fn every_spec_verifies_and_compiles_for_the_host_with_and_without_fma() {
 /// map with an exponential; never RoPE, whose f64 path must round like the interpreter).
 fn needs_multiply_add(spec: &CpuKernelSpec) -> bool {
     match spec {
-        CpuKernelSpec::Dot(_) | CpuKernelSpec::RmsNorm(_) | CpuKernelSpec::Softmax(_) => true,
+        CpuKernelSpec::Dot(_)
+        | CpuKernelSpec::RmsNorm(_)
+        | CpuKernelSpec::Softmax(_)
+        | CpuKernelSpec::Int4Dot(_) => true,
         CpuKernelSpec::Rope(_) => false,
         CpuKernelSpec::Map(m) => {
             let text = format!("{:?}", m.expr);
