@@ -458,8 +458,9 @@ fn run(args: RunArgs) -> Result<()> {
                 )
                 .with_context(|| format!("running {} with Atom on the interpreter", config.name))?,
                 format!(
-                    "reference interpreter, cpu; Atom W4A4 (group {}, {} INT8 outliers, clip {})",
-                    atom.group_size, atom.outliers, atom.weight_clip
+                    "reference interpreter, cpu; Atom W4A4 (group {}, {} INT8 outliers, clip {}, \
+                     KV cache {} bits)",
+                    atom.group_size, atom.outliers, atom.weight_clip, atom.kv_bits
                 ),
             )
         }

@@ -125,6 +125,10 @@ pub struct AtomArgs {
     /// weights and activations (0 < C ≤ 1) [default: 1, no clipping].
     #[arg(long, value_name = "C", requires = "atom")]
     pub atom_clip: Option<f32>,
+    /// Atom: bits of the KV cache, 16 (the model's dtype) or 4 (asymmetric INT4 per token
+    /// and KV head, with an f16 scale and zero) [default: 16].
+    #[arg(long, value_name = "BITS", requires = "atom", value_parser = ["4", "16"])]
+    pub atom_kv_bits: Option<String>,
     /// Atom: the calibration run (which picks each linear's outlier channels) prefills this
     /// many token ids drawn uniformly with --seed [default: 64]. It never sees the prompt, so
     /// `--perplexity` scores text the quantization was not fitted to.
@@ -145,6 +149,10 @@ impl AtomArgs {
             outliers: self.atom_outliers.unwrap_or(defaults.outliers),
             weight_clip: clip,
             activation_clip: clip,
+            kv_bits: match self.atom_kv_bits.as_deref() {
+                Some("4") => 4,
+                _ => 16,
+            },
         };
         options
             .validate()

@@ -1011,6 +1011,25 @@ fn atom_runs_on_the_reference_and_refuses_compiled_plans_and_misfit_layers() {
         stdout(&ok)
     );
 
+    let kv4 = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "reference",
+        "--atom",
+        "--atom-kv-bits",
+        "4",
+        "-n",
+        "3",
+    ]);
+    assert!(kv4.status.success(), "{}", stderr(&kv4));
+    assert!(
+        stderr(&kv4).contains("4 KV-cache appends write 4-bit rows"),
+        "{}",
+        stderr(&kv4)
+    );
+
     let compiled = kiln(&["run", "--model", "tiny-llama", "--device", "cpu", "--atom"]);
     assert!(!compiled.status.success());
     assert!(

@@ -393,9 +393,20 @@ fn smollm2_atom_w4a4_perplexity_needs_the_outlier_channels() {
         &model,
         &["--atom", "--atom-group-size", "64", "--atom-outliers", "0"],
     );
+    let kv4 = interpreter_perplexity(
+        &model,
+        &["--atom", "--atom-group-size", "64", "--atom-kv-bits", "4"],
+    );
     eprintln!(
         "perplexity of the paragraph: f32 {dense:.4}; Atom W4A4 g64 + 128 INT8 outliers \
-         {atom:.4}; W4A4 g64 without outliers {no_outliers:.4}"
+         {atom:.4}; with the 4-bit KV cache {kv4:.4}; W4A4 g64 without outliers \
+         {no_outliers:.4}"
+    );
+    // The 4-bit cache costs a little more, never less than nothing, and far less than
+    // dropping the outliers.
+    assert!(
+        kv4.is_finite() && kv4 < 1.25 * atom,
+        "KV4 {kv4}, Atom {atom}"
     );
     assert!(atom.is_finite() && atom > dense * 0.9, "{atom} vs {dense}");
     assert!(atom < 1.5 * dense, "Atom {atom}, unquantized {dense}");

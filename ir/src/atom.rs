@@ -40,6 +40,15 @@ pub struct AtomOptions {
     pub weight_clip: f32,
     /// The same for the activations, per token and group, at run time.
     pub activation_clip: f32,
+    /// Bits of the KV cache: 16 (the model's dtype) or 4 (asymmetric INT4 per token and KV
+    /// head, an f16 scale and zero each; the `atom` pass quantizes the rows a `KvAppend`
+    /// writes, so decode attention reads what a 4-bit cache holds).
+    #[serde(default = "sixteen")]
+    pub kv_bits: u8,
+}
+
+fn sixteen() -> u8 {
+    16
 }
 
 impl Default for AtomOptions {
@@ -49,6 +58,7 @@ impl Default for AtomOptions {
             outliers: 128,
             weight_clip: 1.0,
             activation_clip: 1.0,
+            kv_bits: 16,
         }
     }
 }
@@ -60,6 +70,8 @@ pub enum AtomError {
     GroupSize(usize),
     #[error("atom: {what} must be in (0, 1], found {value}")]
     Clip { what: &'static str, value: f32 },
+    #[error("atom: kv_bits must be 4 or 16, found {0}")]
+    KvBits(u8),
     #[error(
         "atom: `{layer}` has {k} input channels: outliers ({outliers}) must be fewer than that"
     )]
@@ -90,6 +102,9 @@ impl AtomOptions {
     pub fn validate(&self) -> Result<(), AtomError> {
         if self.group_size == 0 || !self.group_size.is_multiple_of(2) {
             return Err(AtomError::GroupSize(self.group_size));
+        }
+        if self.kv_bits != 4 && self.kv_bits != 16 {
+            return Err(AtomError::KvBits(self.kv_bits));
         }
         for (what, value) in [
             ("weight_clip", self.weight_clip),
@@ -134,6 +149,17 @@ impl AtomOptions {
             group_size: self.group_size,
             symmetric: true,
             clip,
+        }
+    }
+
+    /// The KV-cache scheme for rows of `head_dim`: asymmetric 4-bit, one scale and zero per
+    /// token and head.
+    pub fn kv_scheme(&self, head_dim: usize) -> QuantScheme {
+        QuantScheme {
+            bits: 4,
+            group_size: head_dim,
+            symmetric: false,
+            clip: 1.0,
         }
     }
 

@@ -9,7 +9,11 @@
 //!
 //! Unlike Quest it runs on the model graph **before** the rewrites: it changes which weights
 //! exist, and the fusion rules (SwiGLU, residual epilogues) have no Atom forms yet, so they
-//! leave `AtomLinear` nodes alone. [`quantize_weights`] makes the new weights from the
+//! leave `AtomLinear` nodes alone. With `kv_bits` 4, the rows each `KvAppend` of a decoder
+//! layer writes go through `Quantize` and `Dequantize` (asymmetric INT4 per token and KV head)
+//! first: decode attention reads what a 4-bit cache would hold, prefill attention the exact
+//! rows. kiln caches keys after RoPE, so it quantizes post-RoPE keys (Atom quantizes them
+//! before RoPE and rotates after dequantizing); both are per token and head. [`quantize_weights`] makes the new weights from the
 //! original ones and a calibration (mean square of each linear's input channels, from
 //! [`calibration_graph`] run on a prompt). It owns the pass's name, options record, report
 //! and weight naming; the math is in `crate::atom`. It must not schedule or touch a device.
@@ -153,8 +157,42 @@ impl AtomPass {
             node: map[&v.node],
             output: v.output,
         };
+        let mut kv_appends = 0;
         for (index, node) in graph.nodes.iter().enumerate() {
             if dropped.contains(&index) {
+                continue;
+            }
+            if self.options.kv_bits == 4 && node.op == Op::KvAppend && node.layer.is_some() {
+                let rows = remap(&map, &node.inputs[1]);
+                // The cache's type: the rows' dtype and head_dim (KvAppend checks they match).
+                let ty = &node.outputs[0];
+                let head_dim = ty.shape.last().and_then(|d| d.as_const()).unwrap_or(0);
+                let scheme = self.options.kv_scheme(head_dim);
+                let parts = out.add(
+                    &format!("{}.kv4_quantize", node.label),
+                    Op::Quantize { scheme },
+                    &[rows],
+                )?;
+                let rows = out.add1(
+                    &format!("{}.kv4_dequantize", node.label),
+                    Op::Dequantize {
+                        scheme,
+                        to: ty.dtype,
+                    },
+                    &parts,
+                )?;
+                let first = out.nodes.len() - 2;
+                for added in &mut out.nodes[first..] {
+                    added.layer = node.layer;
+                }
+                let mut inputs: Vec<ValueId> = node.inputs.iter().map(|v| remap(&map, v)).collect();
+                inputs[1] = rows;
+                map.insert(index, out.nodes.len());
+                out.nodes.push(Node {
+                    inputs,
+                    ..node.clone()
+                });
+                kv_appends += 1;
                 continue;
             }
             let Some(target) = by_node.get(&index) else {
@@ -204,7 +242,7 @@ impl AtomPass {
             .collect();
         out.verify()?;
         let o = &self.options;
-        let notes = vec![format!(
+        let mut notes = vec![format!(
             "{} linear layers in W4A4: INT4 groups of {}, {} INT8 outlier channels, clip \
              weights {} activations {}; embedding, head, routers and experts unchanged",
             targets.len(),
@@ -213,9 +251,14 @@ impl AtomPass {
             o.weight_clip,
             o.activation_clip
         )];
+        if o.kv_bits == 4 {
+            notes.push(format!(
+                "{kv_appends} KV-cache appends write 4-bit rows (asymmetric per token and head)"
+            ));
+        }
         let report = PassReport {
             name: NAME.to_string(),
-            changed: targets.len(),
+            changed: targets.len() + kv_appends,
             notes,
         };
         Ok((out, report))
