@@ -313,7 +313,7 @@ fn expert_ffn_bf16_matches_interp() {
 }
 
 /// Every slot goes to one expert (all others empty, expert 0's blocks included): 200 and
-/// 1000 tokens × k = 2 in one run of all slots through expert 5, in slot order; both
+/// 1000 tokens × k = 2 in one run of all slots through expert 4, in slot order; both
 /// kernels (the sizes are multiples of 64).
 #[test]
 #[ignore = "needs a CUDA device"]

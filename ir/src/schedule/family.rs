@@ -675,7 +675,8 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
         Op::MoeCombine => {
             let y = operand(0)?;
             let order = operand(1)?;
-            if y.dtype != dtype {
+            // The kernel reads the routing weights as f32 (the router's output dtype).
+            if y.dtype != dtype || operand(2)?.dtype != DType::F32 {
                 return None;
             }
             Some(Family::Moe {
@@ -762,6 +763,26 @@ mod tests {
             family.describe(),
             "moe router linear hidden=64 normalized experts=8 bf16 top_k=2"
         );
+    }
+
+    /// The combine kernel reads the routing weights as f32: weights in the model's dtype (as
+    /// a graph that casts them, like Hugging Face's Mixtral) keep the combine off the GPU.
+    #[test]
+    fn a_combine_with_half_routing_weights_is_host_only() {
+        for (weights_dtype, on_gpu) in [(DType::F32, true), (DType::BF16, false)] {
+            let mut g = Graph::new("combine");
+            let act = InputKind::Activation;
+            let y = g.input("y", act, DType::BF16, shape![4, 2, 64]).unwrap();
+            let order = g.input("order", act, DType::I32, shape![4, 2]).unwrap();
+            let w = g.input("w", act, weights_dtype, shape![4, 2]).unwrap();
+            let out = g.add1("combine", Op::MoeCombine, &[y, order, w]).unwrap();
+            let family = classify(&g, &g.nodes[out.node]);
+            assert_eq!(
+                matches!(family, Family::Moe { .. }),
+                on_gpu,
+                "{weights_dtype}: {family:?}"
+            );
+        }
     }
 
     #[test]
