@@ -282,27 +282,7 @@ fn json_numbers(json: &serde_json::Value, key: &str) -> Vec<f64> {
 #[test]
 fn smollm2_perplexity_of_a_fixed_paragraph_matches_the_reference() {
     let model = model_path();
-    let paragraph = std::fs::read_to_string(root().join("tests/data/perplexity_paragraph.txt"))
-        .expect("the paragraph is in tests/data");
-    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("run")
-        .arg("--model")
-        .arg(&model)
-        .args([
-            "--device",
-            "cpu",
-            "--dtype",
-            "f32",
-            "--perplexity",
-            "--json",
-        ])
-        .args(["--prompt", paragraph.trim()])
-        .output()
-        .expect("kiln runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    let kiln: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("--json prints JSON");
+    let kiln = paragraph_perplexity(&model, "cpu", &[]);
     let tokens: Vec<i32> = json_numbers(&kiln, "tokens")
         .into_iter()
         .map(|v| v as i32)
@@ -351,9 +331,9 @@ fn smollm2_perplexity_of_a_fixed_paragraph_matches_the_reference() {
     assert!(perplexity < 100.0, "perplexity {perplexity}");
 }
 
-/// `kiln run --perplexity` of the fixed paragraph on the interpreter, with `extra` flags: the
-/// perplexity.
-fn interpreter_perplexity(model: &Path, extra: &[&str]) -> f64 {
+/// `kiln run --perplexity --json` of the fixed paragraph on `device`, in f32, with `extra`
+/// flags: the JSON report.
+fn paragraph_perplexity(model: &Path, device: &str, extra: &[&str]) -> serde_json::Value {
     let paragraph = std::fs::read_to_string(root().join("tests/data/perplexity_paragraph.txt"))
         .expect("the paragraph is in tests/data");
     let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -362,7 +342,7 @@ fn interpreter_perplexity(model: &Path, extra: &[&str]) -> f64 {
         .arg(model)
         .args([
             "--device",
-            "reference",
+            device,
             "--dtype",
             "f32",
             "--perplexity",
@@ -374,9 +354,14 @@ fn interpreter_perplexity(model: &Path, extra: &[&str]) -> f64 {
         .expect("kiln runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{extra:?}: {stderr}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("--json prints JSON");
-    json["perplexity"].as_f64().expect("a perplexity")
+    serde_json::from_slice(&output.stdout).expect("--json prints JSON")
+}
+
+/// The paragraph's perplexity on the interpreter with `extra` flags.
+fn interpreter_perplexity(model: &Path, extra: &[&str]) -> f64 {
+    paragraph_perplexity(model, "reference", extra)["perplexity"]
+        .as_f64()
+        .expect("a perplexity")
 }
 
 /// Atom W4A4 on a real model (groups of 64: SmolLM2's K of 576 and 1536 less 128 outliers

@@ -158,56 +158,37 @@ fn expert_projection_int4_bf16_f32() {
         .collect();
     let f32_dot = jit.dot(DotSpec::new(ElemType::F32)).unwrap();
     let weights_f32: Vec<f32> = weights_bf16.iter().map(|v| v.to_f32()).collect();
+    // Median seconds of one call, printed with the GB/s of `bytes` of weights.
+    let report = |what: &str, bytes: usize, call: &mut dyn FnMut()| {
+        eprintln!("{what}:");
+        let t = median_seconds(7, call);
+        eprintln!(
+            "  {:.2} ms, {:.1} GB/s of weights",
+            t * 1e3,
+            bytes as f64 / t / 1e9
+        );
+    };
     for m in [1, 4, 16] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
         let mut c = vec![0.0f32; m * n];
-        eprintln!("{m} token(s), int4 g128:");
-        let t = median_seconds(7, || {
-            int4.run(&a, &packed, &scales, &mut c, (m, n, k), Parallelism::Rayon)
+        let shape = DotShape::new(m, n, k);
+        let rayon = Parallelism::Rayon;
+        report(
+            &format!("{m} token(s), int4 g128"),
+            packed.len() + 4 * scales.len(),
+            &mut || {
+                int4.run(&a, &packed, &scales, &mut c, (m, n, k), rayon)
+                    .unwrap()
+            },
+        );
+        report(&format!("{m} token(s), bf16"), 2 * n * k, &mut || {
+            bf16.run(&a, &weights_bf16, &mut c, shape, 1.0, 0.0, rayon)
                 .unwrap()
         });
-        let bytes = (packed.len() + 4 * scales.len()) as f64;
-        eprintln!(
-            "  {:.2} ms, {:.1} GB/s of weights",
-            t * 1e3,
-            bytes / t / 1e9
-        );
-        eprintln!("{m} token(s), bf16:");
-        let t = median_seconds(7, || {
-            bf16.run(
-                &a,
-                &weights_bf16,
-                &mut c,
-                DotShape::new(m, n, k),
-                1.0,
-                0.0,
-                Parallelism::Rayon,
-            )
-            .unwrap()
-        });
-        eprintln!(
-            "  {:.2} ms, {:.1} GB/s of weights",
-            t * 1e3,
-            (2 * n * k) as f64 / t / 1e9
-        );
-        eprintln!("{m} token(s), f32:");
-        let t = median_seconds(7, || {
+        report(&format!("{m} token(s), f32"), 4 * n * k, &mut || {
             f32_dot
-                .run(
-                    &a,
-                    &weights_f32,
-                    &mut c,
-                    DotShape::new(m, n, k),
-                    1.0,
-                    0.0,
-                    Parallelism::Rayon,
-                )
+                .run(&a, &weights_f32, &mut c, shape, 1.0, 0.0, rayon)
                 .unwrap()
         });
-        eprintln!(
-            "  {:.2} ms, {:.1} GB/s of weights",
-            t * 1e3,
-            (4 * n * k) as f64 / t / 1e9
-        );
     }
 }
