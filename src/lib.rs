@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod embed;
+pub mod fuzzing;
 pub mod generate;
 pub mod inspect;
 pub mod model_source;
