@@ -8,7 +8,7 @@
 //!
 //! The contract checked for every input: the parser returns (`Ok` or an error), never panics,
 //! and an error has a non-empty message (the project's errors name the file or field and what
-//! was expected). Text inputs that are not UTF-8 are skipped: the file paths read them with
+//! was expected); and a model configuration it accepts builds its graph (small models only). Text inputs that are not UTF-8 are skipped: the file paths read them with
 //! `read_to_string`, which fails with an I/O error before any parser runs.
 //!
 //! It must not touch the file system or a device: every parser here takes bytes in memory,
@@ -16,7 +16,7 @@
 
 use crate::compiler::Manifest;
 use crate::ir::dtype::DType;
-use crate::ir::graph::TensorType;
+use crate::ir::graph::{Graph, TensorType};
 use crate::ir::shape::Shape;
 use crate::models::weights::{load_safetensors_bytes, parse_index};
 use crate::models::{build_model, GgufFile, ModelConfig, Phase};
@@ -110,10 +110,19 @@ fn config_json(input: &[u8]) -> Result<(), String> {
     let config = ModelConfig::from_hf_json(text, "fuzz/config.json").map_err(message)?;
     if small_enough_to_build(&config) {
         for phase in [Phase::Prefill, Phase::Decode] {
-            build_model(&config, phase).map_err(message)?;
+            build_validated(&config, phase);
         }
     }
     Ok(())
+}
+
+/// The graph of a configuration that passed validation. Building it must not fail:
+/// validation is where a config's problems are named by field, so a config it lets through
+/// that the builder rejects (or panics on) is a finding, reported as a panic.
+fn build_validated(config: &ModelConfig, phase: Phase) -> Graph {
+    build_model(config, phase).unwrap_or_else(|error| {
+        panic!("a validated configuration does not build its {phase:?} graph: {error}")
+    })
 }
 
 /// The tensors the safetensors target loads: one per conversion path of the loader (floats
@@ -155,7 +164,7 @@ fn gguf_metadata(input: &[u8]) -> Result<(), String> {
     let tokenizer = file.tokenizer_data().map_err(message);
     let config = file.model_config().map_err(message)?;
     if small_enough_to_build(&config) {
-        let graph = build_model(&config, Phase::Decode).map_err(message)?;
+        let graph = build_validated(&config, Phase::Decode);
         let expected: Vec<(String, TensorType)> = graph
             .weights()
             .map(|(name, ty)| (name.to_string(), ty.clone()))
