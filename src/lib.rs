@@ -12,6 +12,7 @@
 pub mod atom_model;
 pub mod bench;
 pub mod embed;
+pub mod fuzzing;
 pub mod generate;
 pub mod inspect;
 pub mod model_source;

@@ -137,6 +137,40 @@ pub struct Manifest {
     pub kernels: Vec<KernelEntry>,
 }
 
+impl Manifest {
+    /// Parses and checks the text of a `plan.json` (`path` is where it came from, for error
+    /// messages): the schema and kiln versions first, then the JSON, then what serde cannot
+    /// check (both phases present, buffer references, launch tables, kernel files inside the
+    /// artifact). [`Artifact::load`] reads the file through this; the kernel files' digests
+    /// are checked there.
+    pub fn from_json(text: &str, path: &Path) -> Result<Manifest, ArtifactError> {
+        let json_error = |source| ArtifactError::Json {
+            path: path.to_path_buf(),
+            source,
+        };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
+        let version = value.get("schema_version");
+        if version.and_then(|v| v.as_u64()) != Some(SCHEMA_VERSION as u64) {
+            return Err(ArtifactError::SchemaVersion {
+                path: path.to_path_buf(),
+                found: version.map_or("missing".to_string(), |v| v.to_string()),
+                expected: SCHEMA_VERSION,
+            });
+        }
+        let kiln = value.get("kiln_version");
+        if kiln.and_then(|v| v.as_str()) != Some(KILN_VERSION) {
+            return Err(ArtifactError::KilnVersion {
+                path: path.to_path_buf(),
+                found: kiln.map_or("missing".to_string(), |v| v.to_string()),
+                expected: KILN_VERSION.to_string(),
+            });
+        }
+        let manifest: Manifest = serde_json::from_str(text).map_err(json_error)?;
+        check_manifest(path, &manifest)?;
+        Ok(manifest)
+    }
+}
+
 /// A compiled model: the manifest, the PTX text of its kernels by file, and the report.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Artifact {
@@ -423,29 +457,7 @@ impl Artifact {
     pub fn load(dir: &Path) -> Result<Artifact, ArtifactError> {
         let path = dir.join("plan.json");
         let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-        let json_error = |source| ArtifactError::Json {
-            path: path.clone(),
-            source,
-        };
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(json_error)?;
-        let version = value.get("schema_version");
-        if version.and_then(|v| v.as_u64()) != Some(SCHEMA_VERSION as u64) {
-            return Err(ArtifactError::SchemaVersion {
-                path,
-                found: version.map_or("missing".to_string(), |v| v.to_string()),
-                expected: SCHEMA_VERSION,
-            });
-        }
-        let kiln = value.get("kiln_version");
-        if kiln.and_then(|v| v.as_str()) != Some(KILN_VERSION) {
-            return Err(ArtifactError::KilnVersion {
-                path,
-                found: kiln.map_or("missing".to_string(), |v| v.to_string()),
-                expected: KILN_VERSION.to_string(),
-            });
-        }
-        let manifest: Manifest = serde_json::from_str(&text).map_err(json_error)?;
-        check_manifest(&path, &manifest)?;
+        let manifest = Manifest::from_json(&text, &path)?;
         let mut ptx = BTreeMap::new();
         for kernel in &manifest.kernels {
             let file = dir.join(&kernel.file);

@@ -439,16 +439,33 @@ impl ModelConfig {
                 ),
             ));
         }
-        for (field, value) in [
-            ("rms_norm_eps", self.rms_norm_eps),
-            ("rope_theta", self.rope_theta),
-        ] {
-            if !(value.is_finite() && value > 0.0) {
-                return Err(invalid(
-                    field,
-                    format!("expected a positive finite number, found {value}"),
-                ));
-            }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(invalid(
+                "head_dim",
+                format!(
+                    "expected an even head width (RoPE rotates pairs of values), found {}",
+                    self.head_dim
+                ),
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(invalid(
+                "rms_norm_eps",
+                format!(
+                    "expected a positive finite number, found {}",
+                    self.rms_norm_eps
+                ),
+            ));
+        }
+        // RoPE's frequencies are theta^(-2i/d): a base of 1 or less does not rotate.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(invalid(
+                "rope_theta",
+                format!(
+                    "expected a finite number greater than 1, found {}",
+                    self.rope_theta
+                ),
+            ));
         }
         if !self.dtype.is_float() {
             return Err(invalid(
@@ -1211,6 +1228,35 @@ mod tests {
         });
         assert!(message.contains("`num_attention_heads` (32)"), "{message}");
         assert!(message.contains("`hidden_size` (4100)"), "{message}");
+    }
+
+    /// Found by the `config_json` fuzz target: an odd head width passed validation and then
+    /// failed in the graph verifier with a message about a RoPE node instead of the field.
+    #[test]
+    fn head_width_must_be_even() {
+        let message = error_of("tiny-llama", |object| {
+            object.insert("head_dim".into(), json!(7));
+        });
+        assert!(message.contains("invalid field `head_dim`"), "{message}");
+        assert!(message.contains("found 7"), "{message}");
+        let derived = error_of("tiny-llama", |object| {
+            object.remove("head_dim");
+            object.insert("hidden_size".into(), json!(56));
+        });
+        assert!(derived.contains("invalid field `head_dim`"), "{derived}");
+    }
+
+    /// Found by the `gguf_metadata` fuzz target (`llama.rope.freq_base` = 0.038): a RoPE
+    /// base of 1 or less passed validation and then failed in the graph verifier.
+    #[test]
+    fn rope_theta_must_exceed_one() {
+        for theta in [0.5, 1.0] {
+            let message = error_of("tiny-llama", |object| {
+                object.insert("rope_theta".into(), json!(theta));
+            });
+            assert!(message.contains("invalid field `rope_theta`"), "{message}");
+            assert!(message.contains("greater than 1"), "{message}");
+        }
     }
 
     #[test]

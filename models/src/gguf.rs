@@ -1,13 +1,13 @@
 //! Reading llama.cpp GGUF checkpoints (versions 2 and 3, little-endian).
 //!
 //! Owns everything kiln knows about the GGUF format: parsing the header, the typed metadata
-//! and the tensor directory of a memory-mapped file ([`GgufFile::open`]); turning the
-//! metadata into a validated [`ModelConfig`] ([`GgufFile::model_config`]: architectures
-//! `llama`, `llama` with experts (Mixtral) and `qwen2`); loading tensors by kiln's Hugging
-//! Face names into [`Weights`] ([`GgufFile::load_weights`]), dequantizing F32, F16, BF16,
-//! Q8_0, Q4_0 and Q4_1 at load and undoing llama.cpp's Q/K row permutation; and exposing the
-//! tokenizer metadata as plain data ([`GgufFile::tokenizer_data`]) for whoever builds a
-//! tokenizer from it.
+//! and the tensor directory of a memory-mapped file ([`GgufFile::open`]) or of bytes in memory
+//! ([`GgufFile::from_bytes`]); turning the metadata into a validated [`ModelConfig`]
+//! ([`GgufFile::model_config`]: architectures `llama`, `llama` with experts (Mixtral) and
+//! `qwen2`); loading tensors by kiln's Hugging Face names into [`Weights`]
+//! ([`GgufFile::load_weights`]), dequantizing F32, F16, BF16, Q8_0, Q4_0 and Q4_1 at load and
+//! undoing llama.cpp's Q/K row permutation; and exposing the tokenizer metadata as plain data
+//! ([`GgufFile::tokenizer_data`]) for whoever builds a tokenizer from it.
 //!
 //! Every offset and size read from the file is checked against the file's length before any
 //! byte is read, so a truncated or corrupt file is an error naming the file and what is wrong,
@@ -251,7 +251,7 @@ pub struct LoadProgress<'a> {
 /// ```
 pub struct GgufFile {
     path: PathBuf,
-    map: reader::Mapping,
+    map: reader::FileBytes,
     header: reader::Header,
 }
 
@@ -271,7 +271,16 @@ impl GgufFile {
     /// tensor directory (every tensor of a supported type must lie inside the file). Tensor
     /// data is not read until [`GgufFile::load_weights`].
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let map = reader::Mapping::open(path)?;
+        GgufFile::parse(path, reader::FileBytes::map(path)?)
+    }
+
+    /// [`GgufFile::open`] for a file's bytes already in memory; `path` is where they came
+    /// from, for error messages and [`GgufFile::path`]. The same checks as `open`.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
+        GgufFile::parse(path, reader::FileBytes::InMemory(bytes))
+    }
+
+    fn parse(path: &Path, map: reader::FileBytes) -> Result<GgufFile, GgufError> {
         let header = reader::parse(path, map.bytes())?;
         Ok(GgufFile {
             path: path.to_path_buf(),

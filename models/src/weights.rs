@@ -4,7 +4,8 @@
 //! initialisation (each tensor's values depend only on the seed, its name and its shape), and
 //! loading and saving safetensors — a single file, or a sharded checkpoint described by
 //! `model.safetensors.index.json` — checked against the tensors a graph expects (name, shape,
-//! dtype). It must not know about model architectures: the names and types of the expected
+//! dtype); the bytes of one file and of an index parse through [`load_safetensors_bytes`] and
+//! [`parse_index`], the same code the file paths run. It must not know about model architectures: the names and types of the expected
 //! tensors come from the caller. The container itself stays in `kiln_ir::weights`, so the
 //! runtime can hold weights without this crate.
 
@@ -229,23 +230,18 @@ impl WeightsIo for Weights {
                 path: file.clone(),
                 source,
             })?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Corrupt {
-                file: file.clone(),
-                message: e.to_string(),
-            })?;
-            for i in indices {
-                let (name, ty) = &expected[i];
-                let view = st.tensor(name).map_err(|_| WeightsError::MissingTensor {
-                    name: name.clone(),
-                    searched: if matches!(source, Source::Index(_)) {
-                        format!("`{}` (where {searched} places it)", file.display())
-                    } else {
-                        searched.clone()
-                    },
-                })?;
-                let tensor = convert(name, &file, ty, &view)?;
-                weights.insert(name, tensor);
-            }
+            let searched_here = match &source {
+                Source::Index(_) => format!("`{}` (where {searched} places it)", file.display()),
+                Source::Single(_) => searched.clone(),
+            };
+            read_tensors(
+                &file,
+                &bytes,
+                expected,
+                &indices,
+                &searched_here,
+                &mut weights,
+            )?;
         }
         Ok(weights)
     }
@@ -269,6 +265,47 @@ impl WeightsIo for Weights {
         let bytes = safetensors::serialize(views, None).map_err(|e| write_err(e.to_string()))?;
         write_atomically(path, &bytes)
     }
+}
+
+/// Loads the `expected` tensors from the bytes of one safetensors file, as
+/// [`WeightsIo::load`] does for each file it reads (same checks, same errors); `file` is where
+/// the bytes came from, for error messages.
+pub fn load_safetensors_bytes(
+    file: &Path,
+    bytes: &[u8],
+    expected: &[(String, TensorType)],
+) -> Result<Weights, WeightsError> {
+    let indices: Vec<usize> = (0..expected.len()).collect();
+    let searched = format!("`{}`", file.display());
+    let mut weights = Weights::new();
+    read_tensors(file, bytes, expected, &indices, &searched, &mut weights)?;
+    Ok(weights)
+}
+
+/// Reads the tensors `expected[indices]` from the safetensors `bytes` of `file` into
+/// `weights`; `searched` says where a missing tensor was looked for.
+fn read_tensors(
+    file: &Path,
+    bytes: &[u8],
+    expected: &[(String, TensorType)],
+    indices: &[usize],
+    searched: &str,
+    weights: &mut Weights,
+) -> Result<(), WeightsError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Corrupt {
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    for &i in indices {
+        let (name, ty) = &expected[i];
+        let view = st.tensor(name).map_err(|_| WeightsError::MissingTensor {
+            name: name.clone(),
+            searched: searched.to_string(),
+        })?;
+        let tensor = convert(name, file, ty, &view)?;
+        weights.insert(name, tensor);
+    }
+    Ok(())
 }
 
 /// One tensor of [`WeightsIo::random`].
@@ -364,16 +401,22 @@ fn find_in_dir(dir: &Path) -> Result<Source, WeightsError> {
 
 /// The `weight_map` of an index file: tensor name → shard file name.
 fn read_index(index: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
-    let bad = |message: String| WeightsError::BadIndex {
-        index: index.to_path_buf(),
-        message,
-    };
     let text = std::fs::read(index).map_err(|source| WeightsError::Read {
         path: index.to_path_buf(),
         source,
     })?;
+    parse_index(index, &text)
+}
+
+/// The `weight_map` of the bytes of an index file (`model.safetensors.index.json`): tensor
+/// name → shard file name; `index` is where the bytes came from, for error messages.
+pub fn parse_index(index: &Path, text: &[u8]) -> Result<BTreeMap<String, String>, WeightsError> {
+    let bad = |message: String| WeightsError::BadIndex {
+        index: index.to_path_buf(),
+        message,
+    };
     let json: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        serde_json::from_slice(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())

@@ -173,15 +173,17 @@ pub(crate) struct Header {
     pub(crate) data_start: usize,
 }
 
-/// The file's bytes: a read-only memory map (or nothing, for an empty file, which cannot be
-/// mapped on every platform).
-pub(crate) struct Mapping {
-    map: Option<memmap2::Mmap>,
+/// The file's bytes: a read-only memory map of a file, or bytes already in memory (an empty
+/// file, which cannot be mapped on every platform, or a buffer given to
+/// [`GgufFile::from_bytes`](super::GgufFile::from_bytes)).
+pub(crate) enum FileBytes {
+    Mapped(memmap2::Mmap),
+    InMemory(Vec<u8>),
 }
 
-impl Mapping {
+impl FileBytes {
     /// Maps `path` read-only.
-    pub(crate) fn open(path: &Path) -> Result<Mapping, GgufError> {
+    pub(crate) fn map(path: &Path) -> Result<FileBytes, GgufError> {
         let io = |source| GgufError::Io {
             path: path.to_path_buf(),
             source,
@@ -189,19 +191,22 @@ impl Mapping {
         let file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len == 0 {
-            return Ok(Mapping { map: None });
+            return Ok(FileBytes::InMemory(Vec::new()));
         }
         // SAFETY: the map is read-only and private to this process. As with any memory map,
         // another process truncating or rewriting the file while it is mapped would change
         // or invalidate the bytes under us; kiln does not modify checkpoint files, and a
         // checkpoint changing during a load is outside what any loader can guard against.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Ok(Mapping { map: Some(map) })
+        Ok(FileBytes::Mapped(map))
     }
 
-    /// The mapped bytes.
+    /// The file's bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match self {
+            FileBytes::Mapped(map) => map,
+            FileBytes::InMemory(bytes) => bytes,
+        }
     }
 }
 

@@ -1,0 +1,12 @@
+//! Fuzz target `config_json`: a Hugging Face `config.json`.
+//!
+//! Arbitrary bytes go through `kiln::fuzzing::FuzzTarget::ConfigJson`, the entry point that the
+//! stable smoke test `tests/fuzz_corpus.rs` runs on this target's corpus too.
+#![no_main]
+
+use kiln::fuzzing::FuzzTarget;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|input: &[u8]| {
+    let _ = FuzzTarget::ConfigJson.check(input);
+});
