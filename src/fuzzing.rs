@@ -73,7 +73,7 @@ impl FuzzTarget {
     /// Runs `input` through the target's parsers: `Ok` when it was accepted, else the first
     /// error's message. Panics (which is what a fuzzer reports) when a parser panics or
     /// returns an error whose message is empty.
-    pub fn check(self, input: &[u8]) -> Result<(), String> {
+    pub fn check(self, input: &[u8]) -> Result<(), Rejected> {
         match self {
             FuzzTarget::ConfigJson => config_json(input),
             FuzzTarget::SafetensorsHeader => safetensors_header(input),
@@ -84,14 +84,19 @@ impl FuzzTarget {
     }
 }
 
+/// Why a parser refused an input: its error's message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
 /// The message of a parser error, which must say something.
-fn message(error: impl Display) -> String {
+fn message(error: impl Display) -> Rejected {
     let text = error.to_string();
     assert!(
         !text.trim().is_empty(),
         "a parser returned an error with an empty message"
     );
-    text
+    Rejected(text)
 }
 
 /// Whether a valid configuration is small enough to build its graph for each fuzz input.
@@ -103,7 +108,7 @@ fn small_enough_to_build(config: &ModelConfig) -> bool {
             .is_none_or(|moe| moe.num_experts <= MAX_FUZZ_EXPERTS)
 }
 
-fn config_json(input: &[u8]) -> Result<(), String> {
+fn config_json(input: &[u8]) -> Result<(), Rejected> {
     let Ok(text) = std::str::from_utf8(input) else {
         return Ok(());
     };
@@ -141,7 +146,7 @@ pub fn safetensors_expected() -> Vec<(String, TensorType)> {
     .collect()
 }
 
-fn safetensors_header(input: &[u8]) -> Result<(), String> {
+fn safetensors_header(input: &[u8]) -> Result<(), Rejected> {
     let index = parse_index(Path::new("fuzz/model.safetensors.index.json"), input).map_err(message);
     let weights = load_safetensors_bytes(
         Path::new("fuzz/model.safetensors"),
@@ -151,14 +156,14 @@ fn safetensors_header(input: &[u8]) -> Result<(), String> {
     .map_err(message);
     // Accepted when it is either; the bytes are never both.
     match (index, weights) {
-        (Err(as_index), Err(as_file)) => Err(format!(
+        (Err(as_index), Err(as_file)) => Err(Rejected(format!(
             "as an index: {as_index}; as a safetensors file: {as_file}"
-        )),
+        ))),
         _ => Ok(()),
     }
 }
 
-fn gguf_metadata(input: &[u8]) -> Result<(), String> {
+fn gguf_metadata(input: &[u8]) -> Result<(), Rejected> {
     let file =
         GgufFile::from_bytes(Path::new("fuzz/model.gguf"), input.to_vec()).map_err(message)?;
     let tokenizer = file.tokenizer_data().map_err(message);
@@ -174,7 +179,7 @@ fn gguf_metadata(input: &[u8]) -> Result<(), String> {
     tokenizer.map(|_| ())
 }
 
-fn plan_json(input: &[u8]) -> Result<(), String> {
+fn plan_json(input: &[u8]) -> Result<(), Rejected> {
     let Ok(text) = std::str::from_utf8(input) else {
         return Ok(());
     };
@@ -183,7 +188,7 @@ fn plan_json(input: &[u8]) -> Result<(), String> {
         .map_err(message)
 }
 
-fn embed_csv(input: &[u8]) -> Result<(), String> {
+fn embed_csv(input: &[u8]) -> Result<(), Rejected> {
     let Ok(text) = std::str::from_utf8(input) else {
         return Ok(());
     };

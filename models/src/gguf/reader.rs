@@ -254,13 +254,21 @@ impl<'a> Cursor<'a> {
         (self.bytes.len() - self.position) as u64
     }
 
-    /// A GGUF string; `Err(None)` when its bytes are not UTF-8 (the caller names the place).
-    fn string(&mut self, what: &dyn Fn() -> String) -> Result<Result<String, String>, GgufError> {
+    /// A GGUF string; the inner `Err` when its bytes are not UTF-8 (the caller names the
+    /// place).
+    fn string(&mut self, what: &dyn Fn() -> String) -> Result<Result<String, NotUtf8>, GgufError> {
         let len = self.u64(what)?;
         let bytes = self.take(len, what)?;
-        Ok(String::from_utf8(bytes.to_vec())
-            .map_err(|e| format!("string of {len} bytes is not valid UTF-8: {e}")))
+        Ok(String::from_utf8(bytes.to_vec()).map_err(|source| NotUtf8 { len, source }))
     }
+}
+
+/// A GGUF string whose bytes are not UTF-8.
+#[derive(Debug, thiserror::Error)]
+#[error("string of {len} bytes is not valid UTF-8: {source}")]
+struct NotUtf8 {
+    len: u64,
+    source: std::string::FromUtf8Error,
 }
 
 /// Parses and checks a whole header. Tensors of supported types must lie inside the file.
@@ -293,7 +301,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
         let entry_what = || format!("metadata entry #{entry}");
         let key = cursor
             .string(&entry_what)?
-            .map_err(|message| bad_metadata(path, &format!("#{entry}"), message))?;
+            .map_err(|e| bad_metadata(path, &format!("#{entry}"), e.to_string()))?;
         let value_type = cursor.u32(&|| format!("type of metadata `{key}`"))?;
         let value = read_value(&mut cursor, &key, value_type, 0)?;
         if metadata.insert(key.clone(), value).is_some() {
@@ -319,7 +327,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
         let info_what = || format!("tensor directory entry #{number}");
         let name = cursor
             .string(&info_what)?
-            .map_err(|message| bad_tensor(path, &format!("#{number}"), message))?;
+            .map_err(|e| bad_tensor(path, &format!("#{number}"), e.to_string()))?;
         let named_what = || format!("tensor directory entry `{name}`");
         let dims = cursor.u32(&named_what)?;
         if dims == 0 || dims > MAX_DIMS {
@@ -458,7 +466,7 @@ fn read_value(
         8 => MetadataValue::String(
             cursor
                 .string(&what)?
-                .map_err(|message| bad_metadata(path, key, message))?,
+                .map_err(|e| bad_metadata(path, key, e.to_string()))?,
         ),
         9 => {
             if depth >= MAX_ARRAY_DEPTH {
