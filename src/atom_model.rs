@@ -1,14 +1,16 @@
-//! Atom W4A4 on a whole model, for the reference interpreter: the `atom` pass on the
-//! prefill and decode graphs, the calibration run that picks each linear's outlier channels,
-//! and the quantized weights the rewritten graphs read.
+//! Atom W4A4 on a whole model: the `atom` pass on the prefill and decode graphs (for the
+//! reference interpreter), the calibration run that picks each linear's outlier channels,
+//! and the quantized weights the rewritten graphs read — the interpreter's, and the compiled
+//! CPU plans' (`crate::plan_runner::Passes::atom`: the compiler runs the same pass on the
+//! model graphs, so the plans read the same weights).
 //!
 //! A model quantized once (`kiln quantize --atom -o FILE`) is read back by
 //! [`prepare_quantized`]: the file holds the Atom tensors (i4 packed two to a byte, see
 //! `kiln_models::weights::PACKED_I4`) and every other weight, and no calibration runs.
 //!
 //! It owns that orchestration only: the format and math are `kiln_ir::atom`, the rewrite
-//! `kiln_ir::passes::atom`. Compiled plans do not take Atom graphs yet (no CPU or GPU kernel
-//! of `atom_linear`); it must not schedule or touch a device.
+//! `kiln_ir::passes::atom`, the plans' kernels the compiler's and runtime's (CPU only: no GPU
+//! kernel of `atom_linear` yet); it must not schedule or touch a device.
 
 use crate::generate::kv_cache_state;
 use crate::model_source::load_weights;

@@ -13,7 +13,7 @@ use kiln::model_source::{
     weights_source,
 };
 use kiln::options::{AtomArgs, LayerArgs, QuestArgs};
-use kiln::plan_runner::{PlanRunner, RunDevice};
+use kiln::plan_runner::{Passes, PlanRunner, RunDevice};
 use kiln::sampling::Sampling;
 use kiln::tokenizer::ChatMessage;
 use kiln_ir::dtype::DType;
@@ -264,10 +264,10 @@ struct InspectArgs {
 fn run(args: RunArgs) -> Result<()> {
     let quest = args.quest.options()?;
     let atom = args.atom.options()?;
-    if atom.is_some() && (args.device != "reference" || args.compiled.is_some()) {
+    if atom.is_some() && args.compiled.is_some() {
         anyhow::bail!(
-            "--atom runs on --device reference for now: compiled plans have no CPU or GPU \
-             kernel of `atom_linear` yet"
+            "--atom compiles its plans in memory (--device cpu) or runs the interpreter \
+             (--device reference); artifacts (--compiled) do not take Atom weights yet"
         );
     }
     if args.compiled.is_some() && args.device == "reference" {
@@ -291,6 +291,12 @@ fn run(args: RunArgs) -> Result<()> {
         Some(RunDevice::Auto) => kiln_runtime::cuda::CudaDevice::is_available(),
         _ => false,
     };
+    if atom.is_some() && on_gpu {
+        anyhow::bail!(
+            "--atom runs on --device cpu (compiled CPU plans) or --device reference (the \
+             interpreter): `atom_linear` has no GPU kernel yet"
+        );
+    }
     let artifact = match &args.compiled {
         Some(dir) => Some(Artifact::load(dir)?),
         None => None,
@@ -420,8 +426,11 @@ fn run(args: RunArgs) -> Result<()> {
             Err(error) => stream_error = Some(error),
         }
     };
-    let (mut generation, ran_on) = match (device, atom) {
-        (None, Some(atom)) => {
+    // --atom: the rewritten graphs (for the interpreter) and the weights they read (for
+    // either), calibrated here or read back from `kiln quantize`.
+    let atom_model = match atom {
+        None => None,
+        Some(atom) => {
             let calibration = random_prompt(
                 args.atom.calibration_tokens()?,
                 config.vocab_size,
@@ -447,23 +456,28 @@ fn run(args: RunArgs) -> Result<()> {
                     None => format!("calibrated on {} random tokens", calibration.len()),
                 }
             );
-            (
-                generate_on_graphs(
-                    &config,
-                    &model.prefill,
-                    &model.decode,
-                    &model.weights,
-                    &options,
-                    &mut on_token,
-                )
-                .with_context(|| format!("running {} with Atom on the interpreter", config.name))?,
-                format!(
-                    "reference interpreter, cpu; Atom W4A4 (group {}, {} INT8 outliers, clip {}, \
-                     KV cache {} bits)",
-                    atom.group_size, atom.outliers, atom.weight_clip, atom.kv_bits
-                ),
-            )
+            Some((atom, model))
         }
+    };
+    let atom_description = |atom: &kiln_ir::atom::AtomOptions| {
+        format!(
+            "Atom W4A4 (group {}, {} INT8 outliers, clip {}, KV cache {} bits)",
+            atom.group_size, atom.outliers, atom.weight_clip, atom.kv_bits
+        )
+    };
+    let (mut generation, ran_on) = match (device, &atom_model) {
+        (None, Some((atom, model))) => (
+            generate_on_graphs(
+                &config,
+                &model.prefill,
+                &model.decode,
+                &model.weights,
+                &options,
+                &mut on_token,
+            )
+            .with_context(|| format!("running {} with Atom on the interpreter", config.name))?,
+            format!("reference interpreter, cpu; {}", atom_description(atom)),
+        ),
         (None, None) => (
             generate_reference(&config, &weights, &options, &mut on_token)
                 .with_context(|| format!("running {} on the reference interpreter", config.name))?,
@@ -481,14 +495,19 @@ fn run(args: RunArgs) -> Result<()> {
                     capacity.max(artifact.manifest.options.context),
                     dir.display().to_string(),
                 )?,
-                _ => PlanRunner::new(
+                _ => PlanRunner::with_passes(
                     &config,
-                    &weights,
+                    atom_model
+                        .as_ref()
+                        .map_or(&weights, |(_, model)| &model.weights),
                     device,
                     args.ordinal,
                     prompt.len(),
                     capacity,
-                    quest,
+                    Passes {
+                        quest,
+                        atom: atom_model.as_ref().map(|(atom, _)| *atom),
+                    },
                 )?,
             };
             if args.profile.is_some() {
@@ -537,6 +556,9 @@ fn run(args: RunArgs) -> Result<()> {
             let quest = artifact
                 .as_ref()
                 .map_or(quest, |a| a.manifest.options.quest);
+            if let Some((atom, _)) = &atom_model {
+                ran_on.push_str(&format!("; {}", atom_description(atom)));
+            }
             if let (Some(options), Some(changed)) = (quest, runner.quest_kernels) {
                 ran_on.push_str(&format!(
                     "; quest budget {} tokens, page size {}, skip layers {}: {changed} decode attention kernel(s) on Quest",
@@ -799,6 +821,7 @@ fn compile_command(args: CompileArgs) -> Result<()> {
         prompt_len: args.prompt_len,
         context: args.context,
         quest: args.quest.options()?,
+        atom: None,
         target,
     };
     let artifact = Artifact::compile(&config, &options)?;

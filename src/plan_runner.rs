@@ -8,7 +8,10 @@
 //! and runs it the same way. A `cpu` artifact has no GPU steps (every kernel on the host,
 //! on its Cranelift kernels and the runtime's copies); a GPU artifact runs the
 //! generated kernels and the rest on the host with the plan's transfers. With Quest options
-//! both phases compile with the Quest pass (it changes only the decode plan).
+//! both phases compile with the Quest pass (it changes only the decode plan); with Atom
+//! options ([`Passes::atom`], [`PlanRunner::with_passes`]) both compile with the Atom pass, and
+//! the weights must be the Atom model's (`crate::atom_model`): its W4A4 linears run on the
+//! host (CPU plans; no GPU kernel yet).
 //!
 //! The runner owns the KV cache. When every kernel that touches it runs on the GPU, the
 //! caches live in a `DeviceState` shared by both executors and never cross to the host;
@@ -19,6 +22,7 @@
 use crate::generate::{kv_cache_state, HostState};
 use anyhow::{bail, Context, Result};
 use kiln_compiler::{Artifact, ArtifactOptions, Target};
+use kiln_ir::atom::AtomOptions;
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::schedule::BufferKind;
 use kiln_ir::schedule::{AttentionKind, Device, Family};
@@ -83,6 +87,15 @@ pub fn device_target(device: &CudaDevice) -> Result<Target> {
     )?)
 }
 
+/// The graph passes a plan compiled in memory runs with.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Passes {
+    /// Quest decode attention (`kiln_ir::passes::quest`).
+    pub quest: Option<QuestOptions>,
+    /// Atom W4A4 linears (`kiln_ir::passes::atom`); the weights are then the Atom model's.
+    pub atom: Option<AtomOptions>,
+}
+
 /// KV-cache capacities are rounded up to a multiple of this many tokens.
 pub const CAPACITY_ALIGNMENT: usize = 256;
 
@@ -121,6 +134,42 @@ impl PlanRunner {
         capacity: usize,
         quest: Option<QuestOptions>,
     ) -> Result<PlanRunner> {
+        let passes = Passes { quest, atom: None };
+        PlanRunner::with_passes(
+            config, weights, device, ordinal, prompt_len, capacity, passes,
+        )
+    }
+
+    /// [`PlanRunner::new`] with any of the [`Passes`]. With Atom, `weights` are the Atom
+    /// model's (`crate::atom_model::AtomModel::weights`) and the device must be the host:
+    /// `atom_linear` has no GPU kernel yet.
+    pub fn with_passes(
+        config: &ModelConfig,
+        weights: &Weights,
+        device: RunDevice,
+        ordinal: usize,
+        prompt_len: usize,
+        capacity: usize,
+        passes: Passes,
+    ) -> Result<PlanRunner> {
+        let Passes { quest, atom } = passes;
+        if atom.is_some() && device == RunDevice::Cuda {
+            bail!(
+                "--atom runs on the CPU (--device cpu) or the interpreter (--device reference): \
+                 `atom_linear` has no GPU kernel yet"
+            );
+        }
+        if atom.is_some_and(|atom| atom.kv_bits != 16) {
+            bail!(
+                "--atom-kv-bits 4 runs on --device reference only for now: compiled plans have \
+                 no CPU kernel of the KV cache's `quantize`/`dequantize`"
+            );
+        }
+        let device = match device {
+            // Atom's linears run on the host: do not open a GPU for the rest.
+            RunDevice::Auto if atom.is_some() => RunDevice::Cpu,
+            other => other,
+        };
         let capacity = capacity.max(1).next_multiple_of(CAPACITY_ALIGNMENT);
         let cuda = open_device(device, ordinal)?;
         if device == RunDevice::Cuda && !config.dtype.is_float() {
@@ -135,6 +184,7 @@ impl PlanRunner {
             prompt_len: prompt_len.max(1),
             context: capacity,
             quest,
+            atom,
             target,
         };
         let artifact = Artifact::compile(config, &options).context("compiling the model")?;

@@ -989,9 +989,10 @@ fn run_help_explains_the_text_flags() {
 }
 
 /// `--atom` runs on the interpreter, says what it quantized, and refuses what it cannot do
-/// with errors that name the flag or the layer.
+/// (GPU plans, a 4-bit KV cache on CPU plans, misfit layers) with errors that name the flag
+/// or the layer.
 #[test]
-fn atom_runs_on_the_reference_and_refuses_compiled_plans_and_misfit_layers() {
+fn atom_runs_on_the_reference_and_refuses_gpu_plans_and_misfit_layers() {
     let ok = kiln(&[
         "run",
         "--model",
@@ -1030,12 +1031,28 @@ fn atom_runs_on_the_reference_and_refuses_compiled_plans_and_misfit_layers() {
         stderr(&kv4)
     );
 
-    let compiled = kiln(&["run", "--model", "tiny-llama", "--device", "cpu", "--atom"]);
-    assert!(!compiled.status.success());
+    let gpu = kiln(&["run", "--model", "tiny-llama", "--device", "cuda", "--atom"]);
+    assert!(!gpu.status.success());
     assert!(
-        stderr(&compiled).contains("--atom runs on --device reference"),
+        stderr(&gpu).contains("`atom_linear` has no GPU kernel yet"),
         "{}",
-        stderr(&compiled)
+        stderr(&gpu)
+    );
+    let kv4_cpu = kiln(&[
+        "run",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--atom",
+        "--atom-kv-bits",
+        "4",
+    ]);
+    assert!(!kv4_cpu.status.success());
+    assert!(
+        stderr(&kv4_cpu).contains("--atom-kv-bits 4"),
+        "{}",
+        stderr(&kv4_cpu)
     );
 
     let misfit = kiln(&[
@@ -1059,6 +1076,44 @@ fn atom_runs_on_the_reference_and_refuses_compiled_plans_and_misfit_layers() {
     let without = kiln(&["run", "--model", "tiny-llama", "--atom-outliers", "4"]);
     assert!(!without.status.success());
     assert!(stderr(&without).contains("--atom"), "{}", stderr(&without));
+}
+
+/// `kiln run --atom --device cpu` compiles the Atom graphs into CPU plans (the W4A4 linears
+/// on the int4 dot kernel) and decodes the interpreter's tokens; a group size the kernel does
+/// not take is a compile error that says why.
+#[test]
+fn atom_cpu_plans_decode_the_reference_tokens() {
+    let run = |device: &str, extra: &[&str]| {
+        let mut args = vec!["run", "--model", "tiny-llama", "--device", device, "--atom"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-n", "6", "--json"]);
+        kiln(&args)
+    };
+    let json = |o: &Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", stderr(o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let reference = json(&run("reference", &[]));
+    let cpu = json(&run("cpu", &[]));
+    assert_eq!(cpu["tokens"], reference["tokens"]);
+    let device = cpu["device"].as_str().unwrap();
+    assert!(
+        device.contains("compiled plans on cpu") && device.contains("Atom W4A4 (group 128"),
+        "{device}"
+    );
+    // Smaller groups and fewer outliers (every layer of tiny-llama still fits).
+    let small = ["--atom-group-size", "32", "--atom-outliers", "32"];
+    assert_eq!(
+        json(&run("cpu", &small))["tokens"],
+        json(&run("reference", &small))["tokens"]
+    );
+    let odd = run("cpu", &["--atom-group-size", "8", "--atom-outliers", "32"]);
+    assert!(!odd.status.success());
+    assert!(
+        stderr(&odd).contains("group size 8 is not a multiple of 16"),
+        "{}",
+        stderr(&odd)
+    );
 }
 
 /// `kiln quantize --atom` writes the Atom weights once; `kiln run --atom --weights FILE`

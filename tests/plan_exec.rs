@@ -113,6 +113,59 @@ fn cpu_plans_in_f16_match_the_reference() {
 }
 
 /// The decode plan of tiny-llama (f32, so every kernel is on the CPU) and its inputs.
+/// tiny-llama with Atom W4A4 (calibrated on a random prompt): the compiled CPU plans (the
+/// Atom pass run by the compiler, its linears on the int4 dot kernel) decode the tokens the
+/// interpreter decodes on the Atom graphs, with logits close to its.
+#[test]
+fn cpu_plans_of_an_atom_model_match_the_interpreter() {
+    use kiln::generate::generate_on_graphs;
+    use kiln::ir::atom::AtomOptions;
+    use kiln::plan_runner::Passes;
+    let config = ModelConfig::preset("tiny-llama").unwrap();
+    let graph = build_model(&config, Phase::Prefill).unwrap();
+    let weights = load_weights(&graph, None, 11).unwrap();
+    let atom = AtomOptions {
+        group_size: 32,
+        outliers: 32,
+        ..AtomOptions::default()
+    };
+    let calibration: Vec<i32> = (0..24).map(|i| i * 37 % 500).collect();
+    let model = kiln::atom_model::prepare(&config, &weights, atom, &calibration).unwrap();
+    let options = GenerateOptions {
+        prompt: vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3],
+        new_tokens: 8,
+        keep_logits: true,
+        ..Default::default()
+    };
+    let reference = generate_on_graphs(
+        &config,
+        &model.prefill,
+        &model.decode,
+        &model.weights,
+        &options,
+        |_| {},
+    )
+    .unwrap();
+    let mut runner = PlanRunner::with_passes(
+        &config,
+        &model.weights,
+        RunDevice::Cpu,
+        0,
+        options.prompt.len(),
+        options.prompt.len() + options.new_tokens,
+        Passes {
+            quest: None,
+            atom: Some(atom),
+        },
+    )
+    .unwrap();
+    assert_eq!(runner.placement.0 + runner.placement.2, 0, "no GPU kernels");
+    let planned = generate(&config, &options, |p, s| runner.step(p, s), |_| {}).unwrap();
+    // The int4 dot kernel sums its groups in f32, the interpreter in f64.
+    let same = compare_generations(&planned, &reference, 1e-4, "tiny-llama atom");
+    assert_eq!(same, options.new_tokens, "the reference's tokens");
+}
+
 fn decode_executor() -> (Executor, std::collections::HashMap<String, Tensor>) {
     let config = ModelConfig::preset("tiny-llama").unwrap();
     let graph = build_model(&config, Phase::Decode).unwrap();
@@ -476,7 +529,94 @@ fn quest_attention_on_the_host_matches_the_interpreter() {
     );
 }
 
-/// A host step whose op has no CPU kernel (quantization, until Atom's) is refused when the
+/// Atom's W4A4 linear (`AtomLinear`) on its host step — the activations permuted and
+/// quantized per token, the int4 dot kernel over the ordinary channels (the weight packed once,
+/// at load), the INT8 outlier block — against the interpreter, in f32 and bf16, over two calls
+/// of one executor on fresh random inputs with heavy outlier channels. The step's output
+/// starts as NaN, so an element the kernels miss fails the comparison.
+#[test]
+fn atom_linear_runs_as_a_host_step_and_matches_the_interpreter() {
+    use kiln::ir::atom::{outlier_permutation, quantize_weight, AtomOptions};
+    use kiln::ir::graph::Graph;
+    use kiln::ir::op::{InputKind, Op};
+    use kiln::ir::schedule::{schedule, Device, Family, ScheduleOptions};
+    use kiln::ir::shape::Shape;
+    use std::collections::HashMap;
+    // 5 tokens: a tile of 4 rows and one of 1; 72 columns: a block of 64 and a tail.
+    let (tokens, n, k) = (5, 72, 160);
+    let options = AtomOptions {
+        group_size: 32,
+        outliers: 32,
+        activation_clip: 0.9,
+        ..AtomOptions::default()
+    };
+    let op = Op::AtomLinear {
+        group_size: options.group_size,
+        outliers: options.outliers,
+        activation_clip: options.activation_clip,
+    };
+    let mut rng = common::rng(common::fresh_seed("atom_linear_on_the_host"));
+    let w = common::random(DType::F32, &[n, k], 0.5, &mut rng);
+    let mean_square: Vec<f64> = common::random(DType::F32, &[k], 1.0, &mut rng)
+        .data
+        .iter()
+        .map(|&v| (v as f64).abs())
+        .collect();
+    let permutation = outlier_permutation(&mean_square, options.outliers);
+    let weight = quantize_weight("w", &w, &permutation, &options).unwrap();
+    let mut weights = kiln::ir::weights::Weights::new();
+    for (suffix, tensor) in weight.parts() {
+        weights.insert(&format!("w.{suffix}"), tensor.clone());
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        let mut g = Graph::new("atom_linear");
+        let x = g
+            .input("x", InputKind::Activation, dtype, Shape::of(&[tokens, k]))
+            .unwrap();
+        let mut operands = vec![x];
+        for (suffix, tensor) in weight.parts() {
+            let shape = Shape::of(&tensor.shape);
+            let name = format!("w.{suffix}");
+            operands.push(
+                g.input(&name, InputKind::Weight, tensor.dtype, shape)
+                    .unwrap(),
+            );
+        }
+        let y = g.add1("atom", op.clone(), &operands).unwrap();
+        g.output("y", y);
+        let plan = schedule(&g, &ScheduleOptions::default()).unwrap();
+        assert!(
+            plan.kernels.iter().any(|k| k.device == Device::Cpu
+                && matches!(k.family, Family::AtomLinear { n: 72, k: 160, .. })),
+            "{:?}",
+            plan.kernels
+                .iter()
+                .map(|k| k.family.describe())
+                .collect::<Vec<_>>()
+        );
+        let mut executor = Executor::new(plan, &weights, None, &DeviceWeights::default()).unwrap();
+        executor.poison_arena(true);
+        for call in 0..2 {
+            let mut x = common::random(DType::F32, &[tokens, k], 1.0, &mut rng);
+            for row in x.data.chunks_mut(k) {
+                for &c in &permutation[k - options.outliers..] {
+                    row[c] *= 30.0;
+                }
+            }
+            let inputs: HashMap<String, Tensor> = [("x".to_string(), x.cast(dtype))].into();
+            let got = executor.run(&inputs).unwrap();
+            let want = kiln::ir::interp::run_with(&g, |name| {
+                inputs.get(name).or_else(|| weights.get(name))
+            })
+            .unwrap();
+            let what = format!("atom_linear {dtype} call {call}");
+            common::assert_close(&what, &got["y"], &want["y"], common::tolerance(dtype));
+        }
+        assert_eq!(executor.stats().cpu_kernels, 2);
+    }
+}
+
+/// A host step whose op has no CPU kernel (a stand-alone quantization) is refused when the
 /// executor is made, naming the kernel and the op; nothing falls back to an interpreter.
 /// The MoE router with its linear fused (`MoeRouterLinear`) on its host step — the dot
 /// kernel's logits rounded to the dtype, then the softmax kernel and the top-k — in f32 and

@@ -39,6 +39,7 @@ use crate::driver::{compile, CompileOptions};
 use crate::error::{ArtifactError, CompileError};
 use crate::target::Target;
 use kiln_codegen::kernel::{GpuKernel, LaunchRule, Param};
+use kiln_ir::atom::AtomOptions;
 use kiln_ir::dtype::DType;
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::schedule::{BufferKind, Schedule};
@@ -58,7 +59,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const KILN_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The shapes and passes an artifact is compiled for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ArtifactOptions {
     /// Sequences per call.
     pub batch: usize,
@@ -69,6 +70,9 @@ pub struct ArtifactOptions {
     pub context: usize,
     /// The Quest pass, when on.
     pub quest: Option<QuestOptions>,
+    /// The Atom pass (W4A4 linears, on the host), when on: the plans read Atom weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atom: Option<AtomOptions>,
     pub target: Target,
 }
 
@@ -80,6 +84,7 @@ impl Default for ArtifactOptions {
             prompt_len: 128,
             context: 4096,
             quest: None,
+            atom: None,
             target: Target::default(),
         }
     }
@@ -208,6 +213,7 @@ impl Artifact {
         let mut compile_options =
             CompileOptions::with_bindings(bindings).for_target(options.target.clone());
         compile_options.quest = options.quest;
+        compile_options.atom = options.atom;
         compile_options.every_row_class = true;
         let mut phases = Vec::new();
         let mut kernels: BTreeMap<String, GpuKernel> = BTreeMap::new();

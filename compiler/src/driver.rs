@@ -1,6 +1,9 @@
 //! The compiler driver: a model definition in, the plan of one phase and its kernels out.
 //!
-//! [`compile`] runs the pipeline for one phase: `build_model` → `rewrite::optimize` → the
+//! [`compile`] runs the pipeline for one phase: `build_model` → the Atom pass when
+//! [`CompileOptions::atom`] is set (`ir::passes::atom`, on the model graph before the rewrites:
+//! the decoder's linears become `AtomLinear`, which runs on the host, reading the Atom weights
+//! `kiln::atom_model` makes; recorded first in `passes_run`) → `rewrite::optimize` → the
 //! Quest pass when [`CompileOptions::quest`] is set (`ir::passes::quest`: decode attention of
 //! the later layers becomes Quest attention; recorded first in the plan's `passes_run`, since
 //! it ran before scheduling) → `schedule` → one `kiln_kernels` generator per GPU kernel
@@ -17,6 +20,8 @@
 use crate::error::CompileError;
 use crate::target::Target;
 use kiln_codegen::kernel::GpuKernel;
+use kiln_ir::atom::AtomOptions;
+use kiln_ir::passes::atom::AtomPass;
 use kiln_ir::passes::quest::QuestPass;
 use kiln_ir::quest::QuestOptions;
 use kiln_ir::rewrite::{optimize, RewriteOptions, RewriteReport};
@@ -38,6 +43,9 @@ pub struct CompileOptions {
     /// Run the Quest pass with these options (decode attention of layers ≥ `skip_layers`
     /// becomes Quest attention); `None` keeps every attention dense.
     pub quest: Option<QuestOptions>,
+    /// Run the Atom pass with these options on the model graph before rewriting (the
+    /// decoder's linears become Atom W4A4 linears); `None` keeps the model's precision.
+    pub atom: Option<AtomOptions>,
     /// The machine: a CPU target places every kernel on the host; a GPU target's SM count
     /// sizes the attention programs.
     pub target: Target,
@@ -94,10 +102,23 @@ pub fn compile(
     options: &CompileOptions,
 ) -> Result<CompiledModel, CompileError> {
     let name = phase.name();
-    let graph = build_model(config, phase).map_err(|source| CompileError::Build {
+    let mut graph = build_model(config, phase).map_err(|source| CompileError::Build {
         phase: name,
         source,
     })?;
+    let atom = match &options.atom {
+        None => None,
+        Some(atom) => {
+            let atom_error = |source| CompileError::Atom {
+                phase: name,
+                source,
+            };
+            let pass = AtomPass::new(*atom).map_err(atom_error)?;
+            let (rewritten, _) = pass.run(&graph).map_err(atom_error)?;
+            graph = rewritten;
+            Some(pass)
+        }
+    };
     let (rewritten, rewrite) =
         optimize(&graph, &options.rewrite).map_err(|source| CompileError::Rewrite {
             phase: name,
@@ -123,6 +144,10 @@ pub fn compile(
     let mut plan = schedule(&rewritten, &options.schedule).map_err(schedule_error)?;
     if let Some((pass, _)) = &quest {
         // It ran on the graph before scheduling, so it comes first.
+        plan.passes_run.insert(0, pass.record());
+    }
+    if let Some(pass) = &atom {
+        // It ran on the model graph, before the rewrites and Quest.
         plan.passes_run.insert(0, pass.record());
     }
     let quest = quest.map(|(pass, report)| (*pass.options(), report));
@@ -165,6 +190,12 @@ pub fn compile(
     }
     // Every host step must have CPU kernels: nothing is interpreted at run time.
     for kernel in plan.kernels.iter().filter(|k| k.device == Device::Cpu) {
+        if let Some(message) = kiln_kernels::cpu_step::unsupported(&kernel.family) {
+            return Err(CompileError::Kernel {
+                kernel: kernel.name.clone(),
+                message,
+            });
+        }
         if kiln_kernels::cpu_step::cpu_step(&kernel.family, &kernel.computes).is_none() {
             return Err(CompileError::NoCpuKernel {
                 kernel: kernel.name.clone(),

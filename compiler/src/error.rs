@@ -1,6 +1,7 @@
 //! The compiler's errors: one enum per concern, each naming the file, field, flag or kernel
 //! involved. The CLI prints them as one line (with their sources).
 
+use kiln_ir::passes::atom::AtomPassError;
 use kiln_ir::passes::quest::QuestPassError;
 use kiln_ir::rewrite::RewriteError;
 use kiln_ir::schedule::ScheduleError;
@@ -51,6 +52,12 @@ pub enum CompileError {
         phase: &'static str,
         #[source]
         source: RewriteError,
+    },
+    #[error("the atom pass on the {phase} graph: {source}")]
+    Atom {
+        phase: &'static str,
+        #[source]
+        source: AtomPassError,
     },
     #[error("the quest pass on the {phase} graph: {source}")]
     Quest {

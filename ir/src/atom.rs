@@ -18,8 +18,9 @@
 //! - **Product**: integer dot products per group, each multiplied by its two scales, summed
 //!   in f64 (the kernels: i32 per group, f32 across groups), rounded to `x`'s dtype.
 //!
-//! The quantization rule is `Op::Quantize`'s (`crate::op::QuantScheme`), so this module and
-//! the interpreter share one definition. Layouts here are logical (one value per element,
+//! The quantization rule is `Op::Quantize`'s (`crate::op::QuantScheme`, computed by
+//! `crate::quant`), so this module, the interpreter and the runtime's host step share one
+//! definition. Layouts here are logical (one value per element,
 //! i4/i8 tensors holding the integers); the packed device layout (unsigned nibbles `q + 8`,
 //! two per byte) is the kernels'. It owns the format and its reference math; it must not
 //! build graphs (the `atom` pass does) or touch a device.
@@ -264,7 +265,7 @@ pub fn quantize_weight(
     }
     let low = Tensor::f32(&[n, ordinary], low);
     let high = Tensor::f32(&[n, options.outliers], high);
-    let [int4, int4_scales] = two(crate::interp::quantize(
+    let [int4, int4_scales] = two(crate::quant::quantize(
         &low,
         &options.int4_scheme(options.weight_clip),
     ));
@@ -273,7 +274,7 @@ pub fn quantize_weight(
             Tensor::full(DType::I8, &[n, 0], 0.0),
             Tensor::full(DType::F16, &[n, 1], 1.0),
         ],
-        _ => two(crate::interp::quantize(&high, &options.int8_scheme())),
+        _ => two(crate::quant::quantize(&high, &options.int8_scheme())),
     };
     Ok(AtomWeight {
         permutation: Tensor::new(
@@ -315,7 +316,7 @@ pub fn linear(x: &Tensor, weight: &AtomWeight, options: &AtomOptions) -> Vec<f64
         low.extend(permutation[..ordinary].iter().map(|&c| row[c]));
         high.extend(permutation[ordinary..].iter().map(|&c| row[c]));
     }
-    let [a4, s4] = two(crate::interp::quantize(
+    let [a4, s4] = two(crate::quant::quantize(
         &Tensor::f32(&[tokens, ordinary], low),
         &options.int4_scheme(options.activation_clip),
     ));
@@ -323,7 +324,7 @@ pub fn linear(x: &Tensor, weight: &AtomWeight, options: &AtomOptions) -> Vec<f64
     let (a8, s8) = match outliers {
         0 => (Vec::new(), vec![0.0; tokens]),
         _ => {
-            let [a8, s8] = two(crate::interp::quantize(
+            let [a8, s8] = two(crate::quant::quantize(
                 &Tensor::f32(&[tokens, outliers], high),
                 &options.int8_scheme(),
             ));

@@ -9,7 +9,7 @@
 use crate::dtype::DType;
 use crate::graph::{Graph, Node, ValueId};
 use crate::movement;
-use crate::op::{InputKind, Op, QuantScheme};
+use crate::op::{InputKind, Op};
 use crate::quest::QuestError;
 use crate::shape::{Bindings, Shape, ShapeError};
 use crate::tensor::{strides, Tensor};
@@ -523,9 +523,14 @@ pub fn eval(
             one(shape, data)
         }
         Op::Cast { to } => Ok(vec![operands[0].cast(*to)]),
-        Op::Quantize { scheme } => Ok(quantize(operands[0], scheme)),
+        Op::Quantize { scheme } => Ok(crate::quant::quantize(operands[0], scheme)),
         Op::Dequantize { scheme, .. } => {
-            let mut out = dequantize(operands[0], operands[1], operands.get(2).copied(), scheme);
+            let mut out = crate::quant::dequantize(
+                operands[0],
+                operands[1],
+                operands.get(2).copied(),
+                scheme,
+            );
             out.dtype = dtype;
             Ok(vec![out])
         }
@@ -861,89 +866,4 @@ fn broadcast_binary(
         data.push(f(a.data[ia], b.data[ib]));
     }
     Ok(Tensor { dtype, shape, data })
-}
-
-/// Quantises along the last axis per [`QuantScheme`]: values, scales and (asymmetric) zeros.
-pub(crate) fn quantize(x: &Tensor, scheme: &QuantScheme) -> Vec<Tensor> {
-    let group = scheme.group_size;
-    let levels = (1u32 << scheme.bits) as f64;
-    let qmax = levels / 2.0 - 1.0;
-    let mut values = Vec::with_capacity(x.len());
-    let mut scales = Vec::new();
-    let mut zeros = Vec::new();
-    for chunk in x.data.chunks(group) {
-        if scheme.symmetric {
-            let absmax = chunk.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs()));
-            let mut scale = DType::F16.round((scheme.clip as f64 * absmax / qmax) as f32) as f64;
-            if scale == 0.0 {
-                scale = 1.0;
-            }
-            scales.push(scale as f32);
-            values.extend(chunk.iter().map(|&v| {
-                ((v as f64 / scale)
-                    .round_ties_even()
-                    .clamp(-qmax - 1.0, qmax)) as f32
-            }));
-        } else {
-            let min = chunk.iter().fold(f64::INFINITY, |m, &v| m.min(v as f64));
-            let max = chunk
-                .iter()
-                .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let min = DType::F16.round(min as f32) as f64;
-            let mut scale = DType::F16.round(((max - min) / (levels - 1.0)) as f32) as f64;
-            if scale == 0.0 {
-                scale = 1.0;
-            }
-            scales.push(scale as f32);
-            zeros.push(min as f32);
-            values.extend(chunk.iter().map(|&v| {
-                (((v as f64 - min) / scale)
-                    .round_ties_even()
-                    .clamp(0.0, levels - 1.0)
-                    - levels / 2.0) as f32
-            }));
-        }
-    }
-    let mut scale_shape = x.shape.clone();
-    *scale_shape.last_mut().expect("rank ≥ 1") /= group;
-    let mut out = vec![
-        Tensor {
-            dtype: scheme.value_dtype(),
-            shape: x.shape.clone(),
-            data: values,
-        },
-        Tensor {
-            dtype: DType::F16,
-            shape: scale_shape.clone(),
-            data: scales,
-        },
-    ];
-    if !scheme.symmetric {
-        out.push(Tensor {
-            dtype: DType::F16,
-            shape: scale_shape,
-            data: zeros,
-        });
-    }
-    out
-}
-
-/// The inverse map of [`quantize`].
-fn dequantize(q: &Tensor, scale: &Tensor, zero: Option<&Tensor>, scheme: &QuantScheme) -> Tensor {
-    let group = scheme.group_size;
-    let half_levels = (1u32 << (scheme.bits - 1)) as f32;
-    let data = q
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| match zero {
-            None => v * scale.data[i / group],
-            Some(zero) => (v + half_levels) * scale.data[i / group] + zero.data[i / group],
-        })
-        .collect();
-    Tensor {
-        dtype: crate::dtype::DType::F32,
-        shape: q.shape.clone(),
-        data,
-    }
 }

@@ -2,10 +2,11 @@
 //!
 //! Everything the compiler knows about a model before code generation: element types
 //! ([`dtype`]), symbolic shapes ([`shape`]), the op set ([`op`]), typed graphs ([`graph`]) and
-//! their verifier ([`verify`]), host tensors ([`tensor`]), the reference interpreter
-//! ([`interp`]) that is the oracle for every generated kernel, the weights container
-//! ([`weights`]), analytic costs ([`cost`]), equality-saturation rewriting ([`rewrite`]),
-//! graph passes ([`passes`]) and plans of kernels ([`schedule`]).
+//! their verifier ([`verify`]), host tensors ([`tensor`]), group quantization math
+//! ([`quant`]), the reference interpreter ([`interp`]) that is the oracle for every generated
+//! kernel, the weights container ([`weights`]), analytic costs ([`cost`]),
+//! equality-saturation rewriting ([`rewrite`]), graph passes ([`passes`]) and plans of
+//! kernels ([`schedule`]).
 //!
 //! It must not define models or make weights (reading `config.json`, building model graphs,
 //! loading checkpoints: that is `kiln-models`), generate code or touch a device (`kiln-codegen`,
@@ -29,6 +30,7 @@ pub mod interp;
 pub mod movement;
 pub mod op;
 pub mod passes;
+pub mod quant;
 pub mod quest;
 pub mod rewrite;
 pub mod schedule;

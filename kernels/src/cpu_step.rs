@@ -21,9 +21,13 @@
 //! steps: the runtime compiles them with Cranelift at load. Quest decode attention is its page
 //! selection (routing code) and the attention kernel over the selected tokens; a stand-alone
 //! softmax is the softmax kernel, a matmul the dot kernel, and transposes, concatenations,
-//! casts, top-k and causal masks are runtime copies. An op with no entry here (the
-//! quantization ops, until Atom's CPU kernels exist) cannot run on the host: the compiler
-//! refuses to place it there. This file must not compile or run code.
+//! casts, top-k and causal masks are runtime copies. Atom's W4A4 linear (`AtomLinear`) is the
+//! int4 grouped dot kernel over the ordinary channels (the activations permuted and quantized
+//! per token by the runtime, with `kiln_ir::quant`, the interpreter's math) plus the small
+//! INT8 outlier block; its group size must be a multiple of the kernel's block of 16
+//! ([`unsupported`] says why not, for the compiler's error). An op with no entry here (the
+//! stand-alone quantization ops) cannot run on the host: the compiler refuses to place it
+//! there. This file must not compile or run code.
 //!
 //! ```
 //! use kiln_ir::dtype::DType;
@@ -45,7 +49,10 @@
 //! ```
 
 use crate::lower::map_expr;
-use kiln_codegen::cpu::{DotSpec, ElemType, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec};
+use kiln_codegen::cpu::int4_dot_spec::INT4_BLOCK;
+use kiln_codegen::cpu::{
+    DotSpec, ElemType, Int4DotSpec, MapSpec, RmsNormSpec, RopeSpec, SoftmaxSpec,
+};
 use kiln_codegen::expr::Expr;
 use kiln_ir::dtype::DType;
 use kiln_ir::op::Op;
@@ -159,6 +166,22 @@ pub enum CpuStep {
     Cast,
     /// `CausalMask`: `0` where a query sees a key, `−∞` elsewhere.
     CausalMask,
+    /// `AtomLinear` (`x [rows, k]`, `permutation [k]`, `int4 [n, k − outliers]`,
+    /// `int4_scales`, `int8 [n, outliers]`, `int8_scales`): per call, `x`'s channels permuted
+    /// and each token quantized as the interpreter does (`kiln_ir::quant`: INT4 groups of
+    /// `group_size` with `activation_clip`, INT8 for the last `outliers`); the ordinary
+    /// channels' dequantized activations (`q · scale`, exact in f32) times the packed INT4
+    /// weight on `dot` (the weight's f16 scales as f32), plus the INT8 outlier block (integer
+    /// products in i64, scaled in f64), rounded to `dtype`.
+    AtomLinear {
+        dot: Int4DotSpec,
+        n: usize,
+        k: usize,
+        group_size: usize,
+        outliers: usize,
+        activation_clip: f32,
+        dtype: DType,
+    },
 }
 
 /// The fused router's logits: `x · wᵀ` (`[rows, hidden] · [experts, hidden]ᵀ`) on `dot`,
@@ -303,6 +326,23 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
             eps: *eps,
             dtype: *dtype,
         }),
+        Family::AtomLinear {
+            n,
+            k,
+            group_size,
+            outliers,
+            activation_clip,
+            dtype,
+            ..
+        } if float(*dtype) && unsupported(family).is_none() => Some(CpuStep::AtomLinear {
+            dot: Int4DotSpec::new(*group_size),
+            n: *n,
+            k: *k,
+            group_size: *group_size,
+            outliers: *outliers,
+            activation_clip: *activation_clip,
+            dtype: *dtype,
+        }),
         Family::Rope {
             heads,
             head_dim,
@@ -331,6 +371,22 @@ pub fn cpu_step(family: &Family, computes: &Computation) -> Option<CpuStep> {
             // The host expands single-element and per-row operands to the result's shape.
             broadcast: *broadcast || !scalar_operands.is_empty() || !row_operands.is_empty(),
         }),
+        _ => None,
+    }
+}
+
+/// Why a kernel of `family` has no CPU step although its op has CPU kernels (parameters the
+/// kernels do not take), for the compiler's error; `None` otherwise.
+pub fn unsupported(family: &Family) -> Option<String> {
+    match family {
+        Family::AtomLinear { group_size, .. }
+            if *group_size == 0 || !group_size.is_multiple_of(INT4_BLOCK) =>
+        {
+            Some(format!(
+                "atom_linear: group size {group_size} is not a multiple of {INT4_BLOCK}, the \
+                 block of the CPU int4 dot kernel (choose --atom-group-size 16, 32, …, 128)"
+            ))
+        }
         _ => None,
     }
 }
@@ -488,6 +544,43 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn atom_linears_run_on_the_int4_dot_kernel_with_groups_of_16() {
+        let atom = |group_size| Family::AtomLinear {
+            rows: SymExpr::constant(3),
+            n: 8,
+            k: 96,
+            group_size,
+            outliers: 32,
+            activation_clip: 0.9,
+            dtype: DType::F32,
+        };
+        let op = Op::AtomLinear {
+            group_size: 32,
+            outliers: 32,
+            activation_clip: 0.9,
+        };
+        assert_eq!(
+            cpu_step(&atom(32), &of(op.clone())),
+            Some(CpuStep::AtomLinear {
+                dot: Int4DotSpec::new(32),
+                n: 8,
+                k: 96,
+                group_size: 32,
+                outliers: 32,
+                activation_clip: 0.9,
+                dtype: DType::F32,
+            })
+        );
+        assert!(unsupported(&atom(32)).is_none());
+        assert_eq!(cpu_step(&atom(8), &of(op)), None);
+        let reason = unsupported(&atom(8)).unwrap();
+        assert!(
+            reason.contains("group size 8") && reason.contains("16"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -256,6 +256,12 @@ impl KernelSpec {
                 }
             },
             Family::HostOnly { op } => return Err(LowerError::NoGenerator { op: op.clone() }),
+            // Atom's W4A4 linear has CPU kernels only so far (`crate::cpu_step`).
+            Family::AtomLinear { .. } => {
+                return Err(LowerError::NoGenerator {
+                    op: "atom_linear".into(),
+                })
+            }
         })
     }
 

@@ -7,8 +7,9 @@
 //! embedding, [`Family::Slice`] for a range along one axis); where such a kernel is placed
 //! on the CPU, it runs as the same host copy as before (`kiln_kernels::cpu_step`). Every op
 //! without a dedicated family is [`Family::HostOnly`]: it runs on its CPU step (a Cranelift
-//! kernel or a runtime copy), never through `ir::interp`. This file must not know about PTX
-//! or devices.
+//! kernel or a runtime copy), never through `ir::interp`. Atom's W4A4 linear has a typed
+//! family ([`Family::AtomLinear`]) with no GPU generator yet, so placement keeps it on the
+//! host. This file must not know about PTX or devices.
 
 use super::size::SymExpr;
 use crate::dtype::DType;
@@ -135,6 +136,20 @@ pub enum Family {
         top_k: usize,
         dtype: DType,
     },
+    /// `AtomLinear` (`crate::atom`): `[rows, k] · [n, k]ᵀ` with the activations' channels
+    /// permuted and quantized per token (INT4 groups of `group_size` with
+    /// `activation_clip`, INT8 for the last `outliers`) against a weight in Atom's format;
+    /// `dtype` is the activations' and the result's. No GPU generator yet: it runs on the
+    /// host.
+    AtomLinear {
+        rows: SymExpr,
+        n: usize,
+        k: usize,
+        group_size: usize,
+        outliers: usize,
+        activation_clip: f32,
+        dtype: DType,
+    },
     /// Any other op: no GPU generator takes it, so it runs on the host, on its CPU step
     /// (`kiln_kernels::cpu_step`).
     HostOnly { op: String },
@@ -196,6 +211,7 @@ pub enum FamilyKind {
     Gather,
     Slice,
     Moe,
+    AtomLinear,
     HostOnly,
 }
 
@@ -212,6 +228,7 @@ impl FamilyKind {
             FamilyKind::Gather => "gather",
             FamilyKind::Slice => "slice",
             FamilyKind::Moe => "moe",
+            FamilyKind::AtomLinear => "atom_linear",
             FamilyKind::HostOnly => "host_only",
         }
     }
@@ -230,6 +247,7 @@ impl Family {
             Family::Gather { .. } => FamilyKind::Gather,
             Family::Slice { .. } => FamilyKind::Slice,
             Family::Moe { .. } => FamilyKind::Moe,
+            Family::AtomLinear { .. } => FamilyKind::AtomLinear,
             Family::HostOnly { .. } => FamilyKind::HostOnly,
         }
     }
@@ -250,7 +268,8 @@ impl Family {
             | Family::KvAppend { dtype, .. }
             | Family::Gather { dtype, .. }
             | Family::Slice { dtype, .. }
-            | Family::Moe { dtype, .. } => Some(*dtype),
+            | Family::Moe { dtype, .. }
+            | Family::AtomLinear { dtype, .. } => Some(*dtype),
             Family::HostOnly { .. } => None,
         }
     }
@@ -372,6 +391,18 @@ impl Family {
                 };
                 format!("moe {stage} {dtype} top_k={top_k}")
             }
+            Family::AtomLinear {
+                rows,
+                n,
+                k,
+                group_size,
+                outliers,
+                activation_clip,
+                dtype,
+            } => format!(
+                "atom_linear {dtype} rows={rows} n={n} k={k} group={group_size} \
+                 outliers={outliers} activation_clip={activation_clip}"
+            ),
             Family::HostOnly { op } => format!("host_only {op}"),
         }
     }
@@ -672,6 +703,34 @@ fn classify_known(graph: &Graph, node: &Node) -> Option<Family> {
                 dtype,
             })
         }
+        Op::AtomLinear {
+            group_size,
+            outliers,
+            activation_clip,
+        } => {
+            let x = operand(0)?;
+            let int4 = operand(2)?;
+            let k = const_dim(x.shape.last())?;
+            let n = const_dim(out.shape.last())?;
+            let wd = int4.shape.dims();
+            if x.dtype != dtype
+                || !dtype.is_float()
+                || wd.len() != 2
+                || wd[0].as_const() != Some(n)
+                || wd[1].as_const() != k.checked_sub(*outliers)
+            {
+                return None;
+            }
+            Some(Family::AtomLinear {
+                rows: leading(x.shape.dims()),
+                n,
+                k,
+                group_size: *group_size,
+                outliers: *outliers,
+                activation_clip: *activation_clip,
+                dtype,
+            })
+        }
         Op::MoeCombine => {
             let y = operand(0)?;
             let order = operand(1)?;
@@ -720,6 +779,40 @@ mod tests {
     use super::*;
     use crate::op::InputKind;
     use crate::shape;
+
+    #[test]
+    fn an_atom_linear_is_its_own_family_with_its_format() {
+        let mut g = Graph::new("atom");
+        let x = g
+            .input("x", InputKind::Activation, DType::F32, shape!["seq", 96])
+            .unwrap();
+        let mut operands = vec![x];
+        for (name, dtype, dims) in [
+            ("permutation", DType::I32, shape![96]),
+            ("int4", DType::I4, shape![40, 64]),
+            ("int4_scales", DType::F16, shape![40, 2]),
+            ("int8", DType::I8, shape![40, 32]),
+            ("int8_scales", DType::F16, shape![40, 1]),
+        ] {
+            operands.push(g.input(name, InputKind::Weight, dtype, dims).unwrap());
+        }
+        let op = Op::AtomLinear {
+            group_size: 32,
+            outliers: 32,
+            activation_clip: 0.9,
+        };
+        let y = g.add1("atom", op, &operands).unwrap();
+        let family = classify(&g, &g.nodes[y.node]);
+        assert_eq!(family.kind(), FamilyKind::AtomLinear);
+        assert_eq!(family.dtype(), Some(DType::F32));
+        assert_eq!(
+            family.describe(),
+            "atom_linear f32 rows=seq n=40 k=96 group=32 outliers=32 activation_clip=0.9"
+        );
+        // No GPU generator: the default capabilities place it on the host.
+        let gpu = super::super::placement::GpuCapabilities::default();
+        assert_eq!(gpu.place(&family), super::super::Device::Cpu);
+    }
 
     #[test]
     fn a_fused_router_is_the_router_stage_with_its_hidden_width() {

@@ -300,7 +300,7 @@ fn launch_of(family: &Family) -> Launch {
             ),
             MoeStage::Combine { .. } => ([tokens.clone(), one(), one()], 128),
         },
-        Family::HostOnly { .. } => ([one(), one(), one()], 1),
+        Family::AtomLinear { .. } | Family::HostOnly { .. } => ([one(), one(), one()], 1),
     };
     Launch {
         grid,

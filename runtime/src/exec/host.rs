@@ -6,14 +6,19 @@
 //! row; a map over whole operands (broadcast operands expanded to the result's shape first);
 //! and the copies and MoE routing bookkeeping (embedding gather, slice, KV append, concat,
 //! dispatch, combine, the router's top-k, after its logits on the dot kernel when the
-//! router's linear is fused), which are `kiln_ir::movement`'s, shared with the interpreter. Results are cast to the result dtype by the caller, as for every host step.
+//! router's linear is fused), which are `kiln_ir::movement`'s, shared with the interpreter;
+//! Atom's W4A4 linear: the activations permuted and quantized per token with
+//! `kiln_ir::quant` (the interpreter's math, not the interpreter), the ordinary channels on
+//! the int4 dot kernel against the weight packed two nibbles to a byte once, at load (per
+//! call only when the weight is not a resident buffer), and the INT8 outliers in a plain
+//! loop. Results are cast to the result dtype by the caller, as for every host step.
 //! It must not build kernel IR (that is `kiln_codegen::cpu`) or decide which steps have
 //! kernels (that is `kiln_kernels::cpu_step`).
 
 use super::ExecError;
 use crate::cpu::{
-    AttentionShape, CpuAttention, CpuJit, DotKernel, DotShape, MapKernel, Parallelism,
-    RmsNormKernel, RopeKernel, SoftmaxKernel, SoftmaxShape,
+    AttentionShape, CpuAttention, CpuJit, DotKernel, DotShape, Int4DotKernel, MapKernel,
+    Parallelism, RmsNormKernel, RopeKernel, SoftmaxKernel, SoftmaxShape,
 };
 use kiln_ir::dtype::DType;
 use kiln_ir::movement;
@@ -21,6 +26,7 @@ use kiln_ir::quest::{self, QuestOptions};
 use kiln_ir::schedule::{Device, LinearEpilogue, Schedule};
 use kiln_ir::tensor::Tensor;
 use kiln_kernels::cpu_step::CpuStep;
+use std::sync::Arc;
 
 /// One step's compiled kernels.
 pub(super) enum HostKernel {
@@ -101,6 +107,157 @@ pub(super) enum HostKernel {
     },
     Cast,
     CausalMask,
+    AtomLinear {
+        dot: Int4DotKernel,
+        n: usize,
+        k: usize,
+        group_size: usize,
+        outliers: usize,
+        activation_clip: f32,
+        /// The INT4 weight packed at load, when it is a resident buffer.
+        packed: Option<PackedInt4>,
+    },
+}
+
+/// An Atom INT4 weight as the int4 dot kernel reads it: `[n, k']` values `q` stored as
+/// `q + 8`, two to a byte (low nibble first), and its `[n, k' / g]` f16 scales as f32.
+pub(super) struct PackedInt4 {
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl PackedInt4 {
+    /// Packs `int4 [n, k']` (integers in [−8, 7], `k'` even) with `scales`.
+    fn new(int4: &Tensor, scales: &Tensor) -> Result<PackedInt4, String> {
+        if !int4.data.len().is_multiple_of(2) {
+            return Err(format!(
+                "an INT4 weight of {} values does not pack two to a byte",
+                int4.data.len()
+            ));
+        }
+        let nibble = |v: f32| -> Result<u8, String> {
+            if (-8.0..=7.0).contains(&v) && v.fract() == 0.0 {
+                Ok((v as i32 + 8) as u8)
+            } else {
+                Err(format!("INT4 weight value {v} outside [−8, 7]"))
+            }
+        };
+        let bytes = int4
+            .data
+            .chunks_exact(2)
+            .map(|pair| Ok(nibble(pair[0])? | (nibble(pair[1])? << 4)))
+            .collect::<Result<_, String>>()?;
+        Ok(PackedInt4 {
+            bytes,
+            scales: scales.data.clone(),
+        })
+    }
+}
+
+/// `AtomLinear` (see `CpuStep::AtomLinear`) on `operands` `(x, permutation, int4,
+/// int4_scales, int8, int8_scales)`: `[rows, n]` in f32, before rounding to the dtype.
+#[allow(clippy::too_many_arguments)]
+fn atom_linear(
+    dot: &Int4DotKernel,
+    (n, k, group_size, outliers): (usize, usize, usize, usize),
+    activation_clip: f32,
+    packed: Option<&PackedInt4>,
+    operands: &[&Tensor],
+) -> Result<Vec<f32>, String> {
+    let [x, permutation, int4, int4_scales, int8, int8_scales] = operands else {
+        return Err(format!(
+            "atom_linear takes 6 operands, got {}",
+            operands.len()
+        ));
+    };
+    if k == 0 || outliers >= k || !x.data.len().is_multiple_of(k) || permutation.data.len() != k {
+        return Err(format!(
+            "x of {} values and a permutation of {} for k {k}, {outliers} outliers",
+            x.data.len(),
+            permutation.data.len()
+        ));
+    }
+    let rows = x.data.len() / k;
+    let ordinary = k - outliers;
+    if int8.data.len() != n * outliers || int8_scales.data.len() != n {
+        return Err(format!(
+            "INT8 block of {} values and {} scales for n {n}, {outliers} outliers",
+            int8.data.len(),
+            int8_scales.data.len()
+        ));
+    }
+    let order: Vec<usize> = permutation
+        .data
+        .iter()
+        .map(|&c| {
+            (c >= 0.0 && (c as usize) < k)
+                .then_some(c as usize)
+                .ok_or_else(|| format!("permutation entry {c} outside 0..{k}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut low = Vec::with_capacity(rows * ordinary);
+    let mut high = Vec::with_capacity(rows * outliers);
+    for row in x.data.chunks_exact(k) {
+        low.extend(order[..ordinary].iter().map(|&c| row[c]));
+        high.extend(order[ordinary..].iter().map(|&c| row[c]));
+    }
+    let options = kiln_ir::atom::AtomOptions {
+        group_size,
+        outliers,
+        activation_clip,
+        ..kiln_ir::atom::AtomOptions::default()
+    };
+    // The ordinary channels: INT4 per token and group, handed to the kernel dequantized
+    // (`q · scale`, an integer in [−8, 7] times an f16 value: exact in f32).
+    let quantized = kiln_ir::quant::quantize(
+        &Tensor::f32(&[rows, ordinary], low),
+        &options.int4_scheme(activation_clip),
+    );
+    let (values, scales) = (&quantized[0].data, &quantized[1].data);
+    let activations: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| q * scales[i / group_size])
+        .collect();
+    let per_call;
+    let packed = match packed {
+        Some(packed) => packed,
+        None => {
+            per_call = PackedInt4::new(int4, int4_scales)?;
+            &per_call
+        }
+    };
+    // NaN until the kernel writes it: an element it misses shows.
+    let mut out = vec![f32::NAN; rows * n];
+    dot.run(
+        &activations,
+        &packed.bytes,
+        &packed.scales,
+        &mut out,
+        (rows, n, ordinary),
+        Parallelism::Rayon,
+    )
+    .map_err(|e| format!("Cranelift kernel: {e}"))?;
+    // The outlier channels: INT8 per token, integer products, scaled in f64 as the
+    // interpreter scales them.
+    if outliers > 0 {
+        use rayon::prelude::*;
+        let quantized = kiln_ir::quant::quantize(
+            &Tensor::f32(&[rows, outliers], high),
+            &options.int8_scheme(),
+        );
+        let (a8, s8) = (&quantized[0].data, &quantized[1].data);
+        out.par_chunks_mut(n).enumerate().for_each(|(t, row)| {
+            let a = &a8[t * outliers..(t + 1) * outliers];
+            for (j, value) in row.iter_mut().enumerate() {
+                let w = &int8.data[j * outliers..(j + 1) * outliers];
+                let dot: i64 = a.iter().zip(w).map(|(&a, &w)| a as i64 * w as i64).sum();
+                *value =
+                    (*value as f64 + dot as f64 * s8[t] as f64 * int8_scales.data[j] as f64) as f32;
+            }
+        });
+    }
+    Ok(out)
 }
 
 /// The compiled kernels of a plan's host steps, by kernel index.
@@ -418,10 +575,13 @@ fn cpu_error(kernel: &str) -> impl FnOnce(crate::cpu::CpuError) -> ExecError + '
 
 impl HostKernels {
     /// Compiles `steps` (one per kernel of `plan`); a host kernel of the plan without a step
-    /// is an error.
+    /// is an error. `resident` holds the host values of the plan's resident buffers (weights
+    /// read on the host), by buffer id: steps prepare what they need of them once (Atom's
+    /// packed INT4 weights).
     pub(super) fn compile(
         plan: &Schedule,
         steps: &[Option<CpuStep>],
+        resident: &[Option<Arc<Tensor>>],
     ) -> Result<HostKernels, ExecError> {
         if let Some(kernel) = plan
             .kernels
@@ -576,6 +736,42 @@ impl HostKernels {
                 Some(CpuStep::Concat { axis }) => Some(HostKernel::Concat { axis: *axis }),
                 Some(CpuStep::Cast) => Some(HostKernel::Cast),
                 Some(CpuStep::CausalMask) => Some(HostKernel::CausalMask),
+                Some(CpuStep::AtomLinear {
+                    dot,
+                    n,
+                    k,
+                    group_size,
+                    outliers,
+                    activation_clip,
+                    ..
+                }) => {
+                    let value = |operand: usize| {
+                        kernel
+                            .inputs
+                            .get(operand)
+                            .and_then(|&id| resident.get(id).cloned().flatten())
+                    };
+                    let packed = match (value(2), value(3)) {
+                        (Some(int4), Some(scales)) => {
+                            Some(PackedInt4::new(&int4, &scales).map_err(|message| {
+                                ExecError::Kernel {
+                                    kernel: name.to_string(),
+                                    message,
+                                }
+                            })?)
+                        }
+                        _ => None,
+                    };
+                    Some(HostKernel::AtomLinear {
+                        dot: jit.int4_dot(*dot).map_err(error)?,
+                        n: *n,
+                        k: *k,
+                        group_size: *group_size,
+                        outliers: *outliers,
+                        activation_clip: *activation_clip,
+                        packed,
+                    })
+                }
             });
         }
         Ok(HostKernels { steps: compiled })
@@ -939,6 +1135,22 @@ impl HostKernel {
                         ))
                     })
             }
+            HostKernel::AtomLinear {
+                dot,
+                n,
+                k,
+                group_size,
+                outliers,
+                activation_clip,
+                packed,
+            } => atom_linear(
+                dot,
+                (*n, *k, *group_size, *outliers),
+                *activation_clip,
+                packed.as_ref(),
+                operands,
+            )
+            .map_err(bad),
             HostKernel::Cast => operands
                 .first()
                 .map(|x| x.data.clone())

@@ -390,7 +390,7 @@ impl Executor {
                 Device::Gpu => None,
             })
             .collect();
-        let host_kernels = host::HostKernels::compile(&plan, &steps)?;
+        let host_kernels = host::HostKernels::compile(&plan, &steps, &host)?;
         Ok(Executor {
             plan,
             device,
@@ -484,7 +484,7 @@ impl Executor {
                 message: "a CPU step is listed for a kernel placed on the GPU".into(),
             });
         }
-        self.host_kernels = host::HostKernels::compile(&self.plan, steps)?;
+        self.host_kernels = host::HostKernels::compile(&self.plan, steps, &self.host_resident)?;
         Ok(self)
     }
 
