@@ -993,16 +993,21 @@ fn run_help_explains_the_text_flags() {
 /// or the layer.
 #[test]
 fn atom_runs_on_the_reference_and_refuses_gpu_plans_and_misfit_layers() {
-    let ok = kiln(&[
-        "run",
-        "--model",
-        "tiny-llama",
-        "--device",
-        "reference",
-        "--atom",
-        "-n",
-        "3",
-    ]);
+    // `kiln run --model tiny-llama --atom` with `extra` flags.
+    let atom = |extra: &[&str]| {
+        let mut args = vec!["run", "--model", "tiny-llama", "--atom"];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    // The run failed and its stderr says `needle`.
+    let fails_saying = |output: Output, needle: &str| {
+        assert!(!output.status.success(), "{needle}: the run succeeded");
+        let message = stderr(&output);
+        assert!(message.contains(needle), "{message}");
+        message
+    };
+
+    let ok = atom(&["--device", "reference", "-n", "3"]);
     assert!(ok.status.success(), "{}", stderr(&ok));
     let log = stderr(&ok);
     assert!(log.contains("linear layers in W4A4"), "{log}");
@@ -1012,18 +1017,7 @@ fn atom_runs_on_the_reference_and_refuses_gpu_plans_and_misfit_layers() {
         stdout(&ok)
     );
 
-    let kv4 = kiln(&[
-        "run",
-        "--model",
-        "tiny-llama",
-        "--device",
-        "reference",
-        "--atom",
-        "--atom-kv-bits",
-        "4",
-        "-n",
-        "3",
-    ]);
+    let kv4 = atom(&["--device", "reference", "--atom-kv-bits", "4", "-n", "3"]);
     assert!(kv4.status.success(), "{}", stderr(&kv4));
     assert!(
         stderr(&kv4).contains("4 KV-cache appends write 4-bit rows"),
@@ -1031,51 +1025,25 @@ fn atom_runs_on_the_reference_and_refuses_gpu_plans_and_misfit_layers() {
         stderr(&kv4)
     );
 
-    let gpu = kiln(&["run", "--model", "tiny-llama", "--device", "cuda", "--atom"]);
-    assert!(!gpu.status.success());
-    assert!(
-        stderr(&gpu).contains("`atom_linear` has no GPU kernel yet"),
-        "{}",
-        stderr(&gpu)
+    fails_saying(
+        atom(&["--device", "cuda"]),
+        "`atom_linear` has no GPU kernel yet",
     );
-    let kv4_cpu = kiln(&[
-        "run",
-        "--model",
-        "tiny-llama",
-        "--device",
-        "cpu",
-        "--atom",
-        "--atom-kv-bits",
-        "4",
-    ]);
-    assert!(!kv4_cpu.status.success());
-    assert!(
-        stderr(&kv4_cpu).contains("--atom-kv-bits 4"),
-        "{}",
-        stderr(&kv4_cpu)
+    fails_saying(
+        atom(&["--device", "cpu", "--atom-kv-bits", "4"]),
+        "--atom-kv-bits 4",
     );
-
-    let misfit = kiln(&[
-        "run",
-        "--model",
-        "tiny-llama",
-        "--device",
-        "reference",
-        "--atom",
-        "--atom-outliers",
-        "100",
-    ]);
-    assert!(!misfit.status.success());
-    let message = stderr(&misfit);
+    let message = fails_saying(
+        atom(&["--device", "reference", "--atom-outliers", "100"]),
+        "atom: `model.layers.0.",
+    );
     assert!(
-        message.contains("atom: `model.layers.0.")
-            && message.contains("not a multiple of group_size 128"),
+        message.contains("not a multiple of group_size 128"),
         "{message}"
     );
 
     let without = kiln(&["run", "--model", "tiny-llama", "--atom-outliers", "4"]);
-    assert!(!without.status.success());
-    assert!(stderr(&without).contains("--atom"), "{}", stderr(&without));
+    fails_saying(without, "--atom");
 }
 
 /// `kiln run --atom --device cpu` compiles the Atom graphs into CPU plans (the W4A4 linears
